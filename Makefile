@@ -1,0 +1,29 @@
+# tiaoyu — top-level Makefile. `make demo` runs the whole pipeline on the bundled synthetic data;
+# `make test` runs the test suite (CPU, a few minutes).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TIAOYU  := $(BIN)/tiaoyu
+
+.PHONY: venv test demo bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest tests
+
+demo: venv
+	$(MAKE) -f recipes/tiny-cpu/Makefile all TIAOYU=$(abspath $(TIAOYU)) OUT=runs/demo
+
+bench: venv
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b; done
+
+clean:
+	rm -rf runs/demo
