@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     try:
         fd = os.open(str(path), os.O_RDONLY)
@@ -38,6 +44,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
@@ -70,6 +77,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
+                os.chmod(p, 0o666 & ~_umask())
+        os.chmod(tmp, 0o777 & ~_umask())
         fsync_dir(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")

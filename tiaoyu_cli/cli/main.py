@@ -14,6 +14,8 @@ import typer
 from tiaoyu_cli.errors import TiaoyuError
 
 COMMANDS: list[str] = [
+    "tokenize",
+    "pretrain",
 ]
 
 app = typer.Typer(
@@ -36,33 +38,24 @@ def _register_all() -> None:
 _register_all()
 
 
+@app.callback()
+def _root() -> None:
+    """Train a small language model through its whole life."""
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="tiaoyu")
     except TiaoyuError as e:
-        from tiaoyu_cli.cli.console import console
-
         from rich.markup import escape
+
+        from tiaoyu_cli.cli.console import console
 
         console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
     except BrokenPipeError:
         # downstream closed the pipe (e.g. `| head`): not an error for a Unix filter
-        try:
-            sys.stdout = None  # type: ignore[assignment]
-        finally:
-            sys.exit(0)
-    except SystemExit:
-        raise
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
+        import os
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

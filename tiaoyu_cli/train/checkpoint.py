@@ -1,0 +1,208 @@
+"""Checkpoint folders (DESIGN §4).
+
+    run/step-000500/  config.json, model.safetensors, tokenizer.model, tokenizer_config.json,
+                      generation_config.json, train_state.safetensors, trainer.json
+    run/latest -> step-000500          (the newest complete checkpoint)
+    run/metrics.jsonl
+
+Every save goes to a temp folder that is fsynced and renamed, so a crash mid-save leaves the
+previous checkpoint intact. Only safetensors and JSON are read — never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.io import atomic_dir, atomic_write_text, fsync_dir
+from tiaoyu_cli.model import ModelConfig, Transformer
+
+STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def step_dirs(run: Path) -> list[Path]:
+    out = [p for p in run.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / "model.safetensors").exists()]
+    return sorted(out, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from: a step folder, any folder with config.json + model.safetensors
+    (e.g. an HF export or a merged model), or a run folder (its `latest`, else its newest step)."""
+    p = Path(path)
+    if not p.exists():
+        raise TiaoyuError(f"{p}: no such checkpoint folder")
+    if not p.is_dir():
+        raise TiaoyuError(f"{p}: is a file; a checkpoint is a folder with config.json and model.safetensors")
+    if (p / "model.safetensors").exists() or (p / "config.json").exists():
+        for need in ("config.json", "model.safetensors"):
+            if not (p / need).exists():
+                raise TiaoyuError(f"{p}: checkpoint is missing {need}")
+        return p
+    latest = p / "latest"
+    if latest.exists() and (latest / "model.safetensors").exists():
+        return latest.resolve()
+    steps = step_dirs(p)
+    if steps:
+        return steps[-1]
+    raise TiaoyuError(f"{p}: not a checkpoint (no config.json/model.safetensors, no latest, no step-* folders)")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TiaoyuError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TiaoyuError(f"{path}: corrupt JSON ({e})") from None
+
+
+def load_config(ckpt: str | os.PathLike) -> ModelConfig:
+    return ModelConfig.from_hf_dict(read_json(resolve_checkpoint(ckpt) / "config.json"))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise TiaoyuError(f"{path}: missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise TiaoyuError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+
+
+def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", config_overrides: dict | None = None,
+               strict: bool = True) -> tuple[Transformer, Path]:
+    """Build the model from config.json and load model.safetensors. Returns (model, checkpoint folder)."""
+    d = resolve_checkpoint(ckpt)
+    cfg = load_config(d)
+    if config_overrides:
+        cfg = cfg.replace(**config_overrides)
+    model = Transformer(cfg)
+    sd = load_tensors(d / "model.safetensors")
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if strict and (missing or unexpected):
+        raise TiaoyuError(
+            f"{d / 'model.safetensors'} does not match config.json: "
+            + (f"missing {missing[:4]}{'…' if len(missing) > 4 else ''} " if missing else "")
+            + (f"unexpected {unexpected[:4]}{'…' if len(unexpected) > 4 else ''}" if unexpected else "")
+        )
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise TiaoyuError(f"{d / 'model.safetensors'}: tensor {k} has shape {tuple(v.shape)}, "
+                              f"config.json implies {tuple(own[k].shape)}")
+    model.load_state_dict(sd, strict=False)
+    return model.to(device), d
+
+
+def load_tokenizer(ckpt: str | os.PathLike):
+    from tiaoyu_cli.tokenizer import Tokenizer
+
+    return Tokenizer.load(resolve_checkpoint(ckpt))
+
+
+def load_trainer_info(ckpt: str | os.PathLike) -> dict:
+    p = resolve_checkpoint(ckpt) / "trainer.json"
+    return read_json(p) if p.exists() else {}
+
+
+def generation_config(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": [cfg.eos_token_id, 5],  # </s> and <|im_end|>
+        "pad_token_id": cfg.pad_token_id,
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "max_new_tokens": 256,
+    }
+
+
+def save_model_files(folder: Path, model: Transformer, tokenizer, extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """config.json, model.safetensors, tokenizer files, generation_config.json into `folder` (not atomic
+    on its own: call inside `atomic_dir`)."""
+    cfg = model.config
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if extra_tensors:
+        sd.update({k: v.detach().to("cpu").contiguous() for k, v in extra_tensors.items()})
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2), encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save(folder)
+
+
+def save_checkpoint(run: str | os.PathLike, step: int, model: Transformer, tokenizer,
+                    train_state: dict[str, torch.Tensor] | None = None, info: dict | None = None,
+                    keep: int = 0, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write run/step-NNNNNN atomically, point run/latest at it, prune to the newest `keep` (0 = all)."""
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    final = run / f"step-{step:06d}"
+    with atomic_dir(final) as tmp:
+        save_model_files(tmp, model, tokenizer, extra_tensors)
+        if train_state:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in train_state.items()},
+                      str(tmp / "train_state.safetensors"))
+        (tmp / "trainer.json").write_text(json.dumps(info or {}, indent=2, ensure_ascii=False, default=str),
+                                          encoding="utf-8")
+    set_latest(run, final.name)
+    if keep > 0:
+        for old in step_dirs(run)[:-keep]:
+            if old.name != final.name:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def set_latest(run: Path, name: str) -> None:
+    tmp = run / f".latest.{os.getpid()}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(name, tmp)
+    os.replace(tmp, run / "latest")
+    fsync_dir(run)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+# ---- optimizer state <-> flat tensors (safetensors holds only tensors) ------------------------------
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str = "optim") -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}.{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
+                           prefix: str = "optim") -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if not key.startswith(prefix + "."):
+            continue
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = v
+    for key, v in meta.get("scalars", {}).items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

@@ -1,0 +1,72 @@
+"""Device and precision choice: `--device auto|cpu|cuda|mps`, `--dtype auto|bf16|fp32`.
+
+bf16 autocast (fp32 master weights) is used where the hardware runs it fast: CUDA with bf16
+support, and CPUs with AVX512-BF16 or AMX. Elsewhere fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+from tiaoyu_cli.errors import TiaoyuError
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TiaoyuError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise TiaoyuError("--device mps: Apple MPS is not available on this machine (use --device cpu or auto)")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise TiaoyuError(f"--device {name!r}: choose auto, cpu, cuda or mps")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for `--dtype` on `device` (torch.float32 means no autocast)."""
+    name = (name or "auto").lower()
+    if name in ("fp32", "float32"):
+        return torch.float32
+    if name in ("bf16", "bfloat16"):
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise TiaoyuError("--dtype bf16: this GPU does not support bfloat16 (use --dtype fp32)")
+        return torch.bfloat16
+    if name != "auto":
+        raise TiaoyuError(f"--dtype {name!r}: choose auto, bf16 or fp32")
+    if os.environ.get("TIAOYU_FORCE_FP32"):
+        return torch.float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
