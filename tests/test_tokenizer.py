@@ -337,3 +337,16 @@ def test_report_measures_held_out_sample(tok):
     assert r.heldout_pieces > 0 and not r.heldout_is_training_sample
     assert 1.0 < r.chars_per_token < 10
     assert r.sample_pieces + r.heldout_pieces >= 1200
+
+
+def test_tiny_corpus_measures_on_training_sample_and_long_documents_are_cut(tmp_path):
+    from tiaoyu_cli.tokenizer.train import MAX_PIECE_CHARS, split_long
+
+    long_doc = ("第一行 line one\n" * 400) + "x" * (3 * MAX_PIECE_CHARS)
+    pieces = split_long(long_doc)
+    assert "".join(pieces) == long_doc and max(map(len, pieces)) <= MAX_PIECE_CHARS
+    assert pieces[0].endswith("\n")  # cut at a newline when there is one
+    data = write_jsonl(tmp_path / "tiny.jsonl", [{"text": long_doc}] + [{"text": "你好 hello 123"}] * 4)
+    t = train_tokenizer([str(data)], tmp_path / "tok", vocab_size=300)
+    assert t.report.heldout_is_training_sample and t.report.records == 5
+    assert t.decode(t.encode(long_doc)) == long_doc
