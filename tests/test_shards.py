@@ -13,7 +13,7 @@ from tiaoyu_cli.data.shards import (ShardWriter, TokenShards, check_fingerprint,
                                     token_dtype)
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.tokenizer import Tokenizer, train_tokenizer
-from tiaoyu_cli.tokenizer.encode import encode_corpus, is_val
+from tiaoyu_cli.tokenizer.encode import encode_corpus, is_val, iter_blocks
 from tokenizer_corpus import make_records, text_records, write_jsonl
 
 
@@ -58,18 +58,18 @@ def test_shards_hold_every_document_in_order(setup):
     assert rep.records == 300 and rep.bytes_read == texts.stat().st_size
 
 
-def test_one_worker_and_two_workers_write_the_same_tokens(setup, tmp_path):
-    d, tok, _ = setup
-    big = write_jsonl(tmp_path / "big.jsonl", make_records(3000, seed=3))
+def test_one_worker_and_two_workers_write_the_same_tokens(setup, tmp_path, monkeypatch):
     import tiaoyu_cli.tokenizer.encode as enc
 
-    old = enc.BLOCK_BYTES
-    enc.BLOCK_BYTES = 16 * 1024  # many blocks, so both workers get some
-    try:
-        encode_corpus([str(big)], tok.path, tmp_path / "one", workers=1)
-        encode_corpus([str(big)], tok.path, tmp_path / "two", workers=2)
-    finally:
-        enc.BLOCK_BYTES = old
+    d, tok, _ = setup
+    big = write_jsonl(tmp_path / "big.jsonl", make_records(3000, seed=3))
+    blocks = list(iter_blocks([str(big)], 0.0, 16 * 1024))
+    assert len(blocks) > 8  # many blocks, so both workers get some
+    assert b"".join(b.data for b in blocks) == big.read_bytes()
+    assert [b.first_line for b in blocks] == [1 + sum(x.data.count(b"\n") for x in blocks[:k]) for k in range(len(blocks))]
+    monkeypatch.setattr(enc, "BLOCK_BYTES", 16 * 1024)
+    encode_corpus([str(big)], tok.path, tmp_path / "one", workers=1)
+    encode_corpus([str(big)], tok.path, tmp_path / "two", workers=2)
     for split in ("train", "val"):
         a = np.concatenate(TokenShards(tmp_path / "one" / split).arrays())
         b = np.concatenate(TokenShards(tmp_path / "two" / split).arrays())
@@ -185,7 +185,11 @@ def test_missing_and_corrupt_token_folders(setup, tmp_path):
         TokenShards(split)
 
 
-def test_bad_records_and_empty_input(setup, tmp_path):
+@pytest.mark.parametrize("block_bytes", [1 << 20, 1000])
+def test_bad_records_and_empty_input(setup, tmp_path, monkeypatch, block_bytes):
+    import tiaoyu_cli.tokenizer.encode as enc
+
+    monkeypatch.setattr(enc, "BLOCK_BYTES", block_bytes)  # line numbers stay right across many blocks
     d, tok, texts = setup
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(texts.read_bytes() + b'{"text": ["not", "a", "string"]}\n{"text": "ok"}\n')

@@ -84,31 +84,32 @@ def open_binary(path: str):
     return gzip.open(p, "rb") if path.endswith(".gz") else open(p, "rb")
 
 
-def iter_blocks(paths: list[str], val_ratio: float, block_bytes: int = BLOCK_BYTES) -> Iterator[Block]:
-    """Cut inputs into blocks of whole lines, about `block_bytes` each."""
+def iter_blocks(paths: list[str], val_ratio: float, block_bytes: int | None = None) -> Iterator[Block]:
+    """Cut inputs into blocks of whole lines, about `block_bytes` (default BLOCK_BYTES) each."""
+    block_bytes = block_bytes or BLOCK_BYTES
     global_line = 0
     for path in paths:
         f = open_binary(path)
         shown = "<stdin>" if path == "-" else path
         line = 1
-        carry = b""
+        carry: list[bytes] = []  # the unfinished last line (a list: a huge line is not copied again and again)
         try:
             while True:
                 chunk = f.read(block_bytes)
                 if not chunk:
                     break
-                data = carry + chunk
-                cut = data.rfind(b"\n")
+                cut = chunk.rfind(b"\n")
                 if cut < 0:
-                    carry = data
+                    carry.append(chunk)
                     continue
-                block, carry = data[:cut + 1], data[cut + 1:]
+                block = b"".join(carry + [chunk[:cut + 1]]) if carry else chunk[:cut + 1]
+                carry = [chunk[cut + 1:]] if cut + 1 < len(chunk) else []
                 n = block.count(b"\n")
                 yield Block(shown, line, global_line, block, val_ratio)
                 line += n
                 global_line += n
             if carry:
-                yield Block(shown, line, global_line, carry, val_ratio)
+                yield Block(shown, line, global_line, b"".join(carry), val_ratio)
                 global_line += 1
         finally:
             if f is not sys.stdin.buffer:
