@@ -14,6 +14,7 @@ import typer
 from tiaoyu_cli.errors import TiaoyuError
 
 COMMANDS: list[str] = [
+    "synth",
     "tokenize",
     "pretrain",
 ]
