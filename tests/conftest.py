@@ -1,0 +1,111 @@
+"""Shared session fixtures: the synthetic corpus, a tokenizer, token shards, and a tiny pretrained
+base model that every stage test (sft, lora, rlhf, distill, reason, eval …) starts from.
+
+Built once per test session (about a minute on 2 cores). For development, set
+TIAOYU_TEST_CACHE=/some/dir to keep them between runs; the cache key covers the source files
+that determine them, so edits there rebuild it. CI does not set it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "tiaoyu_cli"
+
+# Budget of the shared base model (tiny preset): enough to learn the synthetic world's patterns.
+BASE_STEPS = int(os.environ.get("TIAOYU_TEST_BASE_STEPS", "400"))
+BASE_BATCH = 16
+BASE_SEQ = 128
+VOCAB = 1024
+
+
+def _source_key() -> str:
+    h = hashlib.sha256(f"{BASE_STEPS}-{BASE_BATCH}-{BASE_SEQ}-{VOCAB}".encode())
+    for sub in ("data/synth.py", "tokenizer", "model", "train/lm.py", "train/trainer.py", "data/shards.py"):
+        p = PKG / sub
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        for f in files:
+            if f.exists():
+                h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _build(root: Path) -> None:
+    """synth → tokenizer → shards → tiny base, all through the library API (the CLI tests cover the CLI)."""
+    import torch
+
+    from tiaoyu_cli.data.shards import open_tokens
+    from tiaoyu_cli.data.synth import SynthConfig, write_corpus
+    from tiaoyu_cli.model import Transformer, preset
+    from tiaoyu_cli.tokenizer import train_tokenizer
+    from tiaoyu_cli.tokenizer.encode import encode_corpus
+    from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage
+    from tiaoyu_cli.train.trainer import TrainConfig, Trainer
+
+    data = root / "synth"
+    write_corpus(data, SynthConfig(seed=0, text_mb=1.5, records=2000, val_records=200))
+    inputs = [str(data / f"{k}.train.jsonl") for k in ("text", "chat", "reasoning")]
+    tok = train_tokenizer(inputs, root / "tok", vocab_size=VOCAB)
+    encode_corpus([str(data / "text.train.jsonl")], root / "tok", root / "tokens",
+                  val_inputs=[str(data / "text.val.jsonl")], workers=1)
+    train, val = open_tokens(root / "tokens")
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
+    stage = PretrainStage(train, val, PretrainConfig(seq_len=BASE_SEQ), batch_size=BASE_BATCH, seed=0)
+    cfg = TrainConfig(out=str(root / "base"), max_steps=BASE_STEPS, batch_size=BASE_BATCH, lr=2e-3,
+                      warmup_steps=30, log_every=50, dtype="auto", device="cpu", keep=1)
+    Trainer(model, stage, cfg, tokenizer=tok, log=lambda m: None).fit()
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> Path:
+    """Folder with synth/ (corpus), tok/, tokens/, base/ (tiny pretrained run; base/latest)."""
+    cache = os.environ.get("TIAOYU_TEST_CACHE")
+    if not cache:
+        root = tmp_path_factory.mktemp("assets")
+        _build(root)
+        return root
+    root = Path(cache) / f"assets-{_source_key()}"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "DONE").exists():
+            tmp = root.with_name(root.name + ".building")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            _build(tmp)
+            # the run folder records absolute paths only in trainer.json; the `latest` link is relative
+            shutil.rmtree(root, ignore_errors=True)
+            tmp.rename(root)
+            (root / "DONE").write_text("ok")
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_dir(assets) -> Path:
+    return assets / "synth"
+
+
+@pytest.fixture(scope="session")
+def tok_dir(assets) -> Path:
+    return assets / "tok"
+
+
+@pytest.fixture(scope="session")
+def tokens_dir(assets) -> Path:
+    return assets / "tokens"
+
+
+@pytest.fixture(scope="session")
+def base_ckpt(assets) -> Path:
+    """The tiny pretrained base checkpoint folder (base/latest resolved)."""
+    from tiaoyu_cli.train.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(assets / "base")
