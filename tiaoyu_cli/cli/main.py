@@ -15,8 +15,10 @@ from tiaoyu_cli.errors import TiaoyuError
 
 COMMANDS: list[str] = [
     "synth",
+    "prep",
     "tokenize",
     "pretrain",
+    "chat",
 ]
 
 app = typer.Typer(
