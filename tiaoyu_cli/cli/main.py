@@ -18,7 +18,6 @@ COMMANDS: list[str] = [
     "prep",
     "tokenize",
     "pretrain",
-    "chat",
 ]
 
 app = typer.Typer(
