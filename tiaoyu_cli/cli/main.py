@@ -18,6 +18,7 @@ COMMANDS: list[str] = [
     "prep",
     "tokenize",
     "pretrain",
+    "chat",
 ]
 
 app = typer.Typer(

@@ -1,0 +1,163 @@
+"""`tiaoyu chat`: talk to a checkpoint — a REPL, one answer (`--prompt`), or JSONL in → JSONL out.
+
+    tiaoyu chat ckpt/sft                                   # REPL on a terminal (/reset, /system TEXT, /exit)
+    tiaoyu chat ckpt/sft --prompt "1+1=?" --temperature 0  # one answer on stdout
+    tiaoyu chat teacher/ < prompts.jsonl > teacher.jsonl   # batch: each record + {"response": …}
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tiaoyu_cli.errors import TiaoyuError
+
+EXAMPLES = """
+Examples:
+
+  tiaoyu chat ckpt/sft                                        # interactive; tokens stream as they are generated
+
+  tiaoyu chat ckpt/sft --prompt "What is 12 + 7?" --temperature 0
+
+  tiaoyu chat ckpt/base --mode complete --prompt "Once upon a time"
+
+  tiaoyu chat teacher/ < prompts.jsonl > answers.jsonl        # {"prompt": …} or {"messages": […]} per line
+
+  tiaoyu chat ckpt/reason --prompt "3 * 14 = ?" --hide-thinking
+"""
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("chat", epilog=EXAMPLES, help="Chat with a checkpoint: REPL, --prompt, or JSONL prompts on stdin.")
+    def chat(
+        ckpt: Path = typer.Argument(..., help="checkpoint folder (a step folder, or a run folder: its latest)"),
+        prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="answer this once, print to stdout, exit"),
+        system: Optional[str] = typer.Option(None, help="system prompt (chat mode)"),
+        mode: str = typer.Option("auto", help="auto | chat | complete (auto: complete for a pretrain checkpoint)"),
+        max_new_tokens: int = typer.Option(256, help="most tokens per answer"),
+        temperature: float = typer.Option(0.7, help="0 = greedy"),
+        top_k: int = typer.Option(0, help="sample from the k most likely tokens (0 = off)"),
+        top_p: float = typer.Option(0.9, help="nucleus sampling mass (1 = off)"),
+        repetition_penalty: float = typer.Option(1.0, help="CTRL penalty on tokens already present (1 = off)"),
+        seed: Optional[int] = typer.Option(None, help="random seed (same seed, same answers)"),
+        device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+        batch_size: int = typer.Option(16, help="prompts generated together in JSONL mode"),
+        hide_thinking: bool = typer.Option(False, "--hide-thinking", help="do not show <think> reasoning"),
+        # Hooks: `--adapter DIR` (LoRA) and `--classify` (classification head) extend `load_chat_model`.
+    ) -> None:
+        from tiaoyu_cli.infer.sampling import SamplingParams
+        from tiaoyu_cli.infer.session import GenerationOptions, load_chat_model
+
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty)
+        if max_new_tokens < 1:
+            raise TiaoyuError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        if batch_size < 1:
+            raise TiaoyuError(f"--batch-size must be >= 1, got {batch_size}")
+        options = GenerationOptions(max_new_tokens=max_new_tokens, sampling=params, seed=seed)
+        cm = load_chat_model(ckpt, device=device, mode=mode)
+        if prompt is not None:
+            answer_once(cm, prompt, system, options, hide_thinking)
+        elif sys.stdin.isatty():
+            repl(cm, system, options, hide_thinking)
+        else:
+            answer_jsonl(cm, sys.stdin.buffer, system, options, batch_size)
+
+
+def _describe(cm) -> str:
+    n = cm.model.num_parameters()
+    stage = f"stage {cm.stage}, " if cm.stage else ""
+    return f"{cm.path} ({n / 1e6:.2f}M parameters, {stage}{cm.mode} mode, {cm.device})"
+
+
+def answer_once(cm, prompt: str, system: Optional[str], options, hide_thinking: bool) -> None:
+    """Stream one answer to stdout; reasoning (if any) between <think> and </think> unless hidden."""
+    from tiaoyu_cli.infer.session import ChatSession
+
+    session = ChatSession(cm, system=system, options=options)
+    out = sys.stdout
+    in_think = False
+    for piece in session.send(prompt):
+        if piece.reasoning and hide_thinking:
+            continue
+        if piece.reasoning != in_think:
+            out.write("<think>" if piece.reasoning else "</think>")
+            in_think = piece.reasoning
+        out.write(piece.text)
+        out.flush()
+    last = session.last
+    if in_think and last is not None and last.answer is not None and "</think>" in last.response:
+        out.write("</think>")
+    out.write("\n")
+    out.flush()
+
+
+def repl(cm, system: Optional[str], options, hide_thinking: bool) -> None:
+    from tiaoyu_cli.cli.console import console
+    from tiaoyu_cli.infer.session import ChatSession
+
+    session = ChatSession(cm, system=system, options=options)
+    console.print(f"[bold]tiaoyu chat[/] {_describe(cm)}", highlight=False)
+    console.print("[dim]/reset  /system TEXT  /exit  /help[/]")
+    who = "you" if cm.mode == "chat" else "text"
+    while True:
+        try:
+            line = console.input(f"[bold green]{who} ›[/] ")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            break
+        if not line.strip():
+            continue
+        try:
+            cmd = session.handle_command(line)
+        except TiaoyuError as e:
+            console.print(f"[red]{e}[/]", highlight=False, markup=True)
+            continue
+        if cmd == "exit":
+            break
+        if cmd == "help":
+            for c, what in session.COMMANDS.items():
+                console.print(f"  {c:<14} {what}", highlight=False, markup=False)
+            continue
+        if cmd is not None:
+            console.print(f"[dim]({cmd}: conversation cleared"
+                          + (f"; system prompt: {session.system!r}" if cmd == "system" else "") + ")[/]",
+                          highlight=False)
+            continue
+        console.print("[bold blue]bot ›[/] ", end="")
+        try:
+            for piece in session.send(line):
+                if piece.reasoning:
+                    if not hide_thinking:
+                        console.out(piece.text, style="dim", end="", highlight=False)
+                else:
+                    console.out(piece.text, end="", highlight=False)
+        except KeyboardInterrupt:
+            console.print("[dim] (interrupted)[/]", end="")
+        console.print()
+        if session.dropped_turns:
+            console.print(f"[dim](the {session.dropped_turns} oldest turn(s) no longer fit the context and were "
+                          "forgotten)[/]")
+
+
+def answer_jsonl(cm, stream, system: Optional[str], options, batch_size: int) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tiaoyu_cli.cli.console import console
+    from tiaoyu_cli.data.jsonl import dumps
+    from tiaoyu_cli.infer.session import answer_records, read_prompt_records
+
+    records = read_prompt_records(stream, "<stdin>")
+    console.print(f"chat: {len(records)} prompt(s) → stdout, {_describe(cm)}", highlight=False, markup=False)
+    out = sys.stdout.buffer
+    progress = Progress(TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=True, disable=not console.is_terminal)
+    with progress:
+        task = progress.add_task("answer", total=len(records))
+        for rec in answer_records(cm, records, options, system=system, batch_size=batch_size,
+                                  on_batch=lambda n: progress.advance(task, n)):
+            out.write(dumps(rec))
+            out.flush()

@@ -1,0 +1,425 @@
+"""Text generation: batched, with a KV cache, left padding, stop tokens, log-probs and streaming.
+
+    result = generate_detailed(model, [ids_a, ids_b], max_new_tokens=64, params=SamplingParams(0.7, top_p=0.9))
+    result.tokens[0], result.logprobs[0], result.finish_reasons[0]
+
+How one batch is generated:
+
+1. Prompts of different lengths are LEFT-padded into one [B, L] tensor with an attention mask
+   (1 = real token). Padding does not advance positions, so a padded row computes exactly what
+   it would alone. Left padding puts every row's last token in the last column, so the next
+   token of every row comes from the same position.
+2. Prefill: one forward pass over [B, L] fills the KV cache and gives the logits of the last
+   column (`last_only=True`: the LM head runs on one position, not L).
+3. Decode: feed the chosen tokens [B, 1]; each step attends to the cache instead of recomputing
+   the prefix. A row that emits a stop token (EOS, <|im_end|>) or reaches max_new_tokens is done;
+   done rows are dropped from the batch and the cache (`KVCache.select`), so the rest run faster.
+
+Context limits: a prompt longer than the context keeps its most recent tokens (left truncation),
+leaving room to answer: at most `max_seq_len - min(max_new_tokens, max_seq_len // 2)` prompt
+tokens are kept. New tokens are then clamped so the longest prompt plus its answer fits.
+
+Decode steps run `OneTokenStep`, a forward pass specialised for one new token per row: the
+rotary tables are computed once, grouped-query attention reads the cached K/V directly
+(`enable_gqa`, no repeated copies), no causal mask is built (a single query
+may see every cached key; only left padding is masked). It calls the model's own modules for
+every projection and FFN (so LoRA-wrapped layers work) and is checked against the model's full
+forward pass. Models it does not know fall back to `model(…, kv_cache=…)`.
+
+`use_cache=False` recomputes the whole sequence every step — slow, and here to prove that the
+cache changes nothing (tests compare both token for token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.infer.sampling import SamplingParams, choose, make_generator, process_logits
+from tiaoyu_cli.model.kv_cache import KVCache
+from tiaoyu_cli.model.transformer import Attention, Block, RMSNorm, Transformer, rope_tables
+
+EOS_ID, IM_END_ID, THINK_ID, END_THINK_ID = 3, 5, 6, 7
+DEFAULT_STOP_IDS = frozenset({EOS_ID, IM_END_ID})
+NUM_SPECIAL = 8
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per prompt; ends with the stop token when finish_reason == "stop"
+    finish_reasons: list[str]  # "stop" (a stop token) or "length" (max_new_tokens or the context is full)
+    prompts: list[list[int]]  # the prompts as fed to the model (after left truncation)
+    logprobs: list[list[float]] | None = None  # log-prob of each new token (see `generate_detailed`)
+    truncated: list[bool] = field(default_factory=list)  # prompt lost tokens on the left
+
+
+class Step(NamedTuple):
+    rows: list[int]  # original batch indices still generating
+    tokens: list[int]  # the token each of those rows chose
+    logprobs: list[float] | None
+
+
+def fit_to_context(prompts: list[list[int]], max_new_tokens: int, context: int) -> tuple[list[list[int]], int, list[bool]]:
+    """Left-truncate prompts and clamp max_new_tokens so that prompt + answer fits `context` tokens."""
+    if max_new_tokens < 1:
+        raise TiaoyuError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if context < 2:
+        raise TiaoyuError(f"context of {context} tokens is too short to generate")
+    keep = context - min(max_new_tokens, context // 2)
+    out, cut = [], []
+    for p in prompts:
+        if len(p) == 0:
+            raise TiaoyuError("cannot generate from an empty prompt (give at least one token, e.g. BOS)")
+        cut.append(len(p) > keep)
+        out.append(list(p[-keep:]) if len(p) > keep else list(p))
+    longest = max(len(p) for p in out)
+    return out, min(max_new_tokens, context - longest), cut
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L] ids and attention mask (1 = real token), padding on the left."""
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), L), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[b, L - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def amp_context(device: torch.device, dtype: torch.dtype | None):
+    """bf16 autocast on CUDA (when supported) unless dtype says otherwise; fp32 elsewhere."""
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _linear(mod: torch.nn.Module):
+    if type(mod) is torch.nn.Linear and mod.bias is None:
+        return functools.partial(F.linear, weight=mod.weight)
+    return mod
+
+
+class OneTokenStep:
+    """The decode step for one new token per row: tokens [B] → next-token logits [B, V].
+
+    Same computation as `Transformer.forward(tokens[:, None], kv_cache=cache, last_only=True)`,
+    with less work per step (this loop runs once per generated token, so its overhead is the
+    decode speed of a small model):
+
+        x = embed(token) (+ position embedding)                               [B, d]
+        per layer:  q, k, v = projections of RMSNorm(x); RoPE at the row's position
+                    append k, v to the cache at column `length`
+                    softmax(q · Kᵀ / √hd) · V over the cached columns (SDPA, one query, no causal
+                    mask; GQA by `enable_gqa`, no repeated K/V copies)
+                    x = x + o_proj(…);  x = x + FFN(RMSNorm(x))
+        logits = RMSNorm(x) · Wᵀ
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor):
+        cfg = model.config
+        self.model, self.cache, self.cfg = model, cache, cfg
+        self.positions = positions.clone()  # [B] position of the next token in each row (padding excluded)
+        self.padded = not bool(cache.key_mask[:, :cache.length].all())
+        hd = cfg.head_dim
+        if cfg.position == "rope":
+            cos, sin = rope_tables(hd, torch.arange(cache.max_len, device=positions.device)[None], cfg.rope_theta)
+            sign = torch.ones(hd, device=positions.device)
+            sign[: hd // 2] = -1  # rotate_half(x) = roll(x, hd/2) · [-1 … -1, 1 … 1]
+            self.cos, self.sin = cos[0], sin[0] * sign  # [P, hd]
+
+        # what each layer uses, looked up once (nn.Module attribute access is slow Python); a plain
+        # nn.Linear becomes F.linear with its weight, anything else (e.g. a LoRA wrapper) is called as is
+        self.layers = []
+        for b in model.model.layers:
+            a = b.self_attn
+            if hasattr(b, "block_sparse_moe"):
+                moe = b.block_sparse_moe
+                ffn = lambda h, moe=moe: moe(h[:, None])[0][:, 0]  # noqa: E731
+            else:
+                gate, up, down = _linear(b.mlp.gate_proj), _linear(b.mlp.up_proj), _linear(b.mlp.down_proj)
+                ffn = lambda h, gate=gate, up=up, down=down: down(F.silu(gate(h)) * up(h))  # noqa: E731
+            self.layers.append((b.input_layernorm, _linear(a.q_proj), _linear(a.k_proj), _linear(a.v_proj),
+                                _linear(a.o_proj), b.post_attention_layernorm, ffn))
+
+    @staticmethod
+    def supports(model) -> bool:
+        """True for the stock tiaoyu Transformer (anything else uses model.forward)."""
+        return (type(model) is Transformer and all(type(b) is Block and type(b.self_attn) is Attention
+                                                   and type(b.input_layernorm) is RMSNorm for b in model.model.layers))
+
+    @staticmethod
+    def _norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """RMSNorm.forward in one fused op (fp32, like the module)."""
+        return F.rms_norm(x.float(), norm.weight.shape, norm.weight.float(), norm.eps)
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.cache.select(keep)
+        self.positions = self.positions[keep]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        cfg, cache, m, norm = self.cfg, self.cache, self.model.model, self._norm
+        B, hd, H, Hkv = tokens.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        half = hd // 2
+        L, S = cache.length, cache.length + 1
+        pos = self.positions
+        x = m.embed_tokens(tokens)  # [B, d]
+        rope = cfg.position == "rope"
+        if rope:
+            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, hd]
+        elif cfg.position == "learned":
+            x = x + m.embed_positions(pos)
+        else:
+            x = x + m.sinusoidal[pos].to(x.dtype)
+        key_mask = cache.key_mask[:, None, None, :S] if self.padded else None  # [B, 1, 1, S]
+        for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, ffn) in enumerate(self.layers):
+            h = norm(x, norm1)
+            q = q_proj(h).view(B, H, hd)
+            k = k_proj(h).view(B, Hkv, hd)
+            v = v_proj(h).view(B, Hkv, hd)
+            if rope:
+                if cos.dtype != q.dtype:
+                    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+                q = q * cos + q.roll(half, -1) * sin
+                k = k * cos + k.roll(half, -1) * sin
+            cache.k[i, :, :, L] = k
+            cache.v[i, :, :, L] = v
+            y = F.scaled_dot_product_attention(  # one query per row sees every cached key: no causal mask
+                q.view(B, H, 1, hd).to(cache.k.dtype), cache.k[i, :, :, :S], cache.v[i, :, :, :S],
+                attn_mask=key_mask, enable_gqa=True)  # [B, H, 1, hd]
+            x = x + o_proj(y.reshape(B, H * hd))
+            h = norm(x, norm2)
+            x = x + ffn(h)
+        cache.length = S
+        self.positions = pos + 1
+        return F.linear(norm(x, m.norm), self.model.output_weight)
+
+
+def decode_steps(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
+                 stop_ids: Iterable[int] = DEFAULT_STOP_IDS, generator: torch.Generator | None = None,
+                 use_cache: bool = True, logprobs: str | None = None, dtype: torch.dtype | None = None,
+                 fast_decode: bool = True) -> Iterator[Step]:
+    """The generation loop as an iterator: one `Step` per decoding step.
+
+    `prompts` must already fit the context (see `fit_to_context`). `logprobs`: None, "model"
+    (log p of the token under the unmodified model, temperature 1 — what a training forward pass
+    computes) or "sampling" (under the distribution actually sampled: after penalty, temperature,
+    top-k, top-p). `fast_decode=False` runs decode steps through `model.forward` instead of `OneTokenStep`.
+    """
+    device = next(model.parameters()).device
+    pad_id = getattr(model.config, "pad_token_id", 0)
+    stop = torch.tensor(sorted(set(int(s) for s in stop_ids)), dtype=torch.long, device=device)
+    ids, mask = left_pad(prompts, pad_id, device)
+    B, L = ids.shape
+    V = model.config.vocab_size
+    rows = torch.arange(B, device=device)  # original index of each active row
+    seen = None
+    if params.repetition_penalty != 1.0:  # [B, V] True where the token occurs in the row (prompt or answer)
+        seen = torch.zeros(B, V, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids.clamp(max=V - 1), mask.bool())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), amp_context(device, dtype):
+            cache = KVCache.for_model(model, B, L + max_new_tokens) if use_cache else None
+            logits = model(ids, attention_mask=mask, kv_cache=cache, last_only=True).logits[:, -1]  # [B, V]
+            step_fn = None
+            if cache is not None and fast_decode and OneTokenStep.supports(model):
+                step_fn = OneTokenStep(model, cache, mask.sum(-1))
+            for step in range(max_new_tokens):
+                logits = logits.float()
+                processed = process_logits(logits, params, seen)
+                nxt = choose(processed, params, generator)  # [B]
+                lp = None
+                if logprobs is not None:
+                    src = logits if logprobs == "model" else processed
+                    lp = src.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1).tolist()
+                yield Step(rows.tolist(), nxt.tolist(), lp)
+                if step == max_new_tokens - 1:
+                    break
+                done = torch.isin(nxt, stop)
+                if bool(done.any()):
+                    keep = (~done).nonzero().squeeze(-1)
+                    if keep.numel() == 0:
+                        break
+                    rows, nxt = rows[keep], nxt[keep]
+                    if seen is not None:
+                        seen = seen[keep]
+                    if step_fn is not None:
+                        step_fn.select(keep)
+                    elif cache is not None:
+                        cache.select(keep)
+                    else:
+                        ids, mask = ids[keep], mask[keep]
+                if seen is not None:
+                    seen[torch.arange(len(nxt), device=device), nxt] = True
+                if step_fn is not None:
+                    logits = step_fn(nxt)
+                elif cache is not None:
+                    logits = model(nxt[:, None], kv_cache=cache, last_only=True).logits[:, -1]
+                else:  # recompute everything (reference path)
+                    ids = torch.cat([ids, nxt[:, None]], dim=1)
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                    logits = model(ids, attention_mask=mask, last_only=True).logits[:, -1]
+    finally:
+        model.train(was_training)
+
+
+def generate_detailed(model, prompts: list[list[int]], max_new_tokens: int = 256, params: SamplingParams | None = None,
+                      stop_ids: Iterable[int] = DEFAULT_STOP_IDS, seed: int | None = None,
+                      stream_callback: Callable[[int, int], None] | None = None, logprobs: str | None = None,
+                      use_cache: bool = True, dtype: torch.dtype | None = None,
+                      fast_decode: bool = True) -> GenerationResult:
+    """Generate for a batch of token-id prompts. `stream_callback(index, token)` is called for every
+    new token as soon as it is chosen. `logprobs`: None | "model" | "sampling" (see `decode_steps`).
+    The same seed, prompts and batch give the same tokens."""
+    params = params or SamplingParams()
+    if logprobs not in (None, "model", "sampling"):
+        raise ValueError(f"logprobs must be None, 'model' or 'sampling', got {logprobs!r}")
+    if not prompts:
+        return GenerationResult([], [], [], [] if logprobs else None, [])
+    fitted, n_new, cut = fit_to_context([list(map(int, p)) for p in prompts], max_new_tokens, model.config.max_seq_len)
+    device = next(model.parameters()).device
+    gen = make_generator(seed, device) if not params.greedy else None
+    stops = set(int(s) for s in stop_ids)
+    out: list[list[int]] = [[] for _ in fitted]
+    lps: list[list[float]] | None = [[] for _ in fitted] if logprobs else None
+    reasons = ["length"] * len(fitted)
+    for step in decode_steps(model, fitted, n_new, params, stops, gen, use_cache, logprobs, dtype, fast_decode):
+        for j, (r, t) in enumerate(zip(step.rows, step.tokens)):
+            out[r].append(t)
+            if lps is not None:
+                lps[r].append(step.logprobs[j])
+            if t in stops:
+                reasons[r] = "stop"
+            if stream_callback is not None:
+                stream_callback(r, t)
+    return GenerationResult(out, reasons, fitted, lps, cut)
+
+
+def generate(model, prompts: list[list[int]], max_new_tokens: int = 256, params: SamplingParams | None = None,
+             stop_ids: Iterable[int] = DEFAULT_STOP_IDS, seed: int | None = None,
+             stream_callback: Callable[[int, int], None] | None = None, use_cache: bool = True,
+             **sampling) -> list[list[int]]:
+    """New tokens for each prompt (stop token included when one was produced).
+
+    Sampling options come as `params=SamplingParams(...)` or as keywords (temperature=0, top_k=…).
+    """
+    if sampling:
+        params = SamplingParams(**sampling) if params is None else _replace(params, **sampling)
+    return generate_detailed(model, prompts, max_new_tokens, params, stop_ids, seed, stream_callback,
+                             use_cache=use_cache).tokens
+
+
+def _replace(params: SamplingParams, **kw) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, **kw)
+
+
+# ---- text: incremental decoding, streaming, reasoning split ------------------------------------
+
+class Piece(NamedTuple):
+    text: str
+    reasoning: bool  # True inside <think> … </think>
+
+
+class IncrementalDecoder:
+    """Turn a stream of token ids into text pieces as soon as they are complete characters.
+
+    A character outside the vocabulary arrives as several byte tokens; until its last byte is
+    there, decoding ends in U+FFFD, so the decoder waits. Each segment (answer, or the reasoning
+    between <think> and </think>) is decoded as a whole and only the new suffix is emitted, so
+    pieces joined are exactly decode(all tokens). Special tokens (stop tokens, chat markers) give no text.
+    """
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.reasoning = False
+
+    def _new_text(self, final: bool) -> str:
+        if not self.ids:
+            return ""
+        text = self.tok.decode(self.ids)
+        if not final and text.endswith("\ufffd"):
+            return ""
+        new = text[self.emitted:]
+        self.emitted = len(text)
+        return new
+
+    def _switch(self, reasoning: bool) -> list[Piece]:
+        out = self.flush()
+        self.ids, self.emitted, self.reasoning = [], 0, reasoning
+        return out
+
+    def push(self, token: int) -> list[Piece]:
+        token = int(token)
+        if token == THINK_ID:
+            return self._switch(True)
+        if token == END_THINK_ID:
+            return self._switch(False)
+        if token < NUM_SPECIAL:
+            return []
+        self.ids.append(token)
+        new = self._new_text(final=False)
+        return [Piece(new, self.reasoning)] if new else []
+
+    def flush(self) -> list[Piece]:
+        new = self._new_text(final=True)
+        return [Piece(new, self.reasoning)] if new else []
+
+
+def stream(model, tokenizer, prompt: list[int], max_new_tokens: int = 256, params: SamplingParams | None = None,
+           stop_ids: Iterable[int] = DEFAULT_STOP_IDS, seed: int | None = None, dtype: torch.dtype | None = None,
+           tokens_out: list[int] | None = None) -> Iterator[Piece]:
+    """Generate for one prompt and yield text pieces as they decode. The new token ids are appended
+    to `tokens_out` when given (e.g. to keep the exact answer in a chat history)."""
+    params = params or SamplingParams()
+    fitted, n_new, _ = fit_to_context([list(map(int, prompt))], max_new_tokens, model.config.max_seq_len)
+    device = next(model.parameters()).device
+    gen = make_generator(seed, device) if not params.greedy else None
+    dec = IncrementalDecoder(tokenizer)
+    for step in decode_steps(model, fitted, n_new, params, stop_ids, gen, dtype=dtype):
+        t = step.tokens[0]
+        if tokens_out is not None:
+            tokens_out.append(t)
+        yield from dec.push(t)
+    yield from dec.flush()
+
+
+@dataclass
+class DecodedResponse:
+    response: str  # the whole answer as text; reasoning shown as <think>…</think>
+    reasoning: str | None  # text inside <think> … </think> (None when the model did not think)
+    answer: str | None  # text after </think> (None when the model did not think)
+
+
+def decode_response(tokenizer, tokens: list[int], stop_ids: Iterable[int] = DEFAULT_STOP_IDS) -> DecodedResponse:
+    """Decode new tokens: drop a trailing stop token and other special tokens; split reasoning and answer
+    at <think>/</think>. A <think> without </think> (cut by max_new_tokens) is all reasoning."""
+    toks = list(tokens)
+    stops = set(stop_ids)
+    if toks and toks[-1] in stops:
+        toks = toks[:-1]
+    if THINK_ID not in toks and END_THINK_ID not in toks:
+        return DecodedResponse(tokenizer.decode(toks), None, None)
+    closed = END_THINK_ID in toks
+    head, tail = (toks[:toks.index(END_THINK_ID)], toks[toks.index(END_THINK_ID) + 1:]) if closed else (toks, [])
+    if THINK_ID in head:  # the model opened <think> itself
+        i = head.index(THINK_ID)
+        prefix, think = head[:i], head[i + 1:]
+    else:  # the prompt opened it
+        prefix, think = [], head
+    reasoning, answer = tokenizer.decode(think), tokenizer.decode(tail)
+    response = tokenizer.decode(prefix) + "<think>" + reasoning + ("</think>" if closed else "") + answer
+    return DecodedResponse(response, reasoning, answer)

@@ -1,0 +1,314 @@
+"""Chat on top of `generate`: loading a checkpoint for chat, chat vs plain completion, a chat
+session with history, and batch answers for JSONL prompts (how other stages call a teacher).
+
+Modes
+  chat      ChatML prompt (`Tokenizer.encode_chat(..., add_generation_prompt=True)`), stops at
+            <|im_end|> or </s>; for checkpoints trained on conversations (sft, dpo, …).
+  complete  plain text continuation: <s> + text, stops at </s>; for a pretrained base model,
+            which never saw the chat markers. A conversation is written the way pretraining
+            saw chat records: "role: content" lines, then "assistant: ".
+  auto      `complete` when the checkpoint's trainer.json says stage "pretrain", else `chat`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import orjson
+import torch
+
+from tiaoyu_cli.errors import DataError, TiaoyuError
+from tiaoyu_cli.infer.generate import (DEFAULT_STOP_IDS, EOS_ID, DecodedResponse, Piece, decode_response,
+                                       generate_detailed, stream)
+from tiaoyu_cli.infer.sampling import SamplingParams
+
+MODES = ("auto", "chat", "complete")
+COMPLETION_STAGES = {"pretrain"}  # stages whose checkpoints never learned the chat template
+
+
+@dataclass
+class ChatModel:
+    """Everything `tiaoyu chat` needs from a checkpoint."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    path: Path
+    stage: str | None  # trainer.json "stage" (None when the folder has no trainer.json)
+    mode: str  # "chat" or "complete"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_mode(requested: str, stage: str | None) -> str:
+    if requested not in MODES:
+        raise TiaoyuError(f"--mode {requested!r}: choose auto, chat or complete")
+    if requested != "auto":
+        return requested
+    return "complete" if stage in COMPLETION_STAGES else "chat"
+
+
+def load_chat_model(ckpt: str | os.PathLike, device: str = "auto", mode: str = "auto") -> ChatModel:
+    """Load model + tokenizer of a checkpoint (step folder, run folder or exported folder) for generation.
+
+    The one place `tiaoyu chat` builds its model: an adapter (`--adapter DIR`, LoRA) or a
+    classification head (`--classify`) plug in here — load the base as below, then wrap or extend
+    `model` before returning.
+    """
+    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer, load_trainer_info, resolve_checkpoint
+    from tiaoyu_cli.train.device import resolve_device
+
+    dev = resolve_device(device)
+    path = resolve_checkpoint(ckpt)
+    for need in ("tokenizer.model", "tokenizer_config.json"):
+        if not (path / need).exists():
+            raise TiaoyuError(f"{path}: checkpoint is missing {need} (a checkpoint folder holds its tokenizer)")
+    tok = load_tokenizer(path)
+    model, path = load_model(path, device=dev)
+    if model.config.vocab_size < tok.vocab_size:
+        raise TiaoyuError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
+    model.eval()
+    stage = load_trainer_info(path).get("stage")
+    return ChatModel(model, tok, path, stage if isinstance(stage, str) else None, resolve_mode(mode, stage))
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """ChatML ids of `messages` followed by the generation prompt `<|im_start|>assistant\\n`."""
+    return tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
+
+
+def completion_text(messages: list[dict]) -> str:
+    """A conversation as plain text, the way pretraining documents render chat records."""
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    return "\n".join(lines + ["assistant: "])
+
+
+def completion_prompt_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, bos=True)
+
+
+def stop_ids_for(mode: str) -> frozenset[int]:
+    return DEFAULT_STOP_IDS if mode == "chat" else frozenset({EOS_ID})
+
+
+def context_budget(max_seq_len: int, max_new_tokens: int) -> int:
+    """Prompt tokens that fit while leaving room to answer (same rule as `generate.fit_to_context`)."""
+    return max_seq_len - min(max_new_tokens, max_seq_len // 2)
+
+
+# ---- an interactive session ----------------------------------------------------------------------
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+
+
+class ChatSession:
+    """A conversation: system prompt + alternating user/assistant turns, kept within the context.
+
+        s = ChatSession(cm, system="You are helpful.")
+        for piece in s.send("hello"): print(piece.text, end="")
+        s.handle_command("/reset")
+
+    In `complete` mode there is no history: every input is continued on its own.
+    """
+
+    COMMANDS = {"/reset": "forget the conversation", "/system TEXT": "set the system prompt (and reset)",
+                "/exit": "quit (also /quit, Ctrl-D)", "/help": "this list"}
+
+    def __init__(self, cm: ChatModel, system: str | None = None, options: GenerationOptions | None = None):
+        self.cm = cm
+        self.tok = cm.tokenizer
+        self.system = system or None
+        self.options = options or GenerationOptions()
+        self.history: list[dict] = []  # user/assistant messages, oldest first
+        self.turns = 0
+        self.dropped_turns = 0  # turns forgotten to fit the context (last prompt)
+        self.last: DecodedResponse | None = None
+
+    @property
+    def mode(self) -> str:
+        return self.cm.mode
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def set_system(self, text: str | None) -> None:
+        self.system = (text or "").strip() or None
+        self.reset()
+
+    def handle_command(self, line: str) -> str | None:
+        """Run a /command. Returns "exit", "reset", "system", "help", or None when `line` is not a command."""
+        s = line.strip()
+        if not s.startswith("/"):
+            return None
+        cmd, _, arg = s.partition(" ")
+        if cmd in ("/exit", "/quit"):
+            return "exit"
+        if cmd == "/reset":
+            self.reset()
+            return "reset"
+        if cmd == "/system":
+            self.set_system(arg)
+            return "system"
+        if cmd == "/help":
+            return "help"
+        raise TiaoyuError(f"unknown command {cmd} (commands: /reset, /system TEXT, /exit, /help)")
+
+    def messages_for(self, user_text: str) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.history + [{"role": "user", "content": user_text}]
+
+    def prompt_ids(self, user_text: str) -> list[int]:
+        """The prompt for the next answer; the oldest turns are dropped until it fits the context."""
+        if self.mode == "complete":
+            return completion_prompt_ids(self.tok, user_text)
+        budget = context_budget(self.cm.model.config.max_seq_len, self.options.max_new_tokens)
+        history = list(self.history)
+        self.dropped_turns = 0
+        while True:
+            system = [{"role": "system", "content": self.system}] if self.system else []
+            ids = chat_prompt_ids(self.tok, system + history + [{"role": "user", "content": user_text}])
+            if len(ids) <= budget or not history:
+                break
+            # drop the oldest exchange (a user message and the assistant reply that follows it)
+            cut = 2 if len(history) >= 2 and history[1]["role"] == "assistant" else 1
+            history = history[cut:]
+            self.dropped_turns += 1
+        if self.dropped_turns:
+            self.history = history
+        return ids
+
+    def send(self, user_text: str) -> Iterator[Piece]:
+        """Stream the answer to `user_text` as text pieces; afterwards it is in the history and `self.last`."""
+        ids = self.prompt_ids(user_text)
+        o = self.options
+        seed = None if o.seed is None else o.seed + self.turns
+        new: list[int] = []
+        yield from stream(self.cm.model, self.tok, ids, o.max_new_tokens, o.sampling, stop_ids_for(self.mode),
+                          seed=seed, tokens_out=new)
+        self.turns += 1
+        self.last = decode_response(self.tok, new, stop_ids_for(self.mode))
+        if self.mode == "chat":
+            answer = self.last.answer if self.last.answer is not None else self.last.response
+            self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
+
+
+# ---- JSONL batch: {"prompt": …} / {"messages": […]} → record + {"response": …} -------------------------
+
+@dataclass
+class PromptRecord:
+    line: int
+    record: dict
+    ids: list[int] = dataclasses.field(default_factory=list)
+
+
+def read_prompt_records(stream: io.BufferedIOBase | Iterable[bytes], name: str = "<stdin>") -> list[tuple[int, dict]]:
+    """(line, object) for every non-blank line; a malformed line is a DataError naming `name` and the line."""
+    out = []
+    for n, raw in enumerate(stream, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise DataError(f"malformed JSON ({e})", name, n) from None
+        if not isinstance(obj, dict):
+            raise DataError(f"expected a JSON object, got {type(obj).__name__}", name, n)
+        out.append((n, obj))
+    return out
+
+
+def record_messages(rec: dict, name: str, line: int, tokenizer) -> list[dict] | str:
+    """The conversation to answer: a list of messages, or a plain prompt string."""
+    if "messages" in rec:
+        key, value = "messages", rec["messages"]
+    elif "prompt" in rec:
+        key, value = "prompt", rec["prompt"]
+    else:
+        raise DataError("expected a 'prompt' (string or messages) or a 'messages' field", name, line)
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise DataError(f"expected a string or a list of messages, got {type(value).__name__}", name, line, key)
+    try:
+        tokenizer._check_messages(value)
+    except TiaoyuError as e:
+        raise DataError(str(e), name, line, key) from None
+    msgs = list(value)
+    if msgs and msgs[-1]["role"] == "assistant":  # a finished conversation: answer its last user turn again
+        msgs = msgs[:-1]
+    if not any(m["role"] == "user" for m in msgs):
+        raise DataError("the conversation has no user message to answer", name, line, key)
+    return msgs
+
+
+def build_prompt(tokenizer, mode: str, conv: list[dict] | str, system: str | None) -> list[int]:
+    if mode == "complete":
+        text = conv if isinstance(conv, str) else completion_text(conv)
+        return completion_prompt_ids(tokenizer, text)
+    msgs = [{"role": "user", "content": conv}] if isinstance(conv, str) else list(conv)
+    if system and not (msgs and msgs[0]["role"] == "system"):
+        msgs = [{"role": "system", "content": system}] + msgs
+    return chat_prompt_ids(tokenizer, msgs)
+
+
+def response_fields(rec: dict, d: DecodedResponse) -> dict:
+    """The input record + response (and reasoning/answer when the model thought). An input field that
+    would be overwritten (e.g. a verifiable record's reference "answer") is kept as "input_<name>"."""
+    new = {"response": d.response}
+    if d.reasoning is not None:
+        new["reasoning"] = d.reasoning
+        new["answer"] = d.answer
+    out = dict(rec)
+    for k, v in new.items():
+        if k in out and f"input_{k}" not in out:
+            out[f"input_{k}"] = out[k]
+        out[k] = v
+    return out
+
+
+def answer_records(cm: ChatModel, records: list[tuple[int, dict]], options: GenerationOptions,
+                   system: str | None = None, batch_size: int = 16, name: str = "<stdin>",
+                   on_batch=None) -> Iterator[dict]:
+    """Answer every record, in input order, generating `batch_size` prompts at a time.
+
+    All prompts are checked before anything is generated. Within a window of 8 batches, prompts of
+    similar length are batched together (less padding); results still come out in input order.
+    The seed of batch k is seed + k, so a run is reproducible for the same input and batch size.
+    `on_batch(n)` is called after every batch with the number of records it answered.
+    """
+    if batch_size < 1:
+        raise TiaoyuError(f"--batch-size must be >= 1, got {batch_size}")
+    items = [PromptRecord(line, rec, build_prompt(cm.tokenizer, cm.mode,
+                                                  record_messages(rec, name, line, cm.tokenizer), system))
+             for line, rec in records]
+    stops = stop_ids_for(cm.mode)
+    window = batch_size * 8
+    batch_no = 0
+    for w in range(0, len(items), window):
+        chunk = items[w:w + window]
+        order = sorted(range(len(chunk)), key=lambda i: -len(chunk[i].ids))
+        answers: dict[int, DecodedResponse] = {}
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            seed = None if options.seed is None else options.seed + batch_no
+            res = generate_detailed(cm.model, [chunk[i].ids for i in idx], options.max_new_tokens,
+                                    options.sampling, stops, seed=seed)
+            for i, toks in zip(idx, res.tokens):
+                answers[i] = decode_response(cm.tokenizer, toks, stops)
+            batch_no += 1
+            if on_batch is not None:
+                on_batch(len(idx))
+        for i, item in enumerate(chunk):
+            yield response_fields(item.record, answers[i])
