@@ -13,22 +13,28 @@ Massive Datasets* ch. 3):
 * A document is the set of its character 5-grams ("shingles", lower-cased, whitespace runs
   folded) — characters, not words, so Chinese works the same as English.
 * Jaccard similarity J(A, B) = |A ∩ B| / |A ∪ B|. For a random hash function h,
-  P[min h(A) = min h(B)] = J(A, B). A signature of `num_perm` such minima (one per hash
-  function hᵢ(x) = (aᵢ·x + bᵢ mod 2⁶⁴) >> 32, aᵢ odd) estimates J.
-* The signature is cut into b bands of r rows (b·r = num_perm). Two documents become
-  candidates when any band is identical; that happens with probability 1 − (1 − Jʳ)ᵇ, an
-  S-curve whose steep part sits near the threshold t ≈ (1/b)^(1/r). `choose_bands` picks the
-  (b, r) that minimises false positives plus false negatives around `--near-dup-threshold`.
-* A document is a near-duplicate when one of its bands was seen in an earlier kept document;
-  otherwise its b band hashes are added (to a `U64Set`, so about 16·b bytes per document).
-  There is no pairwise verification, so memory stays linear and small; the price is the
-  S-curve's soft edge (a few pairs just under the threshold are dropped, a few just above kept).
+  P[min h(A) = min h(B)] = J(A, B), so a signature of K minima estimates J.
+* Classic MinHash computes K hash functions of every shingle (cost shingles × K). We use
+  one-permutation hashing (Li, Owen & Zhang 2012): one 64-bit hash per shingle, its top
+  log2(K) bits pick one of K bins, and each bin keeps its minimum — cost shingles × 1.
+  A bin no shingle fell into borrows the minimum of the next non-empty bin to its right
+  (circularly) plus an offset for the distance ("rotation densification", Shrivastava &
+  Li 2014), so every bin is filled and equal bins still mean "probably the same shingle".
+  Signatures are computed for batches of documents in one numpy pass.
+* The signature is cut into b bands of r rows (b·r ≤ K). Two documents become candidates
+  when any band is identical; that happens with probability 1 − (1 − Jʳ)ᵇ, an S-curve whose
+  steep part sits near the threshold t ≈ (1/b)^(1/r). `choose_bands` picks the (b, r) that
+  minimises false positives plus false negatives around `--near-dup-threshold`.
+* Documents are decided in input order: one is a near-duplicate when one of its bands was
+  seen in an earlier kept document; otherwise its b band hashes are added (to a `U64Set`,
+  so about 16·b bytes per document). There is no pairwise verification, so memory stays
+  linear and small; the price is the S-curve's soft edge (a few pairs just under the
+  threshold are dropped, a few just above kept).
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from array import array
 
 import numpy as np
@@ -110,59 +116,98 @@ def choose_bands(num_perm: int, threshold: float) -> tuple[int, int]:
     return best
 
 
-_WS = re.compile(r"\s+")
+_U64 = np.uint64
+
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser: spreads every input bit over the whole word (in place)."""
+    h ^= h >> _U64(33)
+    h *= _U64(0xFF51AFD7ED558CCD)
+    h ^= h >> _U64(33)
+    h *= _U64(0xC4CEB9FE1A85EC53)
+    h ^= h >> _U64(33)
+    return h
 
 
 class MinHashDedup:
-    """Near-duplicate filter; `seen(text)` returns True for a near-duplicate of an earlier kept text."""
+    """Near-duplicate filter. `check(texts)` returns, for a batch in input order, True for each
+    text that is a near-duplicate of an earlier kept one (earlier batches included)."""
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, seed: int = 0):
         if not 0.0 < threshold < 1.0:
             raise ValueError("near-dup threshold must be between 0 and 1")
-        self.threshold, self.ngram = threshold, ngram
+        if num_perm & (num_perm - 1):
+            raise ValueError("num_perm must be a power of two")
+        self.threshold, self.ngram, self.num_perm = threshold, ngram, num_perm
+        self.bins_bits = num_perm.bit_length() - 1
         self.bands, self.rows = choose_bands(num_perm, threshold)
-        rng = np.random.default_rng(seed)
-        n = self.bands * self.rows
-        self._a = (rng.integers(0, 1 << 63, n, dtype=np.uint64) << np.uint64(1)) | np.uint64(1)  # odd multipliers
-        self._b = rng.integers(0, 1 << 63, n, dtype=np.uint64)
+        self.salt = _U64(_mix64(np.array([seed + 0x5EED], dtype=np.uint64))[0])
         self._seen = U64Set()
 
+    def fold(self, text: str) -> str:
+        s = " ".join(text.lower().split())
+        return s if len(s) >= self.ngram else s.ljust(self.ngram, "\0")
+
     def shingles(self, text: str) -> np.ndarray:
-        """64-bit hashes of the character n-grams of the folded text (uint64 array)."""
-        s = _WS.sub(" ", text.lower()).strip()
-        cps = np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        """64-bit hashes of the character n-grams of one folded text."""
+        return self._shingle_hashes([self.fold(text)])[0]
+
+    def _shingle_hashes(self, folded: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(hashes, document index) of every n-gram of every text, in one vectorised pass."""
         n = self.ngram
-        if len(cps) < n:
-            cps = np.concatenate([cps, np.zeros(n - len(cps), dtype=np.uint64)])
+        lens = np.fromiter((len(t) for t in folded), dtype=np.int64, count=len(folded))
+        cps = np.frombuffer("".join(folded).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
         m = len(cps) - n + 1
         h = np.zeros(m, dtype=np.uint64)
-        p = np.uint64(0x100000001B3)
-        for j in range(n):  # polynomial rolling hash of each n-gram, then a 64-bit mix
-            h = h * p + cps[j:j + m]
-        h ^= h >> np.uint64(33)
-        h *= np.uint64(0xFF51AFD7ED558CCD)
-        h ^= h >> np.uint64(33)
-        return np.unique(h)
+        for j in range(n):  # polynomial hash of each n-gram (mod 2^64)
+            h = h * _U64(0x100000001B3) + cps[j:j + m]
+        doc = np.repeat(np.arange(len(folded)), lens)[:m]
+        ends = np.cumsum(lens)
+        valid = np.arange(m) + n <= ends[doc]  # the n-gram lies inside one document
+        return _mix64(h[valid] ^ self.salt), doc[valid]
 
-    def signature(self, text: str) -> np.ndarray:
-        """MinHash signature: for each hash function the minimum over the shingles (uint64)."""
-        sh = self.shingles(text)
-        out = np.empty(len(self._a), dtype=np.uint64)
-        step = max(1, 1 << 16 >> 7)  # shingle blocks keep the (shingles × perms) product small
-        out[:] = np.iinfo(np.uint64).max
-        for i in range(0, len(sh), step):
-            blk = sh[i:i + step, None] * self._a[None, :] + self._b[None, :]
-            np.minimum(out, (blk >> np.uint64(32)).min(axis=0), out=out)
+    def signatures(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), num_perm) uint64 one-permutation MinHash signatures, densified."""
+        k, bits = self.num_perm, self.bins_bits
+        h, doc = self._shingle_hashes([self.fold(t) for t in texts])
+        cell = doc * k + (h >> _U64(64 - bits)).astype(np.int64)  # (document, bin)
+        val = h & _U64((1 << (64 - bits)) - 1)  # the rest of the hash
+        empty = _U64(np.iinfo(np.uint64).max)
+        sig = np.full(len(texts) * k, empty, dtype=np.uint64)
+        np.minimum.at(sig, cell, val)  # each (document, bin) keeps its minimum
+        sig = sig.reshape(len(texts), k)
+        # rotation densification: an empty bin takes the next non-empty bin's value (circularly),
+        # plus an offset for the distance
+        filled = sig != empty
+        idx = np.where(np.concatenate([filled, filled], axis=1), np.arange(2 * k), 2 * k)
+        nxt = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1][:, :k]
+        dist = (nxt - np.arange(k)).astype(np.uint64)
+        src = np.take_along_axis(np.concatenate([sig, sig], axis=1), np.minimum(nxt, 2 * k - 1), axis=1)
+        return np.where(filled, sig, src + dist * _U64(0x9E3779B97F4A7C15))
+
+    def band_keys(self, sigs: np.ndarray) -> np.ndarray:
+        """(documents, bands) nonzero uint64 keys: each band's r rows hashed together with its index."""
+        b, r = self.bands, self.rows
+        rows = sigs[:, : b * r].reshape(len(sigs), b, r)
+        key = np.broadcast_to(np.arange(1, b + 1, dtype=np.uint64), (len(sigs), b)).copy()
+        for j in range(r):
+            key = _mix64(key * _U64(0x100000001B3) ^ rows[:, :, j])
+        return key | _U64(1)
+
+    def check(self, texts: list[str]) -> list[bool]:
+        if not texts:
+            return []
+        keys = self.band_keys(self.signatures(texts)).tolist()
+        out = []
+        seen = self._seen
+        for row in keys:
+            dup = any(k in seen for k in row)
+            if not dup:
+                for k in row:
+                    seen.add(k)
+            out.append(dup)
         return out
 
-    def band_keys(self, sig: np.ndarray) -> list[int]:
-        bands = sig.reshape(self.bands, self.rows)
-        return [hash64(i.to_bytes(2, "little") + bands[i].tobytes()) for i in range(self.bands)]
-
     def seen(self, text: str) -> bool:
-        keys = self.band_keys(self.signature(text))
-        if any(k in self._seen for k in keys):
-            return True
-        for k in keys:
-            self._seen.add(k)
-        return False
+        """One text at a time (slower than `check` on a batch)."""
+        return self.check([text])[0]

@@ -266,6 +266,7 @@ class Prep:
         self.clean_cfg = CleanConfig(nfkc=cfg.nfkc, collapse_whitespace=cfg.collapse_whitespace)
         self.seen = U64Set() if cfg.dedup else None
         self.near = MinHashDedup(cfg.near_dup_threshold, seed=cfg.seed) if cfg.near_dup else None
+        self.pending: list[tuple[str, bytes, int, str]] = []  # records waiting for the near-dup check
         self.val_cut = int(cfg.val_frac * (1 << 64))
         self.seed_mix = _splitmix64(cfg.seed & 0xFFFFFFFFFFFFFFFF)
         self.on_progress = on_progress
@@ -326,8 +327,25 @@ class Prep:
         h = hash64(line)
         if self.seen is not None and not self.seen.add(h):
             return self.drop("duplicate")
-        if self.near is not None and self.near.seen(text):
-            return self.drop("near-duplicate")
+        if self.near is not None:  # decided in batches (numpy), in input order
+            self.pending.append((kind, line, h, text))
+            if len(self.pending) >= 256:
+                self.flush_near()
+            return
+        self.emit(kind, line, h)
+
+    def flush_near(self) -> None:
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        for (kind, line, h, _), dup in zip(batch, self.near.check([t for *_, t in batch])):  # type: ignore[union-attr]
+            if dup:
+                self.drop("near-duplicate")
+            else:
+                self.emit(kind, line, h)
+
+    def emit(self, kind: str, line: bytes, h: int) -> None:
+        st = self.stats
         st.kinds[kind] = st.kinds.get(kind, 0) + 1
         if self.val_cut and _splitmix64(h ^ self.seed_mix) < self.val_cut:
             st.kept_val += 1
@@ -589,6 +607,7 @@ def run_prep(inputs: list[str], out: str | None, cfg: PrepConfig,
                 prep.write_train, prep.write_val = write_train, write_val
             for src in sources:
                 prep.read_source(src)
+            prep.flush_near()
             if st.read == 0:
                 names = ", ".join(s.path for s in sources[:3]) + (" …" if len(sources) > 3 else "")
                 why = f" ({len(st.binary)} binary file(s) skipped)" if st.binary else ""

@@ -1,0 +1,158 @@
+"""Benchmark `tiaoyu prep`: MB/s and peak RSS on a generated ~500 MB input (goal: peak RSS < 300 MB).
+
+    .venv/bin/python benchmarks/bench_prep.py [--mb 500] [--shuffle] [--near-dup]
+
+The input is JSON Lines in a temp folder: 85% text records (English and Chinese sentences,
+some with control characters and extra spaces, 3% exact duplicates) and 15% Alpaca records,
+about 600 bytes per record. Each command runs as a child process; its peak RSS comes from
+os.wait4 (that child only).
+
+  * ours: `tiaoyu prep input.jsonl -o out.jsonl -q` (detect, convert, clean, exact dedup, write)
+    and, with --shuffle / --near-dup, the same plus `--shuffle --split val=0.01` / `--near-dup`;
+  * reference: a plain Python loop that only parses and re-dumps every line with orjson
+    (the floor any JSONL filter in Python pays);
+  * engine only: the same `run_prep` call from a bare `python -c` (no CLI imports), which
+    separates prep's own memory from what importing every subcommand costs;
+  * startup: `tiaoyu --help`, the RSS of merely starting the CLI (imports).
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+TIAOYU = str(Path(sys.executable).with_name("tiaoyu"))
+
+EN = ("the a quick brown fox jumps over lazy dog river mountain city people small model learns "
+      "every word from data and writes tokens into shards while cats sleep near warm windows").split()
+ZH = list("我们今天学习语言模型数据清洗分词训练城市河流山川小猫晚上白天天气很好吃饭读书写字")
+
+
+def generate(path: Path, target_mb: float, seed: int = 0) -> tuple[int, int]:
+    rng = random.Random(seed)
+    pool = []
+    for i in range(4000):
+        if i % 2:
+            s = " ".join(rng.choice(EN) for _ in range(rng.randint(60, 140))) + "."
+        else:
+            s = "".join(rng.choice(ZH) for _ in range(rng.randint(80, 200))) + "。"
+        if i % 7 == 0:
+            s = s.replace(" ", "   ", 3) + " \x1b[0m\x07"
+        pool.append(s)
+    target = int(target_mb * 1e6)
+    n = size = 0
+    with open(path, "wb", buffering=1 << 22) as f:
+        chunk = []
+        while size < target:
+            r = rng.random()
+            base = pool[rng.randrange(len(pool))]
+            if r < 0.03:  # exact duplicate of a recent record
+                line = chunk[-1] if chunk else orjson.dumps({"text": base}) + b"\n"
+            elif r < 0.18:
+                half = len(base) // 2
+                line = orjson.dumps({"instruction": f"Summarise #{n}", "input": base[:half], "output": base[half:]}) + b"\n"
+            else:
+                line = orjson.dumps({"text": f"{base} #{n}"}) + b"\n"
+            chunk.append(line)
+            size += len(line)
+            n += 1
+            if len(chunk) >= 10000:
+                f.write(b"".join(chunk))
+                chunk = []
+        f.write(b"".join(chunk))
+    return n, size
+
+
+REFERENCE = """
+import sys, orjson
+src, dst = sys.argv[1], sys.argv[2]
+with open(src, 'rb') as f, open(dst, 'wb', buffering=1 << 20) as out:
+    for line in f:
+        if line.strip():
+            out.write(orjson.dumps(orjson.loads(line)) + b'\\n')
+"""
+
+ENGINE = """
+import sys
+from tiaoyu_cli.data.prep import PrepConfig, run_prep
+run_prep([sys.argv[1]], sys.argv[2], PrepConfig())
+"""
+
+
+def measure(cmd: list[str]) -> dict:
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = p.stderr.read() if p.stderr else b""
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}): {err.decode()[-2000:]}")
+    return {"seconds": round(dt, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=float, default=500.0)
+    ap.add_argument("--shuffle", action="store_true", help="also measure --shuffle --split val=0.01")
+    ap.add_argument("--near-dup", action="store_true", help="also measure --near-dup")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-prep-"))
+    try:
+        src = tmp / "input.jsonl"
+        t0 = time.perf_counter()
+        n, size = generate(src, args.mb)
+        gen_s = time.perf_counter() - t0
+        mb = size / 1e6
+        startup = measure([TIAOYU, "--help"])
+        ref = measure([sys.executable, "-c", REFERENCE, str(src), str(tmp / "ref.jsonl")])
+        (tmp / "ref.jsonl").unlink()
+        ours = measure([TIAOYU, "prep", str(src), "-o", str(tmp / "out.jsonl"), "-q"])
+        engine = measure([sys.executable, "-c", ENGINE, str(src), str(tmp / "engine.jsonl")])
+        (tmp / "engine.jsonl").unlink()
+        kept = sum(1 for _ in open(tmp / "out.jsonl", "rb"))
+        (tmp / "out.jsonl").unlink()
+        result = {
+            "bench": "prep",
+            "input_mb": round(mb, 1),
+            "input_records": n,
+            "kept_records": kept,
+            "generate_s": round(gen_s, 1),
+            "prep_mb_s": round(mb / ours["seconds"], 1),
+            "prep_peak_rss_mb": ours["peak_rss_mb"],
+            "engine_only_mb_s": round(mb / engine["seconds"], 1),
+            "engine_only_peak_rss_mb": engine["peak_rss_mb"],
+            "ref_orjson_roundtrip_mb_s": round(mb / ref["seconds"], 1),
+            "ref_peak_rss_mb": ref["peak_rss_mb"],
+            "cli_startup_peak_rss_mb": startup["peak_rss_mb"],
+            "goal_peak_rss_mb": 300,
+        }
+        if args.shuffle:
+            sh = measure([TIAOYU, "prep", str(src), "-o", str(tmp / "sh.jsonl"), "--shuffle", "--split", "val=0.01", "-q"])
+            result["prep_shuffle_split_mb_s"] = round(mb / sh["seconds"], 1)
+            result["prep_shuffle_split_peak_rss_mb"] = sh["peak_rss_mb"]
+        if args.near_dup:
+            nd = measure([TIAOYU, "prep", str(src), "-o", str(tmp / "nd.jsonl"), "--near-dup", "-q"])
+            result["prep_near_dup_mb_s"] = round(mb / nd["seconds"], 1)
+            result["prep_near_dup_peak_rss_mb"] = nd["peak_rss_mb"]
+        result["machine"] = f"{os.cpu_count()}-core CPU, no GPU"
+        print(json.dumps(result))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
