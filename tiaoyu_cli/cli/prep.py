@@ -108,11 +108,12 @@ def summary_table(stats, split: bool):
     from rich.table import Table
 
     mb = stats.bytes_in / 1e6
-    t = Table(title="tiaoyu prep → " + ", ".join(stats.outputs), show_header=False, title_justify="left")
+    t = Table(title="tiaoyu prep", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column(justify="right")
+    t.add_row("output", ", ".join(stats.outputs))
     t.add_row("input files", f"{stats.files:,}" + (f" ({len(stats.binary)} binary skipped)" if stats.binary else ""))
-    t.add_row("input MB", f"{mb:,.1f}  ({mb / max(stats.seconds, 1e-9):,.1f} MB/s, {stats.seconds:.1f} s)")
+    t.add_row("input MB", f"{mb:,.{1 if mb >= 10 else 3}f}  ({mb / max(stats.seconds, 1e-9):,.1f} MB/s, {stats.seconds:.1f} s)")
     t.add_row("records read", f"{stats.read:,}")
     kept = f"{stats.kept:,}"
     if split:
