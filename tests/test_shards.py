@@ -199,6 +199,9 @@ def test_bad_records_and_empty_input(setup, tmp_path, monkeypatch, block_bytes):
     bad.write_bytes(texts.read_bytes() + b'{"text": "a"\n\xff\xfe\n')
     with pytest.raises(TiaoyuError, match=r"bad.jsonl:301: malformed JSON"):
         encode_corpus([str(bad)], tok.path, tmp_path / "out", workers=1)
+    (tmp_path / "utf8.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
+    with pytest.raises(TiaoyuError, match=r"utf8.jsonl:2: invalid UTF-8"):
+        encode_corpus([str(tmp_path / "utf8.jsonl")], tok.path, tmp_path / "out", workers=1)
     rep = encode_corpus([str(bad)], tok.path, tmp_path / "out", skip_bad=True, val_ratio=0)
     assert rep.skipped_bad == 2 and TokenShards(tmp_path / "out" / "train").num_documents == 300
     empty = tmp_path / "empty.jsonl"
