@@ -428,11 +428,11 @@ class Prep:
                         path, lineno)
 
     def _read_jsonl(self, lines: Iterable[bytes], path: str, raw: BinaryIO | None) -> None:
-        lineno = 0
-        counted = 0
+        lineno = counted = 0
+        count = raw is None and path == "-"  # stdin has no size on disk: count what passes
         for b in lines:
             lineno += 1
-            if raw is None:
+            if count:
                 counted += len(b)
             if lineno % 8192 == 0:
                 self._progress(raw.tell() if raw is not None else counted)
@@ -461,8 +461,7 @@ class Prep:
                 self.bad(f"expected a JSON object, got {formats._type_name(obj)}", path, lineno)
                 continue
             self.add_json(obj, path, lineno)
-        if raw is None:
-            self.stats.bytes_in += counted
+        self.stats.bytes_in += counted
 
     def _read_json(self, data: bytes, path: str) -> None:
         stripped = data.lstrip()
@@ -521,6 +520,7 @@ class Prep:
         start = chars = 0
         too_long = bad_utf8 = False
         lineno = counted = 0
+        count = raw is None and path == "-"
 
         def flush() -> None:
             nonlocal doc, chars, too_long, bad_utf8
@@ -536,7 +536,7 @@ class Prep:
 
         for b in lines:
             lineno += 1
-            if raw is None:
+            if count:
                 counted += len(b)
             if lineno % 8192 == 0:
                 self._progress(raw.tell() if raw is not None else counted)
@@ -564,8 +564,7 @@ class Prep:
             if limit and chars > limit:
                 too_long, doc = True, [""]
         flush()
-        if raw is None:
-            self.stats.bytes_in += counted
+        self.stats.bytes_in += counted
 
 
 def _chain(head: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
