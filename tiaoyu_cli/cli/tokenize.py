@@ -99,14 +99,20 @@ def encode_cmd(
     sizes = [os.path.getsize(p) if p != "-" and not p.endswith(".gz") and os.path.isfile(p) else None
              for p in list(data) + list(val or [])]
     total = None if None in sizes else sum(sizes)
+    # auto_refresh=False: no refresh thread, so the worker processes are forked from a single-threaded parent
     progress = Progress(TextColumn("encoding"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                        TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
+                        TimeElapsedColumn(), console=console, transient=True, auto_refresh=False,
+                        disable=not console.is_terminal)
+
+    def advance(nbytes: int) -> None:
+        progress.advance(task, nbytes)
+        progress.refresh()
+
     with progress:
         task = progress.add_task("encode", total=total)
         report = encode_corpus(list(data), tokenizer, out, workers=workers,
                                val_ratio=0.01 if val_ratio is None else val_ratio, val_inputs=val,
-                               shard_tokens=shard_tokens, skip_bad=skip_bad,
-                               on_progress=lambda n: progress.advance(task, n))
+                               shard_tokens=shard_tokens, skip_bad=skip_bad, on_progress=advance)
     t = Table(title=f"tokens → {out}  ({report.bytes_read / 1e6:.1f} MB in {report.seconds:.2f} s, "
                     f"{report.mb_per_s:.1f} MB/s)", title_justify="left")
     for col in ("split", "documents", "tokens", "tokens/doc", "shards"):
