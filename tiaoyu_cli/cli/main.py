@@ -19,6 +19,7 @@ COMMANDS: list[str] = [
     "tokenize",
     "pretrain",
     "chat",
+    "rlhf",
 ]
 
 app = typer.Typer(

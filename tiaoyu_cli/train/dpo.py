@@ -1,0 +1,258 @@
+"""DPO: raise the log-ratio of chosen over rejected against a frozen reference.
+
+    tiaoyu rlhf dpo ckpt/sft prefs.jsonl -o ckpt/dpo --beta 0.1 --epochs 1
+    tiaoyu rlhf dpo ckpt/sft prefs.jsonl -o ckpt/dpo-lora --method lora --rank 8
+
+Direct Preference Optimisation (Rafailov et al. 2023) needs no reward model and no sampling:
+with h = (log π(y_c|x) − log ref(y_c|x)) − (log π(y_r|x) − log ref(y_r|x)),
+
+    L = −log σ(β h)            (cDPO label smoothing ε: −(1−ε) log σ(βh) − ε log σ(−βh))
+
+where log π(y|x) sums the log-probs of the response tokens only. The reference is the start
+checkpoint (or --ref), frozen. Its log-probs never change, so when the run sees the dataset at
+least once they are computed once, up front, and the reference model is freed (less memory,
+one forward pass per pair instead of two); with LoRA the reference is the same network with the
+adapters switched off, so no second copy is needed at all.
+
+Logged: the implicit rewards β(log π − log ref) of chosen and rejected, their margin, the
+accuracy (margin > 0), and the mean summed log-probs of chosen and rejected. Evaluation on
+held-out pairs adds the policy's own preference: pref_accuracy = share of pairs with
+log π(chosen) > log π(rejected), and logp_margin = mean(log π(chosen) − log π(rejected)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from tiaoyu_cli.data.preference import PairExample, collate_pairs
+from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.train.losses_rl import dpo_loss, sequence_logps
+from tiaoyu_cli.train.rl_common import EpochSampler
+from tiaoyu_cli.train.trainer import BaseStage, StepOutput
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1  # strength of the pull towards the reference (higher: stay closer)
+    label_smoothing: float = 0.0  # cDPO: assumed probability that a pair's label is flipped
+    max_len: int = 0  # longest prompt + response in tokens (0 = the model's context)
+    val_frac: float = 0.05  # share of the pairs held out when no --val file is given
+    precompute_ref: str = "auto"  # auto | yes | no: reference log-probs once up front, or every step
+    eval_batch_size: int = 32
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise TiaoyuError("--beta must be positive")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise TiaoyuError("--label-smoothing must be in [0, 0.5)")
+        if self.precompute_ref not in ("auto", "yes", "no"):
+            raise TiaoyuError("--precompute-ref: choose auto, yes or no")
+
+
+def pair_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π(chosen|prompt) [B], log π(rejected|prompt) [B]), response tokens summed."""
+    ids = batch["input_ids"]
+    out = model(ids[:, :-1], attention_mask=batch["attention_mask"][:, :-1])
+    lp = sequence_logps(out.logits, ids[:, 1:], batch["labels_mask"])
+    B = lp.shape[0] // 2
+    return lp[:B], lp[B:]
+
+
+class DPOStage(BaseStage):
+    name = "dpo"
+
+    def __init__(self, train: list[PairExample], val: list[PairExample], cfg: DPOConfig, batch_size: int,
+                 ref_model: nn.Module | None = None, ref_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 seed: int = 0):
+        """ref_model: the frozen reference; or ref_context: a context manager under which the policy
+        itself computes the reference (LoRA adapters disabled)."""
+        cfg.validate()
+        if (ref_model is None) == (ref_context is None):
+            raise TiaoyuError("DPO needs exactly one reference: a frozen model or the adapter-free policy")
+        self.train, self.val, self.cfg = train, val, cfg
+        self.batch_size, self.seed = batch_size, seed
+        self.ref_model, self.ref_context = ref_model, ref_context
+        self.steps_per_epoch = max(1, len(train) // batch_size)
+        self.ref_train: torch.Tensor | None = None  # [N, 2] precomputed (chosen, rejected) reference log-probs
+        self.ref_val: torch.Tensor | None = None
+
+    # ---- reference -----------------------------------------------------------------------------------
+    def _ref_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return pair_logps(self.ref_model, batch)
+            model = self.trainer.raw_model
+            was = model.training
+            model.eval()
+            try:
+                with self.ref_context():
+                    return pair_logps(model, batch)
+            finally:
+                model.train(was)
+
+    def _precompute(self, pairs: list[PairExample]) -> torch.Tensor:
+        out = []
+        with self.trainer.autocast():
+            for i in range(0, len(pairs), self.cfg.eval_batch_size):
+                c, r = self._ref_logps(collate_pairs(pairs[i:i + self.cfg.eval_batch_size], device=self.device))
+                out.append(torch.stack([c, r], dim=1).float())
+        return torch.cat(out)
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        self.device = trainer.device
+        if self.ref_model is not None:
+            self.ref_model.to(self.device)
+        self.sampler = EpochSampler(len(self.train), self.batch_size, self.seed, rank=trainer.dist.rank,
+                                    world=trainer.dist.world_size)
+        mode = self.cfg.precompute_ref
+        if mode == "auto":  # worth it when the run visits every pair at least once on average
+            seen = trainer.total_steps() * self.batch_size * trainer.cfg.grad_accum * trainer.dist.world_size
+            mode = "yes" if seen >= len(self.train) else "no"
+        self.precomputed = mode == "yes"
+        if self.val:
+            self.ref_val = self._precompute(self.val)
+        if self.precomputed:
+            self.ref_train = self._precompute(self.train)
+            if self.ref_model is not None:
+                self.ref_model = None  # not needed any more: free its memory
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    # ---- training ------------------------------------------------------------------------------------
+    def next_batch(self):
+        idx = self.sampler.next_indices()
+        batch = collate_pairs([self.train[i] for i in idx], device=self.device)
+        batch["index"] = torch.tensor(idx, device=self.device)
+        return batch
+
+    def step(self, model: nn.Module, batch) -> StepOutput:
+        pc, pr = pair_logps(model, batch)
+        if self.precomputed:
+            ref = self.ref_train[batch["index"]]
+            rc, rr = ref[:, 0], ref[:, 1]
+        else:
+            rc, rr = self._ref_logps(batch)
+        loss, ch, rj = dpo_loss(pc, pr, rc, rr, self.cfg.beta, self.cfg.label_smoothing)
+        m = ch - rj
+        metrics = {"reward_chosen": ch.mean(), "reward_rejected": rj.mean(), "reward_margin": m.mean(),
+                   "reward_accuracy": (m > 0).float().mean(), "logps_chosen": pc.detach().mean(),
+                   "logps_rejected": pr.detach().mean()}
+        return StepOutput(loss, metrics, tokens=int(batch["attention_mask"].sum()))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        if not self.val:
+            return {}
+        return evaluate_dpo(model, self.val, self.ref_val, self.cfg, self.device)
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])
+
+    def info(self) -> dict:
+        import dataclasses
+
+        return {**dataclasses.asdict(self.cfg), "train_pairs": len(self.train), "val_pairs": len(self.val)}
+
+
+@torch.no_grad()
+def evaluate_dpo(model: nn.Module, pairs: list[PairExample], ref: torch.Tensor | None, cfg: DPOConfig,
+                 device) -> dict[str, float]:
+    """Held-out metrics: pref_accuracy / logp_margin (the policy alone) and, given the reference
+    log-probs [N, 2], the DPO loss, reward margin and reward accuracy."""
+    was = model.training
+    model.eval()
+    pcs, prs = [], []
+    for i in range(0, len(pairs), cfg.eval_batch_size):
+        c, r = pair_logps(model, collate_pairs(pairs[i:i + cfg.eval_batch_size], device=device))
+        pcs.append(c.float())
+        prs.append(r.float())
+    model.train(was)
+    pc, pr = torch.cat(pcs), torch.cat(prs)
+    res = {"val_pref_accuracy": float((pc > pr).float().mean()), "val_logp_margin": float((pc - pr).mean()),
+           "val_logps_chosen": float(pc.mean()), "val_logps_rejected": float(pr.mean())}
+    if ref is not None:
+        ref = ref.to(pc.device)
+        loss, ch, rj = dpo_loss(pc, pr, ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing)
+        res.update({"val_loss": float(loss), "val_reward_margin": float((ch - rj).mean()),
+                    "val_reward_accuracy": float(((ch - rj) > 0).float().mean())})
+    return res
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DPORunOptions:
+    start: str  # policy checkpoint (usually SFT)
+    data: str  # preference JSONL
+    val: str | None = None  # held-out preference JSONL (default: --val-frac of data)
+    ref: str | None = None  # reference checkpoint (default: start)
+    method: str = "full"  # full | lora
+    lora: dict | None = None  # LoRA options (rank, alpha, dropout, targets) for method lora
+    skip_bad: bool = False
+
+
+def run_dpo(opts: DPORunOptions, train, cfg: DPOConfig, log=print) -> dict:
+    """`tiaoyu rlhf dpo`: load policy and reference, read the pairs, train; returns the final metrics
+    plus `before` (held-out metrics of the start model)."""
+    from tiaoyu_cli.data.preference import load_pairs
+    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.train.rl_common import fmt_metrics, load_reference, split_holdout, start_run
+    from tiaoyu_cli.train.trainer import Trainer
+
+    cfg.validate()
+    if opts.method not in ("full", "lora"):
+        raise TiaoyuError(f"--method {opts.method!r}: choose full or lora")
+    start_run(train)
+    model, folder = load_model(opts.start)
+    if model.config.num_labels:
+        raise TiaoyuError(f"{folder} has a score head (a reward model or classifier): DPO trains a language model")
+    tok = load_tokenizer(folder)
+    max_len = cfg.max_len or model.config.max_seq_len
+    if max_len > model.config.max_seq_len:
+        raise TiaoyuError(f"--max-len {max_len} exceeds the model's context of {model.config.max_seq_len}")
+    stats: dict = {}
+    pairs = load_pairs(opts.data, tok, max_len, opts.skip_bad, stats)
+    if opts.val is not None:
+        held = load_pairs(opts.val, tok, max_len, opts.skip_bad)
+    else:
+        pairs, held = split_holdout(pairs, cfg.val_frac, train.seed)
+    ref_model, ref_context, save_lora = None, None, None
+    if opts.method == "lora":
+        from tiaoyu_cli.train.rl_common import adapters_off, apply_lora_for_rl
+
+        model, save_lora = apply_lora_for_rl(model, opts.lora or {}, tok, folder)
+        if opts.ref is not None:  # an explicit reference: a full frozen model after all
+            ref_model = load_reference(opts.ref, tok)
+        else:
+            ref_context = lambda: adapters_off(model)  # noqa: E731
+    else:
+        ref_model = load_reference(opts.ref or folder, tok)
+    log(f"dpo: {len(pairs)} training pairs, {len(held)} held out"
+        + (f", {stats['skipped']} bad records skipped" if stats.get("skipped") else "")
+        + f"; β {cfg.beta}, reference {opts.ref or folder}" + (" (adapters off)" if ref_context else "")
+        + f"; {model.num_parameters(trainable_only=True) / 1e6:.2f}M trainable parameters")
+    stage = DPOStage(pairs, held, cfg, batch_size=train.batch_size, ref_model=ref_model, ref_context=ref_context,
+                     seed=train.seed)
+    if save_lora is not None:
+        stage.save_model, stage.load_for_resume = save_lora.save_model, save_lora.load_for_resume
+    trainer = Trainer(model, stage, train, tokenizer=tok, parent=str(folder), log=log)
+    before = {}
+    if held and not train.resume:
+        with torch.no_grad(), trainer.autocast():
+            before = stage.evaluate(trainer.raw_model)
+        log("before: " + fmt_metrics(before, ["val_pref_accuracy", "val_logp_margin", "val_reward_margin"]))
+    log("reference log-probs " + ("precomputed once" if stage.precomputed else "computed every step"))
+    res = trainer.fit()
+    res["before"] = before
+    return res

@@ -1,0 +1,158 @@
+"""GRPO: sample a group of answers per question, reward the ones better than their group.
+
+    tiaoyu rlhf grpo ckpt/sft questions.jsonl -o ckpt/grpo --group-size 8 --beta 0.04 --max-steps 100
+
+Group Relative Policy Optimisation (Shao et al. 2024, DeepSeekMath) needs no value model: for
+every prompt it samples G answers, scores each (verifiable reward: 1 for the exact final answer,
+plus `format_reward` for a well-formed response), and uses the answer's standing in its own group
+as the advantage of all its tokens,
+
+    A_i = (r_i − mean(r_group)) / (std(r_group) + ε)
+
+then maximises the clipped objective with an optional KL pull (k3 estimator, weight β) to the
+frozen reference (the start checkpoint):
+
+    J = mean_i (1/|o_i|) Σ_t [ min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε) A_i) − β k3_t ],   ρ_t = π/π_old
+
+A group whose answers all score the same has advantage 0 and teaches nothing; the share of
+such groups is logged (`flat_groups`). `tiaoyu reason --rl` reuses `GRPOStage` with
+`think_format=True` (reasoning in <think>…</think> before the answer).
+
+Reuse from Python:
+
+    from tiaoyu_cli.train.grpo import GRPOConfig, GRPOStage
+    stage = GRPOStage(prompts, val_prompts, GRPOConfig(group_size=8, beta=0.04, think_format=True),
+                      batch_size=16, tokenizer=tok, ref_model=ref)          # prompts: load_prompts(..., need_answer=True)
+    Trainer(policy, stage, TrainConfig(...), tokenizer=tok).fit()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from tiaoyu_cli.data.preference import PromptExample
+from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.train.losses_rl import group_advantages, grpo_loss
+from tiaoyu_cli.train.rl_common import Rollout, response_logps
+from tiaoyu_cli.train.rollout import RolloutStage, Scores, VerifiableReward, sequence_kl
+from tiaoyu_cli.train.trainer import StepOutput
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8  # G: answers sampled per prompt
+    rollout_batch_size: int = 4  # prompts per rollout (→ rollout_batch_size × G sequences)
+    epochs: int = 1  # passes over each rollout (μ in the paper)
+    beta: float = 0.04  # weight of the k3 KL to the reference (0 = no reference model at all)
+    clip: float = 0.2  # ε of the clipped ratio
+    scale_rewards: bool = True  # divide by the group's std (False: Dr. GRPO)
+    format_reward: float = 0.0  # added for a well-formed response (see answers.format_ok)
+    think_format: bool = False  # a well-formed response reasons in <think>…</think> first
+    open_think: bool = False  # start every answer with <think> (the prompt ends with it)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    gen_batch_size: int = 0  # prompts generated together (0 = the whole rollout at once)
+    eval_size: int = 100  # held-out questions per evaluation (0 = all)
+
+    def validate(self) -> None:
+        if self.group_size < 2:
+            raise TiaoyuError("--group-size must be at least 2 (advantages compare answers within a group)")
+        for name in ("rollout_batch_size", "epochs", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise TiaoyuError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.beta < 0 or not 0 < self.clip < 1:
+            raise TiaoyuError("--beta must be ≥ 0 and --clip in (0, 1)")
+        if self.temperature <= 0:
+            raise TiaoyuError("--temperature must be > 0: GRPO needs different answers within a group")
+        if self.gen_batch_size < 0 or self.eval_size < 0:
+            raise TiaoyuError("--gen-batch-size and --eval-size must not be negative")
+
+
+class GRPOStage(RolloutStage):
+    name = "grpo"
+
+    def __init__(self, prompts: list[PromptExample], val_prompts: list[PromptExample], cfg: GRPOConfig,
+                 batch_size: int, tokenizer, ref_model: nn.Module | None = None, reward=None, seed: int = 0):
+        """reward: a callable (examples, rollout) -> Scores; default: verifiable answers (+ format)."""
+        cfg.validate()
+        if cfg.beta > 0 and ref_model is None:
+            raise TiaoyuError("GRPO with --beta > 0 needs a reference model")
+        self.samples_per_prompt = cfg.group_size
+        suffix = [tokenizer.think_id] if cfg.open_think else []
+        if reward is None:
+            if any(p.answer is None for p in prompts):
+                raise TiaoyuError("verifiable rewards need an answer for every prompt")
+            reward = VerifiableReward(tokenizer, cfg.format_reward, cfg.think_format, prefix_ids=suffix)
+        super().__init__(prompts, val_prompts, cfg, batch_size, reward, tokenizer, ref_model, seed, suffix)
+
+    def make_targets(self, ro: Rollout, scores: Scores, examples):
+        G = self.cfg.group_size
+        adv = group_advantages(scores.reward, G, scale=self.cfg.scale_rewards)
+        old = self.forward_chunks(self.trainer.raw_model, ro)
+        targets = {"old_logp": old, "adv": adv}
+        r = scores.reward.view(-1, G)
+        stats = {"flat_groups": float((r.max(1).values == r.min(1).values).float().mean()),
+                 "reward_std": float(r.std(1).mean())}
+        if self.ref_model is not None:
+            ref = self.forward_chunks(self.ref_model, ro)
+            targets["ref_logp"] = ref
+            stats["kl"], stats["kl_k3"] = sequence_kl(old, ref, ro.mask)
+        return targets, stats
+
+    def step(self, model: nn.Module, batch) -> StepOutput:
+        ro, t = batch
+        logp = response_logps(model, ro)
+        loss, st = grpo_loss(logp, t["old_logp"], t["adv"], ro.mask, self.cfg.clip, self.cfg.beta, t.get("ref_logp"))
+        metrics = {"clipfrac": st["clipfrac"], **self.rollout_metrics()}
+        return StepOutput(loss, metrics, tokens=int(ro.attention_mask.sum()))
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+
+
+def run_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_frac: float = 0.05,
+             skip_bad: bool = False, eval_before: bool = True, log=print) -> dict:
+    """`tiaoyu rlhf grpo`: load policy (and reference when β > 0), read the questions, train."""
+    from tiaoyu_cli.data.preference import load_prompts
+    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.train.rl_common import fmt_metrics, load_reference, split_holdout, start_run
+    from tiaoyu_cli.train.trainer import Trainer
+
+    cfg.validate()
+    start_run(train)
+    model, folder = load_model(start)
+    if model.config.num_labels:
+        raise TiaoyuError(f"{folder} has a score head (a reward model or classifier): GRPO trains a language model")
+    tok = load_tokenizer(folder)
+    room = model.config.max_seq_len - cfg.max_new_tokens - (1 if cfg.open_think else 0)
+    if room < 1:
+        raise TiaoyuError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
+                          f"context of {model.config.max_seq_len} tokens")
+    hint = f" in the context of {model.config.max_seq_len} tokens with --max-new-tokens {cfg.max_new_tokens}"
+    stats: dict = {}
+    prompts = load_prompts(data, tok, room, need_answer=True, skip_bad=skip_bad, stats=stats, context_hint=hint)
+    if val is not None:
+        held = load_prompts(val, tok, room, need_answer=True, skip_bad=skip_bad, context_hint=hint)
+    else:
+        prompts, held = split_holdout(prompts, val_frac, train.seed)
+    ref_model = load_reference(ref or folder, tok) if cfg.beta > 0 else None
+    log(f"grpo: {len(prompts)} questions, {len(held)} held out"
+        + (f", {stats['skipped']} bad records skipped" if stats.get("skipped") else "")
+        + f"; {cfg.rollout_batch_size} prompts × {cfg.group_size} answers per rollout, β {cfg.beta}"
+        + (f", reference {ref or folder}" if ref_model is not None else ""))
+    stage = GRPOStage(prompts, held, cfg, batch_size=train.batch_size, tokenizer=tok, ref_model=ref_model,
+                      seed=train.seed)
+    trainer = Trainer(model, stage, train, tokenizer=tok, parent=str(folder), log=log)
+    before = {}
+    if held and eval_before and not train.resume:
+        with torch.no_grad(), trainer.autocast():
+            before = stage.evaluate(trainer.raw_model)
+        log("before: " + fmt_metrics(before))
+    res = trainer.fit()
+    res["before"] = before
+    return res

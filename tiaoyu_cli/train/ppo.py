@@ -1,0 +1,206 @@
+"""PPO: RLHF with a reward model (or verifiable answers), a value head and a KL leash.
+
+    tiaoyu rlhf ppo ckpt/sft prompts.jsonl --reward ckpt/rm -o ckpt/ppo --max-steps 200
+    tiaoyu rlhf ppo ckpt/sft questions.jsonl --reward verifiable -o ckpt/ppo-v --max-steps 200
+
+The InstructGPT recipe (seed 002: collect samples → estimate advantages → clipped update → repeat):
+
+1. Rollout: sample answers to a batch of prompts with the KV-cache generator.
+2. Score: r = reward model score of prompt + answer (or 1 for the exact final answer with
+   `--reward verifiable`), normalised with a running mean/std over all rollouts so far (and clipped).
+3. Per-token rewards: −kl_coef · (log π − log ref) on every answer token — the KL penalty that
+   keeps the policy near the reference (the start checkpoint) — plus the score on the last token.
+4. Values V_t from a value head (a Linear on the policy's last hidden state, trained alongside it as
+   a Trainer extra module); advantages and returns by GAE(γ, λ); advantages whitened per rollout.
+5. `--ppo-epochs` shuffled passes over the rollout minimising
+
+       L = clipped policy loss(ρ, A, ε) + vf_coef · clipped value loss(V, V_old, R, ε_v)
+
+Logged per rollout: reward (raw), kl (Σ_t log π − log ref per answer), value statistics; per
+step: policy/value loss, clip fractions, approx_kl between π and π_old.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from tiaoyu_cli.data.preference import PromptExample
+from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.train.losses_rl import gae, masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss
+from tiaoyu_cli.train.rl_common import Rollout, RunningMeanStd, response_logps
+from tiaoyu_cli.train.rollout import RolloutStage, Scores, sequence_kl
+from tiaoyu_cli.train.trainer import StepOutput
+
+
+@dataclass
+class PPOConfig:
+    reward: str = "verifiable"  # a reward model checkpoint, or "verifiable"
+    rollout_batch_size: int = 16  # prompts per rollout
+    epochs: int = 2  # PPO epochs: passes over each rollout
+    kl_coef: float = 0.05  # β of the per-token KL penalty
+    clip: float = 0.2  # ε of the policy ratio
+    vf_clip: float = 0.2  # ε of the value change
+    vf_coef: float = 0.1  # weight of the value loss
+    gamma: float = 1.0
+    lam: float = 0.95
+    reward_norm: bool = True  # normalise scores by a running mean/std
+    reward_clip: float = 5.0  # clip normalised scores to ±this (0 = off)
+    whiten_advantages: bool = True
+    format_reward: float = 0.0  # verifiable: added for a well-formed response
+    think_format: bool = False  # verifiable: a well-formed response reasons in <think>…</think> first
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    gen_batch_size: int = 0  # prompts generated together (0 = the whole rollout at once)
+    eval_size: int = 100  # held-out prompts per evaluation (0 = all)
+
+    def validate(self) -> None:
+        for name in ("rollout_batch_size", "epochs", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise TiaoyuError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.kl_coef < 0 or self.vf_coef < 0:
+            raise TiaoyuError("--kl-coef and --vf-coef must not be negative")
+        if not 0 < self.clip < 1 or self.vf_clip <= 0:
+            raise TiaoyuError("--clip must be in (0, 1) and --vf-clip positive")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise TiaoyuError("--gamma and --lam must be in [0, 1]")
+        if self.temperature <= 0:
+            raise TiaoyuError("--temperature must be > 0 (PPO samples its rollouts)")
+
+
+class ValueHead(nn.Module):
+    """V(s_t) = w · h_t + b on the policy's final hidden state (zero-initialised: V = 0 at the start)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden.float()).squeeze(-1)
+
+
+class PPOStage(RolloutStage):
+    name = "ppo"
+
+    def __init__(self, prompts: list[PromptExample], val_prompts: list[PromptExample], cfg: PPOConfig,
+                 batch_size: int, tokenizer, reward, ref_model: nn.Module, dim: int, seed: int = 0):
+        cfg.validate()
+        if ref_model is None:
+            raise TiaoyuError("PPO needs a reference model for its KL penalty")
+        super().__init__(prompts, val_prompts, cfg, batch_size, reward, tokenizer, ref_model, seed)
+        self.value_head = ValueHead(dim)
+        self.score_stats = RunningMeanStd()
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"value_head": self.value_head}
+
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.value_head(hidden)
+
+    def make_targets(self, ro: Rollout, scores: Scores, examples):
+        c = self.cfg
+        old_logp, old_values = self.forward_chunks(self.trainer.raw_model, ro, with_values=True)
+        ref_logp = self.forward_chunks(self.ref_model, ro)
+        raw = scores.reward.to(old_logp.device)
+        score = raw
+        if c.reward_norm:
+            self.score_stats.update(raw)
+            score = self.score_stats.normalize(raw)
+        if c.reward_clip > 0:
+            score = score.clamp(-c.reward_clip, c.reward_clip)
+        mask = ro.mask.float()
+        rewards = ppo_rewards(score, old_logp, ref_logp, mask, c.kl_coef)
+        last = (mask.sum(-1).long() - 1).clamp(min=0)
+        dones = torch.zeros_like(mask)
+        dones[torch.arange(mask.shape[0]), last] = 1.0
+        adv, returns = gae(rewards, old_values * mask, dones, c.gamma, c.lam)
+        if c.whiten_advantages:
+            adv = masked_whiten(adv, mask)
+        kl, kl3 = sequence_kl(old_logp, ref_logp, ro.mask)
+        stats = {"kl": kl, "kl_k3": kl3, "score_norm": float(score.mean()),
+                 "value_mean": float((old_values * mask).sum() / mask.sum().clamp(min=1))}
+        return {"old_logp": old_logp, "old_values": old_values, "adv": adv, "returns": returns}, stats
+
+    def step(self, model: nn.Module, batch) -> StepOutput:
+        ro, t = batch
+        logp, hidden = response_logps(model, ro, with_hidden=True)
+        values = self.value_head(hidden)
+        pg, st = ppo_policy_loss(logp, t["old_logp"], t["adv"], ro.mask, self.cfg.clip)
+        vf, vclip = ppo_value_loss(values, t["old_values"], t["returns"], ro.mask, self.cfg.vf_clip)
+        loss = pg + self.cfg.vf_coef * vf
+        metrics = {"pg_loss": pg.detach(), "vf_loss": vf.detach(), "clipfrac": st["clipfrac"],
+                   "approx_kl": st["approx_kl"], "vf_clipfrac": vclip, **self.rollout_metrics()}
+        return StepOutput(loss, metrics, tokens=int(ro.attention_mask.sum()))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "score_stats": self.score_stats.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "score_stats" in state:
+            self.score_stats.load_state_dict(state["score_stats"])
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+
+
+def run_ppo(start, data, train, cfg: PPOConfig, val=None, ref=None, val_frac: float = 0.05,
+            skip_bad: bool = False, eval_before: bool = True, log=print) -> dict:
+    """`tiaoyu rlhf ppo`: load policy, reference and reward (model or verifiable), read prompts, train."""
+    from tiaoyu_cli.data.preference import load_prompts
+    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.train.rl_common import fmt_metrics, load_reference, load_reward_model, split_holdout, start_run
+    from tiaoyu_cli.train.rollout import ModelReward, VerifiableReward
+    from tiaoyu_cli.train.trainer import Trainer
+
+    cfg.validate()
+    if not cfg.reward:
+        raise TiaoyuError("--reward: give a reward model checkpoint (from `tiaoyu rlhf reward`) or 'verifiable'")
+    start_run(train)
+    model, folder = load_model(start)
+    if model.config.num_labels:
+        raise TiaoyuError(f"{folder} has a score head (a reward model or classifier): PPO trains a language model")
+    tok = load_tokenizer(folder)
+    verifiable = cfg.reward == "verifiable"
+    if verifiable:
+        reward = VerifiableReward(tok, cfg.format_reward, cfg.think_format)
+    else:
+        rm, _ = load_reward_model(cfg.reward, tok)
+        if rm.config.max_seq_len < model.config.max_seq_len:
+            log(f"note: the reward model reads at most {rm.config.max_seq_len} tokens")
+        reward = ModelReward(rm, batch_size=train.batch_size)
+    ctx = model.config.max_seq_len
+    if not verifiable:
+        ctx = min(ctx, rm.config.max_seq_len)
+    room = ctx - cfg.max_new_tokens
+    if room < 1:
+        raise TiaoyuError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the context of {ctx} tokens")
+    hint = f" in the context of {ctx} tokens with --max-new-tokens {cfg.max_new_tokens}"
+    stats: dict = {}
+    prompts = load_prompts(data, tok, room, need_answer=verifiable, skip_bad=skip_bad, stats=stats, context_hint=hint)
+    if val is not None:
+        held = load_prompts(val, tok, room, need_answer=verifiable, skip_bad=skip_bad, context_hint=hint)
+    else:
+        prompts, held = split_holdout(prompts, val_frac, train.seed)
+    ref_model = load_reference(ref or folder, tok)
+    log(f"ppo: {len(prompts)} prompts, {len(held)} held out"
+        + (f", {stats['skipped']} bad records skipped" if stats.get("skipped") else "")
+        + f"; reward {'verifiable answers' if verifiable else cfg.reward}; {cfg.rollout_batch_size} prompts per rollout, "
+        f"{cfg.epochs} PPO epochs, kl_coef {cfg.kl_coef}")
+    stage = PPOStage(prompts, held, cfg, batch_size=train.batch_size, tokenizer=tok, reward=reward,
+                     ref_model=ref_model, dim=model.config.dim, seed=train.seed)
+    trainer = Trainer(model, stage, train, tokenizer=tok, parent=str(folder), log=log)
+    before = {}
+    if held and eval_before and not train.resume:
+        with torch.no_grad(), trainer.autocast():
+            before = stage.evaluate(trainer.raw_model)
+        log("before: " + fmt_metrics(before))
+    res = trainer.fit()
+    res["before"] = before
+    return res

@@ -1,0 +1,355 @@
+"""Pieces the preference and RL stages share (reward, DPO, PPO, GRPO).
+
+* loading a frozen reference or reward model, with the checks users need (same tokenizer as the
+  policy; a reward model must have a one-output `score` head);
+* `EpochSampler`: shuffled passes over a finite dataset, resumable from two integers;
+* rollouts: generate answers for a batch of prompts with the batched KV-cache generator and lay
+  them out for training as one [B, P + R] tensor — prompts left-padded to P columns, responses
+  right-padded to R columns — so every row's response occupies the same columns P … P+R−1 and
+  its per-token log-probs are `logits[:, P−1 : P+R−1]` for all rows at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.train.losses_rl import token_logps
+
+# ---- models ------------------------------------------------------------------------------------------
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no gradients: a reference or reward model."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def check_same_tokenizer(policy_tok, other_tok, what: str, path) -> None:
+    if policy_tok is None or other_tok is None:
+        return
+    if policy_tok.fingerprint != other_tok.fingerprint:
+        raise TiaoyuError(f"{what} {path} uses another tokenizer (fingerprint {other_tok.fingerprint}) than the "
+                          f"policy ({policy_tok.fingerprint}); both must come from the same `tiaoyu tokenize train`")
+
+
+def load_reference(path: str | os.PathLike, policy_tok, device="cpu", what: str = "reference") -> nn.Module:
+    """A frozen copy of a checkpoint (the DPO/PPO/GRPO reference), checked against the policy's tokenizer."""
+    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+
+    check_same_tokenizer(policy_tok, load_tokenizer(path), what, path)
+    model, _ = load_model(path, device=device)
+    return freeze(model)
+
+
+def load_reward_model(path: str | os.PathLike, policy_tok=None, device="cpu") -> tuple[nn.Module, object]:
+    """A frozen reward model (a checkpoint with a `score` head of one output). Returns (model, tokenizer)."""
+    from tiaoyu_cli.train.checkpoint import load_config, load_model, load_tokenizer
+
+    cfg = load_config(path)
+    if cfg.num_labels != 1:
+        what = "no reward head" if cfg.num_labels == 0 else f"a classification head with {cfg.num_labels} labels"
+        raise TiaoyuError(f"{path} is not a reward model: it has {what}, not a `score` head with one output "
+                          f"(train one with `tiaoyu rlhf reward`)")
+    tok = load_tokenizer(path)
+    check_same_tokenizer(policy_tok, tok, "reward model", path)
+    model, _ = load_model(path, device=device)
+    return freeze(model), tok
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / torch.compile wrappers."""
+    inner = getattr(model, "module", model)
+    return getattr(inner, "_orig_mod", inner)
+
+
+def last_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence value of a per-token head at the last real token (HF sequence-classification
+    convention). scores [B, T] (or [B, T, 1]); attention_mask [B, T] with left or right padding → [B]."""
+    if scores.dim() == 3:
+        scores = scores[..., 0]
+    T = attention_mask.shape[1]
+    pos = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    last = torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).amax(dim=1).clamp(min=0)
+    return scores[torch.arange(scores.shape[0], device=scores.device), last]
+
+
+# ---- data order -------------------------------------------------------------------------------------
+
+
+class EpochSampler:
+    """Shuffled passes over n items: the order of epoch e is randperm(n) under seed (seed, e), so the
+    position (epoch, pos) is the whole state. Under DDP every rank draws the same global batch of
+    batch_size × world indices and keeps its own slice."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1):
+        if n <= 0:
+            raise TiaoyuError("no training examples")
+        self.n, self.batch_size, self.seed, self.shuffle, self.rank, self.world = n, batch_size, seed, shuffle, rank, world
+        self.epoch, self.pos = 0, 0
+        self._order: list[int] | None = None
+
+    def _perm(self) -> list[int]:
+        if self._order is None:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+                self._order = torch.randperm(self.n, generator=g).tolist()
+            else:
+                self._order = list(range(self.n))
+        return self._order
+
+    def next_indices(self) -> list[int]:
+        out: list[int] = []
+        need = self.batch_size * self.world
+        while len(out) < need:
+            order = self._perm()
+            take = order[self.pos:self.pos + need - len(out)]
+            out.extend(take)
+            self.pos += len(take)
+            if self.pos >= self.n:
+                self.epoch, self.pos, self._order = self.epoch + 1, 0, None
+        return out[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.epoch, self.pos, self._order = int(st.get("epoch", 0)), int(st.get("pos", 0)), None
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts (run seed, rollout number, rank …), independent of PYTHONHASHSEED."""
+    h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+# ---- rollouts -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """Prompts and sampled responses laid out for training (see the module docstring)."""
+
+    ids: torch.Tensor  # [B, P + R] left-padded prompts, then right-padded responses
+    attention_mask: torch.Tensor  # [B, P + R] 1 = real token
+    mask: torch.Tensor  # [B, R] 1 on response tokens (including the stop token, if one was produced)
+    prompt_len: int  # P
+    responses: list[list[int]]  # the generated tokens of each row
+    finished: list[bool]  # True where the response ended with a stop token
+
+    @property
+    def resp_len(self) -> int:
+        return self.mask.shape[1]
+
+    def rows(self, idx) -> "Rollout":
+        idx_t = torch.as_tensor(idx, dtype=torch.long, device=self.ids.device)
+        return Rollout(self.ids[idx_t], self.attention_mask[idx_t], self.mask[idx_t], self.prompt_len,
+                       [self.responses[i] for i in idx], [self.finished[i] for i in idx])
+
+
+def layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int = 0, device=None,
+           finished: list[bool] | None = None) -> Rollout:
+    """Prompts left-padded to P, responses right-padded to R (at least 1 column)."""
+    P = max(len(p) for p in prompts)
+    R = max(1, max((len(r) for r in responses), default=1))
+    B = len(prompts)
+    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    att = torch.zeros((B, P + R), dtype=torch.long)
+    mask = torch.zeros((B, R), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        att[i, P - len(p):P] = 1
+        if r:
+            ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
+            att[i, P:P + len(r)] = 1
+            mask[i, :len(r)] = 1
+    fin = finished if finished is not None else [True] * B
+    return Rollout(ids.to(device), att.to(device), mask.to(device), P, [list(r) for r in responses], list(fin))
+
+
+def generate_rollout(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, gen_batch_size: int = 0,
+                     dtype: torch.dtype | None = None) -> Rollout:
+    """Sample one response per prompt with the batched KV-cache generator, `gen_batch_size` prompts
+    at a time (0 = all at once), and lay the batch out for training."""
+    from tiaoyu_cli.infer.generate import generate_detailed
+    from tiaoyu_cli.infer.sampling import SamplingParams
+
+    model = unwrap(model)
+    device = next(model.parameters()).device
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    chunk = gen_batch_size if gen_batch_size > 0 else len(prompts)
+    responses: list[list[int]] = []
+    finished: list[bool] = []
+    for start in range(0, len(prompts), chunk):
+        res = generate_detailed(model, prompts[start:start + chunk], max_new_tokens=max_new_tokens, params=params,
+                                seed=derive_seed(seed, start), dtype=dtype)
+        if any(res.truncated):
+            raise TiaoyuError("a prompt does not fit the model's context with the answer length asked for "
+                              "(lower --max-new-tokens)")
+        responses.extend(res.tokens)
+        finished.extend(r == "stop" for r in res.finish_reasons)
+    pad = getattr(model.config, "pad_token_id", 0)
+    return layout(prompts, responses, pad, device, finished)
+
+
+def response_logps(model: nn.Module, ro: Rollout, with_hidden: bool = False):
+    """Per-token log π of the response tokens, [B, R] (fp32; padding positions hold junk — use ro.mask).
+    With with_hidden, also the final hidden states at the positions that predict them, [B, R, d]."""
+    out = model(ro.ids, attention_mask=ro.attention_mask)
+    P, R = ro.prompt_len, ro.resp_len
+    logits = out.logits[:, P - 1:P + R - 1]
+    lp = token_logps(logits, ro.ids[:, P:P + R])
+    if with_hidden:
+        return lp, out.hidden[:, P - 1:P + R - 1]
+    return lp
+
+
+def reward_model_scores(rm: nn.Module, ro: Rollout) -> torch.Tensor:
+    """Scalar reward of each prompt + response under a reward model: its score at the last real token. [B]"""
+    out = rm(ro.ids, attention_mask=ro.attention_mask, compute_logits=False)
+    return last_token_scores(out.scores.float(), ro.attention_mask)
+
+
+# ---- running statistics -------------------------------------------------------------------------------
+
+
+class RunningMeanStd:
+    """Mean and variance of a stream of numbers (parallel Welford / Chan et al.). Used to normalise
+    PPO rewards: r' = (r − mean) / (std + eps), statistics updated with every rollout batch."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten().cpu()
+        n = x.numel()
+        if n == 0:
+            return
+        b_mean = float(x.mean())
+        b_m2 = float(((x - b_mean) ** 2).sum())
+        tot = self.count + n
+        delta = b_mean - self.mean
+        self.mean += delta * n / tot
+        self.m2 += b_m2 + delta * delta * self.count * n / tot
+        self.count = tot
+
+    @property
+    def var(self) -> float:
+        return self.m2 / self.count if self.count else 1.0
+
+    @property
+    def std(self) -> float:
+        return self.var ** 0.5
+
+    def normalize(self, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        return (x - self.mean) / (self.std + eps)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.count, self.mean, self.m2 = int(st.get("count", 0)), float(st.get("mean", 0.0)), float(st.get("m2", 0.0))
+
+
+# ---- runs ----------------------------------------------------------------------------------------------
+
+
+def start_run(train) -> torch.device:
+    """Checks every RL/preference run makes before loading anything: options, the -o folder, device
+    and precision; then seeds torch (new heads and sampling depend on it). Returns the device."""
+    from tiaoyu_cli.train.device import resolve_device, resolve_dtype
+    from tiaoyu_cli.train.trainer import check_output
+
+    train.validate()
+    check_output(train.out, train.resume)
+    device = resolve_device(train.device, int(os.environ.get("LOCAL_RANK", "0")))
+    resolve_dtype(train.dtype, device)
+    torch.manual_seed(train.seed)
+    return device
+
+
+def split_holdout(items: list, frac: float, seed: int = 0) -> tuple[list, list]:
+    """(train, held out): a fixed random `frac` of the items (at least one when frac > 0 and there are
+    at least two items) is held out for evaluation."""
+    if frac <= 0 or len(items) < 2:
+        return items, []
+    if frac >= 1:
+        raise TiaoyuError("--val-frac must be below 1")
+    n_val = max(1, int(round(len(items) * frac)))
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    held = set(order[:n_val])
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+
+
+def fmt_metrics(d: dict, keys: list[str] | None = None) -> str:
+    keys = keys or list(d)
+    return "  ".join(f"{k.removeprefix('val_')} {d[k]:.4g}" for k in keys if k in d)
+
+
+# ---- LoRA (--method lora) --------------------------------------------------------------------------------
+
+
+class adapters_off:
+    """Context manager: the LoRA layers of `model` compute their frozen base layer only (scaling 0),
+    so the policy itself serves as its reference — no second copy of the model in memory."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.saved: list[tuple[nn.Module, float]] = []
+
+    def __enter__(self):
+        from tiaoyu_cli.model.lora import lora_modules
+
+        self.saved = [(m, m.scaling) for m in lora_modules(unwrap(self.model)).values()]
+        for m, _ in self.saved:
+            m.scaling = 0.0
+        return self.model
+
+    def __exit__(self, *exc):
+        for m, s in self.saved:
+            m.scaling = s
+        return False
+
+
+class LoraCheckpoint:
+    """How a `--method lora` stage writes and resumes checkpoints: the merged model (an ordinary
+    checkpoint every other command reads) plus the PEFT adapter files in the same folder."""
+
+    def __init__(self, lora_cfg, base_info: dict):
+        self.lora_cfg, self.base_info = lora_cfg, base_info
+
+    def save_model(self, folder, model: nn.Module, tokenizer) -> None:
+        from tiaoyu_cli.model import lora as L
+        from tiaoyu_cli.train.checkpoint import save_model_files
+
+        model = unwrap(model)
+        sd = L.merged_state_dict(model)
+        plain = type(model)(model.config)  # a plain copy to write the merged weights through the usual path
+        plain.load_state_dict(sd, strict=False)
+        save_model_files(folder, plain, tokenizer)
+        L.save_adapter(folder, model, self.lora_cfg, self.base_info)
+
+    def load_for_resume(self, folder, model: nn.Module) -> None:
+        from tiaoyu_cli.model import lora as L
+
+        _, _, tensors, _ = L.read_adapter(folder)
+        L.load_lora_state_dict(unwrap(model), tensors, str(folder))
+
+
+def apply_lora_for_rl(model: nn.Module, opts: dict, tokenizer, base_dir) -> tuple[nn.Module, LoraCheckpoint]:
+    """Wrap `model` with LoRA layers (everything else frozen). opts: rank, alpha, dropout, targets."""
+    from tiaoyu_cli.model import lora as L
+
+    cfg = L.LoraConfig(rank=int(opts.get("rank", 8)), alpha=float(opts.get("alpha", 16.0)),
+                       dropout=float(opts.get("dropout", 0.0)),
+                       targets=L.parse_targets(opts.get("targets", "q,k,v,o,gate,up,down")))
+    L.apply_lora(model, cfg, freeze=True)
+    return model, LoraCheckpoint(cfg, L.base_info(model.config, tokenizer, base_dir))
