@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import typer
 
 from tiaoyu_cli.cli.common import parse_overrides, train_options
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train.trainer import TrainConfig
+from tiaoyu_cli.train.config import TrainConfig
 
 EXAMPLES = """
 Examples:
@@ -26,6 +27,8 @@ Examples:
   tiaoyu pretrain more-tokens/ -o ckpt/cpt --init ckpt/base --max-steps 500 --lr 3e-4   # continued pretraining
 
   tiaoyu pretrain tokens/ -o ckpt/base --resume --max-steps 3000                        # continue an interrupted run
+
+  tiaoyu pretrain tokens/ -o ckpt/base --preset tiny --max-steps 500 --nproc 2          # 2 processes (DDP)
 
   torchrun --nproc_per_node 8 -m tiaoyu_cli pretrain tokens/ -o ckpt/base --preset small --max-steps 20000
 """
@@ -53,7 +56,60 @@ def find_tokenizer(tokens: Path, given: Optional[Path]):
     raise TiaoyuError(f"cannot tell which tokenizer made {tokens}: pass --tokenizer tok/")
 
 
+def build(tokens: Path, preset: str, model: Optional[List[str]], init: Optional[Path], tokenizer: Optional[Path],
+          seq_len: int, train: TrainConfig):
+    """Open the shards and build (or load) the model and tokenizer; every check of the inputs happens
+    here, so `--nproc` can run it once before launching processes. Returns (net, tok, train, val, seq_len)."""
+    import torch
+
+    from tiaoyu_cli.data.shards import check_fingerprint, open_tokens
+    from tiaoyu_cli.model import Transformer, preset as make_preset
+    from tiaoyu_cli.train.checkpoint import load_config, load_model, load_tokenizer, load_trainer_info, resolve_checkpoint
+    from tiaoyu_cli.train.device import resolve_device, resolve_dtype
+    from tiaoyu_cli.train.trainer import check_output
+
+    train.validate()
+    check_output(train.out, train.resume)
+    device = resolve_device(train.device, int(os.environ.get("LOCAL_RANK", "0")))
+    resolve_dtype(train.dtype, device)
+    torch.manual_seed(train.seed)  # before the model is built: the init weights depend on it
+    train_sh, val_sh = open_tokens(tokens)
+    for shards in (train_sh, val_sh):  # map every shard now: a truncated file fails here, not mid-run
+        if shards is not None:
+            shards.arrays()
+    overrides = parse_overrides(model)
+    sl = seq_len
+    if train.resume:  # the run's own architecture and tokenizer, whatever --preset says
+        ckpt = resolve_checkpoint(train.out)
+        net = Transformer(load_config(ckpt))
+        tok = load_tokenizer(ckpt)
+        if not sl:
+            sl = int((load_trainer_info(ckpt).get("stage_config") or {}).get("seq_len") or 0)
+    elif init is not None:
+        net, init_dir = load_model(init, config_overrides=overrides or None)
+        tok = load_tokenizer(init_dir)
+    else:
+        tok = find_tokenizer(tokens, tokenizer)
+        cfg = make_preset(preset, **{"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id,
+                                     "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, **overrides})
+        net = Transformer(cfg)
+    check_fingerprint(train_sh, tok)
+    sl = sl or net.config.max_seq_len
+    if sl > net.config.max_seq_len:
+        raise TiaoyuError(f"--seq-len {sl} exceeds the model's max_seq_len {net.config.max_seq_len} "
+                          f"(positions it was built for); use --seq-len ≤ {net.config.max_seq_len}"
+                          + ("" if init or train.resume else f" or --model max_seq_len={sl}"))
+    if train_sh.vocab_size > net.config.vocab_size:
+        raise TiaoyuError(f"the shards use a vocabulary of {train_sh.vocab_size}, the model only {net.config.vocab_size}")
+    if train_sh.num_tokens < sl + 2:
+        raise TiaoyuError(f"{tokens} holds {train_sh.num_tokens} training tokens, fewer than one window of "
+                          f"--seq-len {sl} + 1; use a smaller --seq-len or more data")
+    return net, tok, train_sh, val_sh, sl
+
+
 def relaunch_with_torchrun(nproc: int) -> None:
+    """`--nproc N`: run this same command as N processes under torchrun (DDP) on this machine.
+    Ctrl-C / SIGTERM reach the processes once, through torchrun, and each saves before it exits."""
     argv = sys.argv[1:]
     clean = []
     skip = False
@@ -69,7 +125,23 @@ def relaunch_with_torchrun(nproc: int) -> None:
         clean.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "tiaoyu_cli", *clean]
-    raise SystemExit(subprocess.call(cmd))
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # our own signals are forwarded below
+
+    def forward(signum, frame):
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    raise SystemExit(rc if rc >= 0 else 128 - rc)
 
 
 def register(app: typer.Typer) -> None:
@@ -90,47 +162,45 @@ def register(app: typer.Typer) -> None:
         *,
         train: TrainConfig,
     ) -> None:
-        if nproc and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            relaunch_with_torchrun(nproc)
         from tiaoyu_cli.cli.console import console
-        from tiaoyu_cli.data.shards import check_fingerprint, open_tokens
-        from tiaoyu_cli.model import Transformer, preset as make_preset
-        from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
-        from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage
-        from tiaoyu_cli.train.trainer import Trainer
 
-        import torch
+        def say(msg: str) -> None:
+            console.print(msg, markup=False, highlight=False, soft_wrap=True)
 
-        torch.manual_seed(train.seed)  # before the model is built: the init weights depend on it
-        train_sh, val_sh = open_tokens(tokens)
-        overrides = parse_overrides(model)
-        if init is not None:
-            net, init_dir = load_model(init, config_overrides=overrides or None)
-            tok = load_tokenizer(init_dir)
-        else:
-            tok = find_tokenizer(tokens, tokenizer)
-            cfg = make_preset(preset, **{"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id,
-                                         "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, **overrides})
-            net = Transformer(cfg)
-        check_fingerprint(train_sh, tok)
-        sl = seq_len or net.config.max_seq_len
-        stage = PretrainStage(train_sh, val_sh, PretrainConfig(seq_len=sl, sampling=sampling, eval_batches=eval_batches),
-                              batch_size=train.batch_size, seed=train.seed)
-        trainer = Trainer(net, stage, train, tokenizer=tok, parent=str(init) if init else None,
-                          log=lambda m: console.print(m, markup=False, highlight=False))
-        if trainer.dist.is_main:
-            n = net.num_parameters()
-            console.print(f"pretrain: {n / 1e6:.2f}M parameters, {train_sh.num_tokens:,} training tokens, "
-                          f"seq_len {sl}, device {trainer.device}, autocast {str(trainer.amp_dtype).replace('torch.', '')}"
-                          f", {trainer.dist.world_size} process(es)", markup=False, highlight=False)
-        res = trainer.fit()
-        if trainer.dist.is_main:
-            msg = f"done: step {res['step']}, {res['tokens']:,} tokens"
-            if "val_loss" in res:
-                msg += f", val loss {res['val_loss']:.4f}"
-                if "val_bpb" in res:
-                    msg += f", {res['val_bpb']:.3f} bits/byte"
-            console.print(msg + f" → {train.out}/latest", markup=False, highlight=False)
+        if nproc < 0 or seq_len < 0 or eval_batches <= 0:
+            raise TiaoyuError("--nproc and --seq-len must not be negative, --eval-batches must be positive")
+        if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            build(tokens, preset, model, init, tokenizer, seq_len, train)  # fail here, once, on bad input
+            from tiaoyu_cli.train.trainer import check_writable
+
+            check_writable(train.out)
+            relaunch_with_torchrun(nproc)
         from tiaoyu_cli.train import distributed as D
+        from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage
+        from tiaoyu_cli.train.trainer import Trainer, TrainingInterrupted
 
-        D.cleanup(trainer.dist)
+        trainer = None
+        try:
+            net, tok, train_sh, val_sh, sl = build(tokens, preset, model, init, tokenizer, seq_len, train)
+            stage = PretrainStage(train_sh, val_sh, PretrainConfig(seq_len=sl, sampling=sampling, eval_batches=eval_batches),
+                                  batch_size=train.batch_size, seed=train.seed)
+            trainer = Trainer(net, stage, train, tokenizer=tok, parent=str(init) if init else None, log=say)
+            if trainer.dist.is_main:
+                n = net.num_parameters()
+                say(f"pretrain: {n / 1e6:.2f}M parameters, {train_sh.num_tokens:,} training tokens, seq_len {sl}, "
+                    f"device {trainer.device}, autocast {str(trainer.amp_dtype).replace('torch.', '')}, "
+                    f"{trainer.dist.world_size} process(es), {train.batch_size * train.grad_accum * trainer.dist.world_size * sl:,} "
+                    f"tokens per step")
+            res = trainer.fit()
+            if trainer.dist.is_main:
+                msg = f"done: step {res['step']}, {res['tokens']:,} tokens"
+                if "val_loss" in res:
+                    msg += f", val loss {res['val_loss']:.4f}"
+                    if "val_bpb" in res:
+                        msg += f", {res['val_bpb']:.3f} bits/byte"
+                say(msg + f" → {train.out}/latest")
+        except KeyboardInterrupt:
+            raise TrainingInterrupted("interrupted before training started; nothing was saved") from None
+        finally:
+            if trainer is not None:
+                D.cleanup(trainer.dist)

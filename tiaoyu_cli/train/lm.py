@@ -83,22 +83,34 @@ class PretrainStage(BaseStage):
         self._bpb_ratio = None
 
     def _windows(self, shards, starts: list[int]) -> torch.Tensor:
-        arr = np.stack([np.asarray(shards.get(s, self.seq_len + 1), dtype=np.int64) for s in starts])
+        """[len(starts), seq_len+1] int64 windows of the token stream (copied out of the memory map)."""
+        n = self.seq_len + 1
+        arrays = shards.arrays()
+        if len(arrays) == 1:  # one shard: a single gather
+            idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(n, dtype=np.int64)
+            arr = arrays[0][idx].astype(np.int64)
+        else:
+            arr = np.empty((len(starts), n), dtype=np.int64)
+            for i, s in enumerate(starts):
+                arr[i] = shards.get(s, n)
         return torch.from_numpy(arr)
 
     def next_batch(self) -> torch.Tensor:
         starts = self.sampler.next_starts()
         mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return self._windows(self.train_shards, mine).to(self.device, non_blocking=True)
+        batch = self._windows(self.train_shards, mine)
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
 
     def step(self, model: nn.Module, batch: torch.Tensor) -> StepOutput:
         x, y = batch[:, :-1], batch[:, 1:]
         out = model(x)
         loss = lm_loss(out.logits, y)
         metrics = {}
-        if out.aux_loss is not None:
-            metrics["aux_loss"] = float(out.aux_loss.detach())
-            metrics["lm_loss"] = float(loss.detach())
+        if out.aux_loss is not None:  # tensors: the Trainer reads them only at log steps
+            metrics["aux_loss"] = out.aux_loss.detach()
+            metrics["lm_loss"] = loss.detach()
             loss = loss + out.aux_loss
         return StepOutput(loss, metrics, tokens=y.numel())
 
@@ -108,7 +120,9 @@ class PretrainStage(BaseStage):
         if shards is None or shards.num_tokens < self.seq_len + 2:
             return {}
         n_win = max(1, (shards.num_tokens - 1) // self.seq_len)
-        total = min(n_win, self.cfg.eval_batches * self.batch_size)
+        # evenly spread windows, as many as eval_batches global batches (so the set does not depend on
+        # how the global batch is split across processes)
+        total = min(n_win, self.cfg.eval_batches * self.batch_size * self.world)
         step = max(1, n_win // total)
         starts = [i * step * self.seq_len for i in range(total)]
         starts = [min(s, shards.num_tokens - self.seq_len - 1) for s in starts]

@@ -6,6 +6,21 @@ device and bf16 autocast, gradient accumulation, clipping, the LR schedule, logg
 (metrics.jsonl + a live line on stderr), evaluation, atomic checkpoints, exact resume,
 SIGINT/SIGTERM handling, NaN detection and DDP under torchrun. Nothing of the loop is copied
 into a stage.
+
+One optimizer step:
+
+    for each of grad_accum micro-batches:  loss = stage.step(model, batch).loss   (under autocast)
+                                           (loss / grad_accum).backward()         (DDP syncs on the last)
+    clip the global grad norm → AdamW step → zero grads → step += 1
+
+The loop never waits for the device between steps: losses, grad norms and metrics stay device
+tensors until a *sync point* (a log, eval or save step, the last step, an interrupt), where they
+are read at once, averaged across processes and checked for NaN/inf. A checkpoint is only
+written at a sync point, so a non-finite loss is always caught before it could be saved.
+
+Under DDP the processes agree every step, over a small CPU (gloo) collective, on whether to stop
+(a signal reached any of them) and on the training time (so `--max-time` and its LR schedule are
+the same everywhere). Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -14,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -26,56 +42,18 @@ import torch.nn as nn
 
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train import checkpoint as ckpt_io
+from tiaoyu_cli.train.config import TrainConfig  # noqa: F401  (re-exported: stages import it from here)
 from tiaoyu_cli.train import distributed as D
 from tiaoyu_cli.train.device import autocast, resolve_device, resolve_dtype
 from tiaoyu_cli.train.optim import build_optimizer, lr_at
 
 
 @dataclass
-class TrainConfig:
-    """Options of the loop itself (each stage has its own dataclass for its objective and data)."""
-
-    out: str = "ckpt"
-    max_steps: int = 0  # budget: optimizer steps (0 = unset)
-    max_tokens: int = 0  # budget: training tokens (0 = unset)
-    max_time: float = 0.0  # budget: seconds of training (0 = unset)
-    epochs: float = 0.0  # budget for finite datasets (stage.steps_per_epoch), 0 = unset
-    batch_size: int = 16  # micro-batch size per process
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    schedule: str = "cosine"  # cosine | wsd | constant
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 = off
-    device: str = "auto"
-    dtype: str = "auto"  # auto | bf16 | fp32
-    compile: bool = False
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # 0 = only at the end
-    save_every: int = 0  # 0 = only at the end
-    keep: int = 2  # step folders to keep (0 = all)
-    resume: bool = False
-
-    def validate(self) -> None:
-        if not (self.max_steps or self.max_tokens or self.max_time or self.epochs):
-            raise TiaoyuError("no training budget: give --max-steps, --max-tokens, --max-time or --epochs")
-        for name in ("batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) <= 0:
-                raise TiaoyuError(f"--{name.replace('_', '-')} must be positive")
-        if self.lr <= 0:
-            raise TiaoyuError("--lr must be positive")
-        if self.schedule not in ("cosine", "wsd", "constant"):
-            raise TiaoyuError(f"--schedule {self.schedule!r}: choose cosine, wsd or constant")
-
-
-@dataclass
 class StepOutput:
     loss: torch.Tensor  # scalar to minimise (mean over the micro-batch)
-    metrics: dict[str, float] = field(default_factory=dict)  # logged, averaged over the log interval
+    # logged values, averaged over micro-batches (and processes); floats or 0-d tensors — tensors
+    # are read only at log steps, so returning them keeps the device from waiting every step
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
     tokens: int = 0  # tokens processed in this micro-batch (for tokens/s and --max-tokens)
 
 
@@ -98,6 +76,7 @@ class BaseStage:
     name = "stage"
     steps_per_epoch: int | None = None  # for --epochs
     tokens_per_step: int | None = None  # per micro-batch per process, for --max-tokens schedules
+    find_unused_parameters: bool = False  # DDP: some parameters get no gradient in a step (MoE sets it itself)
 
     def setup(self, trainer: "Trainer") -> None:
         self.trainer = trainer
@@ -123,6 +102,11 @@ class BaseStage:
     def load_for_resume(self, folder: Path, model: nn.Module) -> None:
         """Load weights saved by `save_model` back into the model before resuming."""
         sd = ckpt_io.load_tensors(folder / "model.safetensors")
+        own = model.state_dict()
+        for k, v in sd.items():
+            if k in own and own[k].shape != v.shape:
+                raise TiaoyuError(f"--resume: {folder} holds {k} of shape {tuple(v.shape)} but the model has "
+                                  f"{tuple(own[k].shape)}: resume with the model options the run started with")
         model.load_state_dict(sd, strict=False)
 
     def info(self) -> dict[str, Any]:
@@ -132,7 +116,64 @@ class BaseStage:
 
 
 class TrainingInterrupted(TiaoyuError):
+    """SIGINT/SIGTERM: a checkpoint was saved (or, on a second signal, deliberately not).
+    Exit status 128 + the signal number, as a shell reports a process killed by it."""
+
     exit_code = 130
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_in_folder(out: Path) -> list[str]:
+    """What in `out` shows that a run already lives there (empty list: nothing)."""
+    if not out.is_dir():
+        return []
+    found = [p.name for p in ckpt_io.step_dirs(out)]
+    if (out / "latest").is_symlink() or (out / "latest").exists():
+        found.append("latest")
+    if (out / "metrics.jsonl").exists():
+        found.append("metrics.jsonl")
+    return found
+
+
+def check_output(out: str | os.PathLike, resume: bool) -> None:
+    """Refuse -o folders that would mix runs: a run already there without --resume, or --resume with
+    nothing to resume. Read-only (safe on every DDP rank, and before launching processes)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TiaoyuError(f"-o {out}: is a file, not a run folder")
+    near = out
+    while not near.exists() and near != near.parent:
+        near = near.parent
+    if not near.is_dir():
+        raise TiaoyuError(f"-o {out}: cannot write there ({near} is a file)")
+    if not os.access(near, os.W_OK | os.X_OK):
+        raise TiaoyuError(f"-o {out}: cannot write there (permission denied on {near})")
+    if resume:
+        if not out.exists():
+            raise TiaoyuError(f"--resume: {out} does not exist, nothing to resume (start without --resume)")
+        if not ckpt_io.step_dirs(out) and not ((out / "latest") / "model.safetensors").exists():
+            raise TiaoyuError(f"--resume: {out} holds no checkpoint to resume from (start without --resume)")
+        return
+    found = run_in_folder(out)
+    if found:
+        shown = ", ".join(found[:3]) + (", …" if len(found) > 3 else "")
+        raise TiaoyuError(f"-o {out} already holds a run ({shown}): pass --resume to continue it, "
+                          f"or choose another -o")
+
+
+def check_writable(out: str | os.PathLike) -> None:
+    """Create `out` and write a probe file there, or raise a clear error."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TiaoyuError(f"-o {out}: cannot write there ({e.strerror or e})") from None
 
 
 class Trainer:
@@ -151,14 +192,19 @@ class Trainer:
         self.tokens_seen = 0
         self.train_time = 0.0
         self._stop_signal: int | None = None
+        self._stop_time = 0.0
+        self._stop_noted = False
         self.last_eval: dict[str, float] = {}
+        self.last_line: dict[str, Any] = {}  # the newest metrics line (read by the live display)
         self.history: list[dict] = []  # metrics lines of this process (tests and the demo read them)
+        self._ctrl = D.control_group(self.dist)
         stage.setup(self)
         self.extras = nn.ModuleDict({k: m.to(self.device) for k, m in stage.extra_modules().items()})
         params = nn.ModuleDict({"model": self.raw_model, **({"extra": self.extras} if len(self.extras) else {})})
         if not any(p.requires_grad for p in params.parameters()):
             raise TiaoyuError("nothing to train: every parameter is frozen")
         self.optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device)
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.model: nn.Module = self.raw_model
         if cfg.compile:
             self.model = torch.compile(self.model)
@@ -166,7 +212,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(self.model, device_ids=ids)
+            mcfg = getattr(self.raw_model, "config", None)
+            unused = bool(stage.find_unused_parameters or getattr(mcfg, "is_moe", False))
+            self.model = DDP(self.model, device_ids=ids, find_unused_parameters=unused)
 
     # ---- budget and schedule ---------------------------------------------------------------
     def autocast(self):
@@ -206,13 +254,11 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         c = self.cfg
-        if c.resume:
-            self._resume()
-        elif self.dist.is_main and self.out.exists() and any(ckpt_io.step_dirs(self.out)):
-            raise TiaoyuError(f"{self.out} already holds checkpoints: pass --resume to continue, or choose another -o")
-        self._check_writable()
+        self._prepare_output()
         old_handlers = self._install_signal_handlers()
         progress = _Progress(self, enabled=self.dist.is_main)
+        pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (step, loss, grad norm) since the last sync
+        window_tokens, window_time = 0, 0.0
         try:
             self.raw_model.train()
             while not self.done():
@@ -220,29 +266,39 @@ class Trainer:
                 lr = lr_at(self.step, self.total_steps(), c.lr, c.warmup_steps, c.schedule, c.min_lr_ratio)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                loss_sum, metrics, tokens = self._accumulate()
-                grad_norm = self._clip_and_step()
+                log_step = (self.step + 1) % c.log_every == 0 or self.step == 0
+                loss, metrics, tokens = self._accumulate()
+                norm = self._clip_and_step(need_norm=log_step)
                 self.step += 1
                 self.tokens_seen += tokens
-                self.train_time += time.perf_counter() - t0
-                line = {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                        "tokens": self.tokens_seen, "tokens_per_s": tokens / max(1e-9, time.perf_counter() - t0),
-                        **metrics}
-                if not math.isfinite(loss_sum):
-                    raise TiaoyuError(
-                        f"loss became {loss_sum} at step {self.step}; stopping without saving. The last good "
-                        f"checkpoint is kept in {self.out} (if any). Try a lower --lr or --grad-clip.")
-                progress.update(line)
-                if self.step % c.log_every == 0 or self.step == 1:
-                    self._log_metrics(line)
-                stop = self._agree_stop()
-                if c.eval_every and self.step % c.eval_every == 0 and not self.done():
+                dt = time.perf_counter() - t0
+                self.train_time += dt
+                window_tokens, window_time = window_tokens + tokens, window_time + dt
+                pending.append((self.step, loss, norm))
+                stop = self._agree_stop()  # DDP: also makes train_time (so done() and the LR) agree
+                if stop and not self._stop_noted and self.dist.is_main:
+                    self._stop_noted = True
+                    name = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal"
+                    self.log(f"received {name}: saving a checkpoint at step {self.step}…")
+                last = self.done()
+                eval_now = bool(c.eval_every) and self.step % c.eval_every == 0 and not last
+                save_now = bool(c.save_every) and self.step % c.save_every == 0 and not last
+                if log_step or eval_now or save_now or stop or last:
+                    line = self._sync(pending, metrics, lr, window_tokens, window_time)
+                    pending, window_tokens, window_time = [], 0, 0.0
+                    if log_step or last:
+                        self._log_metrics(line)
+                    progress.update(line)
+                else:
+                    progress.advance()
+                if eval_now:
                     self._evaluate(progress)
                 if stop:
                     path = self.save()
                     raise TrainingInterrupted(
-                        f"interrupted at step {self.step}; checkpoint saved to {path}; continue with --resume")
-                if c.save_every and self.step % c.save_every == 0 and not self.done():
+                        f"interrupted at step {self.step}: checkpoint saved to {path}; continue with "
+                        f"--resume (same -o)", exit_code=128 + int(self._stop_signal or 2))
+                if save_now:
                     self.save()
             progress.close()
             self._evaluate(None)
@@ -252,10 +308,12 @@ class Trainer:
             progress.close()
             self._restore_signal_handlers(old_handlers)
 
-    def _accumulate(self) -> tuple[float, dict[str, float], int]:
+    def _accumulate(self) -> tuple[torch.Tensor, dict[str, Any], int]:
+        """grad_accum forward/backward passes; returns the mean loss (a device tensor, this process),
+        the micro-batch-averaged metrics (tensors or floats) and the tokens of all processes."""
         c = self.cfg
-        total_loss = torch.zeros((), device=self.device)
-        sums: dict[str, float] = {}
+        total_loss: torch.Tensor | None = None
+        sums: dict[str, Any] = {}
         tokens = 0
         for micro in range(c.grad_accum):
             batch = self.stage.next_batch()
@@ -266,34 +324,81 @@ class Trainer:
                     out = self.stage.step(self.model, batch)
                 loss = out.loss.float()
                 (loss / c.grad_accum).backward()
-            total_loss += loss.detach() / c.grad_accum
+            part = loss.detach() / c.grad_accum
+            total_loss = part if total_loss is None else total_loss + part
             tokens += out.tokens
             for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / c.grad_accum
-        loss_val = float(D.all_reduce_mean(total_loss, self.dist))
+                v = v.detach().float() if torch.is_tensor(v) else float(v)
+                sums[k] = sums.get(k, 0.0) + v / c.grad_accum
         if self.dist.enabled:
-            if sums:
-                keys = sorted(sums)
-                vec = D.all_reduce_mean(torch.tensor([sums[k] for k in keys], device=self.device), self.dist)
-                sums = dict(zip(keys, vec.tolist()))
             tokens *= self.dist.world_size
-        return loss_val, sums, tokens
+        return total_loss, sums, tokens
 
-    def _clip_and_step(self) -> float:
+    def _clip_and_step(self, need_norm: bool = True) -> torch.Tensor | None:
+        """Average extra-module grads across processes, clip, step, zero. Returns the pre-clip global
+        grad norm as a device tensor (None when there is no clipping and nobody asked for it)."""
         if self.dist.enabled and len(self.extras):  # extra modules sit outside DDP: average their grads here
             for p in self.extras.parameters():
                 if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG if self.device.type == "cuda" else torch.distributed.ReduceOp.SUM)
-                    if self.device.type != "cuda":
-                        p.grad /= self.dist.world_size
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+                    p.grad /= self.dist.world_size
+        norm = None
         if self.cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        else:
-            norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
+            norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip)
+        elif need_norm:
+            grads = [p.grad for p in self._params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
+
+    def _sync(self, pending: list, metrics: dict[str, Any], lr: float, tokens: int, seconds: float) -> dict:
+        """Read the pending losses (one wait for the device), average them across processes, stop on
+        NaN/inf, and build the metrics line of the current step."""
+        steps = [s for s, _, _ in pending]
+        losses = torch.stack([l for _, l, _ in pending]).float()
+        have = [n for _, _, n in pending if n is not None]
+        read = iter(torch.stack(have).float().cpu().tolist()) if have else iter(())
+        norm_vals = [next(read) if n is not None else None for _, _, n in pending]
+        mkeys = sorted(metrics)
+        mvals = [metrics[k] if torch.is_tensor(metrics[k]) else torch.tensor(float(metrics[k]))
+                 for k in mkeys]
+        vec = torch.cat([losses.to(self.device)] + [v.reshape(1).float().to(self.device) for v in mvals])
+        vec = D.all_reduce_mean(vec, self.dist).cpu()
+        loss_vals = vec[:len(steps)].tolist()
+        metric_vals = dict(zip(mkeys, vec[len(steps):].tolist()))
+        for s, lv, nv in zip(steps, loss_vals, norm_vals):
+            if not math.isfinite(lv) or (nv is not None and not math.isfinite(nv)):
+                what = f"loss became {lv}" if not math.isfinite(lv) else f"gradient norm became {nv}"
+                latest = ckpt_io.step_dirs(self.out) if self.out.is_dir() else []
+                kept = f"the last good checkpoint is {latest[-1]}" if latest else "no checkpoint had been saved yet"
+                raise TiaoyuError(f"{what} at step {s}: stopped without saving; {kept}. "
+                                  f"Try a lower --lr, --grad-clip 1.0, or --dtype fp32.")
+        line = {"step": self.step, "loss": loss_vals[-1], "lr": lr}
+        if norm_vals[-1] is not None:
+            line["grad_norm"] = norm_vals[-1]
+        line["tokens"] = self.tokens_seen
+        line["tokens_per_s"] = tokens / max(seconds, 1e-9)
+        line["time_s"] = self.train_time
+        mfu = self.mfu(line["tokens_per_s"])
+        if mfu is not None:
+            line["mfu"] = mfu
+        line.update(metric_vals)
+        self.last_line = line
+        return line
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation on CUDA (training FLOPs/s over the GPUs' bf16 peak), else None."""
+        if self.device.type != "cuda" or not tokens_per_s:
+            return None
+        from tiaoyu_cli.train.flops import flops_per_token, peak_flops
+
+        mcfg = getattr(self.raw_model, "config", None)
+        peak = peak_flops(self.device)
+        if mcfg is None or not peak:
+            return None
+        seq = getattr(self.stage, "seq_len", None) or mcfg.max_seq_len
+        return tokens_per_s * flops_per_token(mcfg, seq) / (peak * self.dist.world_size)
 
     @torch.no_grad()
     def _evaluate(self, progress) -> None:
@@ -318,7 +423,8 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path | None:
-        path = None
+        """Write out/step-NNNNNN atomically (rank 0), point `latest` at it, prune to --keep."""
+        path, error = None, None
         if self.dist.is_main:
             state = self._train_state()
             tensors = {k: v for k, v in state.items() if torch.is_tensor(v)}
@@ -335,27 +441,38 @@ class Trainer:
                 "state": {k: v for k, v in state.items() if not torch.is_tensor(v)},
                 "world_size": self.dist.world_size,
             }
-            path = self._save_folder(tensors, info)
-        D.barrier(self.dist)
+            try:
+                path = self._save_folder(tensors, info)
+            except TiaoyuError as e:
+                error = e
+        if not D.all_ok(error is None, self.dist, self._ctrl):
+            raise error or TiaoyuError("rank 0 could not write a checkpoint (see its message); stopping")
         return path
 
     def _save_folder(self, tensors: dict, info: dict) -> Path:
-        run = self.out
-        run.mkdir(parents=True, exist_ok=True)
-        final = run / f"step-{self.step:06d}"
-        from tiaoyu_cli.io import atomic_dir
         from safetensors.torch import save_file
 
-        with atomic_dir(final) as tmp:
-            self.stage.save_model(tmp, self.raw_model, self.tokenizer)
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "train_state.safetensors"))
-            (tmp / "trainer.json").write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-        ckpt_io.set_latest(run, final.name)
-        if self.cfg.keep > 0:
-            import shutil
+        from tiaoyu_cli.io import atomic_dir
 
+        run = self.out
+        final = run / f"step-{self.step:06d}"
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+            with atomic_dir(final) as tmp:
+                self.stage.save_model(tmp, self.raw_model, self.tokenizer)
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                          str(tmp / "train_state.safetensors"))
+                (tmp / "trainer.json").write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str),
+                                                  encoding="utf-8")
+            ckpt_io.set_latest(run, final.name)
+        except OSError as e:
+            prev = [p for p in ckpt_io.step_dirs(run) if p.name != final.name] if run.is_dir() else []
+            kept = f"the previous checkpoint {prev[-1]} is intact" if prev else "no earlier checkpoint exists"
+            raise TiaoyuError(f"could not write checkpoint {final} ({e.strerror or e}); {kept}") from None
+        if self.cfg.keep > 0:
             for old in ckpt_io.step_dirs(run)[:-self.cfg.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old.name != final.name:
+                    shutil.rmtree(old, ignore_errors=True)
         return final
 
     def _train_state(self) -> dict[str, Any]:
@@ -371,9 +488,30 @@ class Trainer:
             state[f"stage.{k}"] = v
         return state
 
+    def _prepare_output(self) -> None:
+        """Resume, or check that -o is free and writable; every process agrees before training starts."""
+        error = None
+        try:
+            check_output(self.out, self.cfg.resume)
+            if self.cfg.resume:
+                self._resume()
+            if self.dist.is_main:
+                check_writable(self.out)
+                self._remove_stale_temp()
+        except TiaoyuError as e:
+            error = e
+        if not D.all_ok(error is None, self.dist, self._ctrl):
+            raise error or TiaoyuError("another process of this run failed to start (see its message)")
+
+    def _remove_stale_temp(self) -> None:
+        """Temp folders of a save that was killed half-way (never counted as checkpoints) go."""
+        for p in self.out.glob(".step-*"):
+            if p.name.endswith((".tmp", ".old")) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.out.glob(".latest.*.tmp"):
+            p.unlink(missing_ok=True)
+
     def _resume(self) -> None:
-        if not self.out.exists():
-            raise TiaoyuError(f"--resume: {self.out} does not exist (start without --resume)")
         folder = ckpt_io.resolve_checkpoint(self.out)
         info = ckpt_io.read_json(folder / "trainer.json")
         if info.get("stage") != self.stage.name:
@@ -384,9 +522,12 @@ class Trainer:
         tensors = ckpt_io.load_tensors(ts_path)
         self.stage.load_for_resume(folder, self.raw_model)
         st = info.get("state", {})
-        ckpt_io.optimizer_from_tensors(self.optimizer, {k: v.to(self.device) if k.startswith("optim.") else v
-                                                        for k, v in tensors.items()}, st["optim_meta"])
-        torch.set_rng_state(tensors["rng.torch"])
+        try:
+            ckpt_io.optimizer_from_tensors(self.optimizer, {k: v.to(self.device) if k.startswith("optim.") else v
+                                                            for k, v in tensors.items()}, st["optim_meta"])
+            torch.set_rng_state(tensors["rng.torch"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise TiaoyuError(f"--resume: {folder} does not match this run's model or options ({e})") from None
         if self.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
@@ -403,16 +544,9 @@ class Trainer:
             self._truncate_metrics(self.step)
             self.log(f"resumed from {folder} at step {self.step}")
 
-    def _check_writable(self) -> None:
-        if not self.dist.is_main:
-            return
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise TiaoyuError(f"-o {self.out}: cannot write there ({e.strerror})") from None
+    def _check_writable(self) -> None:  # kept for callers of the first version
+        if self.dist.is_main:
+            check_writable(self.out)
 
     # ---- metrics -----------------------------------------------------------------------------
     def _log_metrics(self, line: dict) -> None:
@@ -444,10 +578,16 @@ class Trainer:
         old = {}
 
         def handler(signum, frame):
-            if self._stop_signal is not None:  # second Ctrl-C: give up immediately
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-            self.log(f"received signal {signum}: saving a checkpoint after this step…")
+            now = time.monotonic()
+            if self._stop_signal is not None:
+                # a second signal a moment later is the user insisting: stop now, without saving.
+                # (One that follows within a second is the same interrupt delivered twice.)
+                if now - self._stop_time > 1.0:
+                    raise TrainingInterrupted(f"interrupted twice at step {self.step}: stopped without saving; "
+                                              f"continue from the last checkpoint with --resume",
+                                              exit_code=128 + signum)
+                return
+            self._stop_signal, self._stop_time = signum, now  # acted on after the current step
 
         for s in (signal.SIGINT, signal.SIGTERM):
             old[s] = signal.signal(s, handler)
@@ -460,10 +600,16 @@ class Trainer:
                 signal.signal(s, h)
 
     def _agree_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
-        if self.dist.enabled:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        """Whether to stop after this step (a signal reached any process). Under DDP the processes
+        also adopt the largest training time, so time budgets and schedules stay identical."""
+        if not self.dist.enabled:
+            return self._stop_signal is not None
+        flag = torch.tensor([float(self._stop_signal or 0), self.train_time], dtype=torch.float64)
+        D.all_reduce_max_(flag, self.dist, self._ctrl)
+        if self._stop_signal is None and flag[0] > 0:
+            self._stop_signal = int(flag[0])
+        self.train_time = float(flag[1])
+        return flag[0].item() > 0
 
 
 class _null:
@@ -475,14 +621,14 @@ class _null:
 
 
 class _Progress:
-    """A rich progress bar with loss / lr / tokens/s / ETA on a terminal; plain log lines otherwise."""
+    """A rich progress bar with loss / lr / tokens/s / ETA (MFU on CUDA) on a terminal; plain log
+    lines on stderr otherwise. Fed at sync points (`update`) and cheaply every other step (`advance`)."""
 
     def __init__(self, trainer: Trainer, enabled: bool):
         self.t = trainer
         self.enabled = enabled
         self.bar = None
-        self.last_print = 0.0
-        self.ema_tps = None
+        self.info = ""
         if not enabled:
             return
         from tiaoyu_cli.cli.console import console
@@ -491,57 +637,53 @@ class _Progress:
         if console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                console=console, transient=False)
+            self.bar = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                TimeRemainingColumn(), console=console, transient=False)
             self.bar.start()
             total = trainer.total_steps()
             self.task = self.bar.add_task("train", total=total if total < 10**9 else None,
                                           completed=trainer.step, stage=trainer.stage.name, info="")
 
-    def _info(self, line: dict) -> str:
-        tps = line.get("tokens_per_s", 0.0)
-        self.ema_tps = tps if self.ema_tps is None else 0.9 * self.ema_tps + 0.1 * tps
-        s = f"loss {line['loss']:.4f}  lr {line['lr']:.2e}  {self.ema_tps:,.0f} tok/s"
-        mfu = self._mfu()
-        if mfu is not None:
-            s += f"  MFU {mfu:.1%}"
-        extra = [k for k in line if k not in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s")]
+    @staticmethod
+    def describe(line: dict) -> str:
+        s = f"loss {line['loss']:.4f}  lr {line['lr']:.2e}  {line.get('tokens_per_s', 0.0):,.0f} tok/s"
+        if "mfu" in line:
+            s += f"  MFU {line['mfu']:.1%}"
+        extra = [k for k in line if k not in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "time_s", "mfu")]
         for k in extra[:3]:
             v = line[k]
             s += f"  {k} {v:.3g}" if isinstance(v, float) else f"  {k} {v}"
         return s
 
-    def _mfu(self) -> float | None:
-        t = self.t
-        if t.device.type != "cuda" or not self.ema_tps:
-            return None
-        from tiaoyu_cli.train.flops import flops_per_token, peak_flops
+    def _eta(self) -> str:
+        total = self.t.total_steps()
+        if total >= 10**9 or not self.t.step or not self.t.train_time:
+            return ""
+        secs = self.t.train_time / self.t.step * max(0, total - self.t.step)
+        return f"  eta {secs:.0f}s" if secs < 600 else f"  eta {secs / 60:.0f}min"
 
-        peak = peak_flops(t.device)
-        if not peak:
-            return None
-        return self.ema_tps * flops_per_token(t.raw_model.config, getattr(t.stage, "seq_len", 256)) / (peak * t.dist.world_size)
+    def advance(self) -> None:
+        if self.bar is not None:
+            total = self.t.total_steps()
+            self.bar.update(self.task, completed=self.t.step, total=total if total < 10**9 else None)
 
     def update(self, line: dict) -> None:
         if not self.enabled:
             return
-        info = self._info(line)
+        self.info = self.describe(line)
         if self.bar is not None:
             total = self.t.total_steps()
-            self.bar.update(self.task, completed=self.t.step, info=info, total=total if total < 10**9 else None)
-        elif self.t.step % self.t.cfg.log_every == 0 or self.t.step == 1:
+            self.bar.update(self.task, completed=self.t.step, info=self.info, total=total if total < 10**9 else None)
+        elif self.t.step % self.t.cfg.log_every == 0 or self.t.step == 1 or self.t.done():
             total = self.t.total_steps()
-            eta = ""
-            if total < 10**9 and self.t.step:
-                eta = f"  eta {self.t.train_time / self.t.step * (total - self.t.step):.0f}s"
             self.console.print(f"{self.t.stage.name} step {self.t.step}" + (f"/{total}" if total < 10**9 else "")
-                               + f"  {info}{eta}", highlight=False, markup=False)
+                               + f"  {self.info}{self._eta()}", highlight=False, markup=False, soft_wrap=True)
 
     def note(self, line: dict) -> None:
         if self.enabled:
             msg = "eval  " + "  ".join(f"{k} {v:.4g}" for k, v in line.items() if k not in ("step", "eval"))
-            self.console.print(f"step {line['step']}  {msg}", highlight=False, markup=False)
+            self.console.print(f"step {line['step']}  {msg}", highlight=False, markup=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.bar is not None:
