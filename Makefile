@@ -20,7 +20,7 @@ test: venv
 	$(BIN)/python -m pytest tests
 
 demo: venv
-	$(MAKE) -f recipes/tiny-cpu/Makefile all TIAOYU=$(abspath $(TIAOYU)) OUT=runs/demo
+	$(MAKE) -f recipes/tiny-cpu/Makefile all TIAOYU=$(abspath $(TIAOYU)) PYTHON=$(abspath $(BIN)/python) OUT=runs/demo
 
 bench: venv
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b; done

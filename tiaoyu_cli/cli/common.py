@@ -18,7 +18,7 @@ from typing import Any, Callable
 import typer
 
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train.trainer import TrainConfig
+from tiaoyu_cli.train.config import TrainConfig
 
 TRAIN_HELP = {
     "out": "output run folder (checkpoints step-N/, latest, metrics.jsonl)",

@@ -1,0 +1,129 @@
+# recipes/pipeline.mk — the stage rules every recipe shares. A recipe sets the variables below
+# (model preset, device, budgets, how to launch training) and includes this file.
+#
+# Each stage writes its own folder under $(OUT); make skips stages whose output exists, so an
+# interrupted run continues where it stopped, and `make -f recipes/<r>/Makefile sft` reruns one
+# stage (delete $(OUT)/sft first to redo it). SCALE multiplies every step budget.
+TIAOYU   ?= tiaoyu
+TRAIN    ?= $(TIAOYU)            # how training stages launch (multi-gpu: torchrun … -m tiaoyu_cli)
+PYTHON   ?= python3
+OUT      ?= runs/demo
+SCALE    ?= 1
+DEVICE   ?= cpu
+PRESET   ?= tiny
+TEXT_MB  ?= 3
+VOCAB    ?= 2048
+SEQ      ?= 128
+BATCH    ?= 16
+PRETRAIN_STEPS ?= 1200
+PRETRAIN_LR    ?= 0.002
+SFT_STEPS      ?= 400
+LORA_STEPS     ?= 400
+RM_STEPS       ?= 200
+DPO_STEPS      ?= 150
+GRPO_STEPS     ?= 60
+DISTILL_STEPS  ?= 300
+REASON_STEPS   ?= 300
+REASON_RL_STEPS ?= 40
+STUDENT  ?= --student-preset tiny --model dim=64 --model n_layers=2 --model n_heads=2 --model n_kv_heads=1 --model ffn_dim=192
+RECIPE   ?= $(dir $(firstword $(MAKEFILE_LIST)))
+RECIPES  := $(dir $(lastword $(MAKEFILE_LIST)))
+D        := $(OUT)/data
+steps     = $(shell $(PYTHON) -c "print(max(2, int($(1) * $(SCALE))))")
+EVALN     = $(shell $(PYTHON) -c "print(max(8, int(200 * min(1.0, $(SCALE) * 4))))")
+COMMON   := --device $(DEVICE) --seed 0 --keep 1
+
+.PHONY: all data prep tokenizer tokens pretrain sft lora reward dpo grpo distill reason reason-rl chat summary clean
+
+all: summary
+
+# 1. synthetic corpus: text, chat, preference, verifiable, reasoning, classification (+ val splits)
+data: $(D)/manifest.json
+$(D)/manifest.json:
+	$(TIAOYU) synth $(D) --seed 0 --text-mb $(shell $(PYTHON) -c "print(max(0.3, round($(TEXT_MB) * min(1.0, $(SCALE) * 4), 2)))")
+
+# 2. prep: clean + dedup the pretraining text (the synthetic text is clean; prep shows the counts)
+prep: $(OUT)/prep/text.jsonl
+$(OUT)/prep/text.jsonl: $(D)/manifest.json
+	$(TIAOYU) prep $(D)/text.train.jsonl -o $@
+
+# 3. tokenizer (BPE, byte fallback) and 4. token shards
+tokenizer: $(OUT)/tok/tokenizer.model
+$(OUT)/tok/tokenizer.model: $(OUT)/prep/text.jsonl
+	$(TIAOYU) tokenize train $(OUT)/prep/text.jsonl $(D)/chat.train.jsonl $(D)/reasoning.train.jsonl -o $(OUT)/tok --vocab-size $(VOCAB)
+
+tokens: $(OUT)/tokens/meta.json
+$(OUT)/tokens/meta.json: $(OUT)/tok/tokenizer.model
+	$(TIAOYU) tokenize encode $(OUT)/prep/text.jsonl --val $(D)/text.val.jsonl --tokenizer $(OUT)/tok -o $(OUT)/tokens --workers 2
+
+# 5. pretrain the tiny model (~1.5M parameters)
+pretrain: $(OUT)/base/latest/model.safetensors
+$(OUT)/base/latest/model.safetensors: $(OUT)/tokens/meta.json
+	$(TRAIN) pretrain $(OUT)/tokens -o $(OUT)/base --config $(RECIPE)pretrain.json $(COMMON) \
+	  --preset $(PRESET) --seq-len $(SEQ) --batch-size $(BATCH) --lr $(PRETRAIN_LR) \
+	  --max-steps $(call steps,$(PRETRAIN_STEPS)) --eval-every $(call steps,$(PRETRAIN_STEPS)/4)
+
+# 6. supervised fine-tuning on chat (answer accuracy on held-out questions before → after)
+sft: $(OUT)/sft/latest/model.safetensors
+$(OUT)/sft/latest/model.safetensors: $(OUT)/base/latest/model.safetensors
+	$(TRAIN) sft $(OUT)/base $(D)/chat.train.jsonl -o $(OUT)/sft --config $(RECIPE)sft.json $(COMMON) \
+	  --eval-data $(D)/chat.val.jsonl --eval-samples $(EVALN) --batch-size $(BATCH) \
+	  --max-steps $(call steps,$(SFT_STEPS)) --eval-every $(call steps,$(SFT_STEPS)/2)
+
+# 7. LoRA on the same data from the base (a small fraction of the parameters), then merged
+lora: $(OUT)/lora-merged/model.safetensors
+$(OUT)/lora-merged/model.safetensors: $(OUT)/base/latest/model.safetensors
+	$(TRAIN) lora $(OUT)/base $(D)/chat.train.jsonl -o $(OUT)/lora --rank 8 --alpha 16 $(COMMON) \
+	  --eval-data $(D)/chat.val.jsonl --eval-samples $(EVALN) --lr 0.003 --batch-size $(BATCH) --max-steps $(call steps,$(LORA_STEPS)) --eval-every $(call steps,$(LORA_STEPS)/2)
+	rm -rf $(OUT)/lora-merged
+	$(TIAOYU) lora merge $(OUT)/base $(OUT)/lora -o $(OUT)/lora-merged
+
+# 8. reward model on preference pairs (pairwise accuracy on held-out pairs)
+reward: $(OUT)/rm/latest/model.safetensors
+$(OUT)/rm/latest/model.safetensors: $(OUT)/sft/latest/model.safetensors
+	$(TRAIN) rlhf reward $(OUT)/sft $(D)/preference.train.jsonl --val $(D)/preference.val.jsonl -o $(OUT)/rm $(COMMON) \
+	  --lr 0.0005 --batch-size $(BATCH) --max-steps $(call steps,$(RM_STEPS)) --eval-every $(call steps,$(RM_STEPS)/2)
+
+# 9. DPO from the SFT model (held-out preference accuracy and margin)
+dpo: $(OUT)/dpo/latest/model.safetensors
+$(OUT)/dpo/latest/model.safetensors: $(OUT)/sft/latest/model.safetensors
+	$(TRAIN) rlhf dpo $(OUT)/sft $(D)/preference.train.jsonl --val $(D)/preference.val.jsonl -o $(OUT)/dpo --beta 0.1 $(COMMON) \
+	  --lr 0.0002 --batch-size $(BATCH) --max-steps $(call steps,$(DPO_STEPS)) --eval-every $(call steps,$(DPO_STEPS)/2)
+
+# 10. GRPO on verifiable arithmetic (held-out answer accuracy)
+grpo: $(OUT)/grpo/latest/model.safetensors
+$(OUT)/grpo/latest/model.safetensors: $(OUT)/sft/latest/model.safetensors
+	$(TRAIN) rlhf grpo $(OUT)/sft $(D)/verifiable.train.jsonl --val $(D)/verifiable.val.jsonl -o $(OUT)/grpo $(COMMON) \
+	  --lr 0.0002 --max-steps $(call steps,$(GRPO_STEPS)) --eval-every $(call steps,$(GRPO_STEPS)/2)
+
+# 11. white-box distillation of the SFT model into a smaller student
+distill: $(OUT)/student/latest/model.safetensors
+$(OUT)/student/latest/model.safetensors: $(OUT)/sft/latest/model.safetensors
+	$(TRAIN) distill --teacher $(OUT)/sft $(STUDENT) \
+	  $(D)/chat.train.jsonl --val $(D)/chat.val.jsonl -o $(OUT)/student --mode white $(COMMON) \
+	  --eval-samples $(EVALN) --lr 0.003 --batch-size $(BATCH) --max-steps $(call steps,$(DISTILL_STEPS)) --eval-every $(call steps,$(DISTILL_STEPS)/2)
+
+# 12. reasoning: think-format SFT on traces, then GRPO with verifiable rewards
+reason: $(OUT)/reason/latest/model.safetensors
+$(OUT)/reason/latest/model.safetensors: $(OUT)/sft/latest/model.safetensors
+	$(TRAIN) reason $(OUT)/sft $(D)/reasoning.train.jsonl --eval-data $(D)/reasoning.val.jsonl -o $(OUT)/reason $(COMMON) \
+	  --eval-samples $(EVALN) --lr 0.001 --batch-size $(BATCH) --max-steps $(call steps,$(REASON_STEPS)) --eval-every $(call steps,$(REASON_STEPS)/2)
+
+reason-rl: $(OUT)/reason-rl/latest/model.safetensors
+$(OUT)/reason-rl/latest/model.safetensors: $(OUT)/reason/latest/model.safetensors
+	$(TRAIN) reason --rl $(OUT)/reason $(D)/verifiable.train.jsonl --eval-data $(D)/verifiable.val.jsonl -o $(OUT)/reason-rl $(COMMON) \
+	  --eval-samples $(EVALN) --lr 0.0002 --max-steps $(call steps,$(REASON_RL_STEPS)) --eval-every $(call steps,$(REASON_RL_STEPS)/2)
+
+# 13. talk to the result
+chat: $(OUT)/chat.jsonl
+$(OUT)/chat.jsonl: $(OUT)/sft/latest/model.safetensors $(OUT)/reason-rl/latest/model.safetensors
+	$(TIAOYU) chat $(OUT)/sft --prompt "What is 3 + 4?" --temperature 0
+	head -n 5 $(D)/verifiable.val.jsonl | $(TIAOYU) chat $(OUT)/reason-rl --temperature 0 > $@.tmp && mv $@.tmp $@
+
+# 14. one table: stage, metric, before → after (also runs/demo/summary.json), and the loss curves
+summary: chat pretrain sft lora reward dpo grpo distill reason reason-rl
+	$(PYTHON) $(RECIPES)summary.py $(OUT)
+	-$(TIAOYU) eval plot $(OUT)/base $(OUT)/sft $(OUT)/lora $(OUT)/student $(OUT)/reason -o $(OUT)/curves.png
+
+clean:
+	rm -rf $(OUT)

@@ -1,0 +1,56 @@
+"""The training loop's options as a plain dataclass (no torch import: the CLI builds its flags from it)."""
+
+from __future__ import annotations
+
+import math
+
+from dataclasses import dataclass
+
+from tiaoyu_cli.errors import TiaoyuError
+
+
+@dataclass
+class TrainConfig:
+    """Options of the loop itself (each stage has its own dataclass for its objective and data)."""
+
+    out: str = "ckpt"
+    max_steps: int = 0  # budget: optimizer steps (0 = unset)
+    max_tokens: int = 0  # budget: training tokens (0 = unset)
+    max_time: float = 0.0  # budget: seconds of training (0 = unset)
+    epochs: float = 0.0  # budget for finite datasets (stage.steps_per_epoch), 0 = unset
+    batch_size: int = 16  # micro-batch size per process
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | wsd | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    device: str = "auto"
+    dtype: str = "auto"  # auto | bf16 | fp32
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # 0 = only at the end
+    keep: int = 2  # step folders to keep (0 = all)
+    resume: bool = False
+
+    def validate(self) -> None:
+        if not (self.max_steps or self.max_tokens or self.max_time or self.epochs):
+            raise TiaoyuError("no training budget: give --max-steps, --max-tokens, --max-time or --epochs")
+        for name in ("max_steps", "max_tokens", "max_time", "epochs", "eval_every", "save_every", "keep",
+                     "warmup_steps", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise TiaoyuError(f"--{name.replace('_', '-')} must not be negative")
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) <= 0:
+                raise TiaoyuError(f"--{name.replace('_', '-')} must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise TiaoyuError("--lr must be a positive number")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise TiaoyuError("--min-lr-ratio must be between 0 and 1")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise TiaoyuError(f"--schedule {self.schedule!r}: choose cosine, wsd or constant")
