@@ -5,7 +5,8 @@
 # interrupted run continues where it stopped, and `make -f recipes/<r>/Makefile sft` reruns one
 # stage (delete $(OUT)/sft first to redo it). SCALE multiplies every step budget.
 TIAOYU   ?= tiaoyu
-TRAIN    ?= $(TIAOYU)            # how training stages launch (multi-gpu: torchrun … -m tiaoyu_cli)
+# how training stages launch (multi-gpu: torchrun … -m tiaoyu_cli)
+TRAIN    ?= $(TIAOYU)
 PYTHON   ?= python3
 OUT      ?= runs/demo
 SCALE    ?= 1
