@@ -55,10 +55,10 @@ def main() -> None:
     cfg = preset(args.preset)
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, args.prompt_len + args.new_tokens))
     ours = Transformer(cfg).eval().to(device)
-    folder = Path(tempfile.mkdtemp(prefix="bench_decode_"))
-    save_model_files(folder, ours.cpu(), None)
-    ours.to(device)
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().to(device)
+    with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
+        save_model_files(Path(tmp), ours.cpu(), None)
+        ours.to(device)
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval().to(device)
 
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(8, cfg.vocab_size, (args.prompt_len,), generator=g).tolist()

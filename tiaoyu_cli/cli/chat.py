@@ -18,13 +18,13 @@ from tiaoyu_cli.errors import TiaoyuError
 EXAMPLES = """
 Examples:
 
-  tiaoyu chat ckpt/sft                                        # interactive; tokens stream as they are generated
+  tiaoyu chat ckpt/sft                                  # interactive, tokens stream
 
   tiaoyu chat ckpt/sft --prompt "What is 12 + 7?" --temperature 0
 
   tiaoyu chat ckpt/base --mode complete --prompt "Once upon a time"
 
-  tiaoyu chat teacher/ < prompts.jsonl > answers.jsonl        # {"prompt": …} or {"messages": […]} per line
+  tiaoyu chat teacher/ < prompts.jsonl > answers.jsonl  # batch, one line out per line in
 
   tiaoyu chat ckpt/reason --prompt "3 * 14 = ?" --hide-thinking
 """
@@ -88,9 +88,8 @@ def answer_once(cm, prompt: str, system: Optional[str], options, hide_thinking: 
             in_think = piece.reasoning
         out.write(piece.text)
         out.flush()
-    last = session.last
-    if in_think and last is not None and last.answer is not None and "</think>" in last.response:
-        out.write("</think>")
+    if in_think and session.last is not None and "</think>" in session.last.response:
+        out.write("</think>")  # the model closed its reasoning but wrote no answer after it
     out.write("\n")
     out.flush()
 
