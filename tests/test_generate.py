@@ -113,6 +113,8 @@ def test_fit_to_context_truncates_left_and_clamps():
     assert len(res.prompts[0]) + len(res.tokens[0]) == BASE["max_seq_len"] and res.truncated == [True]
     with pytest.raises(Exception):
         fit_to_context([[]], 4, 48)
+    with pytest.raises(ValueError, match="vocabulary"):
+        generate(m, [[2, V + 5]], 4)
 
 
 def test_logprobs_sampling_mode_is_a_distribution():

@@ -59,12 +59,19 @@ def register(app: typer.Typer) -> None:
             raise TiaoyuError(f"--batch-size must be >= 1, got {batch_size}")
         options = GenerationOptions(max_new_tokens=max_new_tokens, sampling=params, seed=seed)
         cm = load_chat_model(ckpt, device=device, mode=mode)
-        if prompt is not None:
-            answer_once(cm, prompt, system, options, hide_thinking)
-        elif sys.stdin.isatty():
-            repl(cm, system, options, hide_thinking)
-        else:
-            answer_jsonl(cm, sys.stdin.buffer, system, options, batch_size)
+        if system and cm.mode == "complete":
+            from tiaoyu_cli.cli.console import warn
+
+            warn("--system is ignored in complete mode (plain text continuation; --mode chat to use it)")
+        try:
+            if prompt is not None:
+                answer_once(cm, prompt, system, options, hide_thinking)
+            elif sys.stdin.isatty():
+                repl(cm, system, options, hide_thinking)
+            else:
+                answer_jsonl(cm, sys.stdin.buffer, system, options, batch_size)
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
 
 
 def _describe(cm) -> str:

@@ -286,6 +286,10 @@ def generate_detailed(model, prompts: list[list[int]], max_new_tokens: int = 256
         raise ValueError(f"logprobs must be None, 'model' or 'sampling', got {logprobs!r}")
     if not prompts:
         return GenerationResult([], [], [], [] if logprobs else None, [])
+    V = model.config.vocab_size
+    for p in prompts:
+        if any(not 0 <= int(t) < V for t in p):
+            raise ValueError(f"prompt holds a token id outside the model's vocabulary (0..{V - 1})")
     fitted, n_new, cut = fit_to_context([list(map(int, p)) for p in prompts], max_new_tokens, model.config.max_seq_len)
     device = next(model.parameters()).device
     gen = make_generator(seed, device) if not params.greedy else None
