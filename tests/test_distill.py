@@ -140,3 +140,126 @@ def test_topk_renormalises_on_the_support():
     q = torch.softmax(torch.tensor([0.0, 0.5]), -1)
     expected = float((p * (p.log() - q.log())).sum())
     assert float(topk_kd_loss(s, vals, idx)) == pytest.approx(expected, rel=1e-5)
+
+
+# ---- stage, CLI and data paths ----------------------------------------------------------------------
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tiaoyu_cli.errors import TiaoyuError  # noqa: E402
+from tiaoyu_cli.train.distill import DistillOptions, run_distill  # noqa: E402
+from tiaoyu_cli.train.trainer import TrainConfig  # noqa: E402
+
+SMALL = ["dim=64", "n_layers=2", "n_heads=2", "n_kv_heads=1", "ffn_dim=192"]
+
+
+def _train(out, **kw) -> TrainConfig:
+    base = dict(out=str(out), max_steps=2, batch_size=4, lr=2e-3, warmup_steps=0, log_every=1, device="cpu",
+                dtype="fp32", keep=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _prompts(synth_dir: Path, tmp_path: Path, n: int) -> Path:
+    """The first n chat.train questions as {"prompt": …} records (and one as a chat record)."""
+    recs = []
+    with open(synth_dir / "chat.train.jsonl", encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if len(r["messages"]) == 2 and r["messages"][0]["role"] == "user":
+                recs.append({"prompt": r["messages"][0]["content"]})
+            if len(recs) == n:
+                break
+    recs[-1] = {"messages": [{"role": "user", "content": recs[-1]["prompt"]}, {"role": "assistant", "content": "x"}]}
+    p = tmp_path / "prompts.jsonl"
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="module")
+def other_student(tmp_path_factory, synth_dir):
+    """A tiny model with a *different* tokenizer (another vocabulary size)."""
+    import torch
+
+    from tiaoyu_cli.model import Transformer, preset
+    from tiaoyu_cli.tokenizer import train_tokenizer
+    from tiaoyu_cli.train.checkpoint import save_model_files
+
+    root = tmp_path_factory.mktemp("other")
+    tok = train_tokenizer([str(synth_dir / "chat.train.jsonl")], root / "tok", vocab_size=600, num_threads=1)
+    torch.manual_seed(0)
+    net = Transformer(preset("tiny", vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                             ffn_dim=64, max_seq_len=128))
+    (root / "ckpt").mkdir()
+    save_model_files(root / "ckpt", net, tok)
+    return root / "ckpt"
+
+
+def test_white_box_refuses_different_tokenizers(base_ckpt, synth_dir, other_student, tmp_path):
+    opts = DistillOptions(teacher=base_ckpt, student=other_student, data=synth_dir / "chat.train.jsonl", mode="white")
+    with pytest.raises(TiaoyuError, match="different tokenizers.*--mode black"):
+        run_distill(opts, _train(tmp_path / "o"), log=_quiet)
+    assert not (tmp_path / "o" / "latest").exists()
+
+
+def test_cli_bad_input_is_one_clear_line(base_ckpt, tokens_dir, synth_dir, other_student, tmp_path, capfd):
+    from tiaoyu_cli.cli.main import main
+
+    def run(*args):
+        with pytest.raises(SystemExit) as e:
+            main(["distill", *map(str, args)])
+        out, err = capfd.readouterr()
+        return e.value.code, out, " ".join(err.split())
+
+    code, out, err = run("--teacher", base_ckpt, "--student", other_student, synth_dir / "chat.train.jsonl",
+                         "-o", tmp_path / "a", "--max-steps", "1")
+    assert code == 2 and "different tokenizers" in err and "Traceback" not in err and out == ""
+    code, _, err = run("--teacher", base_ckpt, "--student-preset", "tiny", "--data", tokens_dir, "--mode", "black",
+                       "-o", tmp_path / "b", "--max-steps", "1")
+    assert code == 2 and "black-box distillation needs prompts" in err
+    code, _, err = run("--teacher", base_ckpt, "--student-preset", "tiny", "--student", base_ckpt, tokens_dir,
+                       "-o", tmp_path / "c", "--max-steps", "1")
+    assert code == 2 and "give the student once" in err
+    code, _, err = run("--teacher", base_ckpt, "--student-preset", "tiny", tokens_dir, "-o", tmp_path / "d",
+                       "--max-steps", "1", "--divergence", "kl")
+    assert code == 2 and "--divergence 'kl'" in err
+    code, _, err = run("--teacher", base_ckpt, "--student-preset", "tiny", tokens_dir, "-o", tmp_path / "e",
+                       "--max-steps", "1", "--cache-topk", "8")
+    assert code == 2 and "--cache-topk needs a finite chat dataset" in err
+
+
+def test_black_box_end_to_end(base_ckpt, synth_dir, other_student, tmp_path):
+    """teacher → JSONL (the `tiaoyu chat` path) → SFT of a student with its own tokenizer."""
+    from tiaoyu_cli.data.jsonl import read_jsonl
+    from tiaoyu_cli.infer.sampling import SamplingParams
+    from tiaoyu_cli.infer.session import GenerationOptions, answer_records, load_chat_model
+    from tiaoyu_cli.train.checkpoint import load_tokenizer, load_trainer_info
+
+    prompts = _prompts(synth_dir, tmp_path, 6)
+    keep = tmp_path / "teacher.jsonl"
+    opts = DistillOptions(teacher=base_ckpt, student=other_student, data=prompts, mode="black", keep_teacher_data=keep,
+                          max_new_tokens=12, gen_batch_size=4)
+    res = run_distill(opts, _train(tmp_path / "student", max_steps=2, batch_size=2), log=_quiet)
+    assert res["step"] == 2
+    got = read_jsonl(keep)
+    assert len(got) >= 1
+    # the same answers `tiaoyu chat teacher/ < prompts.jsonl` gives (greedy)
+    cm = load_chat_model(base_ckpt, device="cpu", mode="chat")
+    ref = list(answer_records(cm, [(i + 1, r) for i, r in enumerate(read_jsonl(prompts))],
+                              GenerationOptions(max_new_tokens=12, sampling=SamplingParams(temperature=0.0)),
+                              batch_size=4))
+    ref_answers = [r["response"].strip() for r in ref if r["response"].strip()]
+    assert [g["messages"][-1]["content"] for g in got] == ref_answers
+    for g, p in zip(got, read_jsonl(prompts)):
+        assert g["messages"][-1]["role"] == "assistant" and g["messages"][0]["role"] == "user"
+    assert got[-1]["messages"][-1]["content"] != "x"  # a trailing assistant turn is answered anew
+    # the student kept its own tokenizer and is a distill checkpoint
+    out = tmp_path / "student" / "latest"
+    assert load_tokenizer(out).fingerprint == load_tokenizer(other_student).fingerprint
+    info = load_trainer_info(out)
+    assert info["stage"] == "distill" and info["parent"] == str(other_student)

@@ -19,7 +19,9 @@ COMMANDS: list[str] = [
     "tokenize",
     "pretrain",
     "chat",
+    "distill",
     "rlhf",
+    "reason",
 ]
 
 app = typer.Typer(

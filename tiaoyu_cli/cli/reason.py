@@ -1,0 +1,83 @@
+"""`tiaoyu reason`: reasoning models — think-format SFT on traces, then (`--rl`) GRPO on verifiable answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tiaoyu_cli.cli.common import train_options
+from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.train.config import TrainConfig
+
+EXAMPLES = """
+Examples:
+
+  tiaoyu reason ckpt/sft reasoning.train.jsonl -o ckpt/reason --eval-data verifiable.val.jsonl --epochs 3
+
+  tiaoyu reason --rl ckpt/reason verifiable.train.jsonl -o ckpt/reason-rl --eval-data verifiable.val.jsonl --max-steps 100
+
+  tiaoyu reason ckpt/sft reasoning.train.jsonl -o ckpt/direct --direct --epochs 3      # baseline: answers only
+
+  # traces from a reasoning teacher (black-box distillation of reasoning):
+  tiaoyu chat ckpt/teacher --temperature 0 < questions.jsonl > traces.jsonl && tiaoyu reason ckpt/sft traces.jsonl -o ckpt/reason
+
+  tiaoyu chat ckpt/reason-rl --prompt "What is 3 + 4 - 2?"                # thinking shown dimmed; --hide-thinking hides it
+"""
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("reason", epilog=EXAMPLES,
+                 help="Train a reasoning model: think-format SFT on traces (<think>steps</think>answer), or with "
+                      "--rl GRPO with verifiable rewards (answer correctness + format) on {prompt, answer} records.")
+    @train_options(out="ckpt/reason", lr=5e-4, batch_size=16, warmup_steps=20, weight_decay=0.0, log_every=10)
+    def reason(
+        ckpt: Path = typer.Argument(..., help="checkpoint to start from (sft for stage 1, the stage-1 result for --rl)"),
+        data: Path = typer.Argument(..., help="traces JSONL (chat records with \"reasoning\"), or with --rl "
+                                    "questions JSONL ({\"prompt\", \"answer\"})"),
+        rl: bool = typer.Option(False, "--rl", help="stage 2: GRPO with verifiable rewards instead of SFT"),
+        eval_data: Optional[Path] = typer.Option(None, help="held-out traces or {prompt, answer} records: answer "
+                                                 "accuracy and think-format rate (and val loss for traces)"),
+        eval_samples: int = typer.Option(200, help="held-out questions answered at each evaluation (0 = none)"),
+        eval_max_new_tokens: int = typer.Option(96, help="most tokens per generated eval answer"),
+        max_len: int = typer.Option(0, help="stage 1: most tokens per trace (0 = the model's max_seq_len)"),
+        direct: bool = typer.Option(False, "--direct", help="stage 1 baseline: drop the reasoning, learn answers only"),
+        skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
+        group_size: int = typer.Option(8, help="--rl: answers sampled per question (the GRPO group)"),
+        rollout_batch_size: int = typer.Option(4, help="--rl: questions per rollout (× --group-size answers)"),
+        max_new_tokens: int = typer.Option(64, help="--rl: most tokens per sampled answer"),
+        temperature: float = typer.Option(1.0, help="--rl: sampling temperature of the rollouts"),
+        beta: float = typer.Option(0.04, help="--rl: weight of the KL penalty to the starting model"),
+        format_weight: float = typer.Option(0.2, help="--rl: reward for the <think>…</think>answer format "
+                                            "(correctness gives 1)"),
+        open_think: bool = typer.Option(False, "--open-think/--no-open-think",
+                                        help="--rl: put <think> after the generation prompt (the model then only "
+                                             "has to close it)"),
+        *,
+        train: TrainConfig,
+    ) -> None:
+        from tiaoyu_cli.cli.console import console
+        from tiaoyu_cli.train import reason as R
+
+        def say(msg: str) -> None:
+            console.print(msg, markup=False, highlight=False, soft_wrap=True)
+
+        if rl:
+            if direct:
+                raise TiaoyuError("--direct is a stage-1 (SFT) baseline; it does not combine with --rl")
+            o = R.ReasonRLOptions(ckpt=ckpt, data=data, eval_data=eval_data, eval_samples=eval_samples,
+                                  eval_max_new_tokens=eval_max_new_tokens, skip_bad=skip_bad, group_size=group_size,
+                                  rollout_batch_size=rollout_batch_size,
+                                  max_new_tokens=max_new_tokens, temperature=temperature, beta=beta,
+                                  format_weight=format_weight, open_think=open_think)
+            res = R.run_reason_rl(o, train, log=say)
+        else:
+            o = R.ReasonOptions(ckpt=ckpt, data=data, eval_data=eval_data, eval_samples=eval_samples,
+                                eval_max_new_tokens=eval_max_new_tokens, max_len=max_len, skip_bad=skip_bad,
+                                direct=direct)
+            res = R.run_think_sft(o, train, log=say)
+        before = res.get("before") or {}
+        parts = [f"{k} {before[k]:.4g} → {v:.4g}" if k in before else f"{k} {v:.4g}"
+                 for k, v in res.items() if k not in ("step", "tokens", "before") and isinstance(v, (int, float))]
+        say(f"done: step {res.get('step')}" + (": " + ", ".join(parts) if parts else "") + f" → {train.out}/latest")

@@ -1,0 +1,482 @@
+"""Reasoning models: think first, then answer.
+
+    tiaoyu reason ckpt/sft traces.jsonl -o ckpt/reason --eval-data reasoning.val.jsonl
+    tiaoyu reason --rl ckpt/reason questions.jsonl -o ckpt/reason-rl --eval-data verifiable.val.jsonl
+
+Stage 1 — think-format SFT (seed 000, 推理模型训练: black-box distillation on data that contains the
+reasoning process). Every trace is a chat record whose assistant turn carries its steps in a separate
+"reasoning" field; the tokenizer renders it as
+
+    <|im_start|>assistant\\n<think>3 + 4 = 7. 7 - 2 = 5.</think>5<|im_end|>
+
+and the SFT stage learns all of it (reasoning, both think tags, answer), so the model learns to open
+<think>, work step by step, close it and give the bare answer. Traces come from the synthetic corpus
+(`reasoning.train.jsonl`) or from a reasoning teacher (`tiaoyu chat teacher/ < questions.jsonl >
+traces.jsonl` keeps "reasoning" and "answer" apart; those records are accepted as they are).
+`--direct` drops the reasoning and trains on the answers alone: the baseline at the same budget.
+
+Stage 2 — `--rl`: GRPO with verifiable rewards on `{"prompt", "answer"}` records (the rlhf GRPO
+engine), the policy prompted in the think format. Reward of a sampled response:
+
+    r = 1 · [final answer correct] + w_format · [format ok: <think>…</think> then a non-empty answer]
+
+(`train/answers.py`: the answer is the text after </think>; numbers compare as numbers).
+
+Trace checks (`load_traces`): the last assistant turn must carry reasoning — a "reasoning" field, or
+content with literal `<think>…</think>` markup (split into the two fields). A trace without reasoning,
+an unclosed `<think>`, or markup inside the reasoning is an error naming file:line (or, with
+`--skip-bad`, a counted skip).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from tiaoyu_cli.errors import DataError, TiaoyuError
+from tiaoyu_cli.train.trainer import TrainConfig
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+# ---- traces ----------------------------------------------------------------------------------------
+
+@dataclass
+class TraceStats:
+    records: int = 0
+    kept: int = 0
+    split_markup: int = 0  # content "<think>…</think>answer" turned into reasoning + answer
+    from_teacher: int = 0  # `tiaoyu chat` output records (prompt + reasoning + answer)
+    bad: int = 0  # skipped with --skip-bad
+    reasons: dict[str, int] = field(default_factory=dict)  # why records were skipped
+
+    def skip(self, why: str) -> None:
+        self.bad += 1
+        self.reasons[why] = self.reasons.get(why, 0) + 1
+
+    def summary(self) -> str:
+        s = f"{self.kept:,} traces from {self.records:,} records"
+        if self.from_teacher:
+            s += f" ({self.from_teacher:,} from a teacher's chat output)"
+        if self.split_markup:
+            s += f", {self.split_markup:,} with <think> markup split into reasoning + answer"
+        if self.bad:
+            why = ", ".join(f"{n} {w}" for w, n in sorted(self.reasons.items(), key=lambda kv: -kv[1]))
+            s += f", {self.bad:,} skipped ({why})"
+        return s
+
+
+def split_think(text: str) -> tuple[str | None, str]:
+    """Literal markup → (reasoning, answer): "<think>r</think>a" or "r</think>a" (the prompt opened it).
+    Text without markup → (None, text). An unclosed or doubled tag raises ValueError."""
+    n_open, n_close = text.count(THINK_OPEN), text.count(THINK_CLOSE)
+    if n_open == 0 and n_close == 0:
+        return None, text
+    if n_close == 0:
+        raise ValueError("<think> is never closed by </think>")
+    if n_open > 1 or n_close > 1:
+        raise ValueError("more than one <think>…</think> block")
+    head, answer = text.split(THINK_CLOSE, 1)
+    if n_open:
+        before, reasoning = head.split(THINK_OPEN, 1)
+        if before.strip():
+            raise ValueError("text before <think>")
+    else:
+        reasoning = head
+    return reasoning.strip(), answer.strip()
+
+
+def normalize_trace(rec: dict, name: str, line: int, stats: TraceStats) -> dict:
+    """One trace as a chat record whose last assistant turn has non-empty "reasoning" and "content".
+    Raises DataError (file:line, field) when it cannot be one."""
+    from tiaoyu_cli.data.chat import check_messages
+
+    if "messages" not in rec and "prompt" in rec and ("reasoning" in rec or "response" in rec):
+        rec = _from_chat_output(rec, name, line)  # `tiaoyu chat` output: prompt + response/reasoning/answer
+        stats.from_teacher += 1
+    elif "messages" not in rec and "prompt" in rec and "answer" in rec:
+        raise DataError("a question with only its final answer (no reasoning): think-format SFT needs the steps; "
+                        "train on {prompt, answer} records with `tiaoyu reason --rl`", name, line)
+    elif "messages" in rec and ("reasoning" in rec or "response" in rec):
+        rec = _from_chat_output(rec, name, line)
+        stats.from_teacher += 1
+    msgs = [dict(m) for m in check_messages(rec, name, line)]
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue  # user text is encoded as plain characters whatever it says
+        where = f"messages[{i}]"
+        if m.get("reasoning") is not None:  # the fields are already apart: no markup may remain in either
+            for key in ("reasoning", "content"):
+                if THINK_OPEN in m[key] or THINK_CLOSE in m[key]:
+                    raise DataError("literal <think>/</think> markup next to a reasoning field (the template adds "
+                                    "the tags itself)", name, line, f"{where}.{key}")
+            continue
+        try:
+            reasoning, answer = split_think(m["content"])
+        except ValueError as e:
+            raise DataError(str(e), name, line, f"{where}.content") from None
+        if reasoning is not None:
+            m["reasoning"], m["content"] = reasoning, answer
+            stats.split_markup += 1
+    turn = msgs[last]
+    if not (turn.get("reasoning") or "").strip():
+        raise DataError("the assistant turn has no reasoning (a \"reasoning\" field, or content written as "
+                        "<think>steps</think>answer): nothing to learn to think with", name, line,
+                        f"messages[{last}]")
+    if not turn["content"].strip():
+        raise DataError("the assistant turn has reasoning but no final answer after it", name, line,
+                        f"messages[{last}].content")
+    return {"messages": msgs}
+
+
+def _from_chat_output(rec: dict, name: str, line: int) -> dict:
+    """A record written by `tiaoyu chat` (input fields + "response", and "reasoning"/"answer" when the
+    model thought) → a chat record ending with the assistant's reasoning and answer."""
+    if "messages" in rec:
+        conv = rec["messages"]
+        if not isinstance(conv, list):
+            raise DataError("expected a list of messages", name, line, "messages")
+        if conv and isinstance(conv[-1], dict) and conv[-1].get("role") == "assistant":
+            conv = conv[:-1]
+    else:
+        p = rec["prompt"]
+        if isinstance(p, str):
+            conv = [{"role": "user", "content": p}]
+        elif isinstance(p, list):
+            conv = list(p)
+        else:
+            raise DataError("expected a string or a list of messages", name, line, "prompt")
+    reasoning, answer = rec.get("reasoning"), rec.get("answer")
+    if reasoning is None:
+        resp = rec.get("response")
+        if not isinstance(resp, str):
+            raise DataError("expected a string", name, line, "response")
+        try:
+            reasoning, answer = split_think(resp)
+        except ValueError as e:
+            raise DataError(f"{e}", name, line, "response") from None
+        if reasoning is None:
+            raise DataError("the response has no reasoning (no <think>…</think>): nothing to learn to think with",
+                            name, line, "response")
+    if not isinstance(reasoning, str) or not isinstance(answer, str):
+        raise DataError("reasoning and answer must be strings", name, line, "reasoning")
+    return {"messages": list(conv) + [{"role": "assistant", "reasoning": reasoning.strip(), "content": answer.strip()}]}
+
+
+def load_traces(path: str | Path, skip_bad: bool = False, direct: bool = False) -> tuple[list[dict], TraceStats]:
+    """Validated think-format chat records of a JSONL file (see the module docstring). `direct` drops the
+    reasoning (the direct-answer baseline)."""
+    from tiaoyu_cli.data.jsonl import iter_jsonl
+
+    name = str(path)
+    st = TraceStats()
+    jstats: dict = {}
+    out = []
+    for line, rec in iter_jsonl(path, skip_bad=skip_bad, stats=jstats):
+        st.records += 1
+        try:
+            r = normalize_trace(rec, name, line, st)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            st.skip(_short_reason(str(e)))
+            continue
+        if direct:
+            r = {"messages": [{k: v for k, v in m.items() if k != "reasoning"} for m in r["messages"]]}
+        out.append(r)
+        st.kept += 1
+    for _ in range(int(jstats.get("bad", 0))):
+        st.skip("malformed JSON")
+    if not out:
+        raise TiaoyuError(f"{name}: no usable reasoning traces ({st.summary()})")
+    return out, st
+
+
+def _short_reason(msg: str) -> str:
+    if "no reasoning" in msg or "only its final answer" in msg:
+        return "without reasoning"
+    if "never closed" in msg:
+        return "with an unclosed <think>"
+    if "markup" in msg or "<think>" in msg:
+        return "with stray <think> markup"
+    return "invalid"
+
+
+# ---- questions (stage 2) ----------------------------------------------------------------------------
+
+@dataclass
+class QuestionStats:
+    records: int = 0
+    kept: int = 0
+    bad: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        s = f"{self.kept:,} questions from {self.records:,} records"
+        if self.bad:
+            s += f", {self.bad:,} skipped (" + ", ".join(f"{n} {w}" for w, n in self.reasons.items()) + ")"
+        return s
+
+
+def load_questions(path: str | Path, skip_bad: bool = False) -> tuple[list[dict], QuestionStats]:
+    """`{"prompt": str | messages, "answer": str}` records (a chat record's last assistant content also
+    serves as the answer) → `{"prompt": messages, "answer": str, "line": int}`. A record without an answer
+    is an error naming file:line, or with `skip_bad` a counted skip."""
+    from tiaoyu_cli.data.jsonl import iter_jsonl
+    from tiaoyu_cli.train.answers import split_record
+
+    name = str(path)
+    st = QuestionStats()
+    jstats: dict = {}
+    out = []
+    for line, rec in iter_jsonl(path, skip_bad=skip_bad, stats=jstats):
+        st.records += 1
+        try:
+            if "messages" not in rec and "answer" not in rec:
+                raise DataError("missing: a verifiable question needs its final answer ({\"prompt\", \"answer\"})",
+                                name, line, "answer")
+            if "messages" not in rec and "prompt" not in rec:
+                raise DataError("missing: a verifiable question needs a prompt", name, line, "prompt")
+            ans = rec.get("answer")
+            if "messages" not in rec and (ans is None or not str(ans).strip()):
+                raise DataError("empty answer", name, line, "answer")
+            msgs, gold = split_record(rec, name, line)
+            if not gold.strip():
+                raise DataError("empty answer", name, line, "answer")
+            if not msgs or msgs[-1].get("role") != "user":
+                raise DataError("the prompt must end with a user message", name, line, "prompt")
+        except DataError as e:
+            if not skip_bad:
+                raise
+            st.bad += 1
+            why = "without an answer" if "answer" in str(e) else "invalid"
+            st.reasons[why] = st.reasons.get(why, 0) + 1
+            continue
+        out.append({"prompt": msgs, "answer": gold.strip(), "line": line})
+        st.kept += 1
+    st.bad += int(jstats.get("bad", 0))
+    if not out:
+        raise TiaoyuError(f"{name}: no usable questions with answers ({st.summary()})")
+    return out, st
+
+
+def read_eval_records(path: str | Path, tok, max_len: int):
+    """Held-out data for evaluation: (ChatDataset or None, records for answer accuracy). Chat/trace records
+    give a val loss and questions; {"prompt", "answer"} records give questions only."""
+    from tiaoyu_cli.data.chat import ChatDataset
+    from tiaoyu_cli.data.jsonl import read_jsonl
+
+    recs = read_jsonl(path)
+    if not recs:
+        raise TiaoyuError(f"--eval-data {path}: empty")
+    if all("messages" in r for r in recs):
+        ds = ChatDataset(path, tok, max_len)
+        # the question is everything before the last assistant turn; the reference is its content
+        records = [{"messages": [{k: v for k, v in m.items() if k != "reasoning"} for m in msgs]}
+                   for msgs in ds.messages if msgs[-1]["role"] == "assistant"]
+        return ds, records
+    qs, _ = load_questions(path)
+    return None, qs
+
+
+# ---- stage 1: think-format SFT ----------------------------------------------------------------------
+
+def think_metrics(report) -> dict[str, float]:
+    """Answer accuracy plus the share of responses in the think format (<think>…</think>answer)."""
+    from tiaoyu_cli.train.answers import format_ok
+
+    n = max(1, len(report.samples))
+    return {"answer_acc": report.accuracy,
+            "format_rate": sum(format_ok(s["response"], require_think=True) for s in report.samples) / n}
+
+
+def make_reason_sft_stage(rows, cfg, batch_size: int, seed: int, eval_data, eval_records, info: dict):
+    """The SFT stage, named "reason", whose evaluation also reports the think-format rate."""
+    from tiaoyu_cli.train.sft import SFTStage
+
+    class ReasonSFTStage(SFTStage):
+        name = "reason"
+
+        @torch.no_grad()
+        def evaluate(self, model: nn.Module) -> dict[str, float]:
+            res = super().evaluate(model)
+            rep = getattr(self, "last_answers", None)
+            if rep is not None and self.eval_records and self.cfg.eval_samples:
+                res.update(think_metrics(rep))
+            return res
+
+    return ReasonSFTStage(rows, cfg, batch_size, seed=seed, eval_data=eval_data, eval_records=eval_records,
+                          name="reason", info=info)
+
+
+@dataclass
+class ReasonOptions:
+    ckpt: Path
+    data: Path
+    eval_data: Path | None = None
+    eval_samples: int = 200
+    eval_max_new_tokens: int = 96
+    max_len: int = 0
+    skip_bad: bool = False
+    direct: bool = False
+
+
+def run_think_sft(o: ReasonOptions, train: TrainConfig, log=print) -> dict:
+    """Stage 1: validate the traces, then SFT on them (the SFT stage, loss on reasoning + answer)."""
+    from tiaoyu_cli.data.chat import ChatDataset
+    from tiaoyu_cli.train import distributed as D
+    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    from tiaoyu_cli.train.sft import SFTConfig
+    from tiaoyu_cli.train.trainer import Trainer, TrainingInterrupted, check_output
+
+    _default_budget(train, log)
+    train.validate()
+    check_output(train.out, train.resume)
+    if o.eval_samples < 0 or o.max_len < 0 or o.eval_max_new_tokens < 1:
+        raise TiaoyuError("--eval-samples and --max-len must not be negative, --eval-max-new-tokens positive")
+    base = resolve_checkpoint(o.ckpt)
+    tok = load_tokenizer(base)
+    traces, st = load_traces(o.data, skip_bad=o.skip_bad, direct=o.direct)
+    torch.manual_seed(train.seed)
+    model, base = load_model(base)
+    max_len = o.max_len or model.config.max_seq_len
+    if max_len > model.config.max_seq_len:
+        raise TiaoyuError(f"--max-len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    ds = ChatDataset(traces, tok, max_len, name=str(o.data))
+    eval_ds, eval_records = (None, [])
+    if o.eval_data is not None:
+        eval_ds, eval_records = read_eval_records(o.eval_data, tok, max_len)
+    cfg = SFTConfig(max_len=max_len, eval_samples=o.eval_samples if eval_records else 0,
+                    eval_max_new_tokens=o.eval_max_new_tokens)
+    stage = make_reason_sft_stage(ds.examples, cfg, train.batch_size, train.seed, eval_ds, eval_records,
+                                  info={"step": "think-sft" if not o.direct else "direct-sft", "data": str(o.data),
+                                        "eval_data": str(o.eval_data) if o.eval_data else None,
+                                        "traces": vars(st)})
+    log(f"reason ({'direct-answer baseline' if o.direct else 'think-format SFT'}): {base} → {train.out}; "
+        f"{st.summary()}; {ds.stats.tokens:,} tokens ({ds.stats.loss_tokens:,} learned)")
+    trainer = None
+    try:
+        trainer = Trainer(model, stage, train, tokenizer=tok, parent=str(base), log=log)
+        before = _eval_before(trainer, stage, train, log) if eval_records or eval_ds else {}
+        res = trainer.fit()
+        return {**res, "before": before}
+    except KeyboardInterrupt:
+        raise TrainingInterrupted("interrupted before training started; nothing was saved") from None
+    finally:
+        if trainer is not None:
+            D.cleanup(trainer.dist)
+
+
+def _default_budget(train: TrainConfig, log) -> None:
+    if not (train.max_steps or train.max_tokens or train.max_time or train.epochs):
+        train.epochs = 1.0
+        log("no budget given (--max-steps/--max-tokens/--max-time/--epochs): training 1 epoch")
+
+
+def _eval_before(trainer, stage, train: TrainConfig, log) -> dict[str, Any]:
+    if train.resume or not trainer.dist.is_main:
+        return {}
+    trainer.raw_model.eval()
+    with torch.no_grad(), trainer.autocast():
+        before = stage.evaluate(trainer.raw_model)
+    trainer.raw_model.train()
+    if before:
+        log("before: " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
+    return before
+
+
+# ---- stage 2: GRPO with verifiable rewards ----------------------------------------------------------
+
+@dataclass
+class ReasonRLOptions:
+    ckpt: Path
+    data: Path
+    eval_data: Path | None = None
+    eval_samples: int = 200
+    eval_max_new_tokens: int = 96  # (GRPO evaluates with its rollout length, --max-new-tokens)
+    skip_bad: bool = False
+    group_size: int = 8
+    rollout_batch_size: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    beta: float = 0.04
+    format_weight: float = 0.2
+    open_think: bool = False
+
+
+def question_examples(records: list[dict], tok, room: int, name: str, skip_bad: bool) -> tuple[list, int]:
+    """PromptExamples (chat prompt ids + answer) for GRPO; a prompt too long for the context is an error or,
+    with --skip-bad, a counted skip. Returns (examples, skipped)."""
+    from tiaoyu_cli.data.preference import PromptExample, encode_prompt
+
+    out, skipped = [], 0
+    for r in records:
+        ids = encode_prompt(tok, r["prompt"])
+        if len(ids) > room:
+            if not skip_bad:
+                raise DataError(f"prompt is {len(ids)} tokens; at most {room} fit with --max-new-tokens", name,
+                                r["line"], "prompt")
+            skipped += 1
+            continue
+        out.append(PromptExample(ids, r["answer"], {"prompt": r["prompt"], "answer": r["answer"]}, r["line"]))
+    return out, skipped
+
+
+def run_reason_rl(o: ReasonRLOptions, train: TrainConfig, log=print) -> dict:
+    """Stage 2: GRPO (the rlhf engine's `GRPOStage`) on verifiable questions, rewarding a correct final
+    answer (1) and the think format (`format_weight`: <think>…</think> first, then a non-empty answer)."""
+    from tiaoyu_cli.train import distributed as D
+    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.train.grpo import GRPOConfig, GRPOStage
+    from tiaoyu_cli.train.rl_common import load_reference, split_holdout, start_run
+    from tiaoyu_cli.train.trainer import Trainer, TrainingInterrupted
+
+    if o.format_weight < 0:
+        raise TiaoyuError("--format-weight must not be negative")
+    cfg = GRPOConfig(group_size=o.group_size, rollout_batch_size=o.rollout_batch_size, beta=o.beta,
+                     format_reward=o.format_weight, think_format=True, open_think=o.open_think,
+                     max_new_tokens=o.max_new_tokens, temperature=o.temperature, eval_size=o.eval_samples)
+    cfg.validate()
+    if not (train.max_steps or train.max_tokens or train.max_time or train.epochs):
+        raise TiaoyuError("no training budget: give --max-steps (GRPO steps) or --max-time")
+    start_run(train)
+    model, folder = load_model(o.ckpt)
+    if model.config.num_labels:
+        raise TiaoyuError(f"{folder} has a score head (a reward model or classifier): reason --rl trains a language model")
+    tok = load_tokenizer(folder)
+    room = model.config.max_seq_len - o.max_new_tokens - (1 if o.open_think else 0)
+    if room < 1:
+        raise TiaoyuError(f"--max-new-tokens {o.max_new_tokens} leaves no room for a prompt in the model's context "
+                          f"of {model.config.max_seq_len} tokens")
+    qs, st = load_questions(o.data, skip_bad=o.skip_bad)
+    train_ex, too_long = question_examples(qs, tok, room, str(o.data), o.skip_bad)
+    if o.eval_data is not None:
+        held_recs = load_questions(o.eval_data, skip_bad=o.skip_bad)[0]
+        held = question_examples(held_recs, tok, room, str(o.eval_data), True)[0]
+    else:
+        train_ex, held = split_holdout(train_ex, 0.05, train.seed)
+    if not train_ex:
+        raise TiaoyuError(f"{o.data}: no question fits the context")
+    ref = load_reference(folder, tok) if o.beta > 0 else None
+    log(f"reason --rl (GRPO, think format): {folder} → {train.out}; {st.summary()}"
+        + (f", {too_long} too long skipped" if too_long else "") + f"; {len(held)} held out; "
+        f"{o.rollout_batch_size} questions × {o.group_size} answers per rollout; reward = correct + "
+        f"{o.format_weight} × format; β {o.beta}")
+    stage = GRPOStage(train_ex, held, cfg, batch_size=train.batch_size, tokenizer=tok, ref_model=ref, seed=train.seed)
+    stage.name = "reason-rl"
+    trainer = None
+    try:
+        trainer = Trainer(model, stage, train, tokenizer=tok, parent=str(folder), log=log)
+        before = _eval_before(trainer, stage, train, log) if held else {}
+        res = trainer.fit()
+        return {**res, "before": before}
+    except KeyboardInterrupt:
+        raise TrainingInterrupted("interrupted before training started; nothing was saved") from None
+    finally:
+        if trainer is not None:
+            D.cleanup(trainer.dist)
