@@ -111,3 +111,79 @@ def test_load_questions(tmp_path):
     assert st.kept == 3 and st.bad == 2 and st.reasons == {"without an answer": 2}
     assert qs[0] == {"prompt": [{"role": "user", "content": "What is 3 + 4?"}], "answer": "7", "line": 1}
     assert qs[1]["answer"] == "4" and qs[2]["answer"] == "6"
+
+
+# ---- runs on the tiny base ------------------------------------------------------------------------------
+
+from tiaoyu_cli.train.trainer import TrainConfig  # noqa: E402
+
+
+def _train(out, **kw) -> TrainConfig:
+    base = dict(out=str(out), max_steps=2, batch_size=4, lr=1e-3, warmup_steps=0, log_every=1, device="cpu",
+                dtype="fp32", keep=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _head(src: Path, dst: Path, n: int) -> Path:
+    lines = src.read_text(encoding="utf-8").splitlines()[:n]
+    dst.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dst
+
+
+def test_think_sft_trains_on_reasoning_tokens(base_ckpt, synth_dir, tmp_path):
+    """Stage 1 is the SFT stage on <think>steps</think>answer: the reasoning tokens are learned."""
+    from tiaoyu_cli.data.chat import ChatDataset
+    from tiaoyu_cli.tokenizer import Tokenizer
+    from tiaoyu_cli.train.checkpoint import load_trainer_info
+    from tiaoyu_cli.train.reason import ReasonOptions, run_think_sft
+
+    tok = Tokenizer.load(base_ckpt)
+    traces, _ = load_traces(synth_dir / "reasoning.train.jsonl")
+    ex = ChatDataset(traces[:1], tok, 128).examples[0]
+    learned = [i for i, m in zip(ex.ids, ex.loss_mask) if m]
+    assert learned[0] == tok.think_id and tok.end_think_id in learned and learned[-1] == tok.im_end_id
+    assert tok.decode(learned[1:learned.index(tok.end_think_id)]) == traces[0]["messages"][-1]["reasoning"]
+
+    data = _head(synth_dir / "reasoning.train.jsonl", tmp_path / "traces.jsonl", 16)
+    val = _head(synth_dir / "verifiable.val.jsonl", tmp_path / "val.jsonl", 4)
+    o = ReasonOptions(ckpt=base_ckpt, data=data, eval_data=val, eval_samples=4, eval_max_new_tokens=8)
+    res = run_think_sft(o, _train(tmp_path / "r"), log=lambda m: None)
+    assert res["step"] == 2 and {"answer_acc", "format_rate"} <= set(res) and {"answer_acc", "format_rate"} <= set(res["before"])
+    info = load_trainer_info(tmp_path / "r")
+    assert info["stage"] == "reason" and info["stage_config"]["step"] == "think-sft"
+
+
+def test_reason_rl_runs_grpo_with_think_format(base_ckpt, synth_dir, tmp_path):
+    from tiaoyu_cli.train.checkpoint import load_trainer_info
+    from tiaoyu_cli.train.reason import ReasonRLOptions, run_reason_rl
+
+    qs = _head(synth_dir / "verifiable.train.jsonl", tmp_path / "q.jsonl", 8)
+    val = _head(synth_dir / "reasoning.val.jsonl", tmp_path / "val.jsonl", 4)  # chat records serve as questions too
+    o = ReasonRLOptions(ckpt=base_ckpt, data=qs, eval_data=val, eval_samples=4, group_size=2, rollout_batch_size=2,
+                        max_new_tokens=8, beta=0.04, format_weight=0.2)
+    res = run_reason_rl(o, _train(tmp_path / "rl", batch_size=4), log=lambda m: None)
+    assert res["step"] == 2 and "val_accuracy" in res and "val_format_rate" in res
+    info = load_trainer_info(tmp_path / "rl")
+    assert info["stage"] == "reason-rl"
+
+
+def test_cli_bad_input(base_ckpt, tmp_path, capfd):
+    from tiaoyu_cli.cli.main import main
+
+    def run(*args):
+        with pytest.raises(SystemExit) as e:
+            main(["reason", *map(str, args)])
+        out, err = capfd.readouterr()
+        return e.value.code, out, " ".join(err.split())
+
+    traces = _write(tmp_path / "t.jsonl", [_trace(), {"messages": [{"role": "user", "content": "q"},
+                                                                 {"role": "assistant", "content": "7"}]}])
+    code, out, err = run(base_ckpt, traces, "-o", tmp_path / "a", "--max-steps", "1")
+    assert code == 2 and "t.jsonl:2" in err and "no reasoning" in err and "Traceback" not in err and out == ""
+    qs = _write(tmp_path / "q.jsonl", [{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "What is 2 + 2?"}])
+    code, _, err = run("--rl", base_ckpt, qs, "-o", tmp_path / "b", "--max-steps", "1")
+    assert code == 2 and "q.jsonl:2" in err and "answer" in err
+    code, _, err = run("--rl", "--direct", base_ckpt, qs, "-o", tmp_path / "c", "--max-steps", "1")
+    assert code == 2 and "--direct" in err
+    assert not (tmp_path / "a" / "latest").exists() and not (tmp_path / "b" / "latest").exists()
