@@ -8,7 +8,9 @@ reference is the straightforward single-process loop a user would write:
 
 Prints one JSON line: MB/s of ours (engine time, best of --rounds alternating rounds; and the whole
 CLI command once, Python start-up included) and of the reference, the speed-ups, the 1-minute load
-average (other work on the machine skews the figures), and whether both made identical tokens.
+average (other work on the machine skews the wall-clock figures), the CPU seconds each side spent
+(main process + workers for ours) with the speed-up they project for idle cores, and whether both
+made identical tokens.
 
     python benchmarks/bench_tokenize.py            # ~20 MB input, --workers 2, 3 rounds
     python benchmarks/bench_tokenize.py --mb 100 --workers 4
@@ -73,6 +75,13 @@ def reference(data: Path, model: Path, out: Path) -> tuple[float, np.ndarray]:
     return time.perf_counter() - t0, arr
 
 
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)  # worker processes, once they have exited
+    return r.ru_utime + r.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=20.0, help="input size in MB")
@@ -96,13 +105,18 @@ def main() -> None:
         tok = train_tokenizer([str(small)], tmp / "tok", vocab_size=args.vocab_size)
 
         # alternate the two a few times: on a shared machine the best round is the fairest figure
-        ref_times, ours_times = [], []
+        # CPU seconds are counted too: they do not depend on what else runs on the machine
+        ref_times, ours_times, ref_cpu, ours_cpu = [], [], [], []
         for r in range(args.rounds):
+            c0 = time.process_time()
             t, ref_arr = reference(data, tmp / "tok" / "tokenizer.model", tmp / "ref.safetensors")
             ref_times.append(t)
+            ref_cpu.append(time.process_time() - c0)
+            c0, k0 = time.process_time(), _children_cpu()
             t0 = time.perf_counter()
             encode_corpus([str(data)], tmp / "tok", tmp / "tokens", workers=args.workers, val_ratio=0)
             ours_times.append(time.perf_counter() - t0)
+            ours_cpu.append(time.process_time() - c0 + _children_cpu() - k0)
         train, _ = open_tokens(tmp / "tokens")
         same = bool(np.array_equal(np.concatenate(train.arrays()), ref_arr))
 
@@ -124,6 +138,10 @@ def main() -> None:
         "reference_single_spm_mb_s": round(mb / min(ref_times), 2),
         "speedup": round(min(ref_times) / min(ours_times), 2),
         "speedup_median": round(float(np.median(ref_times) / np.median(ours_times)), 2),
+        "ours_cpu_s": round(min(ours_cpu), 3),
+        "reference_cpu_s": round(min(ref_cpu), 3),
+        # what --workers N would give on N idle cores: the work splits evenly, so it is N x the CPU ratio
+        "projected_speedup_idle": round(args.workers * min(ref_cpu) / min(ours_cpu), 2),
         "ours_cli_mb_s": round(mb / cli_s, 2),
         "speedup_cli_incl_startup": round(min(ref_times) / cli_s, 2),
         "load_avg_1m": round(os.getloadavg()[0], 2),
