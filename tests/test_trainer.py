@@ -259,3 +259,47 @@ def test_lm_loss_is_mean_cross_entropy():
     logp = torch.log_softmax(logits, -1)
     picked = [-logp[b, t, targets[b, t]] for b in range(2) for t in range(5) if targets[b, t] != -100]
     assert lm_loss(logits, targets).item() == pytest.approx(float(sum(picked) / len(picked)), rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [5, 256])
+def test_linear_cross_entropy_equals_head_then_cross_entropy(chunk):
+    """The fused head + loss gives the value and the gradients of F.linear → lm_loss (fp32), also
+    with ignored targets, several chunks and a scaled upstream gradient."""
+    from tiaoyu_cli.train.lm import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 7, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    y = torch.randint(0, 40, (2, 7))
+    y[1, 2:5] = -100
+    ref = lm_loss(torch.nn.functional.linear(h, w), y)
+    (3.0 * ref).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    got = linear_cross_entropy(h, w, y, chunk=chunk)
+    (3.0 * got).backward()
+    assert got.item() == pytest.approx(ref.item(), abs=1e-5)
+    assert torch.allclose(h.grad, gh, atol=1e-5) and torch.allclose(w.grad, gw, atol=1e-5)
+    assert h.grad[1, 2:5].abs().max() == 0  # ignored positions get no gradient
+    with torch.no_grad():  # evaluation: the value alone
+        assert linear_cross_entropy(h, w, y).item() == pytest.approx(ref.item(), abs=1e-5)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_is_close():
+    from tiaoyu_cli.train.lm import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(64, 32, requires_grad=True)
+    w = (0.1 * torch.randn(100, 32)).requires_grad_()
+    y = torch.randint(0, 100, (64,))
+    with torch.autocast("cpu", torch.bfloat16):
+        ref = lm_loss(torch.nn.functional.linear(h, w), y)
+    ref.backward()
+    gw = w.grad.clone()
+    w.grad = None
+    with torch.autocast("cpu", torch.bfloat16):
+        got = linear_cross_entropy(h, w, y, chunk=16)
+    got.backward()
+    assert got.dtype == torch.float32 and w.grad.dtype == torch.float32
+    assert got.item() == pytest.approx(ref.item(), rel=1e-2)
+    assert (w.grad - gw).abs().max() < 0.02 * gw.abs().max()

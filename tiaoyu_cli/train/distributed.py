@@ -82,5 +82,11 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Leave the process group together: a process that tears gloo down while its peer is still
+    inside a collective can make that peer abort."""
     if info.enabled and dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer is gone already (it failed): just leave
+            pass
         dist.destroy_process_group()

@@ -28,6 +28,71 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -10
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The LM head and the cross-entropy in one step, a chunk of rows at a time.
+
+    For rows h_i (hidden states) and head W: z_i = W h_i, L = (1/n) Σ_i [logsumexp(z_i) − z_i[y_i]].
+    Its gradient is known in closed form, dL/dz_i = (softmax(z_i) − onehot(y_i)) / n, so each chunk's
+    logits become that gradient in place and are folded into dL/dh_i = W^T dz_i and dL/dW += dz_i h_i^T
+    right away. The full N×V logits (and the log-softmax, and the zero-filled gradient of the
+    usual path) never exist: on a CPU the chunk stays in cache, on a GPU memory stays small.
+    The matmuls run in `dtype` (bf16 under autocast), the softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, targets, ignore_index: int, chunk: int, dtype, need_grad: bool):
+        valid = targets != ignore_index
+        n = valid.sum().clamp(min=1).to(torch.float32)
+        with torch.autocast(h.device.type, enabled=False):
+            hc, wc = h.to(dtype), w.to(dtype)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_grad else None
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=h.device) if need_grad else None
+            for s in range(0, h.shape[0], chunk):
+                e = min(h.shape[0], s + chunk)
+                z = torch.mm(hc[s:e], wc.t()).float()  # [c, V] logits of this chunk
+                lse = torch.logsumexp(z, dim=-1)
+                ok = valid[s:e]
+                y = targets[s:e].clamp(min=0)[:, None]
+                total += ((lse - z.gather(1, y).squeeze(1)) * ok).sum()
+                if need_grad:
+                    dz = z.sub_(lse[:, None]).exp_()  # softmax, in place
+                    dz.scatter_add_(1, y, -ok.to(dz.dtype)[:, None])  # − onehot(y) on counted rows
+                    if not bool(ok.all()):
+                        dz.mul_(ok[:, None])
+                    dz = dz.to(dtype)
+                    grad_h[s:e] = torch.mm(dz, wc)
+                    grad_w.add_(torch.mm(dz.t(), hc[s:e]))
+        ctx.save_for_backward(grad_h, grad_w, n)
+        ctx.w_dtype = w.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, n = ctx.saved_tensors
+        scale = grad_out / n
+        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.w_dtype), None, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100, chunk: int | None = None) -> torch.Tensor:
+    """L = −(1/N) Σ_t log softmax(W h_t)[y_t] over the N positions whose target ≠ ignore_index —
+    `lm_loss(F.linear(hidden, weight), targets)` computed without materialising the logits.
+
+    hidden: [..., d], weight: [V, d] (the LM head), targets: [...]. Under autocast the matmuls run
+    in the autocast dtype, the softmax and the loss in fp32.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = targets.reshape(-1)
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    if chunk is None:  # CPU: a few MB of logits per chunk stay in cache; GPU: big chunks, few kernels
+        vocab = weight.shape[0]
+        chunk = 256 if dev == "cpu" else max(1024, (1 << 25) // vocab)
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(h, weight, y, ignore_index, chunk, dtype, need_grad)
+
+
 @dataclass
 class PretrainConfig:
     seq_len: int = 256
@@ -105,8 +170,13 @@ class PretrainStage(BaseStage):
 
     def step(self, model: nn.Module, batch: torch.Tensor) -> StepOutput:
         x, y = batch[:, :-1], batch[:, 1:]
-        out = model(x)
-        loss = lm_loss(out.logits, y)
+        head = getattr(self.trainer.raw_model, "output_weight", None)
+        if head is not None:  # hidden states only; the head runs inside the fused loss
+            out = model(x, compute_logits=False)
+            loss = linear_cross_entropy(out.hidden, head, y)
+        else:
+            out = model(x)
+            loss = lm_loss(out.logits, y)
         metrics = {}
         if out.aux_loss is not None:  # tensors: the Trainer reads them only at log steps
             metrics["aux_loss"] = out.aux_loss.detach()
@@ -129,8 +199,12 @@ class PretrainStage(BaseStage):
         loss_sum, count = 0.0, 0
         for i in range(0, len(starts), self.batch_size):
             b = self._windows(shards, starts[i:i + self.batch_size]).to(self.device)
-            out = model(b[:, :-1])
-            loss_sum += float(lm_loss(out.logits, b[:, 1:])) * b[:, 1:].numel()
+            head = getattr(model, "output_weight", None)
+            if head is not None:
+                loss = linear_cross_entropy(model(b[:, :-1], compute_logits=False).hidden, head, b[:, 1:])
+            else:
+                loss = lm_loss(model(b[:, :-1]).logits, b[:, 1:])
+            loss_sum += float(loss) * b[:, 1:].numel()
             count += b[:, 1:].numel()
         val_loss = loss_sum / count
         res = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}

@@ -9,7 +9,8 @@ import torch
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                     device: torch.device) -> torch.optim.AdamW:
-    """No decay on norms, biases and embeddings (1-D tensors and `embed_*`); fused AdamW on CUDA."""
+    """No decay on norms, biases and embeddings (1-D tensors and `embed_*`). The fused AdamW kernel
+    (one pass over all parameters) on CUDA and CPU, where this torch has it; else the default."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -17,8 +18,12 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
         (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
+    if device.type in ("cuda", "cpu"):
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+        except (RuntimeError, ValueError, TypeError):  # an older torch without the fused kernel here
+            pass
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
 def lr_at(step: int, total: int, base_lr: float, warmup: int, schedule: str = "cosine", min_ratio: float = 0.1,
