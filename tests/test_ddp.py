@@ -58,3 +58,33 @@ def test_nproc_convenience_equals_one(single, tmp_path):
     r = run_cli("pretrain", assets() / "tokens", "-o", out, *ARGS, "--batch-size", "4", "--nproc", "2")
     assert r.returncode == 0, r.stderr
     check_same(single, out, r.stderr)
+
+
+def test_nproc_sigterm_saves_once_and_resumes(tmp_path):
+    """SIGTERM to the launcher reaches both processes once: they agree on the step, rank 0 saves and
+    reports, everybody exits 143; --resume (again with --nproc 2) carries on from that step."""
+    import signal
+    import time
+
+    from pretrain_data import tiaoyu_cmd
+
+    out = tmp_path / "run"
+    args = [a if a != "8" else "100000" for a in ARGS]  # --max-steps: longer than we wait
+    proc = subprocess.Popen(tiaoyu_cmd("pretrain", assets() / "tokens", "-o", out, *args, "--batch-size", "4",
+                                       "--nproc", "2"), env=env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.count("error:") == 1 and "interrupted at step" in err and "Traceback" not in err, err
+    saved = [p.name for p in out.glob("step-*")]
+    assert len(saved) == 1
+    step = int(saved[0].split("-")[1])
+    resume_args = [a if a != "100000" else str(step + 3) for a in args]
+    r = run_cli("pretrain", assets() / "tokens", "-o", out, *resume_args, "--batch-size", "4", "--nproc", "2", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert sorted(train_losses(out)) == list(range(1, step + 4))

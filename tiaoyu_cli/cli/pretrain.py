@@ -107,41 +107,68 @@ def build(tokens: Path, preset: str, model: Optional[List[str]], init: Optional[
     return net, tok, train_sh, val_sh, sl
 
 
-def relaunch_with_torchrun(nproc: int) -> None:
-    """`--nproc N`: run this same command as N processes under torchrun (DDP) on this machine.
-    Ctrl-C / SIGTERM reach the processes once, through torchrun, and each saves before it exits."""
-    argv = sys.argv[1:]
-    clean = []
-    skip = False
-    for a in argv:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_processes(nproc: int) -> None:
+    """`--nproc N`: run this same command as N local processes, set up exactly as torchrun would
+    (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT; env:// rendezvous), then exit with their status.
+
+    Ctrl-C / SIGTERM reach every process once (they save a checkpoint together and exit); if one
+    process fails, the others get SIGTERM and, should they hang in a collective, SIGKILL.
+    """
+    import time
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:
         if skip:
             skip = False
-            continue
-        if a == "--nproc":
+        elif a == "--nproc":
             skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        clean.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "tiaoyu_cli", *clean]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # our own signals are forwarded below
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    port = _free_port()
+    threads = str(max(1, (os.cpu_count() or 1) // nproc))
+    procs = []
+    for rank in range(nproc):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+        env.setdefault("OMP_NUM_THREADS", threads)
+        # own session: a terminal's Ctrl-C reaches only this launcher, which passes it on once
+        procs.append(subprocess.Popen([sys.executable, "-m", "tiaoyu_cli", *argv], env=env, start_new_session=True))
 
     def forward(signum, frame):
-        try:
-            proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        rc = proc.wait()
+        failed_at = None
+        while any(p.poll() is None for p in procs):
+            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+                failed_at = time.monotonic()
+            if failed_at is not None:
+                waited = time.monotonic() - failed_at
+                for p in procs:
+                    if p.poll() is None and waited > 20:
+                        p.kill()
+                    elif p.poll() is None and waited > 10:
+                        p.terminate()
+            time.sleep(0.05)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    raise SystemExit(rc if rc >= 0 else 128 - rc)
+    codes = [p.returncode if p.returncode >= 0 else 128 - p.returncode for p in procs]
+    raise SystemExit(codes[0] or next((c for c in codes if c), 0))
+
+
+relaunch_with_torchrun = launch_processes  # the name of the first version
 
 
 def register(app: typer.Typer) -> None:
@@ -158,7 +185,7 @@ def register(app: typer.Typer) -> None:
         seq_len: int = typer.Option(0, help="tokens per training window (0 = the model's max_seq_len)"),
         sampling: str = typer.Option("random", help="random windows, or sequential passes over the stream"),
         eval_batches: int = typer.Option(16, help="batches of the val split per evaluation"),
-        nproc: int = typer.Option(0, help="launch N processes with torchrun on this machine (DDP)"),
+        nproc: int = typer.Option(0, help="run N processes on this machine (DDP), as torchrun --nproc_per_node N would"),
         *,
         train: TrainConfig,
     ) -> None:
@@ -174,7 +201,7 @@ def register(app: typer.Typer) -> None:
             from tiaoyu_cli.train.trainer import check_writable
 
             check_writable(train.out)
-            relaunch_with_torchrun(nproc)
+            launch_processes(nproc)
         from tiaoyu_cli.train import distributed as D
         from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage
         from tiaoyu_cli.train.trainer import Trainer, TrainingInterrupted

@@ -295,9 +295,12 @@ class Trainer:
                     self._evaluate(progress)
                 if stop:
                     path = self.save()
+                    code = 128 + int(self._stop_signal or 2)
+                    if not self.dist.is_main:  # rank 0 tells the user; the others just leave
+                        raise SystemExit(code)
                     raise TrainingInterrupted(
                         f"interrupted at step {self.step}: checkpoint saved to {path}; continue with "
-                        f"--resume (same -o)", exit_code=128 + int(self._stop_signal or 2))
+                        f"--resume (same -o)", exit_code=code)
                 if save_now:
                     self.save()
             progress.close()
