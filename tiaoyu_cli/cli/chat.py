@@ -46,10 +46,17 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
         batch_size: int = typer.Option(16, help="prompts generated together in JSONL mode"),
         hide_thinking: bool = typer.Option(False, "--hide-thinking", help="do not show <think> reasoning"),
-        # Hooks: `--adapter DIR` (LoRA) and `--classify` (classification head) extend `load_chat_model`.
+        adapter: Optional[Path] = typer.Option(None, "--adapter", help="apply this LoRA adapter (tiaoyu lora) to CKPT"),
+        classify: bool = typer.Option(False, "--classify", help="label text with a classifier checkpoint "
+                                      "(sft --task classify): --prompt TEXT, or JSONL {\"text\"} on stdin"),
     ) -> None:
         from tiaoyu_cli.infer.sampling import SamplingParams
         from tiaoyu_cli.infer.session import GenerationOptions, load_chat_model
+
+        if classify:  # cli/sft.py: the classifier's side of chat
+            from tiaoyu_cli.cli.sft import classify_cli
+
+            return classify_cli(ckpt, prompt, device, batch_size, adapter)
 
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty)
@@ -58,7 +65,9 @@ def register(app: typer.Typer) -> None:
         if batch_size < 1:
             raise TiaoyuError(f"--batch-size must be >= 1, got {batch_size}")
         options = GenerationOptions(max_new_tokens=max_new_tokens, sampling=params, seed=seed)
-        cm = load_chat_model(ckpt, device=device, mode=mode)
+        from tiaoyu_cli.cli.console import warn as _warn
+
+        cm = load_chat_model(ckpt, device=device, mode=mode, adapter=adapter, on_warning=_warn)
         if system and cm.mode == "complete":
             from tiaoyu_cli.cli.console import warn
 

@@ -19,6 +19,8 @@ COMMANDS: list[str] = [
     "tokenize",
     "pretrain",
     "chat",
+    "sft",
+    "lora",
     "distill",
     "rlhf",
     "reason",

@@ -54,7 +54,8 @@ def resolve_mode(requested: str, stage: str | None) -> str:
     return "complete" if stage in COMPLETION_STAGES else "chat"
 
 
-def load_chat_model(ckpt: str | os.PathLike, device: str = "auto", mode: str = "auto") -> ChatModel:
+def load_chat_model(ckpt: str | os.PathLike, device: str = "auto", mode: str = "auto",
+                    adapter: str | os.PathLike | None = None, on_warning=None) -> ChatModel:
     """Load model + tokenizer of a checkpoint (step folder, run folder or exported folder) for generation.
 
     The one place `tiaoyu chat` builds its model: an adapter (`--adapter DIR`, LoRA) or a
@@ -65,6 +66,8 @@ def load_chat_model(ckpt: str | os.PathLike, device: str = "auto", mode: str = "
     from tiaoyu_cli.train.device import resolve_device
 
     dev = resolve_device(device)
+    if (Path(ckpt) / "adapter_config.json").exists() and not (Path(ckpt) / "model.safetensors").exists():
+        raise TiaoyuError(f"{ckpt} is a LoRA adapter, not a checkpoint: tiaoyu chat BASE --adapter {ckpt}")
     path = resolve_checkpoint(ckpt)
     for need in ("tokenizer.model", "tokenizer_config.json"):
         if not (path / need).exists():
@@ -75,6 +78,17 @@ def load_chat_model(ckpt: str | os.PathLike, device: str = "auto", mode: str = "
         raise TiaoyuError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
     model.eval()
     stage = load_trainer_info(path).get("stage")
+    from tiaoyu_cli.model.adapters import apply_checkpoint_extras  # sft --method prompt|adapter weights
+
+    model = apply_checkpoint_extras(model, path)
+    if adapter is not None:  # a LoRA adapter (tiaoyu lora) on top of this base
+        from tiaoyu_cli.model.lora import load_adapter
+
+        for w in load_adapter(model, adapter, tokenizer=tok, base_dir=path)[1]:
+            if on_warning is not None:
+                on_warning(w)
+        model.eval()
+        stage = "lora"
     return ChatModel(model, tok, path, stage if isinstance(stage, str) else None, resolve_mode(mode, stage))
 
 

@@ -30,7 +30,8 @@ STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 def step_dirs(run: Path) -> list[Path]:
-    out = [p for p in run.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / "model.safetensors").exists()]
+    out = [p for p in run.iterdir() if p.is_dir() and STEP_RE.match(p.name)
+           and ((p / "model.safetensors").exists() or (p / "adapter_model.safetensors").exists())]  # LoRA runs: adapters
     return sorted(out, key=lambda p: int(STEP_RE.match(p.name).group(1)))
 
 

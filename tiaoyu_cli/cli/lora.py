@@ -1,0 +1,155 @@
+"""`tiaoyu lora`: train a LoRA adapter (PEFT layout) on chat records, and merge adapters into checkpoints.
+
+    tiaoyu lora BASE DATA -o adapter/ [--rank 8 --alpha 16 --targets q,k,v,o,gate,up,down]   (= `lora train`)
+    tiaoyu lora merge BASE ADAPTER -o ckpt/merged
+
+The training run is `tiaoyu sft --method lora` (cli/sft.py `run_chat`) except for what it saves:
+each step folder holds only the adapter (adapter_model.safetensors, adapter_config.json,
+tiaoyu_base.json) plus the tokenizer, trainer.json and train_state; the final adapter is also copied
+to the top of -o, so `peft.PeftModel.from_pretrained(model, "adapter/")` and
+`tiaoyu chat BASE --adapter adapter/` work on the folder itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typer.core import TyperGroup
+
+from tiaoyu_cli.cli.common import train_options
+from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.train.config import TrainConfig
+
+EXAMPLES = """
+Examples:
+
+  tiaoyu lora ckpt/base chat.train.jsonl -o adapter/ --rank 8 --alpha 16 --eval-data chat.val.jsonl --epochs 3
+
+  tiaoyu lora ckpt/base chat.jsonl -o adapter-qv/ --targets q,v --rank 4 --max-steps 300
+
+  tiaoyu lora merge ckpt/base adapter/ -o ckpt/merged
+
+  tiaoyu chat ckpt/base --adapter adapter/ --prompt "What is 12 + 7?"
+"""
+
+
+class TrainByDefault(TyperGroup):
+    """`tiaoyu lora BASE DATA …` means `tiaoyu lora train BASE DATA …`: when the first argument is not a
+    subcommand (nor --help), `train` is put in front of it."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+
+lora_app = typer.Typer(
+    name="lora",
+    cls=TrainByDefault,
+    help="LoRA: train an adapter on chat records (`tiaoyu lora BASE DATA -o adapter/`, same as `lora train`), "
+         "or fold one into a checkpoint (`tiaoyu lora merge BASE ADAPTER -o OUT`).",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(lora_app, name="lora")
+
+
+def say(msg: str) -> None:
+    from tiaoyu_cli.cli.console import console
+
+    console.print(msg, markup=False, highlight=False, soft_wrap=True)
+
+
+@lora_app.command("train", epilog=EXAMPLES, help="Train a LoRA adapter on chat records (the default subcommand).")
+@train_options(out="adapter", lr=2e-3, batch_size=16, warmup_steps=20, weight_decay=0.0, log_every=10)
+def train_cmd(
+    base: Path = typer.Argument(..., help="base checkpoint (run folder or step folder); stays frozen"),
+    data: Path = typer.Argument(..., help="chat records JSONL ({\"messages\": […]})"),
+    rank: int = typer.Option(8, help="rank r of A [r, in] and B [out, r]"),
+    alpha: float = typer.Option(16.0, help="scale α: the update is α/r · B·A"),
+    lora_dropout: float = typer.Option(0.05, help="dropout on the LoRA input"),
+    targets: str = typer.Option("q,k,v,o,gate,up,down", help="layers to adapt: q,k,v,o,gate,up,down (MoE: w1/w3/w2)"),
+    eval_data: Optional[Path] = typer.Option(None, help="held-out chat records: val loss + answer accuracy by generation"),
+    eval_samples: int = typer.Option(200, help="questions of --eval-data answered at each evaluation (0 = none)"),
+    eval_max_new_tokens: int = typer.Option(32, help="most tokens per generated eval answer"),
+    eval_before: bool = typer.Option(True, "--eval-before/--no-eval-before", help="evaluate the base model too"),
+    max_len: int = typer.Option(0, help="most tokens per record (0 = the model's max_seq_len)"),
+    overflow: str = typer.Option("truncate", help="longer records: truncate | skip"),
+    pack: bool = typer.Option(False, "--pack/--no-pack", help="pack several records per row (no attention across records)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) invalid records instead of stopping"),
+    replay: Optional[Path] = typer.Option(None, help="pretraining token folder to mix in against forgetting"),
+    replay_ratio: float = typer.Option(0.1, help="share of the loss from replayed pretraining windows"),
+    pretrain_val: Optional[Path] = typer.Option(None, help="token folder whose val split measures forgetting"),
+    nproc: int = typer.Option(0, help="launch N processes with torchrun on this machine (DDP)"),
+    *,
+    train: TrainConfig,
+) -> None:
+    from tiaoyu_cli.cli.sft import ChatOptions, maybe_relaunch, run_chat
+
+    if eval_samples < 0 or max_len < 0:
+        raise TiaoyuError("--eval-samples and --max-len must not be negative")
+    o = ChatOptions(base=base, data=data, eval_data=eval_data, eval_samples=eval_samples,
+                    eval_max_new_tokens=eval_max_new_tokens, eval_before=eval_before, max_len=max_len,
+                    overflow=overflow, pack=pack, skip_bad=skip_bad, method="lora", rank=rank, alpha=alpha,
+                    lora_dropout=lora_dropout, targets=targets, replay=replay, replay_ratio=replay_ratio,
+                    pretrain_val=pretrain_val, nproc=nproc)
+    maybe_relaunch(nproc, train)
+    run_chat(o, train, stage_name="lora", save_as="adapter")
+    publish_final_adapter(Path(train.out))
+
+
+def publish_final_adapter(run: Path) -> None:
+    """Copy the newest step's adapter files to the top of the run folder (atomically, file by file)."""
+    import os
+
+    from tiaoyu_cli.io import atomic_write_bytes
+    from tiaoyu_cli.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_INFO, resolve_adapter_dir
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    src = resolve_adapter_dir(run / "latest") if (run / "latest").exists() else resolve_adapter_dir(run)
+    for name in (ADAPTER_WEIGHTS, BASE_INFO, ADAPTER_CONFIG):  # config last: it marks the folder as an adapter
+        if (src / name).exists():
+            atomic_write_bytes(run / name, (src / name).read_bytes())
+    say(f"adapter: {run}/{ADAPTER_WEIGHTS} + {ADAPTER_CONFIG} (PEFT layout)")
+
+
+@lora_app.command("merge", help="Fold a LoRA adapter into its base: W ← W + (α/r)·B·A, written as a full checkpoint.")
+def merge_cmd(
+    base: Path = typer.Argument(..., help="the base checkpoint the adapter was trained on"),
+    adapter: Path = typer.Argument(..., help="adapter folder (with adapter_config.json), or a lora run folder"),
+    out: Path = typer.Option(..., "-o", "--out", help="output checkpoint folder (must not exist)"),
+    force: bool = typer.Option(False, "--force", help="merge even if the adapter was trained on other weights "
+                               "of the same architecture"),
+) -> None:
+    """Write OUT/ with config.json, model.safetensors, tokenizer files, generation_config.json, trainer.json."""
+    import json
+
+    from tiaoyu_cli.io import atomic_dir
+    from tiaoyu_cli.model.lora import load_adapter, merge_lora, resolve_adapter_dir
+    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer, resolve_checkpoint, save_model_files
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TiaoyuError(f"-o {out}: already exists and is not an empty folder; choose another -o")
+    base_dir = resolve_checkpoint(base)
+    tok = load_tokenizer(base_dir)
+    model, base_dir = load_model(base_dir)
+    adir = resolve_adapter_dir(adapter)
+    cfg, warnings = load_adapter(model, adir, tokenizer=tok, base_dir=base_dir)
+    if warnings and not force:
+        raise TiaoyuError(warnings[0] + "; pass --force to merge anyway")
+    for w in warnings:
+        say(f"warning: {w}")
+    merge_lora(model)
+    with atomic_dir(out) as tmp:
+        save_model_files(tmp, model, tok)
+        info = {"stage": "lora", "step": None, "parent": str(base_dir), "adapter": str(adir), "merged": True,
+                "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets}}
+        (tmp / "trainer.json").write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+    say(f"merged {adir} (r={cfg.rank}, α={cfg.alpha}, {','.join(cfg.targets)}) into {base_dir} → {out}")
