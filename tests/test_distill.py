@@ -306,10 +306,10 @@ def test_topk_cache_matches_full_teacher_and_is_reused(base_ckpt, synth_dir, tmp
 @pytest.mark.slow
 def test_white_box_student_closes_half_the_gap(base_ckpt, tokens_dir, tmp_path):
     """Distillation during pretraining: a 0.16M student from the 0.9M base closes ≥ half of the held-out
-    loss gap between its untrained self and the teacher (measured: ~77% at this budget)."""
+    loss gap between its untrained self and the teacher (measured: 67% at this budget)."""
     opts = DistillOptions(teacher=base_ckpt, student_preset="tiny", model_overrides=SMALL, data=tokens_dir,
                           mode="white", alpha=0.5, temperature=1.0, seq_len=64)
-    res = run_distill(opts, _train(tmp_path / "s", max_steps=300, batch_size=8, lr=3e-3, warmup_steps=10,
+    res = run_distill(opts, _train(tmp_path / "s", max_steps=200, batch_size=8, lr=3e-3, warmup_steps=10,
                                    log_every=100), log=_quiet)
     before, after, teacher = res["before"]["val_loss"], res["val_loss"], res["teacher_val_loss"]
     assert teacher < after < before

@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
                                               "white-box distillation during pretraining"),
         mode: str = typer.Option("white", help="white (teacher logits) | black (teacher answers, then SFT)"),
         alpha: float = typer.Option(0.5, help="white: weight of the CE on the data; 1 − α on the teacher term"),
-        temperature: float = typer.Option(2.0, help="white: softening temperature T (the teacher term is × T²)"),
+        temperature: float = typer.Option(1.0, help="white: softening temperature T (the teacher term is × T²); T = 1 measured best here"),
         divergence: str = typer.Option("forward", help="white: forward KL(teacher‖student) | reverse | jsd"),
         cache_topk: int = typer.Option(0, help="white, chat data: run the teacher once and keep its top-k logits "
                                                "(safetensors in -o) for every epoch; 0 = run it every step"),

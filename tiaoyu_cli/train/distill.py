@@ -152,7 +152,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
 @dataclass
 class DistillConfig:
     alpha: float = 0.5  # weight of the CE on the data; 1 − α goes to the teacher term
-    temperature: float = 2.0  # softens both distributions in the teacher term
+    temperature: float = 1.0  # softens both distributions in the teacher term
     divergence: str = "forward"  # forward | reverse | jsd
     cache_topk: int = 0  # > 0: run the teacher once, keep its top-k logits per response token
 
@@ -247,6 +247,9 @@ class TopKCache:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file({"values": self.values.contiguous(), "indices": self.indices.contiguous(), "offsets": self.offsets},
                   str(tmp), metadata={k: str(v) for k, v in meta.items()})
+        from tiaoyu_cli.io import _umask
+
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)  # atomic: a crash leaves no half-written cache
 
     @classmethod
@@ -477,7 +480,7 @@ class DistillOptions:
     model_overrides: list[str] = field(default_factory=list)
     mode: str = "white"  # white | black
     alpha: float = 0.5
-    temperature: float = 2.0
+    temperature: float = 1.0
     divergence: str = "forward"
     cache_topk: int = 0
     keep_teacher_data: Path | None = None
