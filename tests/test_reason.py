@@ -97,6 +97,21 @@ def test_load_traces_errors_or_counts(tmp_path):
         load_traces(_write(tmp_path / "none.jsonl", [{"prompt": "q", "answer": "1"}]), skip_bad=True)
 
 
+def test_teacher_traces_only_correct(tmp_path):
+    """`tiaoyu chat` output of a verifiable question keeps the reference as input_answer: --only-correct
+    keeps the teacher's traces that got it right (rejection sampling)."""
+    recs = [{"prompt": "What is 2 + 3?", "input_answer": "5", "response": "<think>2 + 3 = 5.</think>5",
+             "reasoning": "2 + 3 = 5.", "answer": "5"},
+            {"prompt": "What is 4 + 4?", "input_answer": "8", "response": "<think>4 + 4 = 9.</think>9",
+             "reasoning": "4 + 4 = 9.", "answer": "9"}]
+    p = _write(tmp_path / "teacher.jsonl", recs)
+    all_, st = load_traces(p)
+    assert len(all_) == 2 and st.from_teacher == 2
+    kept, st = load_traces(p, only_correct=True)
+    assert [r["messages"][-1]["content"] for r in kept] == ["5"]
+    assert st.reasons == {"with a wrong answer": 1}
+
+
 def test_load_questions(tmp_path):
     p = _write(tmp_path / "q.jsonl", [
         {"prompt": "What is 3 + 4?", "answer": "7"},

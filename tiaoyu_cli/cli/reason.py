@@ -21,7 +21,7 @@ Examples:
   tiaoyu reason ckpt/sft reasoning.train.jsonl -o ckpt/direct --direct --epochs 3      # baseline: answers only
 
   # traces from a reasoning teacher (black-box distillation of reasoning):
-  tiaoyu chat ckpt/teacher --temperature 0 < questions.jsonl > traces.jsonl && tiaoyu reason ckpt/sft traces.jsonl -o ckpt/reason
+  tiaoyu chat ckpt/teacher --temperature 0 < questions.jsonl > traces.jsonl && tiaoyu reason ckpt/sft traces.jsonl -o ckpt/reason --only-correct
 
   tiaoyu chat ckpt/reason-rl --prompt "What is 3 + 4 - 2?"                # thinking shown dimmed; --hide-thinking hides it
 """
@@ -43,6 +43,8 @@ def register(app: typer.Typer) -> None:
         eval_max_new_tokens: int = typer.Option(96, help="most tokens per generated eval answer"),
         max_len: int = typer.Option(0, help="stage 1: most tokens per trace (0 = the model's max_seq_len)"),
         direct: bool = typer.Option(False, "--direct", help="stage 1 baseline: drop the reasoning, learn answers only"),
+        only_correct: bool = typer.Option(False, "--only-correct", help="stage 1, traces from `tiaoyu chat`: keep a "
+                                          "teacher's trace only if its answer matches the reference (input_answer)"),
         skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
         group_size: int = typer.Option(8, help="--rl: answers sampled per question (the GRPO group)"),
         rollout_batch_size: int = typer.Option(4, help="--rl: questions per rollout (× --group-size answers)"),
@@ -75,7 +77,7 @@ def register(app: typer.Typer) -> None:
         else:
             o = R.ReasonOptions(ckpt=ckpt, data=data, eval_data=eval_data, eval_samples=eval_samples,
                                 eval_max_new_tokens=eval_max_new_tokens, max_len=max_len, skip_bad=skip_bad,
-                                direct=direct)
+                                direct=direct, only_correct=only_correct)
             res = R.run_think_sft(o, train, log=say)
         before = res.get("before") or {}
         parts = [f"{k} {before[k]:.4g} → {v:.4g}" if k in before else f"{k} {v:.4g}"

@@ -12,7 +12,9 @@ reasoning process). Every trace is a chat record whose assistant turn carries it
 and the SFT stage learns all of it (reasoning, both think tags, answer), so the model learns to open
 <think>, work step by step, close it and give the bare answer. Traces come from the synthetic corpus
 (`reasoning.train.jsonl`) or from a reasoning teacher (`tiaoyu chat teacher/ < questions.jsonl >
-traces.jsonl` keeps "reasoning" and "answer" apart; those records are accepted as they are).
+traces.jsonl` keeps "reasoning" and "answer" apart; those records are accepted as they are, and
+`--only-correct` keeps only the traces whose answer matches the question's reference — rejection
+sampling).
 `--direct` drops the reasoning and trains on the answers alone: the baseline at the same budget.
 
 Stage 2 — `--rl`: GRPO with verifiable rewards on `{"prompt", "answer"}` records (the rlhf GRPO
@@ -168,9 +170,14 @@ def _from_chat_output(rec: dict, name: str, line: int) -> dict:
     return {"messages": list(conv) + [{"role": "assistant", "reasoning": reasoning.strip(), "content": answer.strip()}]}
 
 
-def load_traces(path: str | Path, skip_bad: bool = False, direct: bool = False) -> tuple[list[dict], TraceStats]:
+def load_traces(path: str | Path, skip_bad: bool = False, direct: bool = False,
+                only_correct: bool = False) -> tuple[list[dict], TraceStats]:
     """Validated think-format chat records of a JSONL file (see the module docstring). `direct` drops the
-    reasoning (the direct-answer baseline)."""
+    reasoning (the direct-answer baseline). `only_correct` keeps a teacher's trace (a `tiaoyu chat` output
+    record of a verifiable question) only when its answer matches the question's reference answer
+    ("input_answer") — rejection sampling; the others are counted as "with a wrong answer"."""
+    from tiaoyu_cli.train.answers import is_correct
+
     from tiaoyu_cli.data.jsonl import iter_jsonl
 
     name = str(path)
@@ -185,6 +192,10 @@ def load_traces(path: str | Path, skip_bad: bool = False, direct: bool = False) 
             if not skip_bad:
                 raise
             st.skip(_short_reason(str(e)))
+            continue
+        gold = rec.get("input_answer")
+        if only_correct and gold is not None and not is_correct(r["messages"][-1]["content"], str(gold)):
+            st.skip("with a wrong answer")
             continue
         if direct:
             r = {"messages": [{k: v for k, v in m.items() if k != "reasoning"} for m in r["messages"]]}
@@ -324,6 +335,7 @@ class ReasonOptions:
     max_len: int = 0
     skip_bad: bool = False
     direct: bool = False
+    only_correct: bool = False
 
 
 def run_think_sft(o: ReasonOptions, train: TrainConfig, log=print) -> dict:
@@ -341,7 +353,7 @@ def run_think_sft(o: ReasonOptions, train: TrainConfig, log=print) -> dict:
         raise TiaoyuError("--eval-samples and --max-len must not be negative, --eval-max-new-tokens positive")
     base = resolve_checkpoint(o.ckpt)
     tok = load_tokenizer(base)
-    traces, st = load_traces(o.data, skip_bad=o.skip_bad, direct=o.direct)
+    traces, st = load_traces(o.data, skip_bad=o.skip_bad, direct=o.direct, only_correct=o.only_correct)
     torch.manual_seed(train.seed)
     model, base = load_model(base)
     max_len = o.max_len or model.config.max_seq_len
