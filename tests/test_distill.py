@@ -300,7 +300,24 @@ def test_topk_cache_matches_full_teacher_and_is_reused(base_ckpt, synth_dir, tmp
     t = load_file(str(cache))
     assert t["values"].shape[1] == V and t["values"].dtype == torch.float16 and t["offsets"][-1] == t["values"].shape[0]
     assert bool((t["values"][:, :-1] >= t["values"][:, 1:]).all())  # sorted, largest first
-    assert TopKCache is not None
+    # a small k: the k largest teacher logits at each response token, found again by a batch's rows
+    import contextlib
+
+    from tiaoyu_cli.data.chat import ChatDataset, collate
+    from tiaoyu_cli.train.checkpoint import load_model
+
+    teacher, _ = load_model(base_ckpt)
+    teacher.eval()
+    rows = ChatDataset(data, Tokenizer.load(base_ckpt), 128).examples
+    small = TopKCache.build(teacher, rows, 4, V, 8, torch.device("cpu"), contextlib.nullcontext)
+    batch = collate([rows[2], rows[0]])
+    vals, idx = small.lookup(batch)
+    mask = batch["labels"] != -100
+    assert vals.shape == (2, batch["labels"].shape[1], 4) and bool((vals[~mask] == 0).all())
+    with torch.no_grad():
+        z = teacher(batch["input_ids"]).logits[..., :V]
+    assert torch.equal(idx[mask][:, 0], z[mask].argmax(-1))
+    assert torch.allclose(vals[mask].float(), z[mask].topk(4, -1).values, atol=1e-2)
 
 
 @pytest.mark.slow

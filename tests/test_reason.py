@@ -4,8 +4,6 @@ answers, think-format SFT end to end, GRPO stage, bad input through the CLI."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
