@@ -9,7 +9,7 @@ import typer
 
 from tiaoyu_cli.cli.common import train_options
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train.trainer import TrainConfig
+from tiaoyu_cli.train.config import TrainConfig
 
 EXAMPLES = """
 Examples:
@@ -173,6 +173,7 @@ def ppo_cmd(
     think_format: bool = typer.Option(False, "--think-format/--no-think-format",
                                       help="verifiable: well-formed means reasoning in <think>…</think> first"),
     eval_size: int = typer.Option(100, help="held-out prompts per evaluation (0 = all)"),
+    eval_samples: int = typer.Option(1, help="sampled answers per held-out prompt for the mean reward"),
     eval_before: bool = typer.Option(True, "--eval-before/--no-eval-before", help="evaluate the starting model too"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
     *,
@@ -184,7 +185,7 @@ def ppo_cmd(
                     clip=clip, vf_clip=vf_clip, vf_coef=vf_coef, gamma=gamma, lam=lam, reward_norm=reward_norm,
                     reward_clip=reward_clip, format_reward=format_reward, think_format=think_format,
                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    gen_batch_size=gen_batch_size, eval_size=eval_size)
+                    gen_batch_size=gen_batch_size, eval_size=eval_size, eval_samples=eval_samples)
     res = run_ppo(start, data, train, cfg, val=val, ref=ref, val_frac=val_frac, skip_bad=skip_bad,
                   eval_before=eval_before, log=_say)
     _done(res, ["val_accuracy", "val_reward", "val_kl"], train.out)
@@ -219,6 +220,7 @@ def grpo_cmd(
                                       help="well-formed means reasoning in <think>…</think> before the answer"),
     open_think: bool = typer.Option(False, "--open-think/--no-open-think", help="start every answer with <think>"),
     eval_size: int = typer.Option(100, help="held-out questions per evaluation (0 = all)"),
+    eval_samples: int = typer.Option(1, help="sampled answers per held-out question for the mean reward"),
     eval_before: bool = typer.Option(True, "--eval-before/--no-eval-before", help="evaluate the starting model too"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
     *,
@@ -229,7 +231,7 @@ def grpo_cmd(
     cfg = GRPOConfig(group_size=group_size, rollout_batch_size=rollout_batch_size, epochs=grpo_epochs, beta=beta,
                      clip=clip, scale_rewards=scale_rewards, format_reward=format_reward, think_format=think_format,
                      open_think=open_think, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                     top_p=top_p, gen_batch_size=gen_batch_size, eval_size=eval_size)
+                     top_p=top_p, gen_batch_size=gen_batch_size, eval_size=eval_size, eval_samples=eval_samples)
     res = run_grpo(start, data, train, cfg, val=val, ref=ref, val_frac=val_frac, skip_bad=skip_bad,
                    eval_before=eval_before, log=_say)
     _done(res, ["val_accuracy", "val_reward", "val_kl"], train.out)

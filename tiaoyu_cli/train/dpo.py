@@ -15,9 +15,10 @@ one forward pass per pair instead of two); with LoRA the reference is the same n
 adapters switched off, so no second copy is needed at all.
 
 Logged: the implicit rewards β(log π − log ref) of chosen and rejected, their margin, the
-accuracy (margin > 0), and the mean summed log-probs of chosen and rejected. Evaluation on
-held-out pairs adds the policy's own preference: pref_accuracy = share of pairs with
-log π(chosen) > log π(rejected), and logp_margin = mean(log π(chosen) − log π(rejected)).
+accuracy (margin > 0; on held-out pairs a tie counts half, so the start scores 0.5), and the mean
+summed log-probs of chosen and rejected. Evaluation on held-out pairs adds the policy's own
+preference: pref_accuracy = share of pairs with log π(chosen) > log π(rejected), and
+logp_margin = mean(log π(chosen) − log π(rejected)).
 """
 
 from __future__ import annotations
@@ -183,8 +184,9 @@ def evaluate_dpo(model: nn.Module, pairs: list[PairExample], ref: torch.Tensor |
     if ref is not None:
         ref = ref.to(pc.device)
         loss, ch, rj = dpo_loss(pc, pr, ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing)
-        res.update({"val_loss": float(loss), "val_reward_margin": float((ch - rj).mean()),
-                    "val_reward_accuracy": float(((ch - rj) > 0).float().mean())})
+        m = ch - rj
+        res.update({"val_loss": float(loss), "val_reward_margin": float(m.mean()),
+                    "val_reward_accuracy": float((m > 0).float().mean() + 0.5 * (m == 0).float().mean())})
     return res
 
 

@@ -58,6 +58,7 @@ class GRPOConfig:
     top_p: float = 1.0
     gen_batch_size: int = 0  # prompts generated together (0 = the whole rollout at once)
     eval_size: int = 100  # held-out questions per evaluation (0 = all)
+    eval_samples: int = 1  # sampled answers per held-out prompt for val_reward / val_kl
 
     def validate(self) -> None:
         if self.group_size < 2:
@@ -69,8 +70,8 @@ class GRPOConfig:
             raise TiaoyuError("--beta must be ≥ 0 and --clip in (0, 1)")
         if self.temperature <= 0:
             raise TiaoyuError("--temperature must be > 0: GRPO needs different answers within a group")
-        if self.gen_batch_size < 0 or self.eval_size < 0:
-            raise TiaoyuError("--gen-batch-size and --eval-size must not be negative")
+        if self.gen_batch_size < 0 or self.eval_size < 0 or self.eval_samples < 1:
+            raise TiaoyuError("--gen-batch-size and --eval-size must not be negative, --eval-samples at least 1")
 
 
 class GRPOStage(RolloutStage):

@@ -57,6 +57,7 @@ class PPOConfig:
     top_p: float = 1.0
     gen_batch_size: int = 0  # prompts generated together (0 = the whole rollout at once)
     eval_size: int = 100  # held-out prompts per evaluation (0 = all)
+    eval_samples: int = 1  # sampled answers per held-out prompt for val_reward / val_kl
 
     def validate(self) -> None:
         for name in ("rollout_batch_size", "epochs", "max_new_tokens"):
@@ -70,6 +71,8 @@ class PPOConfig:
             raise TiaoyuError("--gamma and --lam must be in [0, 1]")
         if self.temperature <= 0:
             raise TiaoyuError("--temperature must be > 0 (PPO samples its rollouts)")
+        if self.gen_batch_size < 0 or self.eval_size < 0 or self.eval_samples < 1:
+            raise TiaoyuError("--gen-batch-size and --eval-size must not be negative, --eval-samples at least 1")
 
 
 class ValueHead(nn.Module):

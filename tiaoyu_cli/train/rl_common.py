@@ -176,10 +176,10 @@ def layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int = 0
 
 def generate_rollout(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                      top_k: int = 0, top_p: float = 1.0, seed: int = 0, gen_batch_size: int = 0,
-                     dtype: torch.dtype | None = None) -> Rollout:
+                     dtype: torch.dtype | None = None, stop_ids=None) -> Rollout:
     """Sample one response per prompt with the batched KV-cache generator, `gen_batch_size` prompts
-    at a time (0 = all at once), and lay the batch out for training."""
-    from tiaoyu_cli.infer.generate import generate_detailed
+    at a time (0 = all at once), and lay the batch out for training. stop_ids: default EOS and <|im_end|>."""
+    from tiaoyu_cli.infer.generate import DEFAULT_STOP_IDS, generate_detailed
     from tiaoyu_cli.infer.sampling import SamplingParams
 
     model = unwrap(model)
@@ -190,6 +190,7 @@ def generate_rollout(model: nn.Module, prompts: list[list[int]], max_new_tokens:
     finished: list[bool] = []
     for start in range(0, len(prompts), chunk):
         res = generate_detailed(model, prompts[start:start + chunk], max_new_tokens=max_new_tokens, params=params,
+                                stop_ids=DEFAULT_STOP_IDS if stop_ids is None else stop_ids,
                                 seed=derive_seed(seed, start), dtype=dtype)
         if any(res.truncated):
             raise TiaoyuError("a prompt does not fit the model's context with the answer length asked for "

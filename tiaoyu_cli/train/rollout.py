@@ -219,9 +219,9 @@ class RolloutStage(BaseStage):
     # ---- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """On the held-out prompts: mean reward of one sampled answer each (fixed seed) and its KL to
-        the reference (Σ_t log π − log ref per answer, averaged); for verifiable rewards also the
-        accuracy of greedy answers."""
+        """On the held-out prompts: mean reward of `eval_samples` sampled answers each (fixed seed) and
+        their KL to the reference (Σ_t log π − log ref per answer, averaged); for verifiable rewards
+        also the accuracy of greedy answers."""
         if not self.val_prompts:
             return {}
         c = self.cfg
@@ -236,10 +236,10 @@ class RolloutStage(BaseStage):
                                   prompt_suffix_ids=self.prompt_suffix_ids or None)
             res["val_accuracy"] = rep.accuracy
             res["val_format_rate"] = rep.format_rate
-        old_spp, self.samples_per_prompt = self.samples_per_prompt, 1
+        old_spp, self.samples_per_prompt = self.samples_per_prompt, max(1, c.eval_samples)
         try:
             ro = self.sample(model, ex, derive_seed(self.seed, "eval"))
-            scores = self.reward(ex, ro)
+            scores = self.reward(self.expand(ex), ro)
             res["val_reward"] = float(scores.reward.mean())
             if scores.correct is not None:
                 res["val_sampled_accuracy"] = float(scores.correct.mean())

@@ -1,0 +1,94 @@
+"""RL rollout speed: batched KV-cache generation (what PPO/GRPO use) vs one prompt at a time.
+
+    python benchmarks/bench_rollout.py                          # tiny preset, 64 prompts × 32 new tokens
+    python benchmarks/bench_rollout.py --prompts 128 --new-tokens 64 --threads 2
+
+One random model of the chosen preset, one set of prompts of mixed lengths (as a rollout of chat
+prompts has), sampling at temperature 1. Ours: `generate_rollout` — all prompts left-padded into
+one batch (in chunks of --gen-batch-size), one prefill, then one decode step per token for the
+whole batch — including the layout into the [B, P + R] training tensor. Reference: the same
+generator called once per prompt (batch 1), the way a naive RL loop samples. Stop tokens are
+ignored on both sides so both generate exactly prompts × new-tokens tokens. Rounds alternate;
+the best round of each counts (the machine is shared and noisy). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--min-prompt", type=int, default=12)
+    ap.add_argument("--max-prompt", type=int, default=48)
+    ap.add_argument("--gen-batch-size", type=int, default=0, help="prompts per generate call (0 = all)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from tiaoyu_cli.infer.generate import generate_detailed
+    from tiaoyu_cli.infer.sampling import SamplingParams
+    from tiaoyu_cli.model import Transformer, preset
+    from tiaoyu_cli.train.rl_common import generate_rollout
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = preset(args.preset)
+    cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, args.max_prompt + args.new_tokens))
+    model = Transformer(cfg).eval().to(device)
+    g = torch.Generator().manual_seed(1)
+    lens = torch.randint(args.min_prompt, args.max_prompt + 1, (args.prompts,), generator=g).tolist()
+    prompts = [torch.randint(8, cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
+    n_tokens = args.prompts * args.new_tokens
+    params = SamplingParams(temperature=1.0)
+
+    def batched() -> int:
+        ro = generate_rollout(model, prompts, args.new_tokens, temperature=1.0, seed=0,
+                              gen_batch_size=args.gen_batch_size, dtype=torch.float32, stop_ids=())
+        return int(ro.mask.sum())
+
+    def one_by_one() -> int:
+        out = 0
+        for i, p in enumerate(prompts):
+            res = generate_detailed(model, [p], args.new_tokens, params, stop_ids=(), seed=i, dtype=torch.float32)
+            out += len(res.tokens[0])
+        return out
+
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        n = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        assert n == n_tokens, (n, n_tokens)
+        return time.perf_counter() - t
+
+    batched(), one_by_one()  # warm-up
+    tb, ts = [], []
+    for _ in range(args.rounds):
+        tb.append(timed(batched))
+        ts.append(timed(one_by_one))
+    ours, ref = n_tokens / min(tb), n_tokens / min(ts)
+    print(json.dumps({"bench": "rollout", "batched_tok_s": round(ours, 1), "one_at_a_time_tok_s": round(ref, 1),
+                      "speedup": round(ours / ref, 2), "preset": args.preset,
+                      "params_M": round(model.num_parameters() / 1e6, 2), "prompts": args.prompts,
+                      "prompt_len": [args.min_prompt, args.max_prompt], "new_tokens": args.new_tokens,
+                      "gen_batch_size": args.gen_batch_size or args.prompts, "dtype": "fp32", "threads": args.threads,
+                      "device": args.device, "rounds": args.rounds, "torch": torch.__version__,
+                      "machine": platform.machine()}))
+
+
+if __name__ == "__main__":
+    main()
