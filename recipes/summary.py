@@ -23,13 +23,14 @@ ROWS = [
     ("rlhf reward", "rm", "val_accuracy", "held-out pairwise accuracy"),
     ("rlhf dpo", "dpo", "val_pref_accuracy", "held-out chosen-over-rejected"),
     ("rlhf dpo", "dpo", "val_reward_margin", "held-out DPO reward margin"),
-    ("rlhf grpo", "grpo", "answer_acc", "held-out verifiable accuracy"),
+    ("rlhf grpo", "grpo", "val_accuracy", "held-out verifiable accuracy"),
+    ("rlhf grpo", "grpo", "val_kl", "KL to the reference"),
     ("distill", "student", "val_loss", "student held-out loss"),
     ("distill", "student", "teacher_val_loss", "teacher held-out loss"),
     ("reason", "reason", "answer_acc", "held-out multi-step accuracy"),
     ("reason", "reason", "format_rate", "think-format compliance"),
-    ("reason --rl", "reason-rl", "answer_acc", "held-out multi-step accuracy"),
-    ("reason --rl", "reason-rl", "format_rate", "think-format compliance"),
+    ("reason --rl", "reason-rl", "val_accuracy", "held-out multi-step accuracy"),
+    ("reason --rl", "reason-rl", "val_format_rate", "think-format compliance"),
 ]
 
 
