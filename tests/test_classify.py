@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -74,12 +72,31 @@ def test_classifier_from_base_and_hf_parity(tmp_path, base_ckpt):
     assert all(abs(sum(r["probs"].values()) - 1) < 1e-4 for r in res)
 
 
-def cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "tiaoyu_cli", *map(str, args)], capture_output=True, text=True,
-                          input=stdin, env={**os.environ, "OMP_NUM_THREADS": "1"})
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `tiaoyu ARGS…` in this process (no interpreter start-up): (returncode, stdout, stderr) as
+    `main()` leaves them — exit 2 and one line for a user error."""
+    import io
+    import types
+
+    from tiaoyu_cli.cli.main import main
+
+    def run(*args, stdin: str | None = None):
+        capsys.readouterr()
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin.encode("utf-8")), encoding="utf-8"))
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out = capsys.readouterr()
+        return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
 
 
-def test_cli_errors(tmp_path, base_ckpt, synth_dir):
+def test_cli_errors(cli, tmp_path, base_ckpt, synth_dir):
     r = cli("sft", base_ckpt, synth_dir / "chat.val.jsonl", "--task", "classify", "-o", tmp_path / "o", "--max-steps", 1)
     assert r.returncode == 2 and "chat.val.jsonl:1" in r.stderr and "field 'text'" in r.stderr
     r = cli("chat", base_ckpt, "--classify", "--prompt", "hello")
@@ -87,7 +104,7 @@ def test_cli_errors(tmp_path, base_ckpt, synth_dir):
 
 
 @pytest.mark.slow
-def test_classification_learns(tmp_path, base_ckpt, synth_dir):
+def test_classification_learns(cli, tmp_path, base_ckpt, synth_dir):
     out = tmp_path / "cls"
     val = synth_dir / "classification.val.jsonl"
     steps = int(os.environ.get("TIAOYU_TEST_CLS_STEPS", "60"))

@@ -325,19 +325,35 @@ def test_answer_checker():
 
 # ---- CLI: bad input, stage record ------------------------------------------------------------------------
 
-def run_cli(*args):
-    import subprocess
-    import sys
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `tiaoyu ARGS…` in this process (no interpreter start-up): (returncode, stdout, stderr) as
+    `main()` leaves them — exit 2 and one line for a user error."""
+    import io
+    import types
 
-    return subprocess.run([sys.executable, "-m", "tiaoyu_cli", *map(str, args)], capture_output=True, text=True,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    from tiaoyu_cli.cli.main import main
+
+    def run(*args, stdin: str | None = None):
+        capsys.readouterr()
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin.encode("utf-8")), encoding="utf-8"))
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out = capsys.readouterr()
+        return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
 
 
-def test_cli_errors(tmp_path, base_ckpt, synth_dir, tok_dir):
+def test_cli_errors(cli, tmp_path, base_ckpt, synth_dir, tok_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
                    '{"messages": [{"role": "user", "content": "only a question"}]}\n')
-    r = run_cli("sft", base_ckpt, bad, "-o", tmp_path / "o1", "--max-steps", 1)
+    r = cli("sft", base_ckpt, bad, "-o", tmp_path / "o1", "--max-steps", 1)
     assert r.returncode == 2 and f"{bad}:2" in r.stderr and "no assistant turn" in r.stderr
     assert "Traceback" not in r.stderr
     # --replay shards made with another tokenizer
@@ -347,16 +363,16 @@ def test_cli_errors(tmp_path, base_ckpt, synth_dir, tok_dir):
     other = tmp_path / "tok2"
     train_tokenizer([str(synth_dir / "text.val.jsonl")], other, vocab_size=800)
     encode_corpus([str(synth_dir / "text.val.jsonl")], other, tmp_path / "tokens2", workers=1)
-    r = run_cli("sft", base_ckpt, synth_dir / "chat.val.jsonl", "-o", tmp_path / "o2", "--max-steps", 1,
+    r = cli("sft", base_ckpt, synth_dir / "chat.val.jsonl", "-o", tmp_path / "o2", "--max-steps", 1,
                 "--replay", tmp_path / "tokens2")
     assert r.returncode == 2 and "--replay" in r.stderr and "tokenizer mismatch" in r.stderr
-    r = run_cli("sft", base_ckpt, synth_dir / "chat.val.jsonl", "-o", tmp_path / "o3", "--method", "magic")
+    r = cli("sft", base_ckpt, synth_dir / "chat.val.jsonl", "-o", tmp_path / "o3", "--method", "magic")
     assert r.returncode == 2 and "--method 'magic'" in r.stderr
 
 
-def test_cli_sft_records_stage_and_counts(tmp_path, base_ckpt, synth_dir):
+def test_cli_sft_records_stage_and_counts(cli, tmp_path, base_ckpt, synth_dir):
     out = tmp_path / "sft"
-    r = run_cli("sft", base_ckpt, synth_dir / "chat.val.jsonl", "-o", out, "--max-steps", 2, "--batch-size", 4,
+    r = cli("sft", base_ckpt, synth_dir / "chat.val.jsonl", "-o", out, "--max-steps", 2, "--batch-size", 4,
                 "--train", "ffn", "--eval-data", synth_dir / "chat.val.jsonl", "--eval-samples", 4,
                 "--eval-max-new-tokens", 4, "--pack", "--max-len", 128)
     assert r.returncode == 0, r.stderr
