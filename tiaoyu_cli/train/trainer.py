@@ -186,6 +186,12 @@ class Trainer:
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
         self.out = Path(cfg.out)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        if self.device.type == "cpu" and self.dist.is_main:
+            from tiaoyu_cli.train.device import busy_cpu_note
+
+            note = busy_cpu_note()
+            if note:
+                self.log(note)
         torch.manual_seed(cfg.seed)
         self.raw_model = model.to(self.device)
         self.step = 0
