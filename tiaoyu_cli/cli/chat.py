@@ -49,6 +49,7 @@ def register(app: typer.Typer) -> None:
         adapter: Optional[Path] = typer.Option(None, "--adapter", help="apply this LoRA adapter (tiaoyu lora) to CKPT"),
         classify: bool = typer.Option(False, "--classify", help="label text with a classifier checkpoint "
                                       "(sft --task classify): --prompt TEXT, or JSONL {\"text\"} on stdin"),
+        quantize: str = typer.Option("none", "--quantize", help="none | int8 (weight-only int8 Linear layers, CPU)"),
     ) -> None:
         from tiaoyu_cli.infer.sampling import SamplingParams
         from tiaoyu_cli.infer.session import GenerationOptions, load_chat_model
@@ -68,6 +69,10 @@ def register(app: typer.Typer) -> None:
         from tiaoyu_cli.cli.console import warn as _warn
 
         cm = load_chat_model(ckpt, device=device, mode=mode, adapter=adapter, on_warning=_warn)
+        if quantize != "none":  # model/quant.py (eval/export/serve engineer)
+            from tiaoyu_cli.model.quant import quantize_model
+
+            quantize_model(cm.model, quantize)
         if system and cm.mode == "complete":
             from tiaoyu_cli.cli.console import warn
 
