@@ -146,6 +146,7 @@ def test_peft_parity(tmp_path, tok_dir):
     assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys
     pc = json.loads((adir / L.ADAPTER_CONFIG).read_text())
     assert (pc["peft_type"], pc["r"], pc["lora_alpha"], pc["bias"], pc["task_type"]) == ("LORA", 4, 12, "none", "CAUSAL_LM")
+    assert pc["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     pm = peft.PeftModel.from_pretrained(hf, str(adir)).eval()

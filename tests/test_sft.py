@@ -418,3 +418,27 @@ def test_replay_limits_forgetting(tmp_path, base_ckpt, synth_dir, tokens_dir):
     assert b0 == pytest.approx(b1)
     assert a0 - b0 > 0.05  # fine-tuning alone forgets
     assert a1 - b1 < 0.5 * (a0 - b0)  # replay keeps at least half of that
+
+
+def test_resume_is_exact_with_packing_and_replay(tmp_path, tok, tokens_dir):
+    """Interrupted after 3 steps and resumed = the uninterrupted 6 steps (weights and losses)."""
+    from tiaoyu_cli.data.shards import open_tokens
+
+    train_sh, val_sh = open_tokens(tokens_dir)
+    rows = pack_examples(chat_rows(tok, 40), 64)
+
+    def run(out, steps, resume=False):
+        model = tiny_model(tok.vocab_size)
+        stage = SFTStage(rows, SFTConfig(max_len=64, eval_samples=0, replay_ratio=0.25), batch_size=4,
+                         replay=train_sh, base_val=val_sh)
+        tr = Trainer(model, stage, TrainConfig(out=str(out), max_steps=steps, batch_size=4, lr=5e-3, warmup_steps=2,
+                                               log_every=1, device="cpu", dtype="fp32", resume=resume),
+                     tokenizer=tok, log=lambda m: None)
+        tr.fit()
+        return model.state_dict(), [h["loss"] for h in tr.history if "loss" in h]
+
+    full, losses = run(tmp_path / "full", 6)
+    run(tmp_path / "cut", 3)
+    resumed, losses2 = run(tmp_path / "cut", 6, resume=True)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert losses[3:] == losses2

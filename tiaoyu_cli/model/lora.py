@@ -323,14 +323,19 @@ def read_adapter(path: str | os.PathLike) -> tuple[Path, dict, dict[str, torch.T
     return d, cfg, tensors, info
 
 
-def peft_config(cfg: LoraConfig, base_dir: str | os.PathLike | None) -> dict:
+def peft_config(cfg: LoraConfig, base_dir: str | os.PathLike | None, wrapped: list[str] | None = None) -> dict:
+    """adapter_config.json; `target_modules` lists the layer names actually wrapped (when known)."""
+    names = resolve_targets(cfg.targets)
+    if wrapped:
+        present = {n.rpartition(".")[2] for n in wrapped}
+        names = [n for n in names if n in present]
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": resolve_targets(cfg.targets),
+        "target_modules": names,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -370,8 +375,8 @@ def save_adapter(folder: str | os.PathLike, model: nn.Module, cfg: LoraConfig, i
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(lora_state_dict(model), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(peft_config(cfg, info.get("base_model")), indent=2) + "\n",
-                                         encoding="utf-8")
+    pcfg = peft_config(cfg, info.get("base_model"), list(lora_modules(model)))
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(pcfg, indent=2) + "\n", encoding="utf-8")
     (folder / BASE_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
