@@ -6,8 +6,6 @@ control: with replay the base val loss rises less than without."""
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.model import ModelConfig, Transformer
 from tiaoyu_cli.train import answers as A
 from tiaoyu_cli.train.sft import (SFTConfig, SFTStage, count_parameters, lm_forward, packed_forward,
-                                  select_trainable, sft_loss)
+                                  select_trainable)
 from tiaoyu_cli.train.trainer import TrainConfig, Trainer
 
 
