@@ -15,7 +15,7 @@ from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.model import ModelConfig, Transformer
 from tiaoyu_cli.train import answers as A
 from tiaoyu_cli.train.sft import (SFTConfig, SFTStage, count_parameters, lm_forward, packed_forward,
-                                  select_trainable)
+                                  select_trainable, sft_loss)
 from tiaoyu_cli.train.trainer import TrainConfig, Trainer
 
 
@@ -440,3 +440,18 @@ def test_resume_is_exact_with_packing_and_replay(tmp_path, tok, tokens_dir):
     resumed, losses2 = run(tmp_path / "cut", 6, resume=True)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert losses[3:] == losses2
+
+
+def test_losses_by_hand():
+    """sft_loss: mean −log p(target) over positions with a label; classification_loss: mean over rows."""
+    from tiaoyu_cli.train.classify import classification_loss
+
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]]])
+    labels = torch.tensor([[0, 2, -100]])
+    lse0 = torch.log(torch.exp(torch.tensor(2.0)) + 2)
+    lse1 = torch.log(torch.exp(torch.tensor(1.0)) + 2)
+    want = ((lse0 - 2.0) + (lse1 - 0.0)) / 2
+    assert torch.isclose(sft_loss(logits, labels), want)
+    scores = torch.tensor([[1.0, 3.0], [0.0, 0.0]])
+    want = ((torch.log(torch.exp(torch.tensor(1.0)) + torch.exp(torch.tensor(3.0))) - 3.0) + torch.log(torch.tensor(2.0))) / 2
+    assert torch.isclose(classification_loss(scores, torch.tensor([1, 0])), want)
