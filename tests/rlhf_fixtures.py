@@ -110,25 +110,31 @@ def sft_start(assets: Path, tmp_root: Path) -> Path:
     return _built[key]
 
 
-RM_STEPS = 120
+RM_STEPS = 150
 
 
 def reward_model(assets: Path, tmp_root: Path) -> Path:
-    """A reward model trained from the SFT start on the synthetic preference pairs (held out: the first
-    100 val pairs). Returns its run folder (metrics.jsonl holds the held-out accuracy). Built once per session."""
+    """A reward model trained (`tiaoyu rlhf reward`) from the SFT start on the synthetic preference pairs,
+    evaluated on the held-out val pairs (facts no training pair asks about). Returns its run folder."""
     key = "rm-" + _key(assets)
     if key in _built:
         return _built[key]
     start = sft_start(assets, tmp_root)
     synth = assets / "synth"
-    val = write_jsonl(tmp_root / "rm-val.jsonl", read_jsonl(synth / "preference.val.jsonl")[:100])
     out = tmp_root / key
     with one_thread():
-        run_cli(["rlhf", "reward", start, synth / "preference.train.jsonl", "--val", val, "-o", out,
-                 "--max-steps", str(RM_STEPS), "--batch-size", "16", "--lr", "1e-3", "--warmup-steps", "10",
-                 "--log-every", "40", "--dtype", "fp32", "--device", "cpu", "--seed", "0"])
+        run_cli(["rlhf", "reward", start, synth / "preference.train.jsonl", "--val", synth / "preference.val.jsonl",
+                 "-o", out, "--max-steps", str(RM_STEPS), "--batch-size", "16", "--lr", "5e-4", "--warmup-steps", "10",
+                 "--log-every", "50", "--dtype", "fp32", "--device", "cpu", "--seed", "0"])
     _built[key] = out
     return out
+
+
+def is_refusal(pair: dict) -> bool:
+    """The rejected answer is one of the synthetic corpus' unhelpful replies ("I don't know." …)."""
+    from tiaoyu_cli.data.synth import UNHELPFUL
+
+    return pair["rejected"] in UNHELPFUL["en"] + UNHELPFUL["zh"]
 
 
 def eval_lines(run: Path) -> list[dict]:

@@ -37,7 +37,6 @@ def quiet(msg: str) -> None:
     pass
 
 
-@pytest.mark.xfail(strict=False, reason="known regression at session end: value head grad was zero in the last run; regression under investigation")
 def test_value_head_trains_and_is_saved_for_resume(base_ckpt, questions, tmp_path):
     from safetensors.torch import load_file
 
@@ -55,7 +54,6 @@ def test_value_head_trains_and_is_saved_for_resume(base_ckpt, questions, tmp_pat
     assert [r["step"] for r in train_lines(tmp_path / "r")] == [1, 2, 3]
 
 
-@pytest.mark.xfail(strict=False, reason="known regression at session end: fixture trains a 300-piece tokenizer, which the current tokenizer rejects (needs ≥ 621)")
 def test_bad_inputs_are_clear_errors(base_ckpt, questions, tmp_path):
     # a reward checkpoint without a reward head
     with pytest.raises(TiaoyuError, match="not a reward model"):
@@ -89,11 +87,11 @@ def test_ppo_verifiable_raises_reward_and_accuracy(assets, questions, tmp_path_f
                   val=questions, log=quiet)  # evaluated on its own questions
     before, after = res["before"], eval_lines(out)[-1]
     assert after["val_reward"] >= before["val_reward"] + 0.08, (before, after)
-    assert after["val_accuracy"] >= before["val_accuracy"] + 0.15, (before, after)
-    assert after["val_kl"] < 3.0, after
+    assert after["val_accuracy"] >= before["val_accuracy"] + 0.1, (before, after)  # greedy answers
+    assert after["val_kl"] < 3.0, after  # Σ_t log π/ref per answer: the policy stayed near the start
+    assert all(r["kl"] < 3.0 for r in train_lines(out) if "kl" in r)
 
 
-@pytest.mark.xfail(strict=False, reason="known regression at session end: depends on the reward model of test_reward, which regressed")
 def test_ppo_with_a_reward_model_uses_its_scores(base_ckpt, tmp_path):
     """--reward RM: the rollout reward is the reward model's score of prompt + sampled answer."""
     from tiaoyu_cli.train.checkpoint import load_tokenizer, save_model_files

@@ -80,6 +80,7 @@ def score_cmd(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="output JSONL (default: stdout)"),
     batch_size: int = typer.Option(32, help="sequences per forward pass"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+    dtype: str = typer.Option("auto", help="auto | bf16 | fp32 (auto = bf16 autocast where the hardware is fast at it)"),
 ) -> None:
     import torch
 
@@ -93,9 +94,9 @@ def score_cmd(
     dev = resolve_device(device)
     model, tok = load_reward_model(rm, device=dev)
     records = list(iter_jsonl(str(data)))
-    dtype = resolve_dtype("auto", dev)
+    amp = resolve_dtype(dtype, dev)
     with torch.no_grad():
-        scored = score_records(model, tok, records, batch_size, dev, str(data), autocast=lambda: autocast(dev, dtype))
+        scored = score_records(model, tok, records, batch_size, dev, str(data), autocast=lambda: autocast(dev, amp))
     n = write_jsonl(str(out) if out else None, scored)
     _say(f"scored {n} records" + (f" → {out}" if out else ""))
 
