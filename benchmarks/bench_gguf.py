@@ -1,6 +1,6 @@
 """GGUF export checked by llama.cpp itself (llama-cpp-python): same tokens, same greedy answers, speed side by side.
 
-    python benchmarks/bench_gguf.py --ckpt runs/demo/base --data runs/demo/synth/text.val.jsonl
+    python benchmarks/bench_gguf.py --ckpt runs/demo/base --data runs/demo/data/text.val.jsonl
     python benchmarks/bench_gguf.py         # no --ckpt: trains a tiny base first (bench_quant.build_base)
 
 Needs `pip install llama-cpp-python` (it compiles llama.cpp: ~80 min on a busy 2-core machine; the

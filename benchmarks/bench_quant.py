@@ -1,6 +1,6 @@
 """Quantization: quality cost and speed of `--quantize int8` (weight-only, CPU) and GGUF `q8_0`, side by side.
 
-    python benchmarks/bench_quant.py --ckpt runs/demo/base --data runs/demo/synth/text.val.jsonl
+    python benchmarks/bench_quant.py --ckpt runs/demo/base --data runs/demo/data/text.val.jsonl
     python benchmarks/bench_quant.py          # no --ckpt: trains a tiny base on the synthetic corpus first (~minutes)
 
 Quality (on a trained checkpoint): held-out val loss of the fp32 model, of the same model with int8
