@@ -113,7 +113,8 @@ $(OUT)/reason/latest/model.safetensors: $(OUT)/sft/latest/model.safetensors
 reason-rl: $(OUT)/reason-rl/latest/model.safetensors
 $(OUT)/reason-rl/latest/model.safetensors: $(OUT)/reason/latest/model.safetensors
 	$(TRAIN) reason --rl $(OUT)/reason $(D)/verifiable.train.jsonl --eval-data $(D)/verifiable.val.jsonl -o $(OUT)/reason-rl $(COMMON) \
-	  --eval-samples $(EVALN) --lr 0.0002 --max-steps $(call steps,$(REASON_RL_STEPS)) --eval-every $(call steps,$(REASON_RL_STEPS)/2)
+	  --eval-samples $(EVALN) --lr 0.00002 --rollout-batch-size 16 --batch-size 32 --grad-accum 4 \
+	  --max-steps $(call steps,$(REASON_RL_STEPS)) --eval-every $(call steps,$(REASON_RL_STEPS)/2)
 
 # 13. talk to the result
 chat: $(OUT)/chat.jsonl

@@ -214,6 +214,7 @@ def run_chat(o: ChatOptions, train: TrainConfig, stage_name: str = "sft", save_a
             model.train()
             stage.extra_info["eval_before"] = before
             say("before: " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
+        trainer.before = before
         res = trainer.fit()
         if main:
             after = {k: v for k, v in res.items() if k not in ("step", "tokens")}
@@ -280,6 +281,7 @@ def run_classify(base: Path, data: Path, eval_data: Optional[Path], max_len: int
                 before = stage.evaluate(trainer.raw_model)
             model.train()
             say("before: " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
+        trainer.before = before
         res = trainer.fit()
         if main:
             parts = [f"{k} {before[k]:.4g} → {v:.4g}" if k in before else f"{k} {v:.4g}"

@@ -602,6 +602,7 @@ def run_distill(opts: DistillOptions, train: TrainConfig, log=print) -> dict:
             trainer.raw_model.train()
             if before:
                 log("before: " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
+        trainer.before = before
         res = trainer.fit()
         return {**res, "before": before}
     except KeyboardInterrupt:

@@ -255,6 +255,7 @@ def run_dpo(opts: DPORunOptions, train, cfg: DPOConfig, log=print) -> dict:
             before = stage.evaluate(trainer.raw_model)
         log("before: " + fmt_metrics(before, ["val_pref_accuracy", "val_logp_margin", "val_reward_margin"]))
     log("reference log-probs " + ("precomputed once" if stage.precomputed else "computed every step"))
+    trainer.before = before
     res = trainer.fit()
     res["before"] = before
     return res

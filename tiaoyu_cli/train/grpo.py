@@ -154,6 +154,7 @@ def run_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_frac: 
         with torch.no_grad(), trainer.autocast():
             before = stage.evaluate(trainer.raw_model)
         log("before: " + fmt_metrics(before))
+    trainer.before = before
     res = trainer.fit()
     res["before"] = before
     return res

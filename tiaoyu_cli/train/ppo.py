@@ -204,6 +204,7 @@ def run_ppo(start, data, train, cfg: PPOConfig, val=None, ref=None, val_frac: fl
         with torch.no_grad(), trainer.autocast():
             before = stage.evaluate(trainer.raw_model)
         log("before: " + fmt_metrics(before))
+    trainer.before = before
     res = trainer.fit()
     res["before"] = before
     return res

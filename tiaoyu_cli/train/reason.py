@@ -399,6 +399,7 @@ def _eval_before(trainer, stage, train: TrainConfig, log) -> dict[str, Any]:
     trainer.raw_model.train()
     if before:
         log("before: " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
+    trainer.before = before
     return before
 
 

@@ -213,6 +213,7 @@ def run_reward(start, data, train, cfg: RewardConfig, val=None, skip_bad: bool =
         with torch.no_grad(), trainer.autocast():
             before = stage.evaluate(trainer.raw_model)
         log("before: " + fmt_metrics(before, ["val_accuracy", "val_loss", "val_margin"]))
+    trainer.before = before
     res = trainer.fit()
     res["before"] = before
     return res

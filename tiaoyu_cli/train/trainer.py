@@ -201,6 +201,9 @@ class Trainer:
         self._stop_time = 0.0
         self._stop_noted = False
         self.last_eval: dict[str, float] = {}
+        # the starting model's held-out metrics, measured by the stage before fit(): written to
+        # metrics.jsonl as the step-0 eval line, so every run's curve starts at its "before"
+        self.before: dict[str, float] = {}
         self.last_line: dict[str, Any] = {}  # the newest metrics line (read by the live display)
         self.history: list[dict] = []  # metrics lines of this process (tests and the demo read them)
         self._ctrl = D.control_group(self.dist)
@@ -261,6 +264,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         c = self.cfg
         self._prepare_output()
+        if self.before and not c.resume and self.step == 0:
+            self._log_metrics({"step": 0, "eval": True, **{k: float(v) for k, v in self.before.items()}})
         old_handlers = self._install_signal_handlers()
         progress = _Progress(self, enabled=self.dist.is_main)
         pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (step, loss, grad norm) since the last sync

@@ -1,0 +1,99 @@
+"""The tiny-cpu recipe end to end (what `make demo` runs), on a reduced budget: every stage leaves its
+files, every metric of the summary table moves the right way, and make skips what is done.
+
+Runs `make -f recipes/tiny-cpu/Makefile all` in real processes with SCALE set so the whole chain
+(synth → prep → tokenize → pretrain → sft → lora → reward → dpo → grpo → distill → reason →
+reason --rl → chat → summary) takes a couple of minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "tiny-cpu" / "Makefile"
+TIAOYU = Path(sys.executable).with_name("tiaoyu")
+SCALE = "0.25"
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None or not TIAOYU.exists(),
+                                reason="needs make and the tiaoyu console script of this venv")
+
+
+def make(out: Path, *targets: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = ["make", "-f", str(RECIPE), *targets, f"OUT={out}", f"SCALE={SCALE}", f"TIAOYU={TIAOYU}",
+           f"PYTHON={sys.executable}"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    p = make(out, "all")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.loads((out / "summary.json").read_text())
+    return out, {(r["stage"], r["key"]): r for r in rows}
+
+
+@pytest.mark.slow
+def test_every_stage_leaves_its_files(demo):
+    out, _ = demo
+    for f in ("data/manifest.json", "data/text.train.jsonl", "prep/text.jsonl", "tok/tokenizer.model",
+              "tokens/meta.json", "chat.jsonl", "summary.json", "lora-merged/model.safetensors",
+              "lora-merged/config.json"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    for run in ("base", "sft", "lora", "rm", "dpo", "grpo", "student", "reason", "reason-rl"):
+        ck = out / run / "latest"
+        weights = ("adapter_model.safetensors", "adapter_config.json") if run == "lora" else ("model.safetensors", "config.json")
+        assert all((ck / w).is_file() for w in weights), (run, sorted(p.name for p in ck.iterdir()))
+        assert (out / run / "metrics.jsonl").stat().st_size > 0, run
+        assert not list((out / run).rglob("*.tmp*")), run  # no half-written files left behind
+    rm_cfg = json.loads((out / "rm" / "latest" / "config.json").read_text())
+    assert rm_cfg["num_labels"] == 1  # a reward model: scalar head
+    # the reasoning model answered the first five held-out problems, one JSON line each, think block apart
+    answers = [json.loads(line) for line in (out / "chat.jsonl").read_text().splitlines()]
+    assert len(answers) == 5 and all(isinstance(a["response"], str) and "input_answer" in a for a in answers), answers[0]
+
+
+@pytest.mark.slow
+def test_every_metric_moves_the_right_way(demo):
+    _, rows = demo
+
+    def ba(stage: str, key: str) -> tuple[float, float]:
+        r = rows[(stage, key)]
+        assert r["before"] is not None and r["after"] is not None, r
+        return r["before"], r["after"]
+
+    b, a = ba("pretrain", "val_loss")
+    assert a < b - 3.0, (b, a)  # from ≈ ln(vocab) to far below it
+    b, a = ba("sft", "val_loss")
+    assert a < b - 2.0, (b, a)  # held-out answer loss: the base has never seen the chat format
+    b, a = ba("rlhf reward", "val_accuracy")
+    assert b == 0.5 and a > 0.55, (b, a)  # the untrained head ties every pair
+    b, a = ba("rlhf dpo", "val_reward_margin")
+    assert b == 0 and a > 0, (b, a)
+    b, a = ba("rlhf grpo", "val_kl")
+    assert a < 3.0, (b, a)  # stayed near the SFT start
+    b, a = ba("distill", "val_loss")
+    assert a < b - 2.0, (b, a)  # the student starts untrained
+    b, a = ba("reason", "format_rate")
+    assert a > b and a >= 0.8, (b, a)  # learned to think in <think> … </think> before answering
+    b, a = ba("reason --rl", "val_format_rate")
+    assert a >= 0.8, (b, a)
+
+
+@pytest.mark.slow
+def test_make_skips_what_is_done(demo):
+    out, _ = demo
+    stamp = (out / "sft" / "latest" / "model.safetensors").stat().st_mtime_ns
+    p = make(out, "sft")
+    assert p.returncode == 0, p.stderr
+    assert not [line for line in p.stdout.splitlines() if line.startswith(str(TIAOYU))], p.stdout  # no command ran
+    assert (out / "sft" / "latest" / "model.safetensors").stat().st_mtime_ns == stamp
