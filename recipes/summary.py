@@ -21,7 +21,7 @@ ROWS = [
     ("sft", "sft", "val_loss", "held-out answer loss"),
     ("lora", "lora", "answer_acc", "held-out answer accuracy (LoRA)"),
     ("rlhf reward", "rm", "val_accuracy", "held-out pairwise accuracy"),
-    ("rlhf dpo", "dpo", "val_pref_accuracy", "held-out chosen-over-rejected"),
+    ("rlhf dpo", "dpo", "val_reward_accuracy", "held-out implicit-reward accuracy"),
     ("rlhf dpo", "dpo", "val_reward_margin", "held-out DPO reward margin"),
     ("rlhf grpo", "grpo", "val_accuracy", "held-out verifiable accuracy"),
     ("rlhf grpo", "grpo", "val_kl", "KL to the reference"),
