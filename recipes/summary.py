@@ -50,7 +50,8 @@ def read_metrics(run: Path) -> list[dict]:
 def before_after(lines: list[dict], key: str, stage: str) -> tuple[float | None, float | None]:
     evals = sorted((m for m in lines if m.get("eval") and key in m), key=lambda m: m.get("step", 0))
     after = evals[-1][key] if evals else None
-    before = evals[0][key] if len(evals) > 1 else None
+    # "before" only from an evaluation of the starting model (step 0), never from a mid-run one
+    before = evals[0][key] if len(evals) > 1 and evals[0].get("step", 0) == 0 else None
     if stage == "pretrain" and key == "val_loss":
         train = [m for m in lines if not m.get("eval") and "loss" in m]
         before = train[0]["loss"] if train else None
