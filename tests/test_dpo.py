@@ -98,6 +98,18 @@ def test_lora_dpo_reference_is_the_adapter_free_policy(base_ckpt, prefs, tmp_pat
     assert not torch.equal(sd["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_cli_lora_dpo_publishes_the_adapter(base_ckpt, prefs, tmp_path):
+    """`tiaoyu rlhf dpo --method lora`, like `tiaoyu lora`: the final PEFT adapter at the top of the run folder."""
+    from rlhf_fixtures import run_cli
+    from tiaoyu_cli.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    out = tmp_path / "run"
+    run_cli(["rlhf", "dpo", base_ckpt, prefs["train64"], "--val", prefs["val"], "-o", out, "--method", "lora",
+             "--rank", "4", "--max-steps", "2", "--batch-size", "8", "--device", "cpu", "--dtype", "fp32"])
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        assert (out / name).read_bytes() == (out / "latest" / name).read_bytes()
+
+
 def test_reference_with_another_tokenizer_is_refused(base_ckpt, prefs, tmp_path):
     other = other_tokenizer_ckpt(base_ckpt, tmp_path / "other")
     with pytest.raises(TiaoyuError, match="another tokenizer"):

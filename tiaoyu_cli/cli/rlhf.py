@@ -134,6 +134,10 @@ def dpo_cmd(
     opts = DPORunOptions(start=str(start), data=str(data), val=str(val) if val else None,
                          ref=str(ref) if ref else None, method=method, lora=lora, skip_bad=skip_bad)
     res = run_dpo(opts, train, cfg, log=_say)
+    if method == "lora":  # like `tiaoyu lora`: the final adapter also at the top of the run folder
+        from tiaoyu_cli.cli.lora import publish_final_adapter
+
+        publish_final_adapter(Path(train.out))
     _done(res, ["val_pref_accuracy", "val_logp_margin", "val_reward_margin", "val_reward_accuracy"], train.out)
 
 
