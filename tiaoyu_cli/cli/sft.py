@@ -208,13 +208,9 @@ def run_chat(o: ChatOptions, train: TrainConfig, stage_name: str = "sft", save_a
                 say(f"replay: {replay.num_tokens:,} pretraining tokens, ratio {cfg.replay_ratio}")
         before: dict = {}
         if main and not train.resume and o.eval_before and (eval_ds is not None or base_val is not None):
-            model.eval()
-            with torch.no_grad(), trainer.autocast():
-                before = stage.evaluate(trainer.raw_model)
-            model.train()
+            before = trainer.evaluate_start()
             stage.extra_info["eval_before"] = before
             say("before: " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
-        trainer.before = before
         res = trainer.fit()
         if main:
             after = {k: v for k, v in res.items() if k not in ("step", "tokens")}
@@ -276,12 +272,8 @@ def run_classify(base: Path, data: Path, eval_data: Optional[Path], max_len: int
                 + (f"; {stage.truncated} texts truncated to {cfg.max_len} tokens" if stage.truncated else ""))
         before: dict = {}
         if main and eval_pairs and eval_before and not train.resume:
-            model.eval()
-            with torch.no_grad(), trainer.autocast():
-                before = stage.evaluate(trainer.raw_model)
-            model.train()
+            before = trainer.evaluate_start()
             say("before: " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
-        trainer.before = before
         res = trainer.fit()
         if main:
             parts = [f"{k} {before[k]:.4g} → {v:.4g}" if k in before else f"{k} {v:.4g}"

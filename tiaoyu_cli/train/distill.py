@@ -596,13 +596,10 @@ def run_distill(opts: DistillOptions, train: TrainConfig, log=print) -> dict:
         trainer = Trainer(student, stage, train, tokenizer=stok, parent=parent or str(tdir), log=log)
         before = {}
         if trainer.dist.is_main and not train.resume and (opts.val is not None or tokens):
-            trainer.raw_model.eval()
-            with torch.no_grad(), trainer.autocast():
-                before = {k: v for k, v in stage.evaluate(trainer.raw_model).items() if not k.startswith("teacher_")}
-            trainer.raw_model.train()
+            before = {k: v for k, v in trainer.evaluate_start().items() if not k.startswith("teacher_")}
+            trainer.before = before  # the teacher's own figures are not the student's starting point
             if before:
                 log("before: " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
-        trainer.before = before
         res = trainer.fit()
         return {**res, "before": before}
     except KeyboardInterrupt:

@@ -393,13 +393,9 @@ def _default_budget(train: TrainConfig, log) -> None:
 def _eval_before(trainer, stage, train: TrainConfig, log) -> dict[str, Any]:
     if train.resume or not trainer.dist.is_main:
         return {}
-    trainer.raw_model.eval()
-    with torch.no_grad(), trainer.autocast():
-        before = stage.evaluate(trainer.raw_model)
-    trainer.raw_model.train()
+    before = trainer.evaluate_start()
     if before:
         log("before: " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
-    trainer.before = before
     return before
 
 

@@ -415,6 +415,18 @@ class Trainer:
         return tokens_per_s * flops_per_token(mcfg, seq) / (peak * self.dist.world_size)
 
     @torch.no_grad()
+    def evaluate_start(self) -> dict[str, float]:
+        """The stage's held-out metrics of the starting model (eval mode, autocast), kept as `before`:
+        fit() writes them as the step-0 eval line. Stages call it before fit() on a fresh run."""
+        self.raw_model.eval()
+        try:
+            with self.autocast():
+                self.before = self.stage.evaluate(self.raw_model)
+        finally:
+            self.raw_model.train()
+        return self.before
+
+    @torch.no_grad()
     def _evaluate(self, progress) -> None:
         if self.dist.is_main:
             self.raw_model.eval()
