@@ -48,7 +48,7 @@ def main() -> None:
 
     from tiaoyu_cli.infer.generate import generate
     from tiaoyu_cli.model import Transformer, preset
-    from tiaoyu_cli.train.checkpoint import save_model_files
+    from tiaoyu_cli.checkpoint import save_model_files
 
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -61,7 +61,7 @@ def main() -> None:
     from tiaoyu_cli.export.gguf import export_gguf
     from tiaoyu_cli.infer.generate import generate
     from tiaoyu_cli.model.quant import quantize_model
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_gguf_"))
     ckpt, data = (Path(args.ckpt) if args.ckpt else None), (Path(args.data) if args.data else None)

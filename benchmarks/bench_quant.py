@@ -137,7 +137,7 @@ def main() -> None:
     from tiaoyu_cli.export.gguf import export_gguf
     from tiaoyu_cli.model import Transformer, preset
     from tiaoyu_cli.model.quant import fused_kernel_available, quantize_model, weight_bytes
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
     from tiaoyu_cli.train.evaluate import _records, text_stream
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_quant_"))

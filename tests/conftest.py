@@ -106,6 +106,6 @@ def tokens_dir(assets) -> Path:
 @pytest.fixture(scope="session")
 def base_ckpt(assets) -> Path:
     """The tiny pretrained base checkpoint folder (base/latest resolved)."""
-    from tiaoyu_cli.train.checkpoint import resolve_checkpoint
+    from tiaoyu_cli.checkpoint import resolve_checkpoint
 
     return resolve_checkpoint(assets / "base")

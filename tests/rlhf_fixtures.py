@@ -83,7 +83,7 @@ def _build_sft(assets: Path, out: Path) -> None:
 
 def sft_start(assets: Path, tmp_root: Path) -> Path:
     """The SFT start checkpoint folder (built once per session; cached with TIAOYU_TEST_CACHE)."""
-    from tiaoyu_cli.train.checkpoint import resolve_checkpoint
+    from tiaoyu_cli.checkpoint import resolve_checkpoint
 
     key = _key(assets)
     if key in _built:

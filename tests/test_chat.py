@@ -40,7 +40,7 @@ def ckpts(tmp_path_factory):
     """A 300-token tokenizer and a random tiny model saved as an sft run and as a pretrain run."""
     from tiaoyu_cli.model import ModelConfig, Transformer
     from tiaoyu_cli.tokenizer import train_tokenizer
-    from tiaoyu_cli.train.checkpoint import save_checkpoint
+    from tiaoyu_cli.checkpoint import save_checkpoint
 
     d = tmp_path_factory.mktemp("chat")
     rng = random.Random(0)

@@ -10,7 +10,7 @@ import torch
 
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import Transformer, preset
-from tiaoyu_cli.train import checkpoint as C
+from tiaoyu_cli import checkpoint as C
 
 from pretrain_data import assets
 

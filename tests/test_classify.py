@@ -13,7 +13,7 @@ import torch
 
 from tiaoyu_cli.data.chat import collate_classification, encode_classification, read_classification
 from tiaoyu_cli.errors import DataError, TiaoyuError
-from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer, save_model_files
+from tiaoyu_cli.checkpoint import load_model, load_tokenizer, save_model_files
 from tiaoyu_cli.train.classify import build_classifier, classify_texts, last_token_scores
 
 

@@ -188,7 +188,7 @@ def other_student(tmp_path_factory, synth_dir):
 
     from tiaoyu_cli.model import Transformer, preset
     from tiaoyu_cli.tokenizer import train_tokenizer
-    from tiaoyu_cli.train.checkpoint import save_model_files
+    from tiaoyu_cli.checkpoint import save_model_files
 
     root = tmp_path_factory.mktemp("other")
     tok = train_tokenizer([str(synth_dir / "chat.train.jsonl")], root / "tok", vocab_size=600, num_threads=1)
@@ -238,7 +238,7 @@ def test_black_box_end_to_end(base_ckpt, synth_dir, other_student, tmp_path):
     from tiaoyu_cli.data.jsonl import read_jsonl
     from tiaoyu_cli.infer.sampling import SamplingParams
     from tiaoyu_cli.infer.session import GenerationOptions, answer_records, load_chat_model
-    from tiaoyu_cli.train.checkpoint import load_tokenizer, load_trainer_info
+    from tiaoyu_cli.checkpoint import load_tokenizer, load_trainer_info
 
     prompts = _prompts(synth_dir, tmp_path, 6)
     keep = tmp_path / "teacher.jsonl"
@@ -304,7 +304,7 @@ def test_topk_cache_matches_full_teacher_and_is_reused(base_ckpt, synth_dir, tmp
     import contextlib
 
     from tiaoyu_cli.data.chat import ChatDataset, collate
-    from tiaoyu_cli.train.checkpoint import load_model
+    from tiaoyu_cli.checkpoint import load_model
 
     teacher, _ = load_model(base_ckpt)
     teacher.eval()

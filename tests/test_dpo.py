@@ -45,7 +45,7 @@ def quiet(msg: str) -> None:
 
 
 def test_pair_logps_sum_the_response_tokens_and_ignore_padding(base_ckpt):
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
     from tiaoyu_cli.train.losses_rl import token_logps
 
     model, _ = load_model(base_ckpt)
@@ -80,7 +80,7 @@ def test_precomputed_reference_changes_nothing(base_ckpt, prefs, tmp_path):
 
 def test_lora_dpo_reference_is_the_adapter_free_policy(base_ckpt, prefs, tmp_path):
     from tiaoyu_cli.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-    from tiaoyu_cli.train.checkpoint import load_model, load_tensors
+    from tiaoyu_cli.checkpoint import load_model, load_tensors
 
     out = tmp_path / "lora"
     opts = DPORunOptions(start=str(base_ckpt), data=str(prefs["train64"]), val=str(prefs["val"]), method="lora",
@@ -122,7 +122,7 @@ def test_reference_with_another_tokenizer_is_refused(base_ckpt, prefs, tmp_path)
 @pytest.mark.slow
 def test_dpo_raises_held_out_preference_and_margin(assets, prefs, tmp_path_factory):
     from tiaoyu_cli.data.preference import load_pairs
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
     from tiaoyu_cli.train.dpo import evaluate_dpo
 
     start = sft_start(assets, tmp_path_factory.mktemp("rlhf"))

@@ -35,7 +35,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 def head_checkpoint(base: Path, out: Path, num_labels: int, id2label: dict, seed: int) -> Path:
     """A copy of the base model with a random `score` head: a reward model (1 output) or a classifier."""
     from tiaoyu_cli.model import Transformer
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer, save_model_files
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer, save_model_files
 
     lm, _ = load_model(base)
     torch.manual_seed(seed)
@@ -58,7 +58,7 @@ def heads(base_ckpt, tmp_path_factory) -> dict[str, Path]:
 
 def test_text_loss_matches_a_direct_forward_pass(base_ckpt, tmp_path, capsys):
     """Three short documents fit one window: the loss is one forward pass over <s>d1</s><s>d2</s><s>d3</s>."""
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 
     docs = ["Tosi has a pet named Vinay.", "3 plus 4 equals 7.", "王丽住在青石城。"]
     data = write_jsonl(tmp_path / "t.jsonl", [{"text": d} for d in docs])
@@ -103,7 +103,7 @@ def test_token_folder_uses_the_val_split(base_ckpt, tokens_dir):
 # ---- preference pairs ------------------------------------------------------------------------------------
 
 def test_reward_pairwise_accuracy_matches_direct_scores(heads, synth_dir, tmp_path, capsys):
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 
     recs = [orjson.loads(x) for x in (synth_dir / "preference.val.jsonl").read_bytes().splitlines()[:12]]
     data = write_jsonl(tmp_path / "p.jsonl", recs)
@@ -141,7 +141,7 @@ def test_dpo_implicit_reward_with_a_reference(base_ckpt, heads, synth_dir, tmp_p
 # ---- classification ----------------------------------------------------------------------------------------
 
 def test_classifier_accuracy_matches_direct_argmax(heads, synth_dir, tmp_path, capsys):
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 
     recs = [orjson.loads(x) for x in (synth_dir / "classification.val.jsonl").read_bytes().splitlines()[:20]]
     data = write_jsonl(tmp_path / "c.jsonl", recs)
@@ -169,7 +169,7 @@ def test_answer_accuracy_counts_matching_answers(base_ckpt, synth_dir, tmp_path)
     """Using the model's own greedy answers as the references gives accuracy 1; the real references
     give the (low) accuracy of a model that never saw a question."""
     from tiaoyu_cli.infer.generate import decode_response, generate
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
     from tiaoyu_cli.train.evaluate import EvalConfig, evaluate
 
     recs = [orjson.loads(x) for x in (synth_dir / "verifiable.val.jsonl").read_bytes().splitlines()[:8]]

@@ -28,7 +28,7 @@ def save_random(folder: Path, tok_dir: Path, **cfg) -> Path:
     """A checkpoint folder holding a randomly initialised model of the given config (tiny)."""
     from tiaoyu_cli.model import Transformer, preset
     from tiaoyu_cli.tokenizer import Tokenizer
-    from tiaoyu_cli.train.checkpoint import save_model_files
+    from tiaoyu_cli.checkpoint import save_model_files
 
     tok = Tokenizer.load(tok_dir)
     torch.manual_seed(0)
@@ -42,7 +42,7 @@ def save_random(folder: Path, tok_dir: Path, **cfg) -> Path:
 
 def test_hf_export_loads_in_transformers_with_our_logits(base_ckpt, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 
     out = tmp_path / "hf"
     code, stdout, err = run_main(["export", base_ckpt, "--format", "hf", "-o", out], capsys)
@@ -176,7 +176,7 @@ def unpermuted(name: str, arr: np.ndarray, cfg) -> np.ndarray:
 
 
 def test_gguf_reads_back_our_tensors_tokenizer_and_template(base_ckpt, tmp_path, capsys):
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 
     out = tmp_path / "m.gguf"
     code, _, err = run_main(["export", base_ckpt, "--format", "gguf", "-o", out], capsys)
@@ -212,7 +212,7 @@ def test_gguf_reads_back_our_tensors_tokenizer_and_template(base_ckpt, tmp_path,
 
 
 def test_gguf_q8_0_is_close_and_smaller(base_ckpt, tmp_path, capsys):
-    from tiaoyu_cli.train.checkpoint import load_model
+    from tiaoyu_cli.checkpoint import load_model
 
     f32, q8 = tmp_path / "f32.gguf", tmp_path / "q8.gguf"
     assert run_main(["export", base_ckpt, "-f", "gguf", "-o", f32], capsys)[0] == 0
@@ -237,7 +237,7 @@ def test_gguf_q8_0_is_close_and_smaller(base_ckpt, tmp_path, capsys):
 
 
 def test_gguf_moe_stacks_experts(tok_dir, tmp_path, capsys):
-    from tiaoyu_cli.train.checkpoint import load_model
+    from tiaoyu_cli.checkpoint import load_model
 
     moe = save_random(tmp_path / "moe", tok_dir, n_experts=4, n_experts_per_tok=2, ffn_dim=64)
     out = tmp_path / "moe.gguf"

@@ -36,7 +36,7 @@ def tiny_train(out, steps, **kw) -> TrainConfig:
 
 def test_rollouts_are_grouped_and_advantages_relative(base_ckpt, questions, tmp_path):
     from tiaoyu_cli.data.preference import load_prompts
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
     from tiaoyu_cli.train.rollout import FunctionReward
     from tiaoyu_cli.train.trainer import Trainer
 

@@ -13,7 +13,7 @@ import torch
 
 from tiaoyu_cli.infer.generate import generate
 from tiaoyu_cli.model import ModelConfig, Transformer
-from tiaoyu_cli.train.checkpoint import load_model, save_checkpoint
+from tiaoyu_cli.checkpoint import load_model, save_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")

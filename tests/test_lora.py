@@ -17,7 +17,7 @@ from tiaoyu_cli.data.chat import ChatDataset, pack_examples
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import ModelConfig, Transformer
 from tiaoyu_cli.model import lora as L
-from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer, save_model_files
+from tiaoyu_cli.checkpoint import load_model, load_tokenizer, save_model_files
 from tiaoyu_cli.train.sft import SFTConfig, SFTStage, count_parameters
 from tiaoyu_cli.train.trainer import TrainConfig, Trainer
 

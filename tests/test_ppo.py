@@ -94,7 +94,7 @@ def test_ppo_verifiable_raises_reward_and_accuracy(assets, questions, tmp_path_f
 
 def test_ppo_with_a_reward_model_uses_its_scores(base_ckpt, tmp_path):
     """--reward RM: the rollout reward is the reward model's score of prompt + sampled answer."""
-    from tiaoyu_cli.train.checkpoint import load_tokenizer, save_model_files
+    from tiaoyu_cli.checkpoint import load_tokenizer, save_model_files
     from tiaoyu_cli.train.reward import reward_model_from
 
     torch.manual_seed(0)

@@ -68,7 +68,7 @@ def test_learns_far_below_unigram_entropy(learned, data):
 def test_greedy_decoding_continues_training_sentences(learned):
     """A plain greedy loop: the fixed sentences come out word for word after their first three
     words, and most name facts ("Carol likes the colour" → " green.") come out right."""
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 
     model, folder = load_model(learned)
     tok = load_tokenizer(folder)
@@ -168,7 +168,7 @@ def test_plain_progress_lines_on_stderr_when_not_a_terminal(data, tmp_path):
 def _make_checkpoint(folder: Path, data: Path) -> Path:
     from tiaoyu_cli.model import Transformer, preset
     from tiaoyu_cli.tokenizer import Tokenizer
-    from tiaoyu_cli.train.checkpoint import save_checkpoint
+    from tiaoyu_cli.checkpoint import save_checkpoint
 
     tok = Tokenizer.load(data / "tok")
     model = Transformer(preset("tiny", vocab_size=tok.vocab_size, dim=32, n_layers=1, ffn_dim=64))

@@ -148,7 +148,7 @@ def test_think_sft_trains_on_reasoning_tokens(base_ckpt, synth_dir, tmp_path):
     """Stage 1 is the SFT stage on <think>steps</think>answer: the reasoning tokens are learned."""
     from tiaoyu_cli.data.chat import ChatDataset
     from tiaoyu_cli.tokenizer import Tokenizer
-    from tiaoyu_cli.train.checkpoint import load_trainer_info
+    from tiaoyu_cli.checkpoint import load_trainer_info
     from tiaoyu_cli.train.reason import ReasonOptions, run_think_sft
 
     tok = Tokenizer.load(base_ckpt)
@@ -168,7 +168,7 @@ def test_think_sft_trains_on_reasoning_tokens(base_ckpt, synth_dir, tmp_path):
 
 
 def test_reason_rl_runs_grpo_with_think_format(base_ckpt, synth_dir, tmp_path):
-    from tiaoyu_cli.train.checkpoint import load_trainer_info
+    from tiaoyu_cli.checkpoint import load_trainer_info
     from tiaoyu_cli.train.reason import ReasonRLOptions, run_reason_rl
 
     qs = _head(synth_dir / "verifiable.train.jsonl", tmp_path / "q.jsonl", 8)

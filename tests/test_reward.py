@@ -125,7 +125,7 @@ def test_pair_rewards_do_not_depend_on_padding(tok, base_ckpt):
 
 
 def test_reward_model_from_adds_a_zero_head_and_keeps_the_backbone(base_ckpt):
-    from tiaoyu_cli.train.checkpoint import load_model
+    from tiaoyu_cli.checkpoint import load_model
     from tiaoyu_cli.train.reward import reward_model_from
 
     rm, _ = reward_model_from(base_ckpt)

@@ -182,7 +182,7 @@ def test_reasoning_is_returned_apart_from_the_answer(base_ckpt):
     """A scripted generation loop emits <think>…</think>answer: the thinking arrives as reasoning_content."""
     from tiaoyu_cli.infer.generate import END_THINK_ID, THINK_ID, Step
     from tiaoyu_cli.serve.server import Engine, ServeConfig
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 
     tok = load_tokenizer(base_ckpt)
     model, _ = load_model(base_ckpt)

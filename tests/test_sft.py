@@ -380,7 +380,7 @@ def test_cli_sft_records_stage_and_counts(cli, tmp_path, base_ckpt, synth_dir):
     assert info["stage_config"]["trainable_params"] == formula(cfg, "ffn")
     assert "trainable" in r.stderr and "%" in r.stderr
     assert "answer_acc" in info["eval"] and "answer_acc" in info["stage_config"]["eval_before"]
-    from tiaoyu_cli.train.checkpoint import load_model
+    from tiaoyu_cli.checkpoint import load_model
 
     load_model(out)  # an ordinary checkpoint
 
@@ -391,7 +391,7 @@ def test_cli_sft_records_stage_and_counts(cli, tmp_path, base_ckpt, synth_dir):
 def test_replay_limits_forgetting(tmp_path, base_ckpt, synth_dir, tokens_dir):
     """Same SFT run with and without replay; base val loss (pretraining val split) rises less with it."""
     from tiaoyu_cli.data.shards import open_tokens
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 
     tok = load_tokenizer(base_ckpt)
     train_sh, val_sh = open_tokens(tokens_dir)

@@ -80,7 +80,7 @@ def test_page_streams_an_answer(base_ckpt, browser, tmp_path):
 def test_page_shows_thinking_apart_from_the_answer(base_ckpt, browser, tmp_path):
     from tiaoyu_cli.infer.generate import END_THINK_ID, THINK_ID, Step
     from tiaoyu_cli.serve.server import Engine, ServeConfig
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 
     tok = load_tokenizer(base_ckpt)
     model, _ = load_model(base_ckpt)

@@ -133,7 +133,7 @@ def merge_cmd(
 
     from tiaoyu_cli.io import atomic_dir
     from tiaoyu_cli.model.lora import load_adapter, merge_lora, resolve_adapter_dir
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer, resolve_checkpoint, save_model_files
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint, save_model_files
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TiaoyuError(f"-o {out}: already exists and is not an empty folder; choose another -o")

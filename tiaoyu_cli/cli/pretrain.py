@@ -64,8 +64,8 @@ def build(tokens: Path, preset: str, model: Optional[List[str]], init: Optional[
 
     from tiaoyu_cli.data.shards import check_fingerprint, open_tokens
     from tiaoyu_cli.model import Transformer, preset as make_preset
-    from tiaoyu_cli.train.checkpoint import load_config, load_model, load_tokenizer, load_trainer_info, resolve_checkpoint
-    from tiaoyu_cli.train.device import resolve_device, resolve_dtype
+    from tiaoyu_cli.checkpoint import load_config, load_model, load_tokenizer, load_trainer_info, resolve_checkpoint
+    from tiaoyu_cli.device import resolve_device, resolve_dtype
     from tiaoyu_cli.train.trainer import check_output
 
     train.validate()

@@ -85,7 +85,7 @@ def score_cmd(
     import torch
 
     from tiaoyu_cli.data.jsonl import iter_jsonl, write_jsonl
-    from tiaoyu_cli.train.device import autocast, resolve_device, resolve_dtype
+    from tiaoyu_cli.device import autocast, resolve_device, resolve_dtype
     from tiaoyu_cli.train.reward import score_records
     from tiaoyu_cli.train.rl_common import load_reward_model
 

@@ -113,8 +113,8 @@ def run_chat(o: ChatOptions, train: TrainConfig, stage_name: str = "sft", save_a
     from tiaoyu_cli.model import adapters as A
     from tiaoyu_cli.model import lora as L
     from tiaoyu_cli.train import distributed as D
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer, resolve_checkpoint
-    from tiaoyu_cli.train.device import resolve_device, resolve_dtype
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    from tiaoyu_cli.device import resolve_device, resolve_dtype
     from tiaoyu_cli.train.sft import (SFTConfig, SFTStage, count_parameters, describe_trainable, select_trainable)
     from tiaoyu_cli.train.trainer import Trainer, TrainingInterrupted, check_output
 
@@ -232,9 +232,9 @@ def run_classify(base: Path, data: Path, eval_data: Optional[Path], max_len: int
 
     from tiaoyu_cli.data.chat import read_classification
     from tiaoyu_cli.train import distributed as D
-    from tiaoyu_cli.train.checkpoint import load_tokenizer, resolve_checkpoint
+    from tiaoyu_cli.checkpoint import load_tokenizer, resolve_checkpoint
     from tiaoyu_cli.train.classify import ClassifyConfig, ClassifyStage, build_classifier
-    from tiaoyu_cli.train.device import resolve_device, resolve_dtype
+    from tiaoyu_cli.device import resolve_device, resolve_dtype
     from tiaoyu_cli.train.sft import count_parameters, describe_trainable, select_trainable
     from tiaoyu_cli.train.trainer import Trainer, TrainingInterrupted, check_output
 
@@ -346,9 +346,9 @@ def classify_cli(ckpt: Path, text: Optional[str], device: str, batch_size: int, 
 
     from tiaoyu_cli.data.jsonl import dumps
     from tiaoyu_cli.infer.session import read_prompt_records
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint
     from tiaoyu_cli.train.classify import classify_texts
-    from tiaoyu_cli.train.device import resolve_device
+    from tiaoyu_cli.device import resolve_device
     from tiaoyu_cli.errors import DataError
 
     if adapter is not None:

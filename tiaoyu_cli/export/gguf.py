@@ -162,7 +162,7 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, kind: str = "f3
     gguf = _import_gguf()
     from tiaoyu_cli.export.hf import source_checkpoint
     from tiaoyu_cli.io import fsync_dir
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 
     if kind not in GGUF_TYPES:
         raise TiaoyuError(f"--quantize {kind!r} for gguf: choose {', '.join(GGUF_TYPES)} (f32 = none)")

@@ -57,7 +57,7 @@ def build_classifier(base_dir, labels: list[str], device="cpu"):
     """The base model with a fresh `score` head for `labels` (or its own head, if it already is a
     classifier for exactly these labels)."""
     from tiaoyu_cli.model import Transformer
-    from tiaoyu_cli.train.checkpoint import load_config, load_tensors, resolve_checkpoint
+    from tiaoyu_cli.checkpoint import load_config, load_tensors, resolve_checkpoint
 
     d = resolve_checkpoint(base_dir)
     cfg = load_config(d)

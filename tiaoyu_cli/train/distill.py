@@ -507,7 +507,7 @@ def build_student(opts: DistillOptions, teacher_tok, teacher_cfg, train: TrainCo
     and context length; `--resume` rebuilds the architecture the run started with."""
     from tiaoyu_cli.cli.common import parse_overrides
     from tiaoyu_cli.model import Transformer, preset
-    from tiaoyu_cli.train.checkpoint import load_config, load_model, load_tokenizer, resolve_checkpoint
+    from tiaoyu_cli.checkpoint import load_config, load_model, load_tokenizer, resolve_checkpoint
 
     if (opts.student is None) == (opts.student_preset is None):
         raise TiaoyuError("give the student once: --student CKPT (an existing model) or --student-preset NAME "
@@ -539,7 +539,7 @@ def run_distill(opts: DistillOptions, train: TrainConfig, log=print) -> dict:
     """Load teacher and student, check them, and train: white box (DistillStage over chat records or token
     shards) or black box (the teacher answers, then the SFT stage trains the student on the answers)."""
     from tiaoyu_cli.train import distributed as D
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
     from tiaoyu_cli.train.trainer import Trainer, TrainingInterrupted, check_output
 
     if opts.mode not in ("white", "black"):
@@ -648,8 +648,8 @@ def black_box_data(teacher: nn.Module, ttok, tdir: Path, data: Path, opts: Disti
     A resumed run reads them back instead of asking the teacher again (exact resume needs the same data)."""
     from tiaoyu_cli.data.jsonl import read_jsonl, write_jsonl
     from tiaoyu_cli.infer.session import ChatModel
-    from tiaoyu_cli.train.checkpoint import load_trainer_info
-    from tiaoyu_cli.train.device import resolve_device
+    from tiaoyu_cli.checkpoint import load_trainer_info
+    from tiaoyu_cli.device import resolve_device
 
     keep = Path(opts.keep_teacher_data) if opts.keep_teacher_data else Path(train.out) / "teacher.jsonl"
     if train.resume and keep.exists():

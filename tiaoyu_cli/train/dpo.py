@@ -208,7 +208,7 @@ def run_dpo(opts: DPORunOptions, train, cfg: DPOConfig, log=print) -> dict:
     """`tiaoyu rlhf dpo`: load policy and reference, read the pairs, train; returns the final metrics
     plus `before` (held-out metrics of the start model)."""
     from tiaoyu_cli.data.preference import load_pairs
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
     from tiaoyu_cli.train.rl_common import fmt_metrics, load_reference, split_holdout, start_run
     from tiaoyu_cli.train.trainer import Trainer
 

@@ -132,7 +132,7 @@ def check_compatible(data_kind: str, mkind: str, has_ref: bool, ckpt: Path) -> N
 # ---- loading ------------------------------------------------------------------------------------
 
 def load_for_eval(ckpt: str | os.PathLike, device: torch.device, quantize: str = "none"):
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint
 
     path = resolve_checkpoint(ckpt)
     tok = load_tokenizer(path)
@@ -336,7 +336,7 @@ def answer_metrics(model, tokenizer, records, kind: str, path: Path, cfg: EvalCo
 def evaluate(ckpt: str | os.PathLike, data: str | os.PathLike, cfg: EvalConfig | None = None,
              ref: str | os.PathLike | None = None) -> dict[str, Any]:
     """Evaluate checkpoint `ckpt` on `data`; returns {"checkpoint", "data", "kind", "records", <metrics>}."""
-    from tiaoyu_cli.train.device import autocast, resolve_device, resolve_dtype
+    from tiaoyu_cli.device import autocast, resolve_device, resolve_dtype
 
     cfg = cfg or EvalConfig()
     if cfg.batch_size < 1:

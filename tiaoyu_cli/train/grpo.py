@@ -120,7 +120,7 @@ def run_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_frac: 
              skip_bad: bool = False, eval_before: bool = True, log=print) -> dict:
     """`tiaoyu rlhf grpo`: load policy (and reference when β > 0), read the questions, train."""
     from tiaoyu_cli.data.preference import load_prompts
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
     from tiaoyu_cli.train.rl_common import fmt_metrics, load_reference, split_holdout, start_run
     from tiaoyu_cli.train.trainer import Trainer
 

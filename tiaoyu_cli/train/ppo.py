@@ -157,7 +157,7 @@ def run_ppo(start, data, train, cfg: PPOConfig, val=None, ref=None, val_frac: fl
             skip_bad: bool = False, eval_before: bool = True, log=print) -> dict:
     """`tiaoyu rlhf ppo`: load policy, reference and reward (model or verifiable), read prompts, train."""
     from tiaoyu_cli.data.preference import load_prompts
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
     from tiaoyu_cli.train.rl_common import fmt_metrics, load_reference, load_reward_model, split_holdout, start_run
     from tiaoyu_cli.train.rollout import ModelReward, VerifiableReward
     from tiaoyu_cli.train.trainer import Trainer

@@ -342,7 +342,7 @@ def run_think_sft(o: ReasonOptions, train: TrainConfig, log=print) -> dict:
     """Stage 1: validate the traces, then SFT on them (the SFT stage, loss on reasoning + answer)."""
     from tiaoyu_cli.data.chat import ChatDataset
     from tiaoyu_cli.train import distributed as D
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint
     from tiaoyu_cli.train.sft import SFTConfig
     from tiaoyu_cli.train.trainer import Trainer, TrainingInterrupted, check_output
 
@@ -440,7 +440,7 @@ def run_reason_rl(o: ReasonRLOptions, train: TrainConfig, log=print) -> dict:
     """Stage 2: GRPO (the rlhf engine's `GRPOStage`) on verifiable questions, rewarding a correct final
     answer (1) and the think format (`format_weight`: <think>…</think> first, then a non-empty answer)."""
     from tiaoyu_cli.train import distributed as D
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
     from tiaoyu_cli.train.grpo import GRPOConfig, GRPOStage
     from tiaoyu_cli.train.rl_common import load_reference, split_holdout, start_run
     from tiaoyu_cli.train.trainer import Trainer, TrainingInterrupted

@@ -41,7 +41,7 @@ def reward_model_from(ckpt: str | os.PathLike, device="cpu") -> tuple[nn.Module,
     """The policy checkpoint with a fresh one-output `score` head (or an existing reward model as is).
     Returns (model, checkpoint folder). Seed torch first: the new head's init depends on it."""
     from tiaoyu_cli.model import Transformer
-    from tiaoyu_cli.train.checkpoint import load_config, load_tensors, resolve_checkpoint
+    from tiaoyu_cli.checkpoint import load_config, load_tensors, resolve_checkpoint
 
     folder = resolve_checkpoint(ckpt)
     cfg = load_config(folder)
@@ -187,7 +187,7 @@ def run_reward(start, data, train, cfg: RewardConfig, val=None, skip_bad: bool =
     """`tiaoyu rlhf reward`: build the reward model from `start`, read the pairs, train, and return
     the final metrics plus `before` (held-out metrics of the untrained head)."""
     from tiaoyu_cli.data.preference import load_pairs
-    from tiaoyu_cli.train.checkpoint import load_tokenizer
+    from tiaoyu_cli.checkpoint import load_tokenizer
     from tiaoyu_cli.train.rl_common import fmt_metrics, split_holdout, start_run
     from tiaoyu_cli.train.trainer import Trainer
 

@@ -42,7 +42,7 @@ def check_same_tokenizer(policy_tok, other_tok, what: str, path) -> None:
 
 def load_reference(path: str | os.PathLike, policy_tok, device="cpu", what: str = "reference") -> nn.Module:
     """A frozen copy of a checkpoint (the DPO/PPO/GRPO reference), checked against the policy's tokenizer."""
-    from tiaoyu_cli.train.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 
     check_same_tokenizer(policy_tok, load_tokenizer(path), what, path)
     model, _ = load_model(path, device=device)
@@ -51,7 +51,7 @@ def load_reference(path: str | os.PathLike, policy_tok, device="cpu", what: str 
 
 def load_reward_model(path: str | os.PathLike, policy_tok=None, device="cpu") -> tuple[nn.Module, object]:
     """A frozen reward model (a checkpoint with a `score` head of one output). Returns (model, tokenizer)."""
-    from tiaoyu_cli.train.checkpoint import load_config, load_model, load_tokenizer
+    from tiaoyu_cli.checkpoint import load_config, load_model, load_tokenizer
 
     cfg = load_config(path)
     if cfg.num_labels != 1:
@@ -266,7 +266,7 @@ class RunningMeanStd:
 def start_run(train) -> torch.device:
     """Checks every RL/preference run makes before loading anything: options, the -o folder, device
     and precision; then seeds torch (new heads and sampling depend on it). Returns the device."""
-    from tiaoyu_cli.train.device import resolve_device, resolve_dtype
+    from tiaoyu_cli.device import resolve_device, resolve_dtype
     from tiaoyu_cli.train.trainer import check_output
 
     train.validate()
@@ -329,7 +329,7 @@ class LoraCheckpoint:
 
     def save_model(self, folder, model: nn.Module, tokenizer) -> None:
         from tiaoyu_cli.model import lora as L
-        from tiaoyu_cli.train.checkpoint import save_model_files
+        from tiaoyu_cli.checkpoint import save_model_files
 
         model = unwrap(model)
         sd = L.merged_state_dict(model)

@@ -458,7 +458,7 @@ class SFTStage(BaseStage):
     def load_for_resume(self, folder: Path, model: nn.Module) -> None:
         from tiaoyu_cli.model import adapters as A
         from tiaoyu_cli.model import lora as L
-        from tiaoyu_cli.train.checkpoint import load_tensors
+        from tiaoyu_cli.checkpoint import load_tensors
 
         model = unwrap(model)
         if self.save_as == "adapter":
@@ -492,7 +492,7 @@ def write_model_folder(folder: Path, model_cfg, state_dict: dict[str, torch.Tens
 
     from safetensors.torch import save_file
 
-    from tiaoyu_cli.train.checkpoint import generation_config
+    from tiaoyu_cli.checkpoint import generation_config
 
     folder = Path(folder)
     (folder / "config.json").write_text(json.dumps(model_cfg.to_hf_dict(), indent=2, ensure_ascii=False),

@@ -41,10 +41,10 @@ import torch
 import torch.nn as nn
 
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train import checkpoint as ckpt_io
+from tiaoyu_cli import checkpoint as ckpt_io
 from tiaoyu_cli.train.config import TrainConfig  # noqa: F401  (re-exported: stages import it from here)
 from tiaoyu_cli.train import distributed as D
-from tiaoyu_cli.train.device import autocast, resolve_device, resolve_dtype
+from tiaoyu_cli.device import autocast, resolve_device, resolve_dtype
 from tiaoyu_cli.train.optim import build_optimizer, lr_at
 
 
@@ -187,7 +187,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         if self.device.type == "cpu" and self.dist.is_main:
-            from tiaoyu_cli.train.device import busy_cpu_note
+            from tiaoyu_cli.device import busy_cpu_note
 
             note = busy_cpu_note()
             if note:
