@@ -78,7 +78,7 @@ def run_ours(shards: TokenShards, preset_name: str, seq_len: int, batch: int, st
 
 
 def main() -> None:
-    from tiaoyu_cli.cli.console import console
+    from tiaoyu_cli.console import console
 
     console.quiet = True  # the training loop's progress lines; this script prints one JSON line
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -14,7 +14,7 @@ import torch
 from tiaoyu_cli.data.chat import collate_classification, encode_classification, read_classification
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.checkpoint import load_model, load_tokenizer, save_model_files
-from tiaoyu_cli.train.classify import build_classifier, classify_texts, last_token_scores
+from tiaoyu_cli.train.classify import build_classifier, classify_texts, label_scores
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,7 +64,7 @@ def test_classifier_from_base_and_hf_parity(tmp_path, base_ckpt):
     b = collate_classification([(encode_classification(tok, t, 64)[0], 0) for t in texts])
     model.eval()
     with torch.no_grad():
-        ours = last_token_scores(model, b["input_ids"], b["last_index"])
+        ours = label_scores(model, b["input_ids"], b["last_index"])
         theirs = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
     res = classify_texts(model, tok, texts)

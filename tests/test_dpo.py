@@ -71,9 +71,12 @@ def test_precomputed_reference_changes_nothing(base_ckpt, prefs, tmp_path):
         run_dpo(DPORunOptions(start=str(base_ckpt), data=str(prefs["train64"]), val=str(prefs["val"])),
                 tiny_train(out, 3), DPOConfig(beta=0.1, precompute_ref=mode), log=quiet)
         runs[mode] = train_lines(out)
+    # metrics.jsonl rounds to 6 decimals and the two paths batch the reference differently (float sums in
+    # another order), so equal runs may differ by a unit in the last logged digit; a wrong or misaligned
+    # reference moves the loss by far more than 1e-5 (the margin grows ~0.1 per step here)
     for a, b in zip(runs["yes"], runs["no"]):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-        assert a["reward_margin"] == pytest.approx(b["reward_margin"], abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["reward_margin"] == pytest.approx(b["reward_margin"], abs=1e-5)
     assert runs["yes"][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
     assert runs["yes"][-1]["loss"] != pytest.approx(math.log(2), abs=1e-4)
 

@@ -16,7 +16,8 @@ from rlhf_fixtures import eval_lines, is_refusal, one_thread, read_jsonl, reward
 from tiaoyu_cli.data.preference import (collate_pairs, encode_pair, encode_response, load_pairs, load_prompts,
                                         prompt_messages, response_messages)
 from tiaoyu_cli.errors import DataError, TiaoyuError
-from tiaoyu_cli.train.rl_common import last_token_scores, load_reward_model
+from tiaoyu_cli.model.heads import last_token_scores
+from tiaoyu_cli.train.rl_common import load_reward_model
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -14,8 +14,9 @@ from tiaoyu_cli.data.chat import ChatDataset, Example, collate, encode_example, 
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.model import ModelConfig, Transformer
 from tiaoyu_cli.train import answers as A
-from tiaoyu_cli.train.sft import (SFTConfig, SFTStage, count_parameters, lm_forward, packed_forward,
-                                  select_trainable, sft_loss)
+from tiaoyu_cli.train.sft import (SFTConfig, SFTStage, count_parameters, lm_forward,
+                                  select_trainable)
+from tiaoyu_cli.model.transformer import cross_entropy as sft_loss
 from tiaoyu_cli.train.trainer import TrainConfig, Trainer
 
 
@@ -133,7 +134,7 @@ def test_packed_forward_equals_records_alone(kw):
     rows = pack_examples(exs, max_len=40, seed=None)
     b = collate(rows)
     with torch.no_grad():
-        packed = packed_forward(m, b["input_ids"], b["position_ids"], b["seq_ids"]).logits
+        packed = m(b["input_ids"], position_ids=b["position_ids"], seq_ids=b["seq_ids"]).logits
         naive = m(b["input_ids"]).logits  # attention across records, positions running on
         for r, row in enumerate(rows):
             start = 0

@@ -16,7 +16,8 @@ from tiaoyu_cli.data.shards import ShardWriter, TokenShards
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import Transformer, preset
 from tiaoyu_cli import checkpoint as ckpt_io
-from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage, lm_loss
+from tiaoyu_cli.model.transformer import cross_entropy as lm_loss
+from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage
 from tiaoyu_cli.train.optim import build_optimizer, lr_at
 from tiaoyu_cli.train.trainer import StepOutput, TrainConfig, Trainer
 

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.io import atomic_dir, atomic_write_text, fsync_dir
+from tiaoyu_cli.io import atomic_dir, atomic_write_text, fsync_dir, load_tensors, read_json  # noqa: F401 (used as ckpt_io.*)
 from tiaoyu_cli.model import ModelConfig, Transformer
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -57,26 +56,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise TiaoyuError(f"{p}: not a checkpoint (no config.json/model.safetensors, no latest, no step-* folders)")
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TiaoyuError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TiaoyuError(f"{path}: corrupt JSON ({e})") from None
-
-
 def load_config(ckpt: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_hf_dict(read_json(resolve_checkpoint(ckpt) / "config.json"))
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise TiaoyuError(f"{path}: missing") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise TiaoyuError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
 
 
 def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", config_overrides: dict | None = None,
@@ -173,10 +154,6 @@ def set_latest(run: Path, name: str) -> None:
     os.symlink(name, tmp)
     os.replace(tmp, run / "latest")
     fsync_dir(run)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
 # ---- optimizer state <-> flat tensors (safetensors holds only tensors) ------------------------------

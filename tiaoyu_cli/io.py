@@ -6,11 +6,14 @@ A crash half-way leaves either the old file or no file — never a half-written 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
+
+from tiaoyu_cli.errors import TiaoyuError
 
 
 def _umask() -> int:
@@ -92,3 +95,29 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TiaoyuError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TiaoyuError(f"{path}: corrupt JSON ({e})") from None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+def load_tensors(path: Path) -> dict:
+    """All tensors of a safetensors file (never pickle), or a clear error naming the file."""
+    from safetensors import SafetensorError  # here, not at the top: plain-text tools need no torch
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise TiaoyuError(f"{path}: missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise TiaoyuError(f"{path}: corrupt or unreadable safetensors file ({e})") from None

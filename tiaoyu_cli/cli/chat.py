@@ -54,9 +54,7 @@ def register(app: typer.Typer) -> None:
         from tiaoyu_cli.infer.sampling import SamplingParams
         from tiaoyu_cli.infer.session import GenerationOptions, load_chat_model
 
-        if classify:  # cli/sft.py: the classifier's side of chat
-            from tiaoyu_cli.cli.sft import classify_cli
-
+        if classify:  # the classifier's side of chat
             return classify_cli(ckpt, prompt, device, batch_size, adapter)
 
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
@@ -66,7 +64,7 @@ def register(app: typer.Typer) -> None:
         if batch_size < 1:
             raise TiaoyuError(f"--batch-size must be >= 1, got {batch_size}")
         options = GenerationOptions(max_new_tokens=max_new_tokens, sampling=params, seed=seed)
-        from tiaoyu_cli.cli.console import warn as _warn
+        from tiaoyu_cli.console import warn as _warn
 
         cm = load_chat_model(ckpt, device=device, mode=mode, adapter=adapter, on_warning=_warn)
         if quantize != "none":  # model/quant.py (eval/export/serve engineer)
@@ -74,7 +72,7 @@ def register(app: typer.Typer) -> None:
 
             quantize_model(cm.model, quantize)
         if system and cm.mode == "complete":
-            from tiaoyu_cli.cli.console import warn
+            from tiaoyu_cli.console import warn
 
             warn("--system is ignored in complete mode (plain text continuation; --mode chat to use it)")
         try:
@@ -116,7 +114,7 @@ def answer_once(cm, prompt: str, system: Optional[str], options, hide_thinking: 
 
 
 def repl(cm, system: Optional[str], options, hide_thinking: bool) -> None:
-    from tiaoyu_cli.cli.console import console
+    from tiaoyu_cli.console import console
     from tiaoyu_cli.infer.session import ChatSession
 
     session = ChatSession(cm, system=system, options=options)
@@ -166,7 +164,7 @@ def repl(cm, system: Optional[str], options, hide_thinking: bool) -> None:
 def answer_jsonl(cm, stream, system: Optional[str], options, batch_size: int) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tiaoyu_cli.cli.console import console
+    from tiaoyu_cli.console import console
     from tiaoyu_cli.data.jsonl import dumps
     from tiaoyu_cli.infer.session import answer_records, read_prompt_records
 
@@ -181,3 +179,55 @@ def answer_jsonl(cm, stream, system: Optional[str], options, batch_size: int) ->
                                   on_batch=lambda n: progress.advance(task, n)):
             out.write(dumps(rec))
             out.flush()
+
+
+def classify_cli(ckpt: Path, text: Optional[str], device: str, batch_size: int, adapter: Optional[Path] = None) -> None:
+    """`tiaoyu chat CKPT --classify`: one label for --prompt TEXT (stdout), or for every {"text"} record of
+    JSONL on stdin (the record + "label" + "probs"; a record's own "label" is kept as "input_label", and the
+    accuracy against those is reported on stderr)."""
+    from tiaoyu_cli.console import say
+    from tiaoyu_cli.data.jsonl import dumps
+    from tiaoyu_cli.infer.session import read_prompt_records
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    from tiaoyu_cli.train.classify import classify_texts
+    from tiaoyu_cli.device import resolve_device
+    from tiaoyu_cli.errors import DataError
+
+    if adapter is not None:
+        raise TiaoyuError("--adapter does not combine with --classify")
+    if batch_size < 1:
+        raise TiaoyuError(f"--batch-size must be >= 1, got {batch_size}")
+    path = resolve_checkpoint(ckpt)
+    model, path = load_model(path, device=resolve_device(device))
+    if not model.config.num_labels:
+        raise TiaoyuError(f"{path} has no classification head: train one with `tiaoyu sft BASE DATA --task classify`")
+    tok = load_tokenizer(path)
+    model.eval()
+    if text is not None:
+        res = classify_texts(model, tok, [text])[0]
+        say("  ".join(f"{k} {v:.3f}" for k, v in res["probs"].items()))
+        sys.stdout.write(res["label"] + "\n")
+        return
+    if sys.stdin.isatty():
+        raise TiaoyuError("--classify: give --prompt TEXT, or JSONL records {\"text\": …} on stdin")
+    records = read_prompt_records(sys.stdin.buffer, "<stdin>")
+    texts = []
+    for line, rec in records:
+        t = rec.get("text")
+        if not isinstance(t, str) or not t.strip():
+            raise DataError("expected a non-empty string", "<stdin>", line, "text")
+        texts.append(t)
+    results = classify_texts(model, tok, texts, batch_size=batch_size)
+    out = sys.stdout.buffer
+    right = labelled = 0
+    for (line, rec), res in zip(records, results):
+        rec = dict(rec)
+        if "label" in rec:
+            labelled += 1
+            right += str(rec["label"]).strip() == res["label"]
+            rec["input_label"] = rec["label"]
+        rec["label"], rec["probs"] = res["label"], res["probs"]
+        out.write(dumps(rec))
+    out.flush()
+    say(f"classify: {len(records)} record(s) labelled by {path}"
+        + (f"; accuracy {right / labelled:.3f} on the {labelled} that carried a label" if labelled else ""))

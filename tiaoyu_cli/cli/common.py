@@ -82,15 +82,19 @@ def train_options(**defaults: Any) -> Callable:
             ctx = kwargs.pop("_ctx")
             file_cfg = load_config_file(kwargs.pop("config_path", None))
             train_vals = {}
+            train_file = file_cfg.get("train_config") or file_cfg
             for fld in dataclasses.fields(TrainConfig):
                 key = f"train__{fld.name}"
                 val = kwargs.pop(key)
-                if fld.name in file_cfg and _is_default(ctx, key):
-                    val = file_cfg[fld.name]
+                if fld.name in train_file and _is_default(ctx, key):
+                    val = train_file[fld.name]
                 train_vals[fld.name] = val
+            stage_file = file_cfg.get("stage_config") or {}  # a trainer.json given as --config
             for name in list(kwargs):  # stage options from the file where not given as flags
-                if name in file_cfg and _is_default(ctx, name):
-                    kwargs[name] = file_cfg[name]
+                key = name.split("__", 1)[-1]
+                src = stage_file if key in stage_file and name.startswith("cfg__") else file_cfg
+                if key in src and _is_default(ctx, name):
+                    kwargs[name] = src[key]
             train = TrainConfig(**train_vals)
             params = inspect.signature(f).parameters
             if "config_file" in params:
@@ -131,16 +135,38 @@ def load_config_file(path: Path | None) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def parse_overrides(items: list[str] | None, what: str = "--model") -> dict[str, Any]:
-    """["dim=256", "position=learned", "tie_embeddings=false"] → typed dict (JSON literals where they parse)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise TiaoyuError(f"{what} {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        k = k.strip().replace("-", "_")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = {"true": True, "false": False}.get(v.lower(), v)
-    return out
+def config_options(cls: type, help: dict[str, str], rename: dict[str, str] | None = None, panel: str | None = None,
+                   skip: tuple[str, ...] = (), required: tuple[str, ...] = ()) -> Callable:
+    """Decorate a typer command `f(..., cfg: cls)`: one `--flag` per field of the stage's config dataclass,
+    its default and type taken from the dataclass (one default per option), and the command gets the built
+    config as `cfg=`. `rename` maps a field to another flag name (e.g. GRPO's epochs → --grpo-epochs, as
+    --epochs is the loop's budget); `skip` leaves fields at their default; `required` fields have none."""
+    rename = rename or {}
+
+    def deco(f: Callable) -> Callable:
+        sig = inspect.signature(f)
+        own = [p for p in sig.parameters.values() if p.name != "cfg"]
+        extra = []
+        fields = [fld for fld in dataclasses.fields(cls) if fld.name not in skip]
+        for fld in fields:
+            flag = _flag(rename.get(fld.name, fld.name))
+            default = ... if fld.name in required else fld.default
+            decls = [flag]
+            if fld.type in ("bool", bool):
+                decls = [f"{flag}/--no-{flag[2:]}"]
+            ann = {"int": int, "float": float, "str": str, "bool": bool}.get(str(fld.type), type(fld.default))
+            opt = typer.Option(default, *decls, help=help.get(fld.name, ""), rich_help_panel=panel, show_default=True)
+            extra.append(inspect.Parameter(f"cfg__{fld.name}", inspect.Parameter.KEYWORD_ONLY, default=opt,
+                                           annotation=ann))
+        keyword = [p for p in own if p.kind == inspect.Parameter.KEYWORD_ONLY]
+        positional = [p for p in own if p.kind != inspect.Parameter.KEYWORD_ONLY]
+
+        @functools.wraps(f)
+        def wrapper(**kwargs: Any) -> Any:
+            vals = {fld.name: kwargs.pop(f"cfg__{fld.name}") for fld in fields}
+            return f(cfg=cls(**vals), **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=positional + extra + keyword)
+        return wrapper
+
+    return deco

@@ -8,8 +8,10 @@ from typing import List, Optional
 import typer
 
 from tiaoyu_cli.cli.common import train_options
+from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.config import TrainConfig
+from tiaoyu_cli.train.distill_run import DistillOptions, run_distill
 
 EXAMPLES = """
 Examples:
@@ -59,15 +61,10 @@ def register(app: typer.Typer) -> None:
         gen_batch_size: int = typer.Option(32, help="black: prompts the teacher answers together"),
         gen_temperature: float = typer.Option(0.0, help="black: teacher sampling temperature (0 = greedy)"),
         skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
+        nproc: int = typer.Option(0, help="run N processes on this machine (DDP), as torchrun --nproc_per_node N would"),
         *,
         train: TrainConfig,
     ) -> None:
-        from tiaoyu_cli.cli.console import console
-        from tiaoyu_cli.train.distill import DistillOptions, run_distill
-
-        def say(msg: str) -> None:
-            console.print(msg, markup=False, highlight=False, soft_wrap=True)
-
         if data is not None and tokens is not None:
             raise TiaoyuError("give the data once: a JSONL file as the argument, or a token folder with --data")
         src = tokens if tokens is not None else data
@@ -78,16 +75,17 @@ def register(app: typer.Typer) -> None:
             data=src, mode=mode, alpha=alpha, temperature=temperature, divergence=divergence, cache_topk=cache_topk,
             keep_teacher_data=keep_teacher_data, val=val, eval_samples=eval_samples, seq_len=seq_len, max_new_tokens=max_new_tokens,
             gen_batch_size=gen_batch_size, gen_temperature=gen_temperature, skip_bad=skip_bad)
-        res = run_distill(opts, train, log=say)
+        res = run_distill(opts, train, nproc=nproc, log=say)
         before = res.get("before") or {}
-        msg = f"done: step {res.get('step')}"
+        msg = "student"
         if "val_loss" in res:
-            msg += f", student val loss {before['val_loss']:.4f} → {res['val_loss']:.4f}" if "val_loss" in before \
-                else f", student val loss {res['val_loss']:.4f}"
+            msg += f": val loss {before['val_loss']:.4f} → {res['val_loss']:.4f}" if "val_loss" in before \
+                else f": val loss {res['val_loss']:.4f}"
         if "teacher_val_loss" in res:
             msg += f" (teacher {res['teacher_val_loss']:.4f}"
             if "val_loss" in before and before["val_loss"] > res["teacher_val_loss"]:
                 closed = (before["val_loss"] - res["val_loss"]) / (before["val_loss"] - res["teacher_val_loss"])
                 msg += f"; {closed:.0%} of the gap closed"
             msg += ")"
-        say(msg + f" → {train.out}/latest")
+        if msg != "student":
+            say(msg)

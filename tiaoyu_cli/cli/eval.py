@@ -70,7 +70,7 @@ def run_cmd(
     """Evaluate CKPT on DATA: the kind of data is detected; metrics go to stdout as one JSON object."""
     from rich.table import Table
 
-    from tiaoyu_cli.cli.console import console
+    from tiaoyu_cli.console import console
     from tiaoyu_cli.train.evaluate import EvalConfig, evaluate, iter_metric_rows
 
     cfg = EvalConfig(batch_size=batch_size, seq_len=seq_len, limit=limit, max_new_tokens=max_new_tokens,
@@ -99,7 +99,7 @@ def plot_cmd(
     log_loss: Annotated[bool, typer.Option("--log-loss", help="log scale for the loss panels")] = False,
 ) -> None:
     """Plot loss, val loss, learning rate and tokens/s of one or more runs (needs matplotlib: pip install 'tiaoyu\\[plot]')."""
-    from tiaoyu_cli.cli.console import console
+    from tiaoyu_cli.console import console
     from tiaoyu_cli.errors import TiaoyuError
     from tiaoyu_cli.train.plots import plot_runs
 

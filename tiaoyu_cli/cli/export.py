@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         name: Annotated[str, typer.Option(help="gguf: general.name (default: the file name)")] = "",
         force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
     ) -> None:
-        from tiaoyu_cli.cli.console import console
+        from tiaoyu_cli.console import console
         from tiaoyu_cli.errors import TiaoyuError
 
         fmt = format.lower()

@@ -3,7 +3,7 @@
     tiaoyu lora BASE DATA -o adapter/ [--rank 8 --alpha 16 --targets q,k,v,o,gate,up,down]   (= `lora train`)
     tiaoyu lora merge BASE ADAPTER -o ckpt/merged
 
-The training run is `tiaoyu sft --method lora` (cli/sft.py `run_chat`) except for what it saves:
+The training run is `tiaoyu sft --method lora` (train/finetune.py `run_chat`) except for what it saves:
 each step folder holds only the adapter (adapter_model.safetensors, adapter_config.json,
 tiaoyu_base.json) plus the tokenizer, trainer.json and train_state; the final adapter is also copied
 to the top of -o, so `peft.PeftModel.from_pretrained(model, "adapter/")` and
@@ -19,8 +19,13 @@ import typer
 from typer.core import TyperGroup
 
 from tiaoyu_cli.cli.common import train_options
+from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.model.lora import LoraConfig
 from tiaoyu_cli.train.config import TrainConfig
+from tiaoyu_cli.train.finetune import ChatOptions, run_chat
+
+_LORA = LoraConfig()
 
 EXAMPLES = """
 Examples:
@@ -60,21 +65,15 @@ def register(app: typer.Typer) -> None:
     app.add_typer(lora_app, name="lora")
 
 
-def say(msg: str) -> None:
-    from tiaoyu_cli.cli.console import console
-
-    console.print(msg, markup=False, highlight=False, soft_wrap=True)
-
-
 @lora_app.command("train", epilog=EXAMPLES, help="Train a LoRA adapter on chat records (the default subcommand).")
 @train_options(out="adapter", lr=2e-3, batch_size=16, warmup_steps=20, weight_decay=0.0, log_every=10)
 def train_cmd(
     base: Path = typer.Argument(..., help="base checkpoint (run folder or step folder); stays frozen"),
     data: Path = typer.Argument(..., help="chat records JSONL ({\"messages\": […]})"),
-    rank: int = typer.Option(8, help="rank r of A [r, in] and B [out, r]"),
-    alpha: float = typer.Option(16.0, help="scale α: the update is α/r · B·A"),
-    lora_dropout: float = typer.Option(0.05, help="dropout on the LoRA input"),
-    targets: str = typer.Option("q,k,v,o,gate,up,down", help="layers to adapt: q,k,v,o,gate,up,down (MoE: w1/w3/w2)"),
+    rank: int = typer.Option(_LORA.rank, help="rank r of A [r, in] and B [out, r]"),
+    alpha: float = typer.Option(_LORA.alpha, help="scale α: the update is α/r · B·A"),
+    lora_dropout: float = typer.Option(_LORA.dropout, help="dropout on the LoRA input"),
+    targets: str = typer.Option(",".join(_LORA.targets), help="layers to adapt: q,k,v,o,gate,up,down (MoE: w1/w3/w2)"),
     eval_data: Optional[Path] = typer.Option(None, help="held-out chat records: val loss + answer accuracy by generation"),
     eval_samples: int = typer.Option(200, help="questions of --eval-data answered at each evaluation (0 = none)"),
     eval_max_new_tokens: int = typer.Option(32, help="most tokens per generated eval answer"),
@@ -90,8 +89,6 @@ def train_cmd(
     *,
     train: TrainConfig,
 ) -> None:
-    from tiaoyu_cli.cli.sft import ChatOptions, maybe_relaunch, run_chat
-
     if eval_samples < 0 or max_len < 0:
         raise TiaoyuError("--eval-samples and --max-len must not be negative")
     o = ChatOptions(base=base, data=data, eval_data=eval_data, eval_samples=eval_samples,
@@ -99,25 +96,7 @@ def train_cmd(
                     overflow=overflow, pack=pack, skip_bad=skip_bad, method="lora", rank=rank, alpha=alpha,
                     lora_dropout=lora_dropout, targets=targets, replay=replay, replay_ratio=replay_ratio,
                     pretrain_val=pretrain_val, nproc=nproc)
-    maybe_relaunch(nproc, train)
-    run_chat(o, train, stage_name="lora", save_as="adapter")
-    publish_final_adapter(Path(train.out))
-
-
-def publish_final_adapter(run: Path) -> None:
-    """Copy the newest step's adapter files to the top of the run folder (atomically, file by file)."""
-    import os
-
-    from tiaoyu_cli.io import atomic_write_bytes
-    from tiaoyu_cli.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_INFO, resolve_adapter_dir
-
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    src = resolve_adapter_dir(run / "latest") if (run / "latest").exists() else resolve_adapter_dir(run)
-    for name in (ADAPTER_WEIGHTS, BASE_INFO, ADAPTER_CONFIG):  # config last: it marks the folder as an adapter
-        if (src / name).exists():
-            atomic_write_bytes(run / name, (src / name).read_bytes())
-    say(f"adapter: {run}/{ADAPTER_WEIGHTS} + {ADAPTER_CONFIG} (PEFT layout)")
+    run_chat(o, train, stage_name="lora", save_as="adapter", log=say)
 
 
 @lora_app.command("merge", help="Fold a LoRA adapter into its base: W ← W + (α/r)·B·A, written as a full checkpoint.")

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     except TiaoyuError as e:
         from rich.markup import escape
 
-        from tiaoyu_cli.cli.console import console
+        from tiaoyu_cli.console import console
 
         console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(e.exit_code)

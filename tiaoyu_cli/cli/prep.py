@@ -61,7 +61,7 @@ def prep(
       tiaoyu prep alpaca.json sharegpt.jsonl.gz --to chat --shuffle --split val=0.01 -o sft/
       tiaoyu prep raw/ | tiaoyu tokenize train - -o tok/
     """
-    from tiaoyu_cli.cli.console import console, warn
+    from tiaoyu_cli.console import console, warn
     from tiaoyu_cli.data.prep import PrepConfig, run_prep
 
     cfg = PrepConfig(

@@ -8,7 +8,9 @@ from typing import Optional
 import typer
 
 from tiaoyu_cli.cli.common import train_options
+from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.train import reason as R
 from tiaoyu_cli.train.config import TrainConfig
 
 EXAMPLES = """
@@ -56,15 +58,10 @@ def register(app: typer.Typer) -> None:
         open_think: bool = typer.Option(False, "--open-think/--no-open-think",
                                         help="--rl: put <think> after the generation prompt (the model then only "
                                              "has to close it)"),
+        nproc: int = typer.Option(0, help="run N processes on this machine (DDP), as torchrun --nproc_per_node N would"),
         *,
         train: TrainConfig,
     ) -> None:
-        from tiaoyu_cli.cli.console import console
-        from tiaoyu_cli.train import reason as R
-
-        def say(msg: str) -> None:
-            console.print(msg, markup=False, highlight=False, soft_wrap=True)
-
         if rl:
             if direct:
                 raise TiaoyuError("--direct is a stage-1 (SFT) baseline; it does not combine with --rl")
@@ -73,13 +70,9 @@ def register(app: typer.Typer) -> None:
                                   rollout_batch_size=rollout_batch_size,
                                   max_new_tokens=max_new_tokens, temperature=temperature, beta=beta,
                                   format_weight=format_weight, open_think=open_think)
-            res = R.run_reason_rl(o, train, log=say)
+            R.run_reason_rl(o, train, nproc=nproc, log=say)
         else:
             o = R.ReasonOptions(ckpt=ckpt, data=data, eval_data=eval_data, eval_samples=eval_samples,
                                 eval_max_new_tokens=eval_max_new_tokens, max_len=max_len, skip_bad=skip_bad,
                                 direct=direct, only_correct=only_correct)
-            res = R.run_think_sft(o, train, log=say)
-        before = res.get("before") or {}
-        parts = [f"{k} {before[k]:.4g} → {v:.4g}" if k in before else f"{k} {v:.4g}"
-                 for k, v in res.items() if k not in ("step", "tokens", "before") and isinstance(v, (int, float))]
-        say(f"done: step {res.get('step')}" + (": " + ", ".join(parts) if parts else "") + f" → {train.out}/latest")
+            R.run_think_sft(o, train, nproc=nproc, log=say)

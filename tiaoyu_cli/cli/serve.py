@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         quantize: Annotated[str, typer.Option(help="none | int8 (weight-only int8 Linear layers, CPU)")] = "none",
         quiet: Annotated[bool, typer.Option("--quiet", help="do not log every request")] = False,
     ) -> None:
-        from tiaoyu_cli.cli.console import console
+        from tiaoyu_cli.console import console
         from tiaoyu_cli.errors import TiaoyuError
         from tiaoyu_cli.serve.server import ServeConfig, load_engine, make_server
 

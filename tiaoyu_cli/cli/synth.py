@@ -35,7 +35,7 @@ def synth(
 
     from rich.table import Table
 
-    from tiaoyu_cli.cli.console import console
+    from tiaoyu_cli.console import console
     from tiaoyu_cli.data.synth import SynthConfig, write_corpus
 
     cfg = SynthConfig(seed=seed, text_mb=text_mb, records=records, val_records=val_records or None, lang=lang)

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tiaoyu_cli.cli.console import console
+from tiaoyu_cli.console import console
 from tiaoyu_cli.errors import TiaoyuError
 
 tokenize_app = typer.Typer(

@@ -195,7 +195,7 @@ def apply_checkpoint_extras(model: nn.Module, folder: str | os.PathLike) -> nn.M
     """A checkpoint trained with `--method prompt` or `--method adapter` keeps those weights beside
     model.safetensors (sft_extras.*): put them back on `model` and return the model to use.
     Checkpoints without them come back unchanged."""
-    from tiaoyu_cli.checkpoint import load_tensors, read_json
+    from tiaoyu_cli.io import load_tensors, read_json
 
     folder = Path(folder)
     if not (folder / EXTRAS_CONFIG).exists():

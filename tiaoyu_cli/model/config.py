@@ -9,6 +9,7 @@ the "tiaoyu" key, which HF ignores.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,3 +213,18 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise TiaoyuError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return ModelConfig().replace(**{**PRESETS[name], **overrides})
+
+
+def parse_overrides(items: list[str] | None, what: str = "--model") -> dict[str, Any]:
+    """--model overrides: ["dim=256", "position=learned", "tie_embeddings=false"] → typed dict (JSON literals where they parse)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise TiaoyuError(f"{what} {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        k = k.strip().replace("-", "_")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = {"true": True, "false": False}.get(v.lower(), v)
+    return out

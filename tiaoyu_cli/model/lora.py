@@ -312,7 +312,7 @@ def resolve_adapter_dir(path: str | os.PathLike) -> Path:
 
 def read_adapter(path: str | os.PathLike) -> tuple[Path, dict, dict[str, torch.Tensor], dict]:
     """(folder, adapter_config, tensors, base info) of an adapter folder."""
-    from tiaoyu_cli.checkpoint import load_tensors, read_json
+    from tiaoyu_cli.io import load_tensors, read_json
 
     d = resolve_adapter_dir(path)
     cfg = read_json(d / ADAPTER_CONFIG)

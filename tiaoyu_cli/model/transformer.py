@@ -191,6 +191,8 @@ class Transformer(nn.Module):
         last_only: bool = False,  # compute logits for the last position only (generation)
         compute_logits: bool = True,
         input_embeds_prefix: torch.Tensor | None = None,  # [B, P, d] soft-prompt vectors put before the tokens
+        position_ids: torch.Tensor | None = None,  # [B, T] packed rows: positions restart in every record
+        seq_ids: torch.Tensor | None = None,  # [B, T] packed rows: the record of each token (−1 = padding)
     ) -> ModelOutput:
         cfg = self.config
         B, T = input_ids.shape
@@ -207,20 +209,24 @@ class Transformer(nn.Module):
 
         # positions and the attention mask
         mask = None
-        if kv_cache is not None:
-            if attention_mask is not None:
-                kv_cache.key_mask[:, past:past + T] = attention_mask.bool()
-            key_mask = kv_cache.key_mask[:, : past + T]
+        if seq_ids is not None:  # packed rows: a token sees only the earlier tokens of its own record
+            positions = position_ids
+            mask = self._packed_mask(seq_ids)
         else:
-            key_mask = attention_mask.bool() if attention_mask is not None else None
-        if key_mask is not None:
-            positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # padding does not advance positions
-            if kv_cache is not None or not bool(key_mask.all()):
-                mask = self._attention_mask(key_mask, past, T)
-        else:
-            positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-            if past > 0:
-                mask = self._attention_mask(None, past, T, device=input_ids.device)
+            if kv_cache is not None:
+                if attention_mask is not None:
+                    kv_cache.key_mask[:, past:past + T] = attention_mask.bool()
+                key_mask = kv_cache.key_mask[:, : past + T]
+            else:
+                key_mask = attention_mask.bool() if attention_mask is not None else None
+            if key_mask is not None:
+                positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # padding does not advance positions
+                if kv_cache is not None or not bool(key_mask.all()):
+                    mask = self._attention_mask(key_mask, past, T)
+            else:
+                positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+                if past > 0:
+                    mask = self._attention_mask(None, past, T, device=input_ids.device)
 
         rope = None
         if cfg.position == "rope":
@@ -250,6 +256,16 @@ class Transformer(nn.Module):
         return ModelOutput(logits=logits, hidden=h, aux_loss=aux_total, scores=scores)
 
     @staticmethod
+    def _packed_mask(seq_ids: torch.Tensor) -> torch.Tensor:
+        """Boolean [B, 1, T, T] for packed rows: query i sees key j iff j ≤ i and both belong to the same record
+        (seq_ids equal, not padding). A query always sees itself (no all-masked row)."""
+        T = seq_ids.shape[1]
+        idx = torch.arange(T, device=seq_ids.device)
+        causal = idx[None, :] <= idx[:, None]  # [T, T] key ≤ query
+        same = (seq_ids[:, :, None] == seq_ids[:, None, :]) & (seq_ids[:, None, :] >= 0)  # [B, T, T]
+        return ((same & causal[None]) | torch.eye(T, dtype=torch.bool, device=seq_ids.device)[None])[:, None]
+
+    @staticmethod
     def _attention_mask(key_mask: torch.Tensor | None, past: int, T: int, device=None) -> torch.Tensor:
         """Boolean [B|1, 1, T, past+T]: query i (at absolute position past+i) sees key j iff j ≤ past+i and
         j is not padding. A query always sees itself, so rows of padding never become all-masked (NaN)."""
@@ -265,6 +281,9 @@ class Transformer(nn.Module):
         return m[:, None]
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose target is not `ignore_index` (fp32)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean") -> torch.Tensor:
+    """The language-model loss of every stage: L = −(1/N) Σ_t log softmax(logits_t)[y_t] over the N positions
+    whose target y_t ≠ ignore_index, in fp32 (reduction="sum": the sum instead of the mean)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index,
+                           reduction=reduction)

@@ -321,3 +321,12 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> None
     dst.mkdir(parents=True, exist_ok=True)
     for f in (MODEL_FILE, CONFIG_FILE):
         shutil.copyfile(src / f, dst / f)
+
+
+def check_same_tokenizer(ours, theirs, what: str, hint: str = "both must come from the same `tiaoyu tokenize train`") -> None:
+    """Two models that compare token ids (policy and reference, teacher and student) must share one
+    vocabulary: the same tokenizer fingerprint. `what` names the other side (e.g. "reference ckpt/sft")."""
+    if ours is None or theirs is None or ours.fingerprint == theirs.fingerprint:
+        return
+    raise TiaoyuError(f"{what} uses another tokenizer (fingerprint {theirs.fingerprint}) than this run's "
+                      f"({ours.fingerprint}); {hint}")

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from tiaoyu_cli.data.chat import collate_classification, encode_classification
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train.sft import EpochSampler
+from tiaoyu_cli.model.heads import last_token_scores
+from tiaoyu_cli.train.sampler import EpochSampler
 from tiaoyu_cli.train.trainer import BaseStage, StepOutput
 
 
@@ -38,13 +39,13 @@ def classification_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(scores.float(), labels)
 
 
-def last_token_scores(model: nn.Module, input_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+def label_scores(model: nn.Module, input_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
     """[B, n_labels] scores at each row's last real token (rows right-padded: causal attention means the
     padding after it changes nothing, so no attention mask is needed)."""
     out = model(input_ids, compute_logits=False)
     if out.scores is None:
         raise TiaoyuError("this model has no classification head (config num_labels = 0)")
-    return out.scores[torch.arange(input_ids.shape[0], device=input_ids.device), last_index]
+    return last_token_scores(out.scores, last_index=last_index)
 
 
 @dataclass
@@ -116,15 +117,14 @@ class ClassifyStage(BaseStage):
         super().setup(trainer)
         d = trainer.dist
         self.rank, self.world, self.device = d.rank, d.world_size, trainer.device
-        self.sampler = EpochSampler(len(self.items), self.batch_size * self.world, self.seed)
+        self.sampler = EpochSampler(len(self.items), self.batch_size, self.seed, rank=self.rank, world=self.world)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        idx = self.sampler.next_indices()
-        mine = idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return {k: v.to(self.device) for k, v in collate_classification([self.items[i] for i in mine]).items()}
+        items = [self.items[i] for i in self.sampler.next_indices()]
+        return {k: v.to(self.device) for k, v in collate_classification(items).items()}
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        scores = last_token_scores(model, batch["input_ids"], batch["last_index"])
+        scores = label_scores(model, batch["input_ids"], batch["last_index"])
         loss = classification_loss(scores, batch["labels"])
         acc = (scores.argmax(-1) == batch["labels"]).float().mean()
         return StepOutput(loss, {"acc": acc.detach()}, tokens=int(batch["attention_mask"].sum()))
@@ -137,7 +137,7 @@ class ClassifyStage(BaseStage):
         loss_sum, correct, n = 0.0, 0, 0
         for i in range(0, len(self.eval_items), self.cfg.eval_batch_size):
             b = {k: v.to(device) for k, v in collate_classification(self.eval_items[i:i + self.cfg.eval_batch_size]).items()}
-            scores = last_token_scores(model, b["input_ids"], b["last_index"])
+            scores = label_scores(model, b["input_ids"], b["last_index"])
             loss_sum += float(classification_loss(scores, b["labels"])) * len(b["labels"])
             correct += int((scores.argmax(-1) == b["labels"]).sum())
             n += len(b["labels"])
@@ -145,10 +145,10 @@ class ClassifyStage(BaseStage):
         return {"val_loss": loss_sum / n, "val_acc": correct / n, "majority_acc": majority}
 
     def state_dict(self) -> dict[str, Any]:
-        return self.sampler.state()
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load(state)
+        self.sampler.load_state_dict(state)
 
     def info(self) -> dict:
         return {**dataclasses.asdict(self.cfg), "task": "classify", "labels": self.labels,
@@ -172,7 +172,7 @@ def classify_texts(model: nn.Module, tokenizer, texts: Sequence[str], batch_size
         for i in range(0, len(texts), batch_size):
             items = [(encode_classification(tokenizer, t, max_len)[0], 0) for t in texts[i:i + batch_size]]
             b = collate_classification(items)
-            scores = last_token_scores(model, b["input_ids"].to(device), b["last_index"].to(device)).float()
+            scores = label_scores(model, b["input_ids"].to(device), b["last_index"].to(device)).float()
             probs = scores.softmax(-1).cpu()
             for row in probs:
                 k = int(row.argmax())

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass
@@ -90,3 +91,9 @@ def cleanup(info: DistInfo) -> None:
         except RuntimeError:  # a peer is gone already (it failed): just leave
             pass
         dist.destroy_process_group()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / torch.compile wrappers."""
+    inner = getattr(model, "module", model)
+    return getattr(inner, "_orig_mod", inner)

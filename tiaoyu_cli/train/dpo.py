@@ -25,15 +25,20 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from tiaoyu_cli.data.preference import PairExample, collate_pairs
+from tiaoyu_cli.checkpoint import load_model, load_tokenizer
+from tiaoyu_cli.data.preference import PairExample, collate_pairs, load_pairs
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.train.finetune import publish_final_adapter
 from tiaoyu_cli.train.losses_rl import dpo_loss, sequence_logps
-from tiaoyu_cli.train.rl_common import EpochSampler
+from tiaoyu_cli.train.rl_common import adapters_off, apply_lora_for_rl, load_reference, split_holdout
+from tiaoyu_cli.train.run import Plan, run_stage
+from tiaoyu_cli.train.sampler import EpochSampler
 from tiaoyu_cli.train.trainer import BaseStage, StepOutput
 
 
@@ -116,6 +121,8 @@ class DPOStage(BaseStage):
             seen = trainer.total_steps() * self.batch_size * trainer.cfg.grad_accum * trainer.dist.world_size
             mode = "yes" if seen >= len(self.train) else "no"
         self.precomputed = mode == "yes"
+        if trainer.dist.is_main:
+            trainer.log("reference log-probs " + ("precomputed once" if self.precomputed else "computed every step"))
         if self.val:
             self.ref_val = self._precompute(self.val)
         if self.precomputed:
@@ -204,18 +211,11 @@ class DPORunOptions:
     skip_bad: bool = False
 
 
-def run_dpo(opts: DPORunOptions, train, cfg: DPOConfig, log=print) -> dict:
-    """`tiaoyu rlhf dpo`: load policy and reference, read the pairs, train; returns the final metrics
-    plus `before` (held-out metrics of the start model)."""
-    from tiaoyu_cli.data.preference import load_pairs
-    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
-    from tiaoyu_cli.train.rl_common import fmt_metrics, load_reference, split_holdout, start_run
-    from tiaoyu_cli.train.trainer import Trainer
-
+def prepare_dpo(opts: DPORunOptions, train, cfg: DPOConfig) -> Plan:
+    """Load policy and reference, read the pairs."""
     cfg.validate()
     if opts.method not in ("full", "lora"):
         raise TiaoyuError(f"--method {opts.method!r}: choose full or lora")
-    start_run(train)
     model, folder = load_model(opts.start)
     if model.config.num_labels:
         raise TiaoyuError(f"{folder} has a score head (a reward model or classifier): DPO trains a language model")
@@ -231,8 +231,6 @@ def run_dpo(opts: DPORunOptions, train, cfg: DPOConfig, log=print) -> dict:
         pairs, held = split_holdout(pairs, cfg.val_frac, train.seed)
     ref_model, ref_context, save_lora = None, None, None
     if opts.method == "lora":
-        from tiaoyu_cli.train.rl_common import adapters_off, apply_lora_for_rl
-
         model, save_lora = apply_lora_for_rl(model, opts.lora or {}, tok, folder)
         if opts.ref is not None:  # an explicit reference: a full frozen model after all
             ref_model = load_reference(opts.ref, tok)
@@ -240,7 +238,7 @@ def run_dpo(opts: DPORunOptions, train, cfg: DPOConfig, log=print) -> dict:
             ref_context = lambda: adapters_off(model)  # noqa: E731
     else:
         ref_model = load_reference(opts.ref or folder, tok)
-    log(f"dpo: {len(pairs)} training pairs, {len(held)} held out"
+    line = (f"dpo: {len(pairs)} training pairs, {len(held)} held out"
         + (f", {stats['skipped']} bad records skipped" if stats.get("skipped") else "")
         + f"; β {cfg.beta}, reference {opts.ref or folder}" + (" (adapters off)" if ref_context else "")
         + f"; {model.num_parameters(trainable_only=True) / 1e6:.2f}M trainable parameters")
@@ -248,14 +246,13 @@ def run_dpo(opts: DPORunOptions, train, cfg: DPOConfig, log=print) -> dict:
                      seed=train.seed)
     if save_lora is not None:
         stage.save_model, stage.load_for_resume = save_lora.save_model, save_lora.load_for_resume
-    trainer = Trainer(model, stage, train, tokenizer=tok, parent=str(folder), log=log)
-    before = {}
-    if held and not train.resume:
-        with torch.no_grad(), trainer.autocast():
-            before = stage.evaluate(trainer.raw_model)
-        log("before: " + fmt_metrics(before, ["val_pref_accuracy", "val_logp_margin", "val_reward_margin"]))
-    log("reference log-probs " + ("precomputed once" if stage.precomputed else "computed every step"))
-    trainer.before = before
-    res = trainer.fit()
-    res["before"] = before
+    return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held))
+
+
+def run_dpo(opts: DPORunOptions, train, cfg: DPOConfig, nproc: int = 0, log=print) -> dict:
+    """`tiaoyu rlhf dpo`: train; returns the final metrics plus `before` (held-out metrics of the start).
+    With --method lora the final adapter is also published at the top of the run folder."""
+    res = run_stage("dpo", train, lambda: prepare_dpo(opts, train, cfg), nproc=nproc, log=log)
+    if opts.method == "lora":
+        publish_final_adapter(Path(train.out), log)
     return res

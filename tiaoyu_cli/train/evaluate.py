@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from tiaoyu_cli.errors import DataError, TiaoyuError
+from tiaoyu_cli.model.transformer import cross_entropy
 
 KINDS = ("text", "chat", "reasoning", "verifiable", "preference", "classification")
 
@@ -188,8 +188,7 @@ def _messages(value, tokenizer, path: Path, line: int, key: str, role: str = "us
 def _sum_nll(model, windows: torch.Tensor) -> float:
     """Σ −log p(x_{t+1} | x_≤t) over a batch of windows [B, n+1] (fp32 sum)."""
     out = model(windows[:, :-1])
-    return float(F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]),
-                                 windows[:, 1:].reshape(-1), reduction="sum"))
+    return float(cross_entropy(out.logits, windows[:, 1:], reduction="sum"))
 
 
 def text_metrics(model, stream: torch.Tensor, n_bytes: int, seq_len: int, batch_size: int) -> dict[str, float]:

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 
-from tiaoyu_cli.data.preference import PromptExample
+from tiaoyu_cli.checkpoint import load_model, load_tokenizer
+from tiaoyu_cli.data.preference import PromptExample, load_prompts
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.losses_rl import group_advantages, grpo_loss
-from tiaoyu_cli.train.rl_common import Rollout, response_logps
+from tiaoyu_cli.train.rl_common import Rollout, load_reference, response_logps, split_holdout
+from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.rollout import RolloutStage, Scores, VerifiableReward, sequence_kl
 from tiaoyu_cli.train.trainer import StepOutput
 
@@ -116,16 +117,10 @@ class GRPOStage(RolloutStage):
 # ---- the run -------------------------------------------------------------------------------------------
 
 
-def run_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_frac: float = 0.05,
-             skip_bad: bool = False, eval_before: bool = True, log=print) -> dict:
-    """`tiaoyu rlhf grpo`: load policy (and reference when β > 0), read the questions, train."""
-    from tiaoyu_cli.data.preference import load_prompts
-    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
-    from tiaoyu_cli.train.rl_common import fmt_metrics, load_reference, split_holdout, start_run
-    from tiaoyu_cli.train.trainer import Trainer
-
+def prepare_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_frac: float = 0.05,
+                 skip_bad: bool = False, eval_before: bool = True) -> Plan:
+    """Load policy (and reference when β > 0), read the questions."""
     cfg.validate()
-    start_run(train)
     model, folder = load_model(start)
     if model.config.num_labels:
         raise TiaoyuError(f"{folder} has a score head (a reward model or classifier): GRPO trains a language model")
@@ -142,19 +137,17 @@ def run_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_frac: 
     else:
         prompts, held = split_holdout(prompts, val_frac, train.seed)
     ref_model = load_reference(ref or folder, tok) if cfg.beta > 0 else None
-    log(f"grpo: {len(prompts)} questions, {len(held)} held out"
+    line = (f"grpo: {len(prompts)} questions, {len(held)} held out"
         + (f", {stats['skipped']} bad records skipped" if stats.get("skipped") else "")
         + f"; {cfg.rollout_batch_size} prompts × {cfg.group_size} answers per rollout, β {cfg.beta}"
         + (f", reference {ref or folder}" if ref_model is not None else ""))
     stage = GRPOStage(prompts, held, cfg, batch_size=train.batch_size, tokenizer=tok, ref_model=ref_model,
                       seed=train.seed)
-    trainer = Trainer(model, stage, train, tokenizer=tok, parent=str(folder), log=log)
-    before = {}
-    if held and eval_before and not train.resume:
-        with torch.no_grad(), trainer.autocast():
-            before = stage.evaluate(trainer.raw_model)
-        log("before: " + fmt_metrics(before))
-    trainer.before = before
-    res = trainer.fit()
-    res["before"] = before
-    return res
+    return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held) and eval_before)
+
+
+def run_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_frac: float = 0.05,
+             skip_bad: bool = False, eval_before: bool = True, nproc: int = 0, log=print) -> dict:
+    """`tiaoyu rlhf grpo`: train; returns the final metrics plus `before`."""
+    return run_stage("grpo", train, lambda: prepare_grpo(start, data, train, cfg, val, ref, val_frac, skip_bad,
+                                                       eval_before), nproc=nproc, log=log)

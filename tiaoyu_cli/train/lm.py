@@ -11,21 +11,26 @@ Under DDP every rank draws the same global batch indices and takes its own slice
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from tiaoyu_cli.checkpoint import load_config, load_model, load_tokenizer, load_trainer_info, resolve_checkpoint
+from tiaoyu_cli.data.shards import check_fingerprint, open_tokens
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.model import Transformer
+from tiaoyu_cli.model.transformer import cross_entropy
+from tiaoyu_cli.model import preset as make_preset
+from tiaoyu_cli.tokenizer import Tokenizer
+from tiaoyu_cli.train.config import TrainConfig
+from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.trainer import BaseStage, StepOutput
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """L = −(1/N) Σ_t log softmax(logits_t)[y_t] over the N positions whose target ≠ ignore_index."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -77,7 +82,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, chunk: int | None = None) -> torch.Tensor:
     """L = −(1/N) Σ_t log softmax(W h_t)[y_t] over the N positions whose target ≠ ignore_index —
-    `lm_loss(F.linear(hidden, weight), targets)` computed without materialising the logits.
+    `cross_entropy(F.linear(hidden, weight), targets)` computed without materialising the logits.
 
     hidden: [..., d], weight: [V, d] (the LM head), targets: [...]. Under autocast the matmuls run
     in the autocast dtype, the softmax and the loss in fp32.
@@ -176,7 +181,7 @@ class PretrainStage(BaseStage):
             loss = linear_cross_entropy(out.hidden, head, y)
         else:
             out = model(x)
-            loss = lm_loss(out.logits, y)
+            loss = cross_entropy(out.logits, y)
         metrics = {}
         if out.aux_loss is not None:  # tensors: the Trainer reads them only at log steps
             metrics["aux_loss"] = out.aux_loss.detach()
@@ -203,7 +208,7 @@ class PretrainStage(BaseStage):
             if head is not None:
                 loss = linear_cross_entropy(model(b[:, :-1], compute_logits=False).hidden, head, b[:, 1:])
             else:
-                loss = lm_loss(model(b[:, :-1]).logits, b[:, 1:])
+                loss = cross_entropy(model(b[:, :-1]).logits, b[:, 1:])
             loss_sum += float(loss) * b[:, 1:].numel()
             count += b[:, 1:].numel()
         val_loss = loss_sum / count
@@ -240,3 +245,85 @@ class PretrainStage(BaseStage):
 
         return {**dataclasses.asdict(self.cfg), "train_tokens": self.train_shards.num_tokens,
                 "fingerprint": self.train_shards.fingerprint}
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PretrainRun:
+    """What `tiaoyu pretrain` trains on and from (the loop's options are the TrainConfig)."""
+
+    tokens: str
+    preset: str = "tiny"
+    model: dict | None = None  # model config overrides (--model KEY=VALUE)
+    init: str | None = None  # continue from this checkpoint
+    tokenizer: str | None = None  # default: the one recorded with the shards
+    seq_len: int = 0  # 0 = the model's max_seq_len
+    sampling: str = "random"
+    eval_batches: int = 16
+
+
+def find_tokenizer(tokens: Path, given: str | None):
+    """The tokenizer that made the shards: --tokenizer, else the path meta.json records, else one beside them."""
+    if given is not None:
+        return Tokenizer.load(given)
+    for meta_path in (tokens / "meta.json", tokens.parent / "meta.json"):
+        if meta_path.exists():
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                break
+            for key in ("tokenizer_path", "tokenizer", "tokenizer_dir"):
+                cand = meta.get(key)
+                if isinstance(cand, str) and Path(cand).exists():
+                    return Tokenizer.load(cand)
+    if (tokens / "tokenizer.model").exists():
+        return Tokenizer.load(tokens)
+    raise TiaoyuError(f"cannot tell which tokenizer made {tokens}: pass --tokenizer tok/")
+
+
+def prepare_pretrain(o: PretrainRun, train: TrainConfig) -> Plan:
+    """Open the shards, build (or load) the model and tokenizer, check that they fit together."""
+    tokens = Path(o.tokens)
+    train_sh, val_sh = open_tokens(tokens)
+    for shards in (train_sh, val_sh):  # map every shard now: a truncated file fails here, not mid-run
+        if shards is not None:
+            shards.arrays()
+    sl = o.seq_len
+    if train.resume:  # the run's own architecture and tokenizer, whatever --preset says
+        ckpt = resolve_checkpoint(train.out)
+        net = Transformer(load_config(ckpt))
+        tok = load_tokenizer(ckpt)
+        if not sl:
+            sl = int((load_trainer_info(ckpt).get("stage_config") or {}).get("seq_len") or 0)
+    elif o.init is not None:
+        net, init_dir = load_model(o.init, config_overrides=o.model or None)
+        tok = load_tokenizer(init_dir)
+    else:
+        tok = find_tokenizer(tokens, o.tokenizer)
+        cfg = make_preset(o.preset, **{"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id,
+                                       "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, **(o.model or {})})
+        net = Transformer(cfg)
+    check_fingerprint(train_sh, tok)
+    sl = sl or net.config.max_seq_len
+    if sl > net.config.max_seq_len:
+        raise TiaoyuError(f"--seq-len {sl} exceeds the model's max_seq_len {net.config.max_seq_len} "
+                          f"(positions it was built for); use --seq-len ≤ {net.config.max_seq_len}"
+                          + ("" if o.init or train.resume else f" or --model max_seq_len={sl}"))
+    if train_sh.vocab_size > net.config.vocab_size:
+        raise TiaoyuError(f"the shards use a vocabulary of {train_sh.vocab_size}, the model only {net.config.vocab_size}")
+    if train_sh.num_tokens < sl + 2:
+        raise TiaoyuError(f"{tokens} holds {train_sh.num_tokens} training tokens, fewer than one window of "
+                          f"--seq-len {sl} + 1; use a smaller --seq-len or more data")
+    stage = PretrainStage(train_sh, val_sh, PretrainConfig(seq_len=sl, sampling=o.sampling, eval_batches=o.eval_batches),
+                          batch_size=train.batch_size, seed=train.seed)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    line = (f"pretrain: {net.num_parameters() / 1e6:.2f}M parameters, {train_sh.num_tokens:,} training tokens, "
+            f"seq_len {sl}, {world} process(es), {train.batch_size * train.grad_accum * world * sl:,} tokens per step")
+    return Plan(net, stage, tok, parent=str(o.init) if o.init else None, lines=[line], eval_before=False)
+
+
+def run_pretrain(o: PretrainRun, train: TrainConfig, nproc: int = 0, log=print) -> dict:
+    """`tiaoyu pretrain`: next-token prediction on token shards, through the one run path."""
+    return run_stage("pretrain", train, lambda: prepare_pretrain(o, train), nproc=nproc, log=log)

@@ -27,11 +27,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from tiaoyu_cli.data.preference import PromptExample
+from tiaoyu_cli.checkpoint import load_model, load_tokenizer
+from tiaoyu_cli.data.preference import PromptExample, load_prompts
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.losses_rl import gae, masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss
-from tiaoyu_cli.train.rl_common import Rollout, RunningMeanStd, response_logps
-from tiaoyu_cli.train.rollout import RolloutStage, Scores, sequence_kl
+from tiaoyu_cli.train.rl_common import (Rollout, RunningMeanStd, load_reference, load_reward_model, response_logps,
+                                        split_holdout)
+from tiaoyu_cli.train.rollout import ModelReward, RolloutStage, Scores, VerifiableReward, sequence_kl
+from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.trainer import StepOutput
 
 
@@ -153,19 +156,13 @@ class PPOStage(RolloutStage):
 # ---- the run -------------------------------------------------------------------------------------------
 
 
-def run_ppo(start, data, train, cfg: PPOConfig, val=None, ref=None, val_frac: float = 0.05,
-            skip_bad: bool = False, eval_before: bool = True, log=print) -> dict:
-    """`tiaoyu rlhf ppo`: load policy, reference and reward (model or verifiable), read prompts, train."""
-    from tiaoyu_cli.data.preference import load_prompts
-    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
-    from tiaoyu_cli.train.rl_common import fmt_metrics, load_reference, load_reward_model, split_holdout, start_run
-    from tiaoyu_cli.train.rollout import ModelReward, VerifiableReward
-    from tiaoyu_cli.train.trainer import Trainer
-
+def prepare_ppo(start, data, train, cfg: PPOConfig, val=None, ref=None, val_frac: float = 0.05,
+                skip_bad: bool = False, eval_before: bool = True) -> Plan:
+    """Load policy, reference and reward (model or verifiable), read the prompts."""
     cfg.validate()
     if not cfg.reward:
         raise TiaoyuError("--reward: give a reward model checkpoint (from `tiaoyu rlhf reward`) or 'verifiable'")
-    start_run(train)
+    notes = []
     model, folder = load_model(start)
     if model.config.num_labels:
         raise TiaoyuError(f"{folder} has a score head (a reward model or classifier): PPO trains a language model")
@@ -176,7 +173,7 @@ def run_ppo(start, data, train, cfg: PPOConfig, val=None, ref=None, val_frac: fl
     else:
         rm, _ = load_reward_model(cfg.reward, tok)
         if rm.config.max_seq_len < model.config.max_seq_len:
-            log(f"note: the reward model reads at most {rm.config.max_seq_len} tokens")
+            notes.append(f"note: the reward model reads at most {rm.config.max_seq_len} tokens")
         reward = ModelReward(rm, batch_size=train.batch_size)
     ctx = model.config.max_seq_len
     if not verifiable:
@@ -192,19 +189,17 @@ def run_ppo(start, data, train, cfg: PPOConfig, val=None, ref=None, val_frac: fl
     else:
         prompts, held = split_holdout(prompts, val_frac, train.seed)
     ref_model = load_reference(ref or folder, tok)
-    log(f"ppo: {len(prompts)} prompts, {len(held)} held out"
+    line = (f"ppo: {len(prompts)} prompts, {len(held)} held out"
         + (f", {stats['skipped']} bad records skipped" if stats.get("skipped") else "")
         + f"; reward {'verifiable answers' if verifiable else cfg.reward}; {cfg.rollout_batch_size} prompts per rollout, "
         f"{cfg.epochs} PPO epochs, kl_coef {cfg.kl_coef}")
     stage = PPOStage(prompts, held, cfg, batch_size=train.batch_size, tokenizer=tok, reward=reward,
                      ref_model=ref_model, dim=model.config.dim, seed=train.seed)
-    trainer = Trainer(model, stage, train, tokenizer=tok, parent=str(folder), log=log)
-    before = {}
-    if held and eval_before and not train.resume:
-        with torch.no_grad(), trainer.autocast():
-            before = stage.evaluate(trainer.raw_model)
-        log("before: " + fmt_metrics(before))
-    trainer.before = before
-    res = trainer.fit()
-    res["before"] = before
-    return res
+    return Plan(model, stage, tok, parent=str(folder), lines=notes + [line], eval_before=bool(held) and eval_before)
+
+
+def run_ppo(start, data, train, cfg: PPOConfig, val=None, ref=None, val_frac: float = 0.05,
+            skip_bad: bool = False, eval_before: bool = True, nproc: int = 0, log=print) -> dict:
+    """`tiaoyu rlhf ppo`: train; returns the final metrics plus `before`."""
+    return run_stage("ppo", train, lambda: prepare_ppo(start, data, train, cfg, val, ref, val_frac, skip_bad,
+                                                      eval_before), nproc=nproc, log=log)

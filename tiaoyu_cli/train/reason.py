@@ -34,13 +34,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 
+from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+from tiaoyu_cli.data.chat import ChatDataset, check_messages
+from tiaoyu_cli.data.jsonl import iter_jsonl, read_jsonl
+from tiaoyu_cli.data.preference import PromptExample, encode_prompt
 from tiaoyu_cli.errors import DataError, TiaoyuError
-from tiaoyu_cli.train.trainer import TrainConfig
+from tiaoyu_cli.train.answers import format_ok, is_correct, split_record
+from tiaoyu_cli.train.config import TrainConfig
+from tiaoyu_cli.train.grpo import GRPOConfig, GRPOStage
+from tiaoyu_cli.train.rl_common import load_reference, split_holdout
+from tiaoyu_cli.train.run import Plan, run_stage
+from tiaoyu_cli.train.sft import SFTConfig, SFTStage
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -95,7 +103,6 @@ def split_think(text: str) -> tuple[str | None, str]:
 def normalize_trace(rec: dict, name: str, line: int, stats: TraceStats) -> dict:
     """One trace as a chat record whose last assistant turn has non-empty "reasoning" and "content".
     Raises DataError (file:line, field) when it cannot be one."""
-    from tiaoyu_cli.data.chat import check_messages
 
     if "messages" not in rec and "prompt" in rec and ("reasoning" in rec or "response" in rec):
         rec = _from_chat_output(rec, name, line)  # `tiaoyu chat` output: prompt + response/reasoning/answer
@@ -176,9 +183,7 @@ def load_traces(path: str | Path, skip_bad: bool = False, direct: bool = False,
     reasoning (the direct-answer baseline). `only_correct` keeps a teacher's trace (a `tiaoyu chat` output
     record of a verifiable question) only when its answer matches the question's reference answer
     ("input_answer") — rejection sampling; the others are counted as "with a wrong answer"."""
-    from tiaoyu_cli.train.answers import is_correct
 
-    from tiaoyu_cli.data.jsonl import iter_jsonl
 
     name = str(path)
     st = TraceStats()
@@ -238,8 +243,6 @@ def load_questions(path: str | Path, skip_bad: bool = False) -> tuple[list[dict]
     """`{"prompt": str | messages, "answer": str}` records (a chat record's last assistant content also
     serves as the answer) → `{"prompt": messages, "answer": str, "line": int}`. A record without an answer
     is an error naming file:line, or with `skip_bad` a counted skip."""
-    from tiaoyu_cli.data.jsonl import iter_jsonl
-    from tiaoyu_cli.train.answers import split_record
 
     name = str(path)
     st = QuestionStats()
@@ -279,8 +282,6 @@ def load_questions(path: str | Path, skip_bad: bool = False) -> tuple[list[dict]
 def read_eval_records(path: str | Path, tok, max_len: int):
     """Held-out data for evaluation: (ChatDataset or None, records for answer accuracy). Chat/trace records
     give a val loss and questions; {"prompt", "answer"} records give questions only."""
-    from tiaoyu_cli.data.chat import ChatDataset
-    from tiaoyu_cli.data.jsonl import read_jsonl
 
     recs = read_jsonl(path)
     if not recs:
@@ -299,7 +300,6 @@ def read_eval_records(path: str | Path, tok, max_len: int):
 
 def think_metrics(report) -> dict[str, float]:
     """Answer accuracy plus the share of responses in the think format (<think>…</think>answer)."""
-    from tiaoyu_cli.train.answers import format_ok
 
     n = max(1, len(report.samples))
     return {"answer_acc": report.accuracy,
@@ -308,7 +308,6 @@ def think_metrics(report) -> dict[str, float]:
 
 def make_reason_sft_stage(rows, cfg, batch_size: int, seed: int, eval_data, eval_records, info: dict):
     """The SFT stage, named "reason", whose evaluation also reports the think-format rate."""
-    from tiaoyu_cli.train.sft import SFTStage
 
     class ReasonSFTStage(SFTStage):
         name = "reason"
@@ -338,17 +337,8 @@ class ReasonOptions:
     only_correct: bool = False
 
 
-def run_think_sft(o: ReasonOptions, train: TrainConfig, log=print) -> dict:
-    """Stage 1: validate the traces, then SFT on them (the SFT stage, loss on reasoning + answer)."""
-    from tiaoyu_cli.data.chat import ChatDataset
-    from tiaoyu_cli.train import distributed as D
-    from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint
-    from tiaoyu_cli.train.sft import SFTConfig
-    from tiaoyu_cli.train.trainer import Trainer, TrainingInterrupted, check_output
-
-    _default_budget(train, log)
-    train.validate()
-    check_output(train.out, train.resume)
+def prepare_think_sft(o: ReasonOptions, train: TrainConfig) -> Plan:
+    """Validate the traces and build the SFT stage on them (loss on reasoning + answer)."""
     if o.eval_samples < 0 or o.max_len < 0 or o.eval_max_new_tokens < 1:
         raise TiaoyuError("--eval-samples and --max-len must not be negative, --eval-max-new-tokens positive")
     base = resolve_checkpoint(o.ckpt)
@@ -369,34 +359,14 @@ def run_think_sft(o: ReasonOptions, train: TrainConfig, log=print) -> dict:
                                   info={"step": "think-sft" if not o.direct else "direct-sft", "data": str(o.data),
                                         "eval_data": str(o.eval_data) if o.eval_data else None,
                                         "traces": vars(st)})
-    log(f"reason ({'direct-answer baseline' if o.direct else 'think-format SFT'}): {base} → {train.out}; "
-        f"{st.summary()}; {ds.stats.tokens:,} tokens ({ds.stats.loss_tokens:,} learned)")
-    trainer = None
-    try:
-        trainer = Trainer(model, stage, train, tokenizer=tok, parent=str(base), log=log)
-        before = _eval_before(trainer, stage, train, log) if eval_records or eval_ds else {}
-        res = trainer.fit()
-        return {**res, "before": before}
-    except KeyboardInterrupt:
-        raise TrainingInterrupted("interrupted before training started; nothing was saved") from None
-    finally:
-        if trainer is not None:
-            D.cleanup(trainer.dist)
+    line = (f"reason ({'direct-answer baseline' if o.direct else 'think-format SFT'}): {base} → {train.out}; "
+            f"{st.summary()}; {ds.stats.tokens:,} tokens ({ds.stats.loss_tokens:,} learned)")
+    return Plan(model, stage, tok, parent=str(base), lines=[line], eval_before=bool(eval_records or eval_ds))
 
 
-def _default_budget(train: TrainConfig, log) -> None:
-    if not (train.max_steps or train.max_tokens or train.max_time or train.epochs):
-        train.epochs = 1.0
-        log("no budget given (--max-steps/--max-tokens/--max-time/--epochs): training 1 epoch")
-
-
-def _eval_before(trainer, stage, train: TrainConfig, log) -> dict[str, Any]:
-    if train.resume or not trainer.dist.is_main:
-        return {}
-    before = trainer.evaluate_start()
-    if before:
-        log("before: " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
-    return before
+def run_think_sft(o: ReasonOptions, train: TrainConfig, nproc: int = 0, log=print) -> dict:
+    """Stage 1: think-format SFT, through the one run path."""
+    return run_stage("reason", train, lambda: prepare_think_sft(o, train), nproc=nproc, default_epochs=1.0, log=log)
 
 
 # ---- stage 2: GRPO with verifiable rewards ----------------------------------------------------------
@@ -421,7 +391,6 @@ class ReasonRLOptions:
 def question_examples(records: list[dict], tok, room: int, name: str, skip_bad: bool) -> tuple[list, int]:
     """PromptExamples (chat prompt ids + answer) for GRPO; a prompt too long for the context is an error or,
     with --skip-bad, a counted skip. Returns (examples, skipped)."""
-    from tiaoyu_cli.data.preference import PromptExample, encode_prompt
 
     out, skipped = [], 0
     for r in records:
@@ -436,24 +405,14 @@ def question_examples(records: list[dict], tok, room: int, name: str, skip_bad: 
     return out, skipped
 
 
-def run_reason_rl(o: ReasonRLOptions, train: TrainConfig, log=print) -> dict:
-    """Stage 2: GRPO (the rlhf engine's `GRPOStage`) on verifiable questions, rewarding a correct final
-    answer (1) and the think format (`format_weight`: <think>…</think> first, then a non-empty answer)."""
-    from tiaoyu_cli.train import distributed as D
-    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
-    from tiaoyu_cli.train.grpo import GRPOConfig, GRPOStage
-    from tiaoyu_cli.train.rl_common import load_reference, split_holdout, start_run
-    from tiaoyu_cli.train.trainer import Trainer, TrainingInterrupted
-
+def prepare_reason_rl(o: ReasonRLOptions, train: TrainConfig) -> Plan:
+    """Load the policy (and reference when β > 0) and the questions; GRPO stage with the think-format reward."""
     if o.format_weight < 0:
         raise TiaoyuError("--format-weight must not be negative")
     cfg = GRPOConfig(group_size=o.group_size, rollout_batch_size=o.rollout_batch_size, beta=o.beta,
                      format_reward=o.format_weight, think_format=True, open_think=o.open_think,
                      max_new_tokens=o.max_new_tokens, temperature=o.temperature, eval_size=o.eval_samples)
     cfg.validate()
-    if not (train.max_steps or train.max_tokens or train.max_time or train.epochs):
-        raise TiaoyuError("no training budget: give --max-steps (GRPO steps) or --max-time")
-    start_run(train)
     model, folder = load_model(o.ckpt)
     if model.config.num_labels:
         raise TiaoyuError(f"{folder} has a score head (a reward model or classifier): reason --rl trains a language model")
@@ -472,20 +431,18 @@ def run_reason_rl(o: ReasonRLOptions, train: TrainConfig, log=print) -> dict:
     if not train_ex:
         raise TiaoyuError(f"{o.data}: no question fits the context")
     ref = load_reference(folder, tok) if o.beta > 0 else None
-    log(f"reason --rl (GRPO, think format): {folder} → {train.out}; {st.summary()}"
-        + (f", {too_long} too long skipped" if too_long else "") + f"; {len(held)} held out; "
-        f"{o.rollout_batch_size} questions × {o.group_size} answers per rollout; reward = correct + "
-        f"{o.format_weight} × format; β {o.beta}")
+    line = (f"reason --rl (GRPO, think format): {folder} → {train.out}; {st.summary()}"
+            + (f", {too_long} too long skipped" if too_long else "") + f"; {len(held)} held out; "
+            f"{o.rollout_batch_size} questions × {o.group_size} answers per rollout; reward = correct + "
+            f"{o.format_weight} × format; β {o.beta}")
     stage = GRPOStage(train_ex, held, cfg, batch_size=train.batch_size, tokenizer=tok, ref_model=ref, seed=train.seed)
     stage.name = "reason-rl"
-    trainer = None
-    try:
-        trainer = Trainer(model, stage, train, tokenizer=tok, parent=str(folder), log=log)
-        before = _eval_before(trainer, stage, train, log) if held else {}
-        res = trainer.fit()
-        return {**res, "before": before}
-    except KeyboardInterrupt:
-        raise TrainingInterrupted("interrupted before training started; nothing was saved") from None
-    finally:
-        if trainer is not None:
-            D.cleanup(trainer.dist)
+    return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held))
+
+
+def run_reason_rl(o: ReasonRLOptions, train: TrainConfig, nproc: int = 0, log=print) -> dict:
+    """Stage 2: GRPO (the rlhf engine's `GRPOStage`) on verifiable questions, rewarding a correct final
+    answer (1) and the think format (`format_weight`: <think>…</think> first, then a non-empty answer)."""
+    if not (train.max_steps or train.max_tokens or train.max_time or train.epochs):
+        raise TiaoyuError("no training budget: give --max-steps (GRPO steps) or --max-time")
+    return run_stage("reason-rl", train, lambda: prepare_reason_rl(o, train), nproc=nproc, log=log)

@@ -22,10 +22,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from tiaoyu_cli.data.preference import PairExample, collate_pairs, encode_response, prompt_messages, response_messages
+from tiaoyu_cli.checkpoint import load_tokenizer
+from tiaoyu_cli.data.preference import (PairExample, collate_pairs, encode_response, load_pairs, pad_right,
+                                        prompt_messages, response_messages)
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.train.losses_rl import reward_pairwise_loss
-from tiaoyu_cli.train.rl_common import EpochSampler, last_token_scores
+from tiaoyu_cli.model.heads import last_token_scores
+from tiaoyu_cli.train.rl_common import split_holdout
+from tiaoyu_cli.train.run import Plan, run_stage
+from tiaoyu_cli.train.sampler import EpochSampler
 from tiaoyu_cli.train.trainer import BaseStage, StepOutput
 
 
@@ -166,8 +171,6 @@ def score_records(model: nn.Module, tokenizer, records: list[tuple[int, dict]], 
     out = [dict(rec) for _, rec in records]
     model.eval()
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
-    from tiaoyu_cli.data.preference import pad_right
-
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         ids, att = pad_right([seqs[i] for i in idx], device=device)
@@ -183,15 +186,8 @@ def score_records(model: nn.Module, tokenizer, records: list[tuple[int, dict]], 
 # ---- the run -------------------------------------------------------------------------------------------
 
 
-def run_reward(start, data, train, cfg: RewardConfig, val=None, skip_bad: bool = False, log=print) -> dict:
-    """`tiaoyu rlhf reward`: build the reward model from `start`, read the pairs, train, and return
-    the final metrics plus `before` (held-out metrics of the untrained head)."""
-    from tiaoyu_cli.data.preference import load_pairs
-    from tiaoyu_cli.checkpoint import load_tokenizer
-    from tiaoyu_cli.train.rl_common import fmt_metrics, split_holdout, start_run
-    from tiaoyu_cli.train.trainer import Trainer
-
-    start_run(train)
+def prepare_reward(start, data, train, cfg: RewardConfig, val=None, skip_bad: bool = False) -> Plan:
+    """Build the reward model from `start` (its LM plus a one-output score head) and read the pairs."""
     model, folder = reward_model_from(start)
     tok = load_tokenizer(folder)
     max_len = cfg.max_len or model.config.max_seq_len
@@ -203,17 +199,15 @@ def run_reward(start, data, train, cfg: RewardConfig, val=None, skip_bad: bool =
         held = load_pairs(val, tok, max_len, skip_bad)
     else:
         pairs, held = split_holdout(pairs, cfg.val_frac, train.seed)
-    log(f"reward: {len(pairs)} training pairs, {len(held)} held out"
-        + (f", {stats['skipped']} bad records skipped" if stats.get("skipped") else "")
-        + f"; model {model.num_parameters() / 1e6:.2f}M parameters from {folder}")
+    line = (f"reward: {len(pairs)} training pairs, {len(held)} held out"
+            + (f", {stats['skipped']} bad records skipped" if stats.get("skipped") else "")
+            + f"; model {model.num_parameters() / 1e6:.2f}M parameters from {folder}")
     stage = RewardStage(pairs, held, cfg, batch_size=train.batch_size, seed=train.seed)
-    trainer = Trainer(model, stage, train, tokenizer=tok, parent=str(folder), log=log)
-    before = {}
-    if held and not train.resume:
-        with torch.no_grad(), trainer.autocast():
-            before = stage.evaluate(trainer.raw_model)
-        log("before: " + fmt_metrics(before, ["val_accuracy", "val_loss", "val_margin"]))
-    trainer.before = before
-    res = trainer.fit()
-    res["before"] = before
-    return res
+    return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held))
+
+
+def run_reward(start, data, train, cfg: RewardConfig, val=None, skip_bad: bool = False, nproc: int = 0,
+               log=print) -> dict:
+    """`tiaoyu rlhf reward`: train, and return the final metrics plus `before` (the untrained head's)."""
+    return run_stage("reward", train, lambda: prepare_reward(start, data, train, cfg, val, skip_bad), nproc=nproc,
+                     log=log)

@@ -2,7 +2,6 @@
 
 * loading a frozen reference or reward model, with the checks users need (same tokenizer as the
   policy; a reward model must have a one-output `score` head);
-* `EpochSampler`: shuffled passes over a finite dataset, resumable from two integers;
 * rollouts: generate answers for a batch of prompts with the batched KV-cache generator and lay
   them out for training as one [B, P + R] tensor — prompts left-padded to P columns, responses
   right-padded to R columns — so every row's response occupies the same columns P … P+R−1 and
@@ -19,6 +18,9 @@ import torch
 import torch.nn as nn
 
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.model.heads import last_token_scores
+from tiaoyu_cli.tokenizer.core import check_same_tokenizer
+from tiaoyu_cli.train.distributed import unwrap
 from tiaoyu_cli.train.losses_rl import token_logps
 
 # ---- models ------------------------------------------------------------------------------------------
@@ -32,19 +34,11 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_same_tokenizer(policy_tok, other_tok, what: str, path) -> None:
-    if policy_tok is None or other_tok is None:
-        return
-    if policy_tok.fingerprint != other_tok.fingerprint:
-        raise TiaoyuError(f"{what} {path} uses another tokenizer (fingerprint {other_tok.fingerprint}) than the "
-                          f"policy ({policy_tok.fingerprint}); both must come from the same `tiaoyu tokenize train`")
-
-
 def load_reference(path: str | os.PathLike, policy_tok, device="cpu", what: str = "reference") -> nn.Module:
     """A frozen copy of a checkpoint (the DPO/PPO/GRPO reference), checked against the policy's tokenizer."""
     from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 
-    check_same_tokenizer(policy_tok, load_tokenizer(path), what, path)
+    check_same_tokenizer(policy_tok, load_tokenizer(path), f"{what} {path}")
     model, _ = load_model(path, device=device)
     return freeze(model)
 
@@ -59,69 +53,12 @@ def load_reward_model(path: str | os.PathLike, policy_tok=None, device="cpu") ->
         raise TiaoyuError(f"{path} is not a reward model: it has {what}, not a `score` head with one output "
                           f"(train one with `tiaoyu rlhf reward`)")
     tok = load_tokenizer(path)
-    check_same_tokenizer(policy_tok, tok, "reward model", path)
+    check_same_tokenizer(policy_tok, tok, f"reward model {path}")
     model, _ = load_model(path, device=device)
     return freeze(model), tok
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / torch.compile wrappers."""
-    inner = getattr(model, "module", model)
-    return getattr(inner, "_orig_mod", inner)
-
-
-def last_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per-sequence value of a per-token head at the last real token (HF sequence-classification
-    convention). scores [B, T] (or [B, T, 1]); attention_mask [B, T] with left or right padding → [B]."""
-    if scores.dim() == 3:
-        scores = scores[..., 0]
-    T = attention_mask.shape[1]
-    pos = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
-    last = torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).amax(dim=1).clamp(min=0)
-    return scores[torch.arange(scores.shape[0], device=scores.device), last]
-
-
 # ---- data order -------------------------------------------------------------------------------------
-
-
-class EpochSampler:
-    """Shuffled passes over n items: the order of epoch e is randperm(n) under seed (seed, e), so the
-    position (epoch, pos) is the whole state. Under DDP every rank draws the same global batch of
-    batch_size × world indices and keeps its own slice."""
-
-    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1):
-        if n <= 0:
-            raise TiaoyuError("no training examples")
-        self.n, self.batch_size, self.seed, self.shuffle, self.rank, self.world = n, batch_size, seed, shuffle, rank, world
-        self.epoch, self.pos = 0, 0
-        self._order: list[int] | None = None
-
-    def _perm(self) -> list[int]:
-        if self._order is None:
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-                self._order = torch.randperm(self.n, generator=g).tolist()
-            else:
-                self._order = list(range(self.n))
-        return self._order
-
-    def next_indices(self) -> list[int]:
-        out: list[int] = []
-        need = self.batch_size * self.world
-        while len(out) < need:
-            order = self._perm()
-            take = order[self.pos:self.pos + need - len(out)]
-            out.extend(take)
-            self.pos += len(take)
-            if self.pos >= self.n:
-                self.epoch, self.pos, self._order = self.epoch + 1, 0, None
-        return out[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, st: dict) -> None:
-        self.epoch, self.pos, self._order = int(st.get("epoch", 0)), int(st.get("pos", 0)), None
 
 
 def derive_seed(*parts) -> int:
@@ -261,20 +198,6 @@ class RunningMeanStd:
 
 
 # ---- runs ----------------------------------------------------------------------------------------------
-
-
-def start_run(train) -> torch.device:
-    """Checks every RL/preference run makes before loading anything: options, the -o folder, device
-    and precision; then seeds torch (new heads and sampling depend on it). Returns the device."""
-    from tiaoyu_cli.device import resolve_device, resolve_dtype
-    from tiaoyu_cli.train.trainer import check_output
-
-    train.validate()
-    check_output(train.out, train.resume)
-    device = resolve_device(train.device, int(os.environ.get("LOCAL_RANK", "0")))
-    resolve_dtype(train.dtype, device)
-    torch.manual_seed(train.seed)
-    return device
 
 
 def split_holdout(items: list, frac: float, seed: int = 0) -> tuple[list, list]:

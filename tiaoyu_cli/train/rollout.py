@@ -29,8 +29,9 @@ import torch.nn as nn
 from tiaoyu_cli.data.preference import PromptExample
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.losses_rl import kl_k1, kl_k3, masked_mean
-from tiaoyu_cli.train.rl_common import (EpochSampler, Rollout, derive_seed, generate_rollout, response_logps,
+from tiaoyu_cli.train.rl_common import (Rollout, derive_seed, generate_rollout, response_logps,
                                          reward_model_scores)
+from tiaoyu_cli.train.sampler import EpochSampler
 from tiaoyu_cli.train.trainer import BaseStage
 
 # ---- rewards -------------------------------------------------------------------------------------------

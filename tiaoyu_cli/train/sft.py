@@ -3,7 +3,7 @@
     tiaoyu sft ckpt/base chat.train.jsonl -o ckpt/sft --eval-data chat.val.jsonl --epochs 3
     tiaoyu lora ckpt/base chat.train.jsonl -o adapter/ --rank 8 --alpha 16
 
-Objective (`sft_loss`): mean cross-entropy of the assistant tokens given everything before them,
+Objective (`cross_entropy` on the assistant labels): mean cross-entropy of the assistant tokens given everything before them,
 
     L = −(1/N) Σ_{t: labels_t ≠ −100} log softmax(logits_t)[labels_t]
 
@@ -37,20 +37,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tiaoyu_cli.data.chat import ChatDataset, Example, PackedRow, collate, is_packed
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.model.transformer import ModelOutput, rope_tables
+from tiaoyu_cli.model.transformer import ModelOutput, cross_entropy
+from tiaoyu_cli.train.distributed import unwrap
+from tiaoyu_cli.train.sampler import EpochSampler
 from tiaoyu_cli.train.trainer import BaseStage, StepOutput
 
 TRAIN_PARTS = ("full", "ffn", "attn", "head", "embeddings")
 METHODS = ("full", "prompt", "adapter", "lora")
 
-
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """L = −(1/N) Σ log softmax(logits_t)[labels_t] over the N positions with labels_t ≠ −100 (fp32)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
 @dataclass
@@ -153,53 +150,16 @@ def describe_trainable(trainable: int, total: int) -> str:
 
 # ---- the forward pass for chat batches ----------------------------------------------------------------
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) else model
-
-
-def packed_forward(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                   seq_ids: torch.Tensor) -> ModelOutput:
-    """Transformer forward for packed rows: positions restart in every record, and a token attends only to
-    earlier tokens of its own record (block-diagonal causal mask). Uses the model's own modules, so it
-    computes what `model(record)` computes for each record alone (tests check this)."""
-    cfg = model.config
-    B, T = input_ids.shape
-    x = model.model.embed_tokens(input_ids)
-    idx = torch.arange(T, device=input_ids.device)
-    causal = idx[None, :] <= idx[:, None]  # [T, T] key ≤ query
-    same = (seq_ids[:, :, None] == seq_ids[:, None, :]) & (seq_ids[:, None, :] >= 0)  # [B, T, T]
-    mask = ((same & causal[None]) | torch.eye(T, dtype=torch.bool, device=x.device)[None])[:, None]  # [B,1,T,T]
-    rope = None
-    if cfg.position == "rope":
-        rope = rope_tables(cfg.head_dim, position_ids, cfg.rope_theta)
-    elif cfg.position == "learned":
-        x = x + model.model.embed_positions(position_ids)
-    else:
-        x = x + model.model.sinusoidal[position_ids].to(x.dtype)
-    x = model.drop(x)
-    aux_total = None
-    for block in model.model.layers:
-        x, aux = block(x, rope, mask, None)
-        if aux is not None:
-            aux_total = aux if aux_total is None else aux_total + aux
-    h = model.model.norm(x)
-    logits = F.linear(h, model.output_weight)
-    scores = model.score(h) if cfg.num_labels else None
-    if aux_total is not None:
-        aux_total = aux_total * (cfg.moe_aux_loss_coef / cfg.n_layers)
-    return ModelOutput(logits=logits, hidden=h, aux_loss=aux_total, scores=scores)
-
-
 def lm_forward(model: nn.Module, batch: dict[str, torch.Tensor], prompt: nn.Module | None = None) -> ModelOutput:
     """Logits for a collated chat batch, aligned with batch["labels"].
 
     Unpacked rows are right-padded; causal attention means no real token ever sees the padding after
-    it, so no attention mask is needed (and the fast causal kernel runs). Packed rows go through
-    `packed_forward`. A soft prompt (`prompt`) is put in front and its outputs dropped."""
+    it, so no attention mask is needed (and the fast causal kernel runs). Packed rows pass their
+    position and record ids: the model attends block-diagonally. A soft prompt (`prompt`) is put in front and its outputs dropped."""
     if is_packed(batch):
         if prompt is not None:
             raise TiaoyuError("packed batches do not combine with a soft prompt")
-        return packed_forward(unwrap(model), batch["input_ids"], batch["position_ids"], batch["seq_ids"])
+        return model(batch["input_ids"], position_ids=batch["position_ids"], seq_ids=batch["seq_ids"])
     if prompt is None:
         return model(batch["input_ids"])
     from tiaoyu_cli.model.adapters import strip_prefix
@@ -210,42 +170,6 @@ def lm_forward(model: nn.Module, batch: dict[str, torch.Tensor], prompt: nn.Modu
 
 
 # ---- sampling ------------------------------------------------------------------------------------------
-
-class EpochSampler:
-    """Global batches of item indices, a fresh permutation every epoch (seeded by seed and epoch), so
-    the position (epoch, cursor) is all a checkpoint needs for exact resume."""
-
-    def __init__(self, n: int, global_batch: int, seed: int, shuffle: bool = True):
-        self.n, self.global_batch, self.seed, self.shuffle = n, global_batch, seed, shuffle
-        self.epoch, self.cursor = 0, 0
-        self._perm: list[int] | None = None
-
-    def _permutation(self) -> list[int]:
-        if self._perm is None:
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-                self._perm = torch.randperm(self.n, generator=g).tolist()
-            else:
-                self._perm = list(range(self.n))
-        return self._perm
-
-    def next_indices(self) -> list[int]:
-        out = []
-        while len(out) < self.global_batch:
-            perm = self._permutation()
-            take = min(self.global_batch - len(out), self.n - self.cursor)
-            out += perm[self.cursor:self.cursor + take]
-            self.cursor += take
-            if self.cursor >= self.n:
-                self.epoch, self.cursor, self._perm = self.epoch + 1, 0, None
-        return out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load(self, st: dict) -> None:
-        self.epoch, self.cursor, self._perm = int(st.get("epoch", 0)), int(st.get("cursor", 0)), None
-
 
 def window_batch(shards, starts: Sequence[int], length: int) -> torch.Tensor:
     """[len(starts), length] int64 windows of a token stream."""
@@ -273,7 +197,7 @@ def shard_loss(model: nn.Module, shards, length: int, count: int, batch_size: in
     for i in range(0, len(starts), batch_size):
         b = window_batch(shards, starts[i:i + batch_size], length + 1).to(device)
         out = model(b[:, :-1])
-        total += float(sft_loss(out.logits, b[:, 1:])) * b[:, 1:].numel()
+        total += float(cross_entropy(out.logits, b[:, 1:])) * b[:, 1:].numel()
         n += b[:, 1:].numel()
     return total / n
 
@@ -315,14 +239,11 @@ class SFTStage(BaseStage):
         super().setup(trainer)
         d = trainer.dist
         self.rank, self.world, self.device = d.rank, d.world_size, trainer.device
-        if d.enabled and any(len(set(r.seq_ids)) > 1 for r in self.rows if isinstance(r, PackedRow)):
-            raise TiaoyuError("--pack runs in one process only (its block-diagonal forward bypasses DDP); drop --pack "
-                              "or --nproc")
         mcfg = unwrap(trainer.raw_model).config
         longest = max(len(r) for r in self.rows) + (self.prompt.n_tokens if self.prompt is not None else 0)
         if longest > mcfg.max_seq_len and mcfg.position != "rope":
             raise TiaoyuError(f"records of {longest} tokens exceed the model's max_seq_len {mcfg.max_seq_len}")
-        self.sampler = EpochSampler(len(self.rows), self.batch_size * self.world, self.seed)
+        self.sampler = EpochSampler(len(self.rows), self.batch_size, self.seed, rank=self.rank, world=self.world)
         if self.replay is not None:
             from tiaoyu_cli.train.lm import WindowSampler
 
@@ -335,9 +256,7 @@ class SFTStage(BaseStage):
         return {"soft_prompt": self.prompt} if self.prompt is not None else {}
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        idx = self.sampler.next_indices()
-        mine = idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        batch = collate([self.rows[i] for i in mine])
+        batch = collate([self.rows[i] for i in self.sampler.next_indices()])
         if self.n_replay:
             starts = self.replay_sampler.next_starts()
             starts = starts[self.rank * self.n_replay:(self.rank + 1) * self.n_replay]
@@ -348,7 +267,7 @@ class SFTStage(BaseStage):
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         prompt = self.trainer.extras["soft_prompt"] if self.prompt is not None else None
         out = lm_forward(model, batch, prompt)
-        loss = sft_loss(out.logits, batch["labels"])
+        loss = cross_entropy(out.logits, batch["labels"])
         metrics: dict[str, Any] = {}
         tokens = int(batch["attention_mask"].sum())
         if out.aux_loss is not None:
@@ -357,7 +276,7 @@ class SFTStage(BaseStage):
         if "replay" in batch:
             w = batch["replay"]
             r_out = model(w[:, :-1])
-            r_loss = sft_loss(r_out.logits, w[:, 1:])
+            r_loss = cross_entropy(r_out.logits, w[:, 1:])
             metrics["sft_loss"] = loss.detach()
             metrics["replay_loss"] = r_loss.detach()
             rho = self.cfg.replay_ratio
@@ -390,7 +309,7 @@ class SFTStage(BaseStage):
                 out = lm_forward(model, b, prompt)
                 k = int((b["labels"] != -100).sum())
                 if k:
-                    total += float(sft_loss(out.logits, b["labels"])) * k
+                    total += float(cross_entropy(out.logits, b["labels"])) * k
                     n += k
             if n:
                 res["val_loss"] = total / n
@@ -412,7 +331,7 @@ class SFTStage(BaseStage):
 
     # -- checkpoint contents --
     def state_dict(self) -> dict[str, Any]:
-        st: dict[str, Any] = {"epoch": self.sampler.epoch, "cursor": self.sampler.cursor}
+        st: dict[str, Any] = dict(self.sampler.state_dict())
         if self.n_replay:
             st["replay_rng"] = self.replay_sampler.gen.get_state()
         if self.save_as == "merged":  # the unmerged LoRA weights, to resume from
@@ -423,7 +342,7 @@ class SFTStage(BaseStage):
         return st
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load(state)
+        self.sampler.load_state_dict(state)
         if self.n_replay and "replay_rng" in state:
             self.replay_sampler.gen.set_state(state["replay_rng"])
         lora = {k[len("lora:"):]: v for k, v in state.items() if k.startswith("lora:")}

@@ -25,10 +25,10 @@ the same everywhere). Only rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -39,6 +39,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli import checkpoint as ckpt_io
@@ -46,6 +47,8 @@ from tiaoyu_cli.train.config import TrainConfig  # noqa: F401  (re-exported: sta
 from tiaoyu_cli.train import distributed as D
 from tiaoyu_cli.device import autocast, resolve_device, resolve_dtype
 from tiaoyu_cli.train.optim import build_optimizer, lr_at
+from tiaoyu_cli.train.outdir import check_output, check_writable
+from tiaoyu_cli.train.progress import Progress
 
 
 @dataclass
@@ -124,56 +127,6 @@ class TrainingInterrupted(TiaoyuError):
     def __init__(self, message: str, exit_code: int = 130):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def run_in_folder(out: Path) -> list[str]:
-    """What in `out` shows that a run already lives there (empty list: nothing)."""
-    if not out.is_dir():
-        return []
-    found = [p.name for p in ckpt_io.step_dirs(out)]
-    if (out / "latest").is_symlink() or (out / "latest").exists():
-        found.append("latest")
-    if (out / "metrics.jsonl").exists():
-        found.append("metrics.jsonl")
-    return found
-
-
-def check_output(out: str | os.PathLike, resume: bool) -> None:
-    """Refuse -o folders that would mix runs: a run already there without --resume, or --resume with
-    nothing to resume. Read-only (safe on every DDP rank, and before launching processes)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise TiaoyuError(f"-o {out}: is a file, not a run folder")
-    near = out
-    while not near.exists() and near != near.parent:
-        near = near.parent
-    if not near.is_dir():
-        raise TiaoyuError(f"-o {out}: cannot write there ({near} is a file)")
-    if not os.access(near, os.W_OK | os.X_OK):
-        raise TiaoyuError(f"-o {out}: cannot write there (permission denied on {near})")
-    if resume:
-        if not out.exists():
-            raise TiaoyuError(f"--resume: {out} does not exist, nothing to resume (start without --resume)")
-        if not ckpt_io.step_dirs(out) and not ((out / "latest") / "model.safetensors").exists():
-            raise TiaoyuError(f"--resume: {out} holds no checkpoint to resume from (start without --resume)")
-        return
-    found = run_in_folder(out)
-    if found:
-        shown = ", ".join(found[:3]) + (", …" if len(found) > 3 else "")
-        raise TiaoyuError(f"-o {out} already holds a run ({shown}): pass --resume to continue it, "
-                          f"or choose another -o")
-
-
-def check_writable(out: str | os.PathLike) -> None:
-    """Create `out` and write a probe file there, or raise a clear error."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise TiaoyuError(f"-o {out}: cannot write there ({e.strerror or e})") from None
 
 
 class Trainer:
@@ -267,7 +220,7 @@ class Trainer:
         if self.before and not c.resume and self.step == 0:
             self._log_metrics({"step": 0, "eval": True, **{k: float(v) for k, v in self.before.items()}})
         old_handlers = self._install_signal_handlers()
-        progress = _Progress(self, enabled=self.dist.is_main)
+        progress = Progress(self, enabled=self.dist.is_main)
         pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (step, loss, grad norm) since the last sync
         window_tokens, window_time = 0, 0.0
         try:
@@ -332,7 +285,7 @@ class Trainer:
         for micro in range(c.grad_accum):
             batch = self.stage.next_batch()
             sync = micro == c.grad_accum - 1
-            ctx = self.model.no_sync() if (self.dist.enabled and not sync) else _null()
+            ctx = self.model.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
             with ctx:
                 with self.autocast():
                     out = self.stage.step(self.model, batch)
@@ -491,10 +444,12 @@ class Trainer:
                 (tmp / "trainer.json").write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str),
                                                   encoding="utf-8")
             ckpt_io.set_latest(run, final.name)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:
             prev = [p for p in ckpt_io.step_dirs(run) if p.name != final.name] if run.is_dir() else []
             kept = f"the previous checkpoint {prev[-1]} is intact" if prev else "no earlier checkpoint exists"
-            raise TiaoyuError(f"could not write checkpoint {final} ({e.strerror or e}); {kept}") from None
+            why = getattr(e, "strerror", None) or str(e)
+            raise TiaoyuError(f"could not write checkpoint {final} ({why}); {kept}; free space and continue "
+                              f"with --resume") from None
         if self.cfg.keep > 0:
             for old in ckpt_io.step_dirs(run)[:-self.cfg.keep]:
                 if old.name != final.name:
@@ -570,10 +525,6 @@ class Trainer:
             self._truncate_metrics(self.step)
             self.log(f"resumed from {folder} at step {self.step}")
 
-    def _check_writable(self) -> None:  # kept for callers of the first version
-        if self.dist.is_main:
-            check_writable(self.out)
-
     # ---- metrics -----------------------------------------------------------------------------
     def _log_metrics(self, line: dict) -> None:
         line = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in line.items()}
@@ -636,82 +587,3 @@ class Trainer:
             self._stop_signal = int(flag[0])
         self.train_time = float(flag[1])
         return flag[0].item() > 0
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-class _Progress:
-    """A rich progress bar with loss / lr / tokens/s / ETA (MFU on CUDA) on a terminal; plain log
-    lines on stderr otherwise. Fed at sync points (`update`) and cheaply every other step (`advance`)."""
-
-    def __init__(self, trainer: Trainer, enabled: bool):
-        self.t = trainer
-        self.enabled = enabled
-        self.bar = None
-        self.info = ""
-        if not enabled:
-            return
-        from tiaoyu_cli.cli.console import console
-
-        self.console = console
-        if console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                                TimeRemainingColumn(), console=console, transient=False)
-            self.bar.start()
-            total = trainer.total_steps()
-            self.task = self.bar.add_task("train", total=total if total < 10**9 else None,
-                                          completed=trainer.step, stage=trainer.stage.name, info="")
-
-    @staticmethod
-    def describe(line: dict) -> str:
-        s = f"loss {line['loss']:.4f}  lr {line['lr']:.2e}  {line.get('tokens_per_s', 0.0):,.0f} tok/s"
-        if "mfu" in line:
-            s += f"  MFU {line['mfu']:.1%}"
-        extra = [k for k in line if k not in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "time_s", "mfu")]
-        for k in extra[:3]:
-            v = line[k]
-            s += f"  {k} {v:.3g}" if isinstance(v, float) else f"  {k} {v}"
-        return s
-
-    def _eta(self) -> str:
-        total = self.t.total_steps()
-        if total >= 10**9 or not self.t.step or not self.t.train_time:
-            return ""
-        secs = self.t.train_time / self.t.step * max(0, total - self.t.step)
-        return f"  eta {secs:.0f}s" if secs < 600 else f"  eta {secs / 60:.0f}min"
-
-    def advance(self) -> None:
-        if self.bar is not None:
-            total = self.t.total_steps()
-            self.bar.update(self.task, completed=self.t.step, total=total if total < 10**9 else None)
-
-    def update(self, line: dict) -> None:
-        if not self.enabled:
-            return
-        self.info = self.describe(line)
-        if self.bar is not None:
-            total = self.t.total_steps()
-            self.bar.update(self.task, completed=self.t.step, info=self.info, total=total if total < 10**9 else None)
-        elif self.t.step % self.t.cfg.log_every == 0 or self.t.step == 1 or self.t.done():
-            total = self.t.total_steps()
-            self.console.print(f"{self.t.stage.name} step {self.t.step}" + (f"/{total}" if total < 10**9 else "")
-                               + f"  {self.info}{self._eta()}", highlight=False, markup=False, soft_wrap=True)
-
-    def note(self, line: dict) -> None:
-        if self.enabled:
-            msg = "eval  " + "  ".join(f"{k} {v:.4g}" for k, v in line.items() if k not in ("step", "eval"))
-            self.console.print(f"step {line['step']}  {msg}", highlight=False, markup=False, soft_wrap=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None

@@ -13,3 +13,8 @@ def info(msg: str) -> None:
 
 def warn(msg: str) -> None:
     console.print(f"[yellow]warning:[/] {msg}")
+
+
+def say(msg: str) -> None:
+    """One line of plain text on stderr (no rich markup: paths and data print as they are)."""
+    console.print(msg, markup=False, highlight=False, soft_wrap=True)

@@ -1,0 +1,248 @@
+"""One table, every training stage (as torchtune keeps one per recipe), on the tiny shared base, on CPU:
+
+* the first 3 logged losses equal stored golden values (1e-4): a change to a stage's objective or data
+  order shows up here, on purpose (regenerate with TIAOYU_WRITE_GOLDEN=1 after a deliberate change);
+* 2 steps, then --resume to 4, logs the same losses as 4 steps straight;
+* what trains changes between step 2 and step 4, every 2-D weight of it;
+* an OSError while saving (a full disk) ends the run with one clear line naming the folder, the last
+  good checkpoint stays, and --resume continues once the disk has room again;
+* SIGTERM mid-run leaves a loadable checkpoint and exits 143.
+
+Every stage runs through the one run path (train/run.py), so these hold for every command alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_fixtures import one_thread, read_jsonl, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).with_name("golden_losses.json")
+LOOP = ["--device", "cpu", "--dtype", "fp32", "--seed", "0", "--log-every", "1", "--save-every", "2", "--keep", "0",
+        "--schedule", "constant", "--warmup-steps", "0", "--batch-size", "4"]
+RL = ["--max-new-tokens", "8", "--eval-size", "2", "--no-eval-before", "--val-frac", "0"]
+
+
+@pytest.fixture(scope="module")
+def files(assets, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("stage-data")
+    s = assets / "synth"
+    pick = {"chat": "chat.train.jsonl", "cls": "classification.train.jsonl", "pref": "preference.train.jsonl",
+            "ver": "verifiable.train.jsonl", "trace": "reasoning.train.jsonl"}
+    out = {k: write_jsonl(d / f"{k}.jsonl", read_jsonl(s / name)[:24]) for k, name in pick.items()}
+    out.update(base=assets / "base", tokens=assets / "tokens", tok=assets / "tok")
+    return out
+
+
+# stage → argv after `tiaoyu` (without -o and the budget); {name} is filled from `files`
+STAGES: dict[str, list[str]] = {
+    "pretrain": ["pretrain", "{tokens}", "--preset", "tiny", "--model", "dim=64", "--model", "n_layers=2",
+                 "--seq-len", "32", "--eval-every", "0", "--eval-batches", "1"],
+    "sft": ["sft", "{base}", "{chat}", "--max-len", "96", "--no-eval-before"],
+    "classify": ["sft", "{base}", "{cls}", "--task", "classify", "--max-len", "64", "--no-eval-before"],
+    "lora": ["lora", "{base}", "{chat}", "--rank", "4", "--max-len", "96", "--no-eval-before"],
+    "reward": ["rlhf", "reward", "{base}", "{pref}", "--val-frac", "0", "--max-len", "128"],
+    "dpo": ["rlhf", "dpo", "{base}", "{pref}", "--val-frac", "0", "--max-len", "128"],
+    "ppo": ["rlhf", "ppo", "{base}", "{ver}", "--reward", "verifiable", "--rollout-batch-size", "4", *RL],
+    "grpo": ["rlhf", "grpo", "{base}", "{ver}", "--group-size", "2", "--rollout-batch-size", "2", *RL],
+    "distill-white": ["distill", "--teacher", "{base}", "--student-preset", "tiny", "--model", "dim=64",
+                      "--model", "n_layers=2", "{chat}", "--mode", "white", "--seq-len", "96"],
+    "distill-black": ["distill", "--teacher", "{base}", "--student-preset", "tiny", "--model", "dim=64",
+                      "--model", "n_layers=2", "{chat}", "--mode", "black", "--max-new-tokens", "8",
+                      "--seq-len", "96"],
+    "reason": ["reason", "{base}", "{trace}", "--max-len", "128"],
+    "reason-rl": ["reason", "{base}", "{ver}", "--rl", "--group-size", "2", "--rollout-batch-size", "2",
+                  "--max-new-tokens", "8", "--eval-samples", "2"],
+}
+
+
+def argv(stage: str, files: dict, out: Path, *extra) -> list[str]:
+    return [a.format(**files) for a in STAGES[stage]] + ["-o", str(out), *LOOP, *map(str, extra)]
+
+
+def run(args: list[str]) -> tuple[int, str]:
+    """`tiaoyu ARGS` in this process: (exit code, what went to stderr is checked by the callers' capsys)."""
+    from tiaoyu_cli.cli.main import main
+
+    with one_thread():
+        try:
+            main(args)
+        except SystemExit as e:
+            return int(e.code or 0), ""
+    return 0, ""
+
+
+def losses(out: Path) -> dict[int, float]:
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return {l["step"]: l["loss"] for l in lines if not l.get("eval") and "loss" in l}
+
+
+def weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    f = step_dir / "model.safetensors"
+    if not f.exists():  # a LoRA run's step folders hold the adapter only
+        f = step_dir / "adapter_model.safetensors"
+    return load_file(str(f))
+
+
+@pytest.fixture(scope="module")
+def straight(files, tmp_path_factory) -> dict[str, Path]:
+    """Every stage, 4 steps straight (module-scoped: the tests below read these runs)."""
+    root = tmp_path_factory.mktemp("straight")
+    outs = {}
+    for stage in STAGES:
+        out = root / stage
+        code, _ = run(argv(stage, files, out, "--max-steps", "4"))
+        assert code == 0, stage
+        outs[stage] = out
+    return outs
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_golden_losses(stage, straight):
+    got = [losses(straight[stage])[s] for s in (1, 2, 3)]
+    if os.environ.get("TIAOYU_WRITE_GOLDEN"):
+        table = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+        table[stage] = got
+        GOLDEN.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    want = json.loads(GOLDEN.read_text())[stage]
+    assert got == pytest.approx(want, abs=1e-4), (stage, got, want)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_resume_equals_straight(stage, straight, files, tmp_path):
+    out = tmp_path / "run"
+    assert run(argv(stage, files, out, "--max-steps", "2"))[0] == 0
+    assert run(argv(stage, files, out, "--max-steps", "4", "--resume"))[0] == 0
+    a, b = losses(straight[stage]), losses(out)
+    assert sorted(b) == [1, 2, 3, 4]
+    for s in (1, 2, 3, 4):
+        assert abs(a[s] - b[s]) < 1e-5, (stage, s, a[s], b[s])
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_what_trains_changes(stage, straight):
+    w2, w4 = weights(straight[stage] / "step-000002"), weights(straight[stage] / "step-000004")
+    mats = [k for k, v in w2.items() if v.ndim == 2 and v.is_floating_point()]
+    assert mats, stage
+    if stage in ("lora",):  # only B of each pair learns from zero; A and B both move after step 2
+        assert all(not torch.equal(w2[k], w4[k]) for k in mats), stage
+        return
+    changed = [k for k in mats if not torch.equal(w2[k], w4[k])]
+    # every 2-D weight the stage trains moved (embedding rows of unseen tokens may not: count matrices)
+    assert len(changed) == len(mats), (stage, sorted(set(mats) - set(changed)))
+
+
+def test_frozen_parts_stay_bit_identical(files, tmp_path):
+    out = tmp_path / "ffn"
+    assert run(argv("sft", files, out, "--max-steps", "2", "--train", "ffn"))[0] == 0
+    from tiaoyu_cli.checkpoint import resolve_checkpoint
+
+    base = load_file(str(resolve_checkpoint(files["base"]) / "model.safetensors"))
+    after = weights(out / "step-000002")
+    ffn = [k for k in base if ".mlp." in k]
+    rest = [k for k in base if ".mlp." not in k]
+    assert ffn and rest
+    assert all(not torch.equal(base[k], after[k]) for k in ffn)
+    assert all(torch.equal(base[k], after[k]) for k in rest)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_full_disk_during_save_is_one_clear_line_then_resume(stage, files, tmp_path, monkeypatch, capsys):
+    import safetensors.torch as st
+
+    real = st.save_file
+    calls = {"n": 0}
+
+    def full_disk(tensors, path, *a, **k):
+        if str(path).endswith("train_state.safetensors"):
+            calls["n"] += 1
+            if calls["n"] > 1:  # the step-2 save completes, the step-4 save hits a full disk
+                raise OSError(28, "No space left on device", path)
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(st, "save_file", full_disk)
+    out = tmp_path / "run"
+    code, _ = run(argv(stage, files, out, "--max-steps", "4"))
+    err = capsys.readouterr().err
+    assert code == 2, (stage, err)
+    assert "Traceback" not in err
+    msg = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(msg) == 1 and "No space left on device" in msg[0] and str(out) in msg[0], err
+    assert os.readlink(out / "latest") == "step-000002"
+    assert not list(out.glob(".step-*")), "a half-written step folder was left behind"
+    monkeypatch.setattr(st, "save_file", real)
+    assert run(argv(stage, files, out, "--max-steps", "4", "--resume"))[0] == 0
+    assert os.readlink(out / "latest") == "step-000004"
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_sigterm_saves_a_loadable_checkpoint_and_exits_143(stage, files, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = argv(stage, files, out, "--max-steps", "100000")
+    proc = subprocess.Popen([sys.executable, "-m", "tiaoyu_cli", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        m = out / "metrics.jsonl"
+        if m.exists() and any(not json.loads(l).get("eval") for l in m.read_text().splitlines() if l.strip()):
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err
+    from tiaoyu_cli.checkpoint import load_model, resolve_checkpoint
+
+    latest = resolve_checkpoint(out)
+    if (latest / "model.safetensors").exists():
+        load_model(latest)
+    else:  # LoRA: the adapter folder
+        assert (latest / "adapter_model.safetensors").exists()
+
+
+def test_a_second_run_on_a_held_folder_is_refused_at_once(files, tmp_path, capsys):
+    from tiaoyu_cli.train.run import RunLock
+
+    out = tmp_path / "run"
+    lock = RunLock(out)
+    lock.acquire()
+    try:
+        t0 = time.monotonic()
+        code, _ = run(argv("sft", files, out, "--max-steps", "2"))
+        err = capsys.readouterr().err
+        assert code == 2 and "in use by another running tiaoyu process" in err, err
+        assert time.monotonic() - t0 < 30
+    finally:
+        lock.release()
+    assert run(argv("sft", files, out, "--max-steps", "2"))[0] == 0  # free again
+
+
+def test_a_killed_holder_leaves_no_lock(tmp_path):
+    out = tmp_path / "run"
+    code = ("import sys, time; from pathlib import Path; from tiaoyu_cli.train.run import RunLock; "
+            "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().strip() == "held"
+    from tiaoyu_cli.errors import TiaoyuError
+    from tiaoyu_cli.train.run import RunLock
+
+    with pytest.raises(TiaoyuError, match="in use"):
+        RunLock(out).acquire()
+    proc.kill()
+    proc.wait()
+    lock = RunLock(out)
+    lock.acquire()  # the OS released the dead holder's lock
+    lock.release()
