@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.io import atomic_dir, atomic_write_text, fsync_dir, load_tensors, read_json  # noqa: F401 (used as ckpt_io.*)
 from tiaoyu_cli.model import ModelConfig, Transformer
+from tiaoyu_cli.tokenizer import Tokenizer
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -89,7 +90,6 @@ def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", conf
 
 
 def load_tokenizer(ckpt: str | os.PathLike):
-    from tiaoyu_cli.tokenizer import Tokenizer
 
     return Tokenizer.load(resolve_checkpoint(ckpt))
 

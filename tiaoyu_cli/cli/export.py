@@ -9,6 +9,11 @@ from typing import Annotated
 
 import typer
 
+from tiaoyu_cli.console import console
+from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.export.gguf import export_gguf
+from tiaoyu_cli.export.hf import export_hf
+
 EXAMPLES = """
 Examples:
 
@@ -34,21 +39,17 @@ def register(app: typer.Typer) -> None:
         name: Annotated[str, typer.Option(help="gguf: general.name (default: the file name)")] = "",
         force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
     ) -> None:
-        from tiaoyu_cli.console import console
-        from tiaoyu_cli.errors import TiaoyuError
 
         fmt = format.lower()
         if fmt == "hf":
             if quantize not in ("none", ""):
                 raise TiaoyuError("--quantize applies to --format gguf; the hf export keeps the weights as they are")
-            from tiaoyu_cli.export.hf import export_hf
 
             with console.status(f"exporting {ckpt} → {out} (hf) …"):
                 summary = export_hf(ckpt, out, force=force)
             console.print(f"wrote {summary['out']}/ ({summary['architecture']}, "
                           f"{summary['parameters'] / 1e6:.2f}M parameters): {', '.join(summary['files'])}")
         elif fmt == "gguf":
-            from tiaoyu_cli.export.gguf import export_gguf
 
             kind = {"none": "f32", "": "f32"}.get(quantize.lower(), quantize.lower())
             with console.status(f"exporting {ckpt} → {out} (gguf {kind}) …"):

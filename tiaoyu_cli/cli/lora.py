@@ -12,16 +12,19 @@ to the top of -o, so `peft.PeftModel.from_pretrained(model, "adapter/")` and
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from typer.core import TyperGroup
 
+from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint, save_model_files
 from tiaoyu_cli.cli.common import train_options
 from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.model.lora import LoraConfig
+from tiaoyu_cli.io import atomic_dir
+from tiaoyu_cli.model.lora import LoraConfig, load_adapter, merge_lora, resolve_adapter_dir
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.finetune import ChatOptions, run_chat
 
@@ -108,11 +111,7 @@ def merge_cmd(
                                "of the same architecture"),
 ) -> None:
     """Write OUT/ with config.json, model.safetensors, tokenizer files, generation_config.json, trainer.json."""
-    import json
 
-    from tiaoyu_cli.io import atomic_dir
-    from tiaoyu_cli.model.lora import load_adapter, merge_lora, resolve_adapter_dir
-    from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint, save_model_files
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TiaoyuError(f"-o {out}: already exists and is not an empty folder; choose another -o")

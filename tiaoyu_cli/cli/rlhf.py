@@ -9,13 +9,16 @@ import typer
 
 from tiaoyu_cli.cli.common import config_options, train_options
 from tiaoyu_cli.console import say
+from tiaoyu_cli.data.jsonl import iter_jsonl, write_jsonl
+from tiaoyu_cli.device import autocast, resolve_device, resolve_dtype
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model.lora import LoraConfig
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.dpo import DPOConfig, DPORunOptions, run_dpo
 from tiaoyu_cli.train.grpo import GRPOConfig, run_grpo
 from tiaoyu_cli.train.ppo import PPOConfig, run_ppo
-from tiaoyu_cli.train.reward import RewardConfig, run_reward
+from tiaoyu_cli.train.reward import RewardConfig, run_reward, score_records
+from tiaoyu_cli.train.rl_common import load_reward_model
 
 EXAMPLES = """
 Examples:
@@ -103,10 +106,6 @@ def score_cmd(
 ) -> None:
     import torch
 
-    from tiaoyu_cli.data.jsonl import iter_jsonl, write_jsonl
-    from tiaoyu_cli.device import autocast, resolve_device, resolve_dtype
-    from tiaoyu_cli.train.reward import score_records
-    from tiaoyu_cli.train.rl_common import load_reward_model
 
     if batch_size <= 0:
         raise TiaoyuError("--batch-size must be positive")

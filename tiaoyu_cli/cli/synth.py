@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
+
+from tiaoyu_cli.console import console
+from tiaoyu_cli.data.synth import SynthConfig, write_corpus
 
 
 def register(app: typer.Typer) -> None:
@@ -31,12 +35,9 @@ def synth(
     val_records: int = typer.Option(0, "--val-records", help="Val records per kind (0: a tenth of --records)."),
     lang: str = typer.Option("both", "--lang", help="both, en or zh."),
 ) -> None:
-    import time
 
     from rich.table import Table
 
-    from tiaoyu_cli.console import console
-    from tiaoyu_cli.data.synth import SynthConfig, write_corpus
 
     cfg = SynthConfig(seed=seed, text_mb=text_mb, records=records, val_records=val_records or None, lang=lang)
     t0 = time.perf_counter()

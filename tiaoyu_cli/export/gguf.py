@@ -44,7 +44,10 @@ from typing import Any
 
 import numpy as np
 
+from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.export.hf import check_hf_exportable, source_checkpoint
+from tiaoyu_cli.io import fsync_dir
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 IM_END_ID = 5
@@ -64,7 +67,6 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def check_gguf_exportable(cfg) -> None:
     """Raise with the reason when llama.cpp's llama architecture cannot run this model."""
-    from tiaoyu_cli.export.hf import check_hf_exportable
 
     check_hf_exportable(cfg, "gguf")
     if cfg.num_labels:
@@ -160,9 +162,6 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, kind: str = "f3
                 name: str | None = None) -> dict[str, Any]:
     """Write the GGUF file atomically. Returns a summary {"out", "type", "tensors", "bytes", …}."""
     gguf = _import_gguf()
-    from tiaoyu_cli.export.hf import source_checkpoint
-    from tiaoyu_cli.io import fsync_dir
-    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 
     if kind not in GGUF_TYPES:
         raise TiaoyuError(f"--quantize {kind!r} for gguf: choose {', '.join(GGUF_TYPES)} (f32 = none)")

@@ -22,7 +22,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tiaoyu_cli.checkpoint import load_model, load_tokenizer, load_trainer_info, resolve_checkpoint, save_model_files
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.io import atomic_dir
 
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json", "generation_config.json")
 
@@ -46,7 +48,6 @@ def prepare_output(out: Path, force: bool) -> None:
 
 def source_checkpoint(ckpt: str | os.PathLike) -> Path:
     """resolve_checkpoint, with a hint for LoRA adapter folders."""
-    from tiaoyu_cli.checkpoint import resolve_checkpoint
 
     p = Path(ckpt)
     if p.is_dir() and (p / "adapter_config.json").exists() and not (p / "model.safetensors").exists():
@@ -133,8 +134,6 @@ def model_card(cfg, n_params: int, info: dict[str, Any], name: str) -> str:
 
 def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict[str, Any]:
     """Write the HF folder atomically. Returns a summary {"out", "files", "parameters", "architecture"}."""
-    from tiaoyu_cli.io import atomic_dir
-    from tiaoyu_cli.checkpoint import load_model, load_tokenizer, load_trainer_info, save_model_files
 
     src = source_checkpoint(ckpt)
     out = Path(out)

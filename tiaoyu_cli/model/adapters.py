@@ -25,6 +25,7 @@ so continue training from a `--method full` or `--method lora` (merged) checkpoi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -34,6 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.io import load_tensors, read_json
+from tiaoyu_cli.model.lora import _set_module
+
 EXTRAS_WEIGHTS = "sft_extras.safetensors"
 EXTRAS_CONFIG = "sft_extras.json"
 ADAPTER_LAYERS = ("o_proj", "down_proj", "w2")  # attention output, FFN output (MoE: every expert's w2)
@@ -110,7 +114,6 @@ class SoftPromptModel(nn.Module):
 
 def strip_prefix(out, n: int, last_only: bool = False):
     """Drop the first n positions (the soft prompt) from a ModelOutput."""
-    import dataclasses
 
     return dataclasses.replace(
         out,
@@ -144,7 +147,6 @@ def apply_bottleneck(model: nn.Module, bottleneck: int, freeze: bool = True) -> 
     """Wrap the attention output and FFN output projections of every block (in place)."""
     if bottleneck < 1:
         raise TiaoyuError(f"--adapter-dim must be at least 1, got {bottleneck}")
-    from tiaoyu_cli.model.lora import _set_module
 
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in ADAPTER_LAYERS]
     if not names:
@@ -195,7 +197,6 @@ def apply_checkpoint_extras(model: nn.Module, folder: str | os.PathLike) -> nn.M
     """A checkpoint trained with `--method prompt` or `--method adapter` keeps those weights beside
     model.safetensors (sft_extras.*): put them back on `model` and return the model to use.
     Checkpoints without them come back unchanged."""
-    from tiaoyu_cli.io import load_tensors, read_json
 
     folder = Path(folder)
     if not (folder / EXTRAS_CONFIG).exists():

@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.io import load_tensors, read_json
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -301,7 +303,6 @@ def resolve_adapter_dir(path: str | os.PathLike) -> Path:
     latest = p / "latest"
     if (latest / ADAPTER_CONFIG).exists():
         return latest.resolve()
-    import re
 
     steps = sorted((q for q in p.iterdir() if q.is_dir() and re.match(r"^step-\d+$", q.name)
                     and (q / ADAPTER_CONFIG).exists()), key=lambda q: int(q.name[5:]))
@@ -312,7 +313,6 @@ def resolve_adapter_dir(path: str | os.PathLike) -> Path:
 
 def read_adapter(path: str | os.PathLike) -> tuple[Path, dict, dict[str, torch.Tensor], dict]:
     """(folder, adapter_config, tensors, base info) of an adapter folder."""
-    from tiaoyu_cli.io import load_tensors, read_json
 
     d = resolve_adapter_dir(path)
     cfg = read_json(d / ADAPTER_CONFIG)

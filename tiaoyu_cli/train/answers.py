@@ -28,6 +28,8 @@ import unicodedata
 from dataclasses import dataclass, field
 
 from tiaoyu_cli.errors import DataError
+from tiaoyu_cli.infer.generate import DEFAULT_STOP_IDS, decode_response, generate_detailed
+from tiaoyu_cli.infer.sampling import SamplingParams
 
 _NUM = re.compile(r"[-−]?\d+(?:[.,]\d+)*")
 _TRAIL = ".。!！?？,，;；:：、 "
@@ -139,8 +141,6 @@ def answer_accuracy(model, tokenizer, records: list[dict], batch_size: int = 64,
 
     `prompt_suffix_ids` are appended after the generation prompt (e.g. [<think>] to start reasoning).
     Prompts are batched by length; results keep the input order."""
-    from tiaoyu_cli.infer.generate import DEFAULT_STOP_IDS, decode_response, generate_detailed
-    from tiaoyu_cli.infer.sampling import SamplingParams
 
     prompts, golds, convs = [], [], []
     for i, rec in enumerate(records):

@@ -27,8 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tiaoyu_cli.checkpoint import load_config, load_tensors, resolve_checkpoint
 from tiaoyu_cli.data.chat import collate_classification, encode_classification
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.model import Transformer
 from tiaoyu_cli.model.heads import last_token_scores
 from tiaoyu_cli.train.sampler import EpochSampler
 from tiaoyu_cli.train.trainer import BaseStage, StepOutput
@@ -57,8 +59,6 @@ class ClassifyConfig:
 def build_classifier(base_dir, labels: list[str], device="cpu"):
     """The base model with a fresh `score` head for `labels` (or its own head, if it already is a
     classifier for exactly these labels)."""
-    from tiaoyu_cli.model import Transformer
-    from tiaoyu_cli.checkpoint import load_config, load_tensors, resolve_checkpoint
 
     d = resolve_checkpoint(base_dir)
     cfg = load_config(d)

@@ -29,7 +29,10 @@ without running the teacher again. The loss is then taken on that support only (
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +41,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from tiaoyu_cli.data.chat import collate
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.io import _umask
 from tiaoyu_cli.train.losses_kd import DIVERGENCES, distill_loss
+from tiaoyu_cli.train.sft import lm_forward
 from tiaoyu_cli.train.trainer import BaseStage, StepOutput
-
 
 # ---- white box: the stage ---------------------------------------------------------------------------
 
@@ -69,7 +74,6 @@ def forward_batch(model: nn.Module, batch: Any):
     are already shifted, −100 outside the assistant's tokens; packed rows are handled by the SFT forward)."""
     if torch.is_tensor(batch):
         return model(batch[:, :-1]), batch[:, 1:]
-    from tiaoyu_cli.train.sft import lm_forward
 
     return lm_forward(model, batch), batch["labels"]
 
@@ -93,7 +97,6 @@ class TopKCache:
 
     @staticmethod
     def digest(rows: list) -> str:
-        import hashlib
 
         h = hashlib.sha256()
         for r in rows:
@@ -105,7 +108,6 @@ class TopKCache:
     @classmethod
     @torch.no_grad()
     def build(cls, teacher: nn.Module, rows: list, k: int, vocab: int, batch_size: int, device, autocast) -> "TopKCache":
-        from tiaoyu_cli.data.chat import collate
 
         vals, idxs, counts = [], [], []
         for i in range(0, len(rows), batch_size):
@@ -124,7 +126,6 @@ class TopKCache:
         return cls(torch.cat(vals), torch.cat(idxs), offsets, rows)
 
     def save(self, path: Path, meta: dict) -> None:
-        import os
 
         from safetensors.torch import save_file
 
@@ -133,7 +134,6 @@ class TopKCache:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file({"values": self.values.contiguous(), "indices": self.indices.contiguous(), "offsets": self.offsets},
                   str(tmp), metadata={k: str(v) for k, v in meta.items()})
-        from tiaoyu_cli.io import _umask
 
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)  # atomic: a crash leaves no half-written cache
@@ -281,6 +281,5 @@ class DistillStage(BaseStage):
         self.data.load_state_dict(state)
 
     def info(self) -> dict:
-        import dataclasses
 
         return {**dataclasses.asdict(self.cfg), "teacher": self.teacher_id, "data": self.data.info()}

@@ -16,19 +16,19 @@ import torch.nn as nn
 
 from tiaoyu_cli.checkpoint import load_config, load_model, load_tokenizer, load_trainer_info, resolve_checkpoint
 from tiaoyu_cli.data.chat import ChatDataset
-from tiaoyu_cli.data.jsonl import read_jsonl, write_jsonl
+from tiaoyu_cli.data.jsonl import iter_jsonl, read_jsonl, write_jsonl
 from tiaoyu_cli.data.shards import check_fingerprint, open_tokens
 from tiaoyu_cli.device import resolve_device
-from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.infer.session import ChatModel
+from tiaoyu_cli.errors import DataError, TiaoyuError
+from tiaoyu_cli.infer.sampling import SamplingParams
+from tiaoyu_cli.infer.session import ChatModel, GenerationOptions, answer_records, record_messages
 from tiaoyu_cli.model import Transformer, parse_overrides, preset
-from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.tokenizer.core import check_same_tokenizer
+from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.distill import DistillConfig, DistillStage
 from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage
 from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.sft import SFTConfig, SFTStage
-
 
 # ---- black box: the teacher answers -----------------------------------------------------------------
 
@@ -55,10 +55,6 @@ def teacher_answers(cm, path: Path, max_new_tokens: int = 256, temperature: floa
     through the batched KV-cache generation of `tiaoyu chat`. Returns chat records
     `{"messages": prompt + [{"role": "assistant", "content": answer, ["reasoning": …]}]}`, the SFT data
     of the second half. A reasoning teacher's <think> part is kept as the "reasoning" field."""
-    from tiaoyu_cli.data.jsonl import iter_jsonl
-    from tiaoyu_cli.errors import DataError
-    from tiaoyu_cli.infer.sampling import SamplingParams
-    from tiaoyu_cli.infer.session import GenerationOptions, answer_records, record_messages
 
     st = stats if stats is not None else TeacherAnswerStats()
     name = str(path)

@@ -24,6 +24,7 @@ logp_margin = mean(log π(chosen) − log π(rejected)).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -167,7 +168,6 @@ class DPOStage(BaseStage):
             self.sampler.load_state_dict(state["sampler"])
 
     def info(self) -> dict:
-        import dataclasses
 
         return {**dataclasses.asdict(self.cfg), "train_pairs": len(self.train), "val_pairs": len(self.val)}
 

@@ -36,8 +36,18 @@ from typing import Any, Iterator
 
 import torch
 
+from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+from tiaoyu_cli.data.jsonl import iter_jsonl
+from tiaoyu_cli.data.preference import encode_pair, pad_right
+from tiaoyu_cli.data.shards import check_fingerprint, open_tokens
+from tiaoyu_cli.device import autocast, resolve_device, resolve_dtype
 from tiaoyu_cli.errors import DataError, TiaoyuError
+from tiaoyu_cli.model.quant import quantize_model
 from tiaoyu_cli.model.transformer import cross_entropy
+from tiaoyu_cli.train.answers import answer_accuracy
+from tiaoyu_cli.train.classify import classify_texts
+from tiaoyu_cli.train.reward import evaluate_pairs
+from tiaoyu_cli.train.rl_common import load_reference
 
 KINDS = ("text", "chat", "reasoning", "verifiable", "preference", "classification")
 
@@ -75,7 +85,6 @@ def record_kind(rec: dict) -> str | None:
 
 def detect_kind(data: str | os.PathLike) -> str:
     """'tokens' for a folder of token shards, else the kind of the first record of a JSONL file."""
-    from tiaoyu_cli.data.jsonl import iter_jsonl
 
     p = Path(data)
     if p.is_dir():
@@ -132,14 +141,12 @@ def check_compatible(data_kind: str, mkind: str, has_ref: bool, ckpt: Path) -> N
 # ---- loading ------------------------------------------------------------------------------------
 
 def load_for_eval(ckpt: str | os.PathLike, device: torch.device, quantize: str = "none"):
-    from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint
 
     path = resolve_checkpoint(ckpt)
     tok = load_tokenizer(path)
     model, path = load_model(path, device=device)
     model.eval()
     if quantize != "none":
-        from tiaoyu_cli.model.quant import quantize_model
 
         model = quantize_model(model, quantize)
     return model, tok, path
@@ -147,7 +154,6 @@ def load_for_eval(ckpt: str | os.PathLike, device: torch.device, quantize: str =
 
 def _records(data: Path, kind: str, limit: int) -> list[tuple[int, dict]]:
     """All records (up to `limit`) checked to be of `kind`; a record of another kind is a DataError."""
-    from tiaoyu_cli.data.jsonl import iter_jsonl
 
     out = []
     for line, rec in iter_jsonl(data):
@@ -230,7 +236,6 @@ def text_stream(records: list[tuple[int, dict]], tokenizer, path: Path) -> tuple
 
 def shard_stream(folder: Path, tokenizer, limit_tokens: int) -> tuple[torch.Tensor, int, str]:
     """The val split of a token folder (else the folder itself) as a tensor, its byte count, the split used."""
-    from tiaoyu_cli.data.shards import check_fingerprint, open_tokens
 
     train, val = open_tokens(folder)
     shards = val if val is not None else train
@@ -245,7 +250,6 @@ def shard_stream(folder: Path, tokenizer, limit_tokens: int) -> tuple[torch.Tens
 
 def masked_logps(model, seqs: list[list[int]], masks: list[list[int]], batch_size: int) -> torch.Tensor:
     """Σ log p(token) over the positions where mask = 1, per sequence: [N] (right padding)."""
-    from tiaoyu_cli.data.preference import pad_right
 
     device = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # similar lengths together: less padding
@@ -263,12 +267,10 @@ def masked_logps(model, seqs: list[list[int]], masks: list[list[int]], batch_siz
 def preference_metrics(model, records, tokenizer, path: Path, batch_size: int, ref_model=None) -> dict[str, float]:
     """Reward model: pairwise accuracy of r(x, chosen) > r(x, rejected) (`rlhf reward`'s own metric: a tie
     counts half). With `ref_model` (a DPO policy): the implicit reward r = log π(y|x) − log π_ref(y|x)."""
-    from tiaoyu_cli.data.preference import encode_pair
 
     device = next(model.parameters()).device
     pairs = [encode_pair(tokenizer, rec, model.config.max_seq_len, str(path), line) for line, rec in records]
     if ref_model is None:
-        from tiaoyu_cli.train.reward import evaluate_pairs
 
         res = evaluate_pairs(model, pairs, batch_size, device)
         return {"pairwise_accuracy": res["val_accuracy"], "mean_margin": res["val_margin"], "loss": res["val_loss"]}
@@ -285,7 +287,6 @@ def preference_metrics(model, records, tokenizer, path: Path, batch_size: int, r
 
 def classification_metrics(model, records, path: Path, tokenizer, batch_size: int) -> dict[str, Any]:
     """Accuracy of the classifier's argmax label (`sft --task classify` reads <s> text </s>)."""
-    from tiaoyu_cli.train.classify import classify_texts
 
     id2label = model.config.id2label or {str(i): f"LABEL_{i}" for i in range(model.config.num_labels)}
     known = set(id2label.values())
@@ -322,7 +323,6 @@ def assistant_loss(model, records, tokenizer, path: Path, batch_size: int) -> di
 def answer_metrics(model, tokenizer, records, kind: str, path: Path, cfg: EvalConfig) -> dict[str, float]:
     """Greedy answers scored by the shared checker (tiaoyu_cli.train.answers): the reference is a verifiable
     record's answer, or a chat record's last assistant message."""
-    from tiaoyu_cli.train.answers import answer_accuracy
 
     rep = answer_accuracy(model, tokenizer, [rec for _, rec in records], batch_size=cfg.batch_size,
                           max_new_tokens=cfg.max_new_tokens, require_think=kind == "reasoning", name=str(path))
@@ -335,7 +335,6 @@ def answer_metrics(model, tokenizer, records, kind: str, path: Path, cfg: EvalCo
 def evaluate(ckpt: str | os.PathLike, data: str | os.PathLike, cfg: EvalConfig | None = None,
              ref: str | os.PathLike | None = None) -> dict[str, Any]:
     """Evaluate checkpoint `ckpt` on `data`; returns {"checkpoint", "data", "kind", "records", <metrics>}."""
-    from tiaoyu_cli.device import autocast, resolve_device, resolve_dtype
 
     cfg = cfg or EvalConfig()
     if cfg.batch_size < 1:
@@ -371,7 +370,6 @@ def evaluate(ckpt: str | os.PathLike, data: str | os.PathLike, cfg: EvalConfig |
         elif kind == "preference":
             ref_model = None
             if ref is not None:
-                from tiaoyu_cli.train.rl_common import load_reference
 
                 ref_model = load_reference(ref, tok, device)
                 result["ref"] = str(ref)

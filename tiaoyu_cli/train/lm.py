@@ -11,6 +11,7 @@ Under DDP every rank draws the same global batch indices and takes its own slice
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,8 +26,8 @@ from tiaoyu_cli.checkpoint import load_config, load_model, load_tokenizer, load_
 from tiaoyu_cli.data.shards import check_fingerprint, open_tokens
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import Transformer
-from tiaoyu_cli.model.transformer import cross_entropy
 from tiaoyu_cli.model import preset as make_preset
+from tiaoyu_cli.model.transformer import cross_entropy
 from tiaoyu_cli.tokenizer import Tokenizer
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.run import Plan, run_stage
@@ -241,7 +242,6 @@ class PretrainStage(BaseStage):
         self.sampler.cursor = int(state.get("sampler_cursor", 0))
 
     def info(self) -> dict:
-        import dataclasses
 
         return {**dataclasses.asdict(self.cfg), "train_tokens": self.train_shards.num_tokens,
                 "fingerprint": self.train_shards.fingerprint}

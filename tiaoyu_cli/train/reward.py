@@ -15,6 +15,8 @@ reports pairwise accuracy — how often r(chosen) > r(rejected) — on held-out 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -22,12 +24,20 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from tiaoyu_cli.checkpoint import load_tokenizer
-from tiaoyu_cli.data.preference import (PairExample, collate_pairs, encode_response, load_pairs, pad_right,
-                                        prompt_messages, response_messages)
+from tiaoyu_cli.checkpoint import load_config, load_tensors, load_tokenizer, resolve_checkpoint
+from tiaoyu_cli.data.preference import (
+    PairExample,
+    collate_pairs,
+    encode_response,
+    load_pairs,
+    pad_right,
+    prompt_messages,
+    response_messages,
+)
 from tiaoyu_cli.errors import DataError, TiaoyuError
-from tiaoyu_cli.train.losses_rl import reward_pairwise_loss
+from tiaoyu_cli.model import Transformer
 from tiaoyu_cli.model.heads import last_token_scores
+from tiaoyu_cli.train.losses_rl import reward_pairwise_loss
 from tiaoyu_cli.train.rl_common import split_holdout
 from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.sampler import EpochSampler
@@ -45,8 +55,6 @@ class RewardConfig:
 def reward_model_from(ckpt: str | os.PathLike, device="cpu") -> tuple[nn.Module, Any]:
     """The policy checkpoint with a fresh one-output `score` head (or an existing reward model as is).
     Returns (model, checkpoint folder). Seed torch first: the new head's init depends on it."""
-    from tiaoyu_cli.model import Transformer
-    from tiaoyu_cli.checkpoint import load_config, load_tensors, resolve_checkpoint
 
     folder = resolve_checkpoint(ckpt)
     cfg = load_config(folder)
@@ -118,7 +126,6 @@ class RewardStage(BaseStage):
             self.sampler.load_state_dict(state["sampler"])
 
     def info(self) -> dict:
-        import dataclasses
 
         return {**dataclasses.asdict(self.cfg), "train_pairs": len(self.train), "val_pairs": len(self.val)}
 
@@ -149,7 +156,6 @@ def score_records(model: nn.Module, tokenizer, records: list[tuple[int, dict]], 
                   device="cpu", path: str = "", autocast=None) -> list[dict]:
     """Add "reward" to {"prompt", "response"} records (or "reward_chosen"/"reward_rejected" to preference
     records). records: (line, record) pairs. Returns the records with the scores added."""
-    import contextlib
 
     ctx = autocast or contextlib.nullcontext
     max_len = model.config.max_seq_len

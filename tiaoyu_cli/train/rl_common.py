@@ -17,8 +17,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from tiaoyu_cli.checkpoint import load_config, load_model, load_tokenizer, save_model_files
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.infer.generate import DEFAULT_STOP_IDS, generate_detailed
+from tiaoyu_cli.infer.sampling import SamplingParams
+from tiaoyu_cli.model import lora as L
 from tiaoyu_cli.model.heads import last_token_scores
+from tiaoyu_cli.model.lora import lora_modules
 from tiaoyu_cli.tokenizer.core import check_same_tokenizer
 from tiaoyu_cli.train.distributed import unwrap
 from tiaoyu_cli.train.losses_rl import token_logps
@@ -36,7 +41,6 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def load_reference(path: str | os.PathLike, policy_tok, device="cpu", what: str = "reference") -> nn.Module:
     """A frozen copy of a checkpoint (the DPO/PPO/GRPO reference), checked against the policy's tokenizer."""
-    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 
     check_same_tokenizer(policy_tok, load_tokenizer(path), f"{what} {path}")
     model, _ = load_model(path, device=device)
@@ -45,7 +49,6 @@ def load_reference(path: str | os.PathLike, policy_tok, device="cpu", what: str 
 
 def load_reward_model(path: str | os.PathLike, policy_tok=None, device="cpu") -> tuple[nn.Module, object]:
     """A frozen reward model (a checkpoint with a `score` head of one output). Returns (model, tokenizer)."""
-    from tiaoyu_cli.checkpoint import load_config, load_model, load_tokenizer
 
     cfg = load_config(path)
     if cfg.num_labels != 1:
@@ -116,8 +119,6 @@ def generate_rollout(model: nn.Module, prompts: list[list[int]], max_new_tokens:
                      dtype: torch.dtype | None = None, stop_ids=None) -> Rollout:
     """Sample one response per prompt with the batched KV-cache generator, `gen_batch_size` prompts
     at a time (0 = all at once), and lay the batch out for training. stop_ids: default EOS and <|im_end|>."""
-    from tiaoyu_cli.infer.generate import DEFAULT_STOP_IDS, generate_detailed
-    from tiaoyu_cli.infer.sampling import SamplingParams
 
     model = unwrap(model)
     device = next(model.parameters()).device
@@ -230,7 +231,6 @@ class adapters_off:
         self.saved: list[tuple[nn.Module, float]] = []
 
     def __enter__(self):
-        from tiaoyu_cli.model.lora import lora_modules
 
         self.saved = [(m, m.scaling) for m in lora_modules(unwrap(self.model)).values()]
         for m, _ in self.saved:
@@ -251,8 +251,6 @@ class LoraCheckpoint:
         self.lora_cfg, self.base_info = lora_cfg, base_info
 
     def save_model(self, folder, model: nn.Module, tokenizer) -> None:
-        from tiaoyu_cli.model import lora as L
-        from tiaoyu_cli.checkpoint import save_model_files
 
         model = unwrap(model)
         sd = L.merged_state_dict(model)
@@ -262,7 +260,6 @@ class LoraCheckpoint:
         L.save_adapter(folder, model, self.lora_cfg, self.base_info)
 
     def load_for_resume(self, folder, model: nn.Module) -> None:
-        from tiaoyu_cli.model import lora as L
 
         _, _, tensors, _ = L.read_adapter(folder)
         L.load_lora_state_dict(unwrap(model), tensors, str(folder))
@@ -270,7 +267,6 @@ class LoraCheckpoint:
 
 def apply_lora_for_rl(model: nn.Module, opts: dict, tokenizer, base_dir) -> tuple[nn.Module, LoraCheckpoint]:
     """Wrap `model` with LoRA layers (everything else frozen). opts: rank, alpha, dropout, targets."""
-    from tiaoyu_cli.model import lora as L
 
     cfg = L.LoraConfig(rank=int(opts.get("rank", 8)), alpha=float(opts.get("alpha", 16.0)),
                        dropout=float(opts.get("dropout", 0.0)),

@@ -28,9 +28,10 @@ import torch.nn as nn
 
 from tiaoyu_cli.data.preference import PromptExample
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.infer.generate import decode_response
+from tiaoyu_cli.train.answers import answer_accuracy, format_ok, is_correct
 from tiaoyu_cli.train.losses_rl import kl_k1, kl_k3, masked_mean
-from tiaoyu_cli.train.rl_common import (Rollout, derive_seed, generate_rollout, response_logps,
-                                         reward_model_scores)
+from tiaoyu_cli.train.rl_common import Rollout, derive_seed, generate_rollout, response_logps, reward_model_scores
 from tiaoyu_cli.train.sampler import EpochSampler
 from tiaoyu_cli.train.trainer import BaseStage
 
@@ -59,12 +60,10 @@ class VerifiableReward:
         self.prefix_ids = list(prefix_ids or [])
 
     def texts(self, responses: list[list[int]]) -> list[str]:
-        from tiaoyu_cli.infer.generate import decode_response
 
         return [decode_response(self.tok, self.prefix_ids + list(r)).response for r in responses]
 
     def __call__(self, examples: list[PromptExample], ro: Rollout) -> Scores:
-        from tiaoyu_cli.train.answers import format_ok, is_correct
 
         texts = self.texts(ro.responses)
         correct = torch.tensor([float(is_correct(t, ex.answer)) for t, ex in zip(texts, examples)])
@@ -229,7 +228,6 @@ class RolloutStage(BaseStage):
         ex = self.val_prompts[:c.eval_size] if c.eval_size > 0 else self.val_prompts
         res: dict[str, float] = {}
         if isinstance(self.reward, VerifiableReward):
-            from tiaoyu_cli.train.answers import answer_accuracy
 
             recs = [{"prompt": e.record.get("prompt"), "answer": e.answer} for e in ex]
             rep = answer_accuracy(model, self.tok, recs, batch_size=max(self.batch_size, 32),

@@ -29,6 +29,7 @@ its first --eval-samples questions, scored by `train/answers.py`), `base_val_los
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from tiaoyu_cli.checkpoint import generation_config, load_tensors
 from tiaoyu_cli.data.chat import ChatDataset, Example, PackedRow, collate, is_packed
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.model import adapters as A
+from tiaoyu_cli.model import lora as L
+from tiaoyu_cli.model.adapters import SoftPromptModel, strip_prefix
+from tiaoyu_cli.model.lora import load_lora_state_dict, lora_state_dict
 from tiaoyu_cli.model.transformer import ModelOutput, cross_entropy
+from tiaoyu_cli.train.answers import answer_accuracy
 from tiaoyu_cli.train.distributed import unwrap
+from tiaoyu_cli.train.lm import WindowSampler
 from tiaoyu_cli.train.sampler import EpochSampler
 from tiaoyu_cli.train.trainer import BaseStage, StepOutput
 
@@ -162,7 +170,6 @@ def lm_forward(model: nn.Module, batch: dict[str, torch.Tensor], prompt: nn.Modu
         return model(batch["input_ids"], position_ids=batch["position_ids"], seq_ids=batch["seq_ids"])
     if prompt is None:
         return model(batch["input_ids"])
-    from tiaoyu_cli.model.adapters import strip_prefix
 
     B = batch["input_ids"].shape[0]
     out = model(batch["input_ids"], input_embeds_prefix=prompt(B))
@@ -245,7 +252,6 @@ class SFTStage(BaseStage):
             raise TiaoyuError(f"records of {longest} tokens exceed the model's max_seq_len {mcfg.max_seq_len}")
         self.sampler = EpochSampler(len(self.rows), self.batch_size, self.seed, rank=self.rank, world=self.world)
         if self.replay is not None:
-            from tiaoyu_cli.train.lm import WindowSampler
 
             self.replay_len = self.cfg.replay_seq_len or self.cfg.max_len or mcfg.max_seq_len
             self.replay_len = min(self.replay_len, mcfg.max_seq_len, self.replay.num_tokens - 2)
@@ -289,7 +295,6 @@ class SFTStage(BaseStage):
         """The model as generation sees it (with the soft prompt in front, if any)."""
         if self.prompt is None:
             return model
-        from tiaoyu_cli.model.adapters import SoftPromptModel
 
         prompt = self.trainer.extras["soft_prompt"] if hasattr(self, "trainer") else self.prompt
         return SoftPromptModel(model, prompt)
@@ -314,7 +319,6 @@ class SFTStage(BaseStage):
             if n:
                 res["val_loss"] = total / n
         if self.eval_records and self.cfg.eval_samples:
-            from tiaoyu_cli.train.answers import answer_accuracy
 
             tok = self.trainer.tokenizer if hasattr(self, "trainer") else self.tokenizer
             rep = answer_accuracy(self.generation_model(model), tok, self.eval_records[:self.cfg.eval_samples],
@@ -335,7 +339,6 @@ class SFTStage(BaseStage):
         if self.n_replay:
             st["replay_rng"] = self.replay_sampler.gen.get_state()
         if self.save_as == "merged":  # the unmerged LoRA weights, to resume from
-            from tiaoyu_cli.model.lora import lora_state_dict
 
             for k, v in lora_state_dict(self.trainer.raw_model).items():
                 st[f"lora:{k}"] = v
@@ -347,13 +350,10 @@ class SFTStage(BaseStage):
             self.replay_sampler.gen.set_state(state["replay_rng"])
         lora = {k[len("lora:"):]: v for k, v in state.items() if k.startswith("lora:")}
         if lora:
-            from tiaoyu_cli.model.lora import load_lora_state_dict
 
             load_lora_state_dict(self.trainer.raw_model, lora, "--resume")
 
     def save_model(self, folder: Path, model: nn.Module, tokenizer) -> None:
-        from tiaoyu_cli.model import adapters as A
-        from tiaoyu_cli.model import lora as L
 
         model = unwrap(model)
         if self.save_as == "adapter":
@@ -375,9 +375,6 @@ class SFTStage(BaseStage):
                           A.prompt_config(prompt, model.config, self.base_info.get("base_model")))
 
     def load_for_resume(self, folder: Path, model: nn.Module) -> None:
-        from tiaoyu_cli.model import adapters as A
-        from tiaoyu_cli.model import lora as L
-        from tiaoyu_cli.checkpoint import load_tensors
 
         model = unwrap(model)
         if self.save_as == "adapter":
@@ -407,11 +404,9 @@ class SFTStage(BaseStage):
 
 def write_model_folder(folder: Path, model_cfg, state_dict: dict[str, torch.Tensor], tokenizer) -> None:
     """config.json, model.safetensors (the given tensors), generation_config.json, tokenizer files."""
-    import json
 
     from safetensors.torch import save_file
 
-    from tiaoyu_cli.checkpoint import generation_config
 
     folder = Path(folder)
     (folder / "config.json").write_text(json.dumps(model_cfg.to_hf_dict(), indent=2, ensure_ascii=False),

@@ -32,6 +32,7 @@ import math
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +42,13 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 
-from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli import checkpoint as ckpt_io
-from tiaoyu_cli.train.config import TrainConfig  # noqa: F401  (re-exported: stages import it from here)
+from tiaoyu_cli.device import autocast, busy_cpu_note, resolve_device, resolve_dtype
+from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.io import atomic_dir
 from tiaoyu_cli.train import distributed as D
-from tiaoyu_cli.device import autocast, resolve_device, resolve_dtype
+from tiaoyu_cli.train.config import TrainConfig  # noqa: F401  (re-exported: stages import it from here)
+from tiaoyu_cli.train.flops import flops_per_token, peak_flops
 from tiaoyu_cli.train.optim import build_optimizer, lr_at
 from tiaoyu_cli.train.outdir import check_output, check_writable
 from tiaoyu_cli.train.progress import Progress
@@ -140,7 +143,6 @@ class Trainer:
         self.out = Path(cfg.out)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         if self.device.type == "cpu" and self.dist.is_main:
-            from tiaoyu_cli.device import busy_cpu_note
 
             note = busy_cpu_note()
             if note:
@@ -358,7 +360,6 @@ class Trainer:
         """Model FLOPs utilisation on CUDA (training FLOPs/s over the GPUs' bf16 peak), else None."""
         if self.device.type != "cuda" or not tokens_per_s:
             return None
-        from tiaoyu_cli.train.flops import flops_per_token, peak_flops
 
         mcfg = getattr(self.raw_model, "config", None)
         peak = peak_flops(self.device)
@@ -431,7 +432,6 @@ class Trainer:
     def _save_folder(self, tensors: dict, info: dict) -> Path:
         from safetensors.torch import save_file
 
-        from tiaoyu_cli.io import atomic_dir
 
         run = self.out
         final = run / f"step-{self.step:06d}"
@@ -548,7 +548,6 @@ class Trainer:
 
     # ---- signals -----------------------------------------------------------------------------
     def _install_signal_handlers(self):
-        import threading
 
         if threading.current_thread() is not threading.main_thread():
             return None
