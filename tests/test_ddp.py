@@ -60,6 +60,26 @@ def test_nproc_convenience_equals_one(single, tmp_path):
     check_same(single, out, r.stderr)
 
 
+def test_two_nodes_of_one_process_equal_one(single, tmp_path):
+    """--nnodes 2: two launchers (here both on localhost, as two machines would be) form one job of
+    global ranks 0 and 1; data is sharded by global rank and only global rank 0 writes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "nodes"
+    base = [sys.executable, "-m", "tiaoyu_cli", "pretrain", str(assets() / "tokens"), "-o", str(out), *ARGS,
+            "--batch-size", "4", "--nnodes", "2", "--nproc", "1", "--master-addr", "127.0.0.1",
+            "--master-port", str(port)]
+    nodes = [subprocess.Popen(base + ["--node-rank", str(r)], env=env(), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    errs = [p.communicate(timeout=300)[1] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], errs
+    assert "pretrain: " not in errs[1] and "done:" not in errs[1]  # node 1 (global rank 1) prints nothing of its own
+    check_same(single, out, errs[0])
+
+
 def test_nproc_sigterm_saves_once_and_resumes(tmp_path):
     """SIGTERM to the launcher reaches both processes once: they agree on the step, rank 0 saves and
     reports, everybody exits 143; --resume (again with --nproc 2) carries on from that step."""

@@ -158,8 +158,10 @@ def set_latest(run: Path, name: str) -> None:
 
 # ---- optimizer state <-> flat tensors (safetensors holds only tensors) ------------------------------
 
-def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str = "optim") -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str = "optim",
+                         state_dict: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state (or `state_dict`, e.g. one gathered from FSDP shards) as flat tensors + JSON meta."""
+    sd = state_dict if state_dict is not None else opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
     for pid, st in sd["state"].items():

@@ -45,7 +45,14 @@ TRAIN_HELP = {
     "save_every": "checkpoint every N steps (0 = at the end)",
     "keep": "checkpoints to keep (0 = all)",
     "resume": "continue the run in -o exactly where it stopped",
+    "fsdp": "FSDP2: shard parameters, gradients and optimizer state over the processes (checkpoints unchanged)",
+    "nproc": "run N processes on this machine (DDP), as torchrun --nproc_per_node N would",
+    "nnodes": "machines taking part (each runs the same command with its --node-rank)",
+    "node_rank": "this machine's index among --nnodes (0 = the one at --master-addr)",
+    "master_addr": "address of node 0 (with --nnodes > 1)",
+    "master_port": "a free port on node 0 (with --nnodes > 1; 0 = pick one, one node only)",
 }
+_LAUNCH = {"nproc", "nnodes", "node_rank", "master_addr", "master_port", "fsdp"}
 
 _PANEL = "Training loop"
 
@@ -66,7 +73,8 @@ def train_options(**defaults: Any) -> Callable:
             decls = [_flag(fld.name)] + (["-o"] if fld.name == "out" else [])
             if fld.type in ("bool", bool):
                 decls = [f"{_flag(fld.name)}/--no-{fld.name.replace('_', '-')}"]
-            opt = typer.Option(default, *decls, help=TRAIN_HELP.get(fld.name, ""), rich_help_panel=_PANEL,
+            panel = "Processes" if fld.name in _LAUNCH else _PANEL
+            opt = typer.Option(default, *decls, help=TRAIN_HELP.get(fld.name, ""), rich_help_panel=panel,
                                show_default=True)
             ann = {"int": int, "float": float, "str": str, "bool": bool}.get(str(fld.type), type(default))
             extra.append(inspect.Parameter(f"train__{fld.name}", inspect.Parameter.KEYWORD_ONLY, default=opt,

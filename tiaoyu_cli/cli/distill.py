@@ -61,7 +61,6 @@ def register(app: typer.Typer) -> None:
         gen_batch_size: int = typer.Option(32, help="black: prompts the teacher answers together"),
         gen_temperature: float = typer.Option(0.0, help="black: teacher sampling temperature (0 = greedy)"),
         skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
-        nproc: int = typer.Option(0, help="run N processes on this machine (DDP), as torchrun --nproc_per_node N would"),
         *,
         train: TrainConfig,
     ) -> None:
@@ -75,7 +74,7 @@ def register(app: typer.Typer) -> None:
             data=src, mode=mode, alpha=alpha, temperature=temperature, divergence=divergence, cache_topk=cache_topk,
             keep_teacher_data=keep_teacher_data, val=val, eval_samples=eval_samples, seq_len=seq_len, max_new_tokens=max_new_tokens,
             gen_batch_size=gen_batch_size, gen_temperature=gen_temperature, skip_bad=skip_bad)
-        res = run_distill(opts, train, nproc=nproc, log=say)
+        res = run_distill(opts, train, log=say)
         before = res.get("before") or {}
         msg = "student"
         if "val_loss" in res:

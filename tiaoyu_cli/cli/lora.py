@@ -88,7 +88,6 @@ def train_cmd(
     replay: Optional[Path] = typer.Option(None, help="pretraining token folder to mix in against forgetting"),
     replay_ratio: float = typer.Option(0.1, help="share of the loss from replayed pretraining windows"),
     pretrain_val: Optional[Path] = typer.Option(None, help="token folder whose val split measures forgetting"),
-    nproc: int = typer.Option(0, help="launch N processes with torchrun on this machine (DDP)"),
     *,
     train: TrainConfig,
 ) -> None:
@@ -98,7 +97,7 @@ def train_cmd(
                     eval_max_new_tokens=eval_max_new_tokens, eval_before=eval_before, max_len=max_len,
                     overflow=overflow, pack=pack, skip_bad=skip_bad, method="lora", rank=rank, alpha=alpha,
                     lora_dropout=lora_dropout, targets=targets, replay=replay, replay_ratio=replay_ratio,
-                    pretrain_val=pretrain_val, nproc=nproc)
+                    pretrain_val=pretrain_val)
     run_chat(o, train, stage_name="lora", save_as="adapter", log=say)
 
 

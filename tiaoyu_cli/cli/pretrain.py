@@ -49,15 +49,14 @@ def register(app: typer.Typer) -> None:
         sampling: str = typer.Option("random", help="random windows, or sequential passes over the stream"),
         eval_batches: int = typer.Option(16, help="batches of the val split per evaluation"),
         threads: int = typer.Option(0, help="CPU threads per process for torch (0 = torch's default: one per core)"),
-        nproc: int = typer.Option(0, help="run N processes on this machine (DDP), as torchrun --nproc_per_node N would"),
         *,
         train: TrainConfig,
     ) -> None:
-        if nproc < 0 or seq_len < 0 or threads < 0 or eval_batches <= 0:
-            raise TiaoyuError("--nproc, --seq-len and --threads must not be negative, --eval-batches must be positive")
+        if seq_len < 0 or threads < 0 or eval_batches <= 0:
+            raise TiaoyuError("--seq-len and --threads must not be negative, --eval-batches must be positive")
         if threads:
             torch.set_num_threads(threads)
         o = PretrainRun(tokens=str(tokens), preset=preset, model=parse_overrides(model), init=str(init) if init else None,
                         tokenizer=str(tokenizer) if tokenizer else None, seq_len=seq_len, sampling=sampling,
                         eval_batches=eval_batches)
-        run_pretrain(o, train, nproc=nproc, log=say)
+        run_pretrain(o, train, log=say)

@@ -58,7 +58,6 @@ def register(app: typer.Typer) -> None:
         open_think: bool = typer.Option(False, "--open-think/--no-open-think",
                                         help="--rl: put <think> after the generation prompt (the model then only "
                                              "has to close it)"),
-        nproc: int = typer.Option(0, help="run N processes on this machine (DDP), as torchrun --nproc_per_node N would"),
         *,
         train: TrainConfig,
     ) -> None:
@@ -70,9 +69,9 @@ def register(app: typer.Typer) -> None:
                                   rollout_batch_size=rollout_batch_size,
                                   max_new_tokens=max_new_tokens, temperature=temperature, beta=beta,
                                   format_weight=format_weight, open_think=open_think)
-            R.run_reason_rl(o, train, nproc=nproc, log=say)
+            R.run_reason_rl(o, train, log=say)
         else:
             o = R.ReasonOptions(ckpt=ckpt, data=data, eval_data=eval_data, eval_samples=eval_samples,
                                 eval_max_new_tokens=eval_max_new_tokens, max_len=max_len, skip_bad=skip_bad,
                                 direct=direct, only_correct=only_correct)
-            R.run_think_sft(o, train, nproc=nproc, log=say)
+            R.run_think_sft(o, train, log=say)

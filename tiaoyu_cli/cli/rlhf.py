@@ -85,12 +85,11 @@ def reward_cmd(
     data: Path = typer.Argument(..., help="preference JSONL: {prompt, chosen, rejected}"),
     val: Optional[Path] = typer.Option(None, help="held-out preference JSONL (default: hold out --val-frac of data)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
-    nproc: int = typer.Option(0, help="run N processes on this machine (DDP), as torchrun --nproc_per_node N would"),
     *,
     cfg: RewardConfig,
     train: TrainConfig,
 ) -> None:
-    run_reward(start, data, train, cfg, val=val, skip_bad=skip_bad, nproc=nproc, log=say)
+    run_reward(start, data, train, cfg, val=val, skip_bad=skip_bad, log=say)
 
 
 @rlhf_app.command("score", epilog=EXAMPLES,
@@ -136,7 +135,6 @@ def dpo_cmd(
     lora_dropout: float = typer.Option(_LORA.dropout, help="--method lora: dropout on the LoRA input"),
     targets: str = typer.Option(",".join(_LORA.targets), help="--method lora: layers to adapt"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
-    nproc: int = typer.Option(0, help="run N processes on this machine (DDP), as torchrun --nproc_per_node N would"),
     *,
     cfg: DPOConfig,
     train: TrainConfig,
@@ -144,7 +142,7 @@ def dpo_cmd(
     lora = {"rank": rank, "alpha": alpha, "dropout": lora_dropout, "targets": targets}
     opts = DPORunOptions(start=str(start), data=str(data), val=str(val) if val else None,
                          ref=str(ref) if ref else None, method=method, lora=lora, skip_bad=skip_bad)
-    run_dpo(opts, train, cfg, nproc=nproc, log=say)
+    run_dpo(opts, train, cfg, log=say)
 
 
 @rlhf_app.command("ppo", epilog=EXAMPLES,
@@ -162,13 +160,12 @@ def ppo_cmd(
     val_frac: float = typer.Option(0.05, help="share of the prompts held out when --val is not given"),
     eval_before: bool = typer.Option(True, "--eval-before/--no-eval-before", help="evaluate the starting model too"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
-    nproc: int = typer.Option(0, help="run N processes on this machine (DDP), as torchrun --nproc_per_node N would"),
     *,
     cfg: PPOConfig,
     train: TrainConfig,
 ) -> None:
     run_ppo(start, data, train, cfg, val=val, ref=ref, val_frac=val_frac, skip_bad=skip_bad,
-            eval_before=eval_before, nproc=nproc, log=say)
+            eval_before=eval_before, log=say)
 
 
 @rlhf_app.command("grpo", epilog=EXAMPLES,
@@ -185,13 +182,12 @@ def grpo_cmd(
     val_frac: float = typer.Option(0.05, help="share of the questions held out when --val is not given"),
     eval_before: bool = typer.Option(True, "--eval-before/--no-eval-before", help="evaluate the starting model too"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
-    nproc: int = typer.Option(0, help="run N processes on this machine (DDP), as torchrun --nproc_per_node N would"),
     *,
     cfg: GRPOConfig,
     train: TrainConfig,
 ) -> None:
     run_grpo(start, data, train, cfg, val=val, ref=ref, val_frac=val_frac, skip_bad=skip_bad,
-             eval_before=eval_before, nproc=nproc, log=say)
+             eval_before=eval_before, log=say)
 
 
 def register(app: typer.Typer) -> None:

@@ -66,7 +66,6 @@ def register(app: typer.Typer) -> None:
         replay_ratio: float = typer.Option(0.1, help="share of the loss from replayed pretraining windows"),
         pretrain_val: Optional[Path] = typer.Option(None, help="token folder whose val split measures forgetting "
                                                     "(base_val_loss; default: --replay's)"),
-        nproc: int = typer.Option(0, help="launch N processes with torchrun on this machine (DDP)"),
         *,
         train: TrainConfig,
     ) -> None:
@@ -78,12 +77,12 @@ def register(app: typer.Typer) -> None:
             if method != "full":
                 raise TiaoyuError(f"--task classify trains with --method full (and --train PARTS), not --method {method}")
             run_classify(ClassifyOptions(base=base, data=data, eval_data=eval_data, max_len=max_len, skip_bad=skip_bad,
-                                         train_parts=train_parts, eval_before=eval_before, nproc=nproc), train, log=say)
+                                         train_parts=train_parts, eval_before=eval_before), train, log=say)
             return
         o = ChatOptions(base=base, data=data, eval_data=eval_data, eval_samples=eval_samples,
                         eval_max_new_tokens=eval_max_new_tokens, eval_before=eval_before, max_len=max_len,
                         overflow=overflow, pack=pack, skip_bad=skip_bad, train_parts=train_parts, method=method,
                         virtual_tokens=virtual_tokens, adapter_dim=adapter_dim, rank=rank, alpha=alpha,
                         lora_dropout=lora_dropout, targets=targets, replay=replay, replay_ratio=replay_ratio,
-                        pretrain_val=pretrain_val, nproc=nproc)
+                        pretrain_val=pretrain_val)
         run_chat(o, train, stage_name="sft", save_as="merged" if method == "lora" else "full", log=say)

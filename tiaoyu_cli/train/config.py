@@ -37,6 +37,14 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     keep: int = 2  # step folders to keep (0 = all)
     resume: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2)
+    # processes: --nproc N on this machine (DDP, as torchrun --nproc_per_node N); --nnodes > 1 for several
+    # machines, each started with its --node-rank and the same --master-addr/--master-port
+    nproc: int = 0
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0 = a free port (one node only)
 
     def validate(self) -> None:
         if not (self.max_steps or self.max_tokens or self.max_time or self.epochs):
@@ -52,5 +60,10 @@ class TrainConfig:
             raise TiaoyuError("--lr must be a positive number")
         if not 0 <= self.min_lr_ratio <= 1:
             raise TiaoyuError("--min-lr-ratio must be between 0 and 1")
+        if self.nproc < 0 or self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise TiaoyuError("--nproc must not be negative, --nnodes at least 1, --node-rank in [0, --nnodes)")
+        if self.nnodes > 1 and not 0 < self.master_port < 65536:
+            raise TiaoyuError("--nnodes > 1: give every node the same --master-addr and --master-port (the "
+                              "address and a free port of node 0)")
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise TiaoyuError(f"--schedule {self.schedule!r}: choose cosine, wsd or constant")

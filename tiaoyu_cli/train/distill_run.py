@@ -218,11 +218,11 @@ def prepare_distill(opts: DistillOptions, train: TrainConfig, log) -> Plan:
                 eval_before=opts.val is not None or tokens, before_drop_prefix="teacher_")
 
 
-def run_distill(opts: DistillOptions, train: TrainConfig, nproc: int = 0, log=print) -> dict:
+def run_distill(opts: DistillOptions, train: TrainConfig, log=print) -> dict:
     """`tiaoyu distill`: white box (DistillStage over chat records or token shards) or black box (the
     teacher answers, then the SFT stage trains the student on the answers)."""
     check_options(opts)
-    return run_stage("distill", train, lambda: prepare_distill(opts, train, log), nproc=nproc, default_epochs=1.0,
+    return run_stage("distill", train, lambda: prepare_distill(opts, train, log), default_epochs=1.0,
                      log=log)
 
 

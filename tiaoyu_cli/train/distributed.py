@@ -97,3 +97,68 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP / torch.compile wrappers."""
     inner = getattr(model, "module", model)
     return getattr(inner, "_orig_mod", inner)
+
+
+# ---- FSDP2 (--fsdp) ------------------------------------------------------------------------------------
+
+
+def shard_model(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+    """fully_shard every transformer block, then the rest (embeddings, final norm, head) at the root. On a
+    GPU with bf16 the shards compute in bf16 and reduce gradients in fp32; fp32 master weights stay."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy()
+    if device.type == "cuda" and amp_dtype == torch.bfloat16:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def _full(v):
+    from torch.distributed.tensor import DTensor
+
+    return v.full_tensor() if isinstance(v, DTensor) else v
+
+
+def local(x: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (e.g. the global grad norm of sharded gradients) as a plain tensor."""
+    return _full(x)
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model state dict, optimizer state dict) with every shard gathered into full CPU tensors: the files of
+    a sharded run are those of an unsharded one. A collective — every rank calls it."""
+    msd = {k: _full(v).detach().cpu() for k, v in model.state_dict().items()}
+    osd = optimizer.state_dict()
+    state = {pid: {k: (_full(v).detach().cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
+             for pid, st in osd["state"].items()}
+    return msd, {"state": state, "param_groups": osd["param_groups"]}
+
+
+def plain_copy(model: nn.Module, full_sd: dict) -> nn.Module:
+    """An unsharded model of the same config holding `full_sd` (what a stage's save_model writes)."""
+    plain = type(model)(model.config)
+    plain.load_state_dict(full_sd)
+    return plain
+
+
+def load_full_model_state(model: nn.Module, full_sd: dict) -> None:
+    """Full tensors (a checkpoint) into a sharded model: each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After loading full tensors into the optimizer of a sharded model: cut each to its parameter's shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not isinstance(p, DTensor):
+                continue
+            st = optimizer.state.get(p, {})
+            for k, v in list(st.items()):
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
+                    st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)

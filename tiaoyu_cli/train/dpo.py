@@ -249,10 +249,10 @@ def prepare_dpo(opts: DPORunOptions, train, cfg: DPOConfig) -> Plan:
     return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held))
 
 
-def run_dpo(opts: DPORunOptions, train, cfg: DPOConfig, nproc: int = 0, log=print) -> dict:
+def run_dpo(opts: DPORunOptions, train, cfg: DPOConfig, log=print) -> dict:
     """`tiaoyu rlhf dpo`: train; returns the final metrics plus `before` (held-out metrics of the start).
     With --method lora the final adapter is also published at the top of the run folder."""
-    res = run_stage("dpo", train, lambda: prepare_dpo(opts, train, cfg), nproc=nproc, log=log)
+    res = run_stage("dpo", train, lambda: prepare_dpo(opts, train, cfg), log=log)
     if opts.method == "lora":
         publish_final_adapter(Path(train.out), log)
     return res

@@ -54,7 +54,6 @@ class ChatOptions:
     replay: Optional[Path] = None
     replay_ratio: float = 0.1
     pretrain_val: Optional[Path] = None
-    nproc: int = 0
 
 
 def shards_for(path: Path, tok, what: str):
@@ -149,7 +148,7 @@ def prepare_chat(o: ChatOptions, train: TrainConfig, stage_name: str, save_as: s
 
 def run_chat(o: ChatOptions, train: TrainConfig, stage_name: str = "sft", save_as: str = "full", log=print) -> dict:
     """Chat fine-tuning (sft, or lora with save_as="adapter"). Returns the final eval (with "before")."""
-    res = run_stage(stage_name, train, lambda: prepare_chat(o, train, stage_name, save_as), nproc=o.nproc,
+    res = run_stage(stage_name, train, lambda: prepare_chat(o, train, stage_name, save_as),
                     default_epochs=1.0, log=log)
     if save_as == "adapter":
         publish_final_adapter(Path(train.out), log)
@@ -165,7 +164,6 @@ class ClassifyOptions:
     skip_bad: bool = False
     train_parts: Optional[str] = None
     eval_before: bool = True
-    nproc: int = 0
 
 
 def prepare_classify(o: ClassifyOptions, train: TrainConfig) -> Plan:
@@ -192,7 +190,7 @@ def prepare_classify(o: ClassifyOptions, train: TrainConfig) -> Plan:
 
 def run_classify(o: ClassifyOptions, train: TrainConfig, log=print) -> dict:
     """`tiaoyu sft --task classify`: a classification head on the base, cross-entropy over the labels."""
-    return run_stage("classify", train, lambda: prepare_classify(o, train), nproc=o.nproc, default_epochs=1.0, log=log)
+    return run_stage("classify", train, lambda: prepare_classify(o, train), default_epochs=1.0, log=log)
 
 
 def publish_final_adapter(run: Path, log=print) -> None:

@@ -147,7 +147,7 @@ def prepare_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_fr
 
 
 def run_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_frac: float = 0.05,
-             skip_bad: bool = False, eval_before: bool = True, nproc: int = 0, log=print) -> dict:
+             skip_bad: bool = False, eval_before: bool = True, log=print) -> dict:
     """`tiaoyu rlhf grpo`: train; returns the final metrics plus `before`."""
     return run_stage("grpo", train, lambda: prepare_grpo(start, data, train, cfg, val, ref, val_frac, skip_bad,
-                                                       eval_before), nproc=nproc, log=log)
+                                                       eval_before), log=log)

@@ -176,7 +176,8 @@ class PretrainStage(BaseStage):
 
     def step(self, model: nn.Module, batch: torch.Tensor) -> StepOutput:
         x, y = batch[:, :-1], batch[:, 1:]
-        head = getattr(self.trainer.raw_model, "output_weight", None)
+        # the fused head + loss reads the head weight outside the model's forward: not with FSDP's shards
+        head = None if getattr(getattr(self, "trainer", None), "fsdp", False) else getattr(self.trainer.raw_model, "output_weight", None)
         if head is not None:  # hidden states only; the head runs inside the fused loss
             out = model(x, compute_logits=False)
             loss = linear_cross_entropy(out.hidden, head, y)
@@ -205,7 +206,7 @@ class PretrainStage(BaseStage):
         loss_sum, count = 0.0, 0
         for i in range(0, len(starts), self.batch_size):
             b = self._windows(shards, starts[i:i + self.batch_size]).to(self.device)
-            head = getattr(model, "output_weight", None)
+            head = None if getattr(getattr(self, "trainer", None), "fsdp", False) else getattr(model, "output_weight", None)
             if head is not None:
                 loss = linear_cross_entropy(model(b[:, :-1], compute_logits=False).hidden, head, b[:, 1:])
             else:
@@ -324,6 +325,6 @@ def prepare_pretrain(o: PretrainRun, train: TrainConfig) -> Plan:
     return Plan(net, stage, tok, parent=str(o.init) if o.init else None, lines=[line], eval_before=False)
 
 
-def run_pretrain(o: PretrainRun, train: TrainConfig, nproc: int = 0, log=print) -> dict:
+def run_pretrain(o: PretrainRun, train: TrainConfig, log=print) -> dict:
     """`tiaoyu pretrain`: next-token prediction on token shards, through the one run path."""
-    return run_stage("pretrain", train, lambda: prepare_pretrain(o, train), nproc=nproc, log=log)
+    return run_stage("pretrain", train, lambda: prepare_pretrain(o, train), log=log)

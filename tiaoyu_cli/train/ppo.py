@@ -199,7 +199,7 @@ def prepare_ppo(start, data, train, cfg: PPOConfig, val=None, ref=None, val_frac
 
 
 def run_ppo(start, data, train, cfg: PPOConfig, val=None, ref=None, val_frac: float = 0.05,
-            skip_bad: bool = False, eval_before: bool = True, nproc: int = 0, log=print) -> dict:
+            skip_bad: bool = False, eval_before: bool = True, log=print) -> dict:
     """`tiaoyu rlhf ppo`: train; returns the final metrics plus `before`."""
     return run_stage("ppo", train, lambda: prepare_ppo(start, data, train, cfg, val, ref, val_frac, skip_bad,
-                                                      eval_before), nproc=nproc, log=log)
+                                                      eval_before), log=log)

@@ -364,9 +364,9 @@ def prepare_think_sft(o: ReasonOptions, train: TrainConfig) -> Plan:
     return Plan(model, stage, tok, parent=str(base), lines=[line], eval_before=bool(eval_records or eval_ds))
 
 
-def run_think_sft(o: ReasonOptions, train: TrainConfig, nproc: int = 0, log=print) -> dict:
+def run_think_sft(o: ReasonOptions, train: TrainConfig, log=print) -> dict:
     """Stage 1: think-format SFT, through the one run path."""
-    return run_stage("reason", train, lambda: prepare_think_sft(o, train), nproc=nproc, default_epochs=1.0, log=log)
+    return run_stage("reason", train, lambda: prepare_think_sft(o, train), default_epochs=1.0, log=log)
 
 
 # ---- stage 2: GRPO with verifiable rewards ----------------------------------------------------------
@@ -440,9 +440,9 @@ def prepare_reason_rl(o: ReasonRLOptions, train: TrainConfig) -> Plan:
     return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held))
 
 
-def run_reason_rl(o: ReasonRLOptions, train: TrainConfig, nproc: int = 0, log=print) -> dict:
+def run_reason_rl(o: ReasonRLOptions, train: TrainConfig, log=print) -> dict:
     """Stage 2: GRPO (the rlhf engine's `GRPOStage`) on verifiable questions, rewarding a correct final
     answer (1) and the think format (`format_weight`: <think>…</think> first, then a non-empty answer)."""
     if not (train.max_steps or train.max_tokens or train.max_time or train.epochs):
         raise TiaoyuError("no training budget: give --max-steps (GRPO steps) or --max-time")
-    return run_stage("reason-rl", train, lambda: prepare_reason_rl(o, train), nproc=nproc, log=log)
+    return run_stage("reason-rl", train, lambda: prepare_reason_rl(o, train), log=log)

@@ -212,8 +212,8 @@ def prepare_reward(start, data, train, cfg: RewardConfig, val=None, skip_bad: bo
     return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held))
 
 
-def run_reward(start, data, train, cfg: RewardConfig, val=None, skip_bad: bool = False, nproc: int = 0,
+def run_reward(start, data, train, cfg: RewardConfig, val=None, skip_bad: bool = False,
                log=print) -> dict:
     """`tiaoyu rlhf reward`: train, and return the final metrics plus `before` (the untrained head's)."""
-    return run_stage("reward", train, lambda: prepare_reward(start, data, train, cfg, val, skip_bad), nproc=nproc,
+    return run_stage("reward", train, lambda: prepare_reward(start, data, train, cfg, val, skip_bad),
                      log=log)

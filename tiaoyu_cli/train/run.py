@@ -57,17 +57,11 @@ def has_budget(train: TrainConfig) -> bool:
     return bool(train.max_steps or train.max_tokens or train.max_time or train.epochs)
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def run_stage(name: str, train: TrainConfig, prepare: Callable[[], Plan], *, nproc: int = 0,
-              default_epochs: float = 0.0, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_stage(name: str, train: TrainConfig, prepare: Callable[[], Plan], *, default_epochs: float = 0.0,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run one training stage. `prepare()` reads the inputs and builds model + stage (it may raise
     TiaoyuError for bad input; with --nproc it runs once in the launcher first, so bad input fails
     there, once). Returns the final metrics plus "before" (the starting model's eval)."""
-    if nproc < 0:
-        raise TiaoyuError("--nproc must not be negative")
     if not has_budget(train) and default_epochs:
         train.epochs = default_epochs
         log(f"no budget given (--max-steps/--max-tokens/--max-time/--epochs): training {default_epochs:g} epoch")
@@ -75,11 +69,12 @@ def run_stage(name: str, train: TrainConfig, prepare: Callable[[], Plan], *, npr
     check_output(train.out, train.resume)
     device = resolve_device(train.device, int(os.environ.get("LOCAL_RANK", "0")))
     resolve_dtype(train.dtype, device)
-    if nproc > 1 and world_size() == 1:
+    if (train.nproc > 1 or train.nnodes > 1) and "RANK" not in os.environ:
         torch.manual_seed(train.seed)
         prepare()  # every input check, once, before any process starts
-        check_writable(train.out)
-        launch_processes(nproc)
+        if train.node_rank == 0:
+            check_writable(train.out)
+        launch_processes(train)
     lock = RunLock(Path(train.out)) if int(os.environ.get("RANK", "0")) == 0 else None
     trainer = None
     try:
@@ -93,12 +88,12 @@ def run_stage(name: str, train: TrainConfig, prepare: Callable[[], Plan], *, npr
             for line in plan.lines:
                 log(line)
         before: dict[str, float] = {}
-        if main and plan.eval_before and not train.resume:
+        if (main or trainer.fsdp) and plan.eval_before and not train.resume:  # FSDP: every rank computes
             before = trainer.evaluate_start()
             if plan.before_drop_prefix:
                 before = {k: v for k, v in before.items() if not k.startswith(plan.before_drop_prefix)}
                 trainer.before = before
-            if before:
+            if before and main:
                 log("before: " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
         res = trainer.fit()
         if main:
@@ -182,9 +177,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_processes(nproc: int) -> None:
-    """`--nproc N`: run this same command as N local processes, set up exactly as torchrun would
-    (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT; env:// rendezvous), then exit with their status.
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port")
+
+
+def launch_processes(train: TrainConfig) -> None:
+    """`--nproc N [--nnodes M --node-rank R --master-addr A --master-port P]`: run this same command as N
+    local processes, set up exactly as torchrun would (RANK = R·N + local rank, LOCAL_RANK, WORLD_SIZE = M·N,
+    MASTER_ADDR/PORT; env:// rendezvous), then exit with their status. Only global rank 0 writes files.
 
     Ctrl-C / SIGTERM reach every process once (they save a checkpoint together and exit); if one
     process fails, the others get SIGTERM and, should they hang in a collective, SIGKILL.
@@ -193,20 +192,22 @@ def launch_processes(nproc: int) -> None:
     for a in sys.argv[1:]:
         if skip:
             skip = False
-        elif a == "--nproc":
+        elif a in LAUNCH_FLAGS:
             skip = True
-        elif not a.startswith("--nproc="):
+        elif not a.startswith(tuple(f + "=" for f in LAUNCH_FLAGS)):
             argv.append(a)
-    port = _free_port()
+    nproc = max(1, train.nproc)
+    port = train.master_port or _free_port()
     threads = str(max(1, (os.cpu_count() or 1) // nproc))
     procs = []
-    for rank in range(nproc):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+    for local in range(nproc):
+        rank = train.node_rank * nproc + local
+        env = {**os.environ, "MASTER_ADDR": train.master_addr, "MASTER_PORT": str(port), "RANK": str(rank),
+               "LOCAL_RANK": str(local), "WORLD_SIZE": str(train.nnodes * nproc), "LOCAL_WORLD_SIZE": str(nproc),
+               "GROUP_RANK": str(train.node_rank)}
         env.setdefault("OMP_NUM_THREADS", threads)
         # own session: a terminal's Ctrl-C reaches only this launcher, which passes it on once
         procs.append(subprocess.Popen([sys.executable, "-m", "tiaoyu_cli", *argv], env=env, start_new_session=True))
-
     def forward(signum, frame):
         for p in procs:
             if p.poll() is None:

@@ -45,6 +45,7 @@ from safetensors import SafetensorError
 from tiaoyu_cli import checkpoint as ckpt_io
 from tiaoyu_cli.device import autocast, busy_cpu_note, resolve_device, resolve_dtype
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.model.config import ModelConfig
 from tiaoyu_cli.io import atomic_dir
 from tiaoyu_cli.train import distributed as D
 from tiaoyu_cli.train.config import TrainConfig  # noqa: F401  (re-exported: stages import it from here)
@@ -164,6 +165,15 @@ class Trainer:
         self._ctrl = D.control_group(self.dist)
         stage.setup(self)
         self.extras = nn.ModuleDict({k: m.to(self.device) for k, m in stage.extra_modules().items()})
+        # FSDP2 (--fsdp, several processes): each block's parameters, gradients and optimizer state sharded
+        # over the processes; checkpoints hold the gathered full tensors, the same files as without it
+        self.fsdp = bool(cfg.fsdp and self.dist.enabled)
+        if cfg.fsdp and (len(self.extras) or not isinstance(getattr(self.raw_model, "config", None), ModelConfig)
+                         or type(stage).save_model is not BaseStage.save_model):
+            raise TiaoyuError(f"--fsdp shards a plain transformer trained in full; stage {stage.name} trains added "
+                              f"weights (adapters, a soft prompt, a value head): run it without --fsdp")
+        if self.fsdp:
+            D.shard_model(self.raw_model, self.device, self.amp_dtype)
         params = nn.ModuleDict({"model": self.raw_model, **({"extra": self.extras} if len(self.extras) else {})})
         if not any(p.requires_grad for p in params.parameters()):
             raise TiaoyuError("nothing to train: every parameter is frozen")
@@ -172,7 +182,7 @@ class Trainer:
         self.model: nn.Module = self.raw_model
         if cfg.compile:
             self.model = torch.compile(self.model)
-        if self.dist.enabled:
+        if self.dist.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -287,7 +297,7 @@ class Trainer:
         for micro in range(c.grad_accum):
             batch = self.stage.next_batch()
             sync = micro == c.grad_accum - 1
-            ctx = self.model.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
+            ctx = self.model.no_sync() if (self.dist.enabled and not sync and not self.fsdp) else contextlib.nullcontext()
             with ctx:
                 with self.autocast():
                     out = self.stage.step(self.model, batch)
@@ -319,7 +329,7 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return D.local(norm) if self.fsdp and norm is not None else norm
 
     def _sync(self, pending: list, metrics: dict[str, Any], lr: float, tokens: int, seconds: float) -> dict:
         """Read the pending losses (one wait for the device), average them across processes, stop on
@@ -382,7 +392,7 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self, progress) -> None:
-        if self.dist.is_main:
+        if self.dist.is_main or self.fsdp:  # FSDP: every rank takes part in the forward passes
             self.raw_model.eval()
             for m in self.extras.values():
                 m.eval()
@@ -391,7 +401,7 @@ class Trainer:
             self.raw_model.train()
             for m in self.extras.values():
                 m.train()
-            if res:
+            if res and self.dist.is_main:
                 self.last_eval = {k: float(v) for k, v in res.items()}
                 line = {"step": self.step, "eval": True, **self.last_eval}
                 self._log_metrics(line)
@@ -405,8 +415,9 @@ class Trainer:
     def save(self) -> Path | None:
         """Write out/step-NNNNNN atomically (rank 0), point `latest` at it, prune to --keep."""
         path, error = None, None
+        full = D.full_state(self.raw_model, self.optimizer) if self.fsdp else None  # a collective: every rank
         if self.dist.is_main:
-            state = self._train_state()
+            state = self._train_state(full)
             tensors = {k: v for k, v in state.items() if torch.is_tensor(v)}
             info = {
                 "stage": self.stage.name,
@@ -421,24 +432,24 @@ class Trainer:
                 "state": {k: v for k, v in state.items() if not torch.is_tensor(v)},
                 "world_size": self.dist.world_size,
             }
+            model = D.plain_copy(self.raw_model, full[0]) if full else self.raw_model
             try:
-                path = self._save_folder(tensors, info)
+                path = self._save_folder(tensors, info, model)
             except TiaoyuError as e:
                 error = e
         if not D.all_ok(error is None, self.dist, self._ctrl):
             raise error or TiaoyuError("rank 0 could not write a checkpoint (see its message); stopping")
         return path
 
-    def _save_folder(self, tensors: dict, info: dict) -> Path:
-        from safetensors.torch import save_file
-
+    def _save_folder(self, tensors: dict, info: dict, model: nn.Module) -> Path:
+        from safetensors.torch import save_file  # looked up at call time (tests simulate a full disk here)
 
         run = self.out
         final = run / f"step-{self.step:06d}"
         try:
             run.mkdir(parents=True, exist_ok=True)
             with atomic_dir(final) as tmp:
-                self.stage.save_model(tmp, self.raw_model, self.tokenizer)
+                self.stage.save_model(tmp, model, self.tokenizer)
                 save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                           str(tmp / "train_state.safetensors"))
                 (tmp / "trainer.json").write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str),
@@ -456,8 +467,8 @@ class Trainer:
                     shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def _train_state(self) -> dict[str, Any]:
-        tensors, meta = ckpt_io.optimizer_to_tensors(self.optimizer)
+    def _train_state(self, full: tuple | None = None) -> dict[str, Any]:
+        tensors, meta = ckpt_io.optimizer_to_tensors(self.optimizer, state_dict=full[1] if full else None)
         state: dict[str, Any] = dict(tensors)
         state["optim_meta"] = meta
         state["rng.torch"] = torch.get_rng_state()
@@ -501,11 +512,16 @@ class Trainer:
         if not ts_path.exists():
             raise TiaoyuError(f"--resume: {folder} has no train_state.safetensors")
         tensors = ckpt_io.load_tensors(ts_path)
-        self.stage.load_for_resume(folder, self.raw_model)
+        if self.fsdp:
+            D.load_full_model_state(self.raw_model, ckpt_io.load_tensors(folder / "model.safetensors"))
+        else:
+            self.stage.load_for_resume(folder, self.raw_model)
         st = info.get("state", {})
         try:
             ckpt_io.optimizer_from_tensors(self.optimizer, {k: v.to(self.device) if k.startswith("optim.") else v
                                                             for k, v in tensors.items()}, st["optim_meta"])
+            if self.fsdp:  # full tensors from the file → this rank's shards
+                D.shard_optimizer_state(self.optimizer)
             torch.set_rng_state(tensors["rng.torch"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise TiaoyuError(f"--resume: {folder} does not match this run's model or options ({e})") from None
