@@ -174,10 +174,13 @@ class PretrainStage(BaseStage):
             return batch.pin_memory().to(self.device, non_blocking=True)
         return batch.to(self.device)
 
+    def _sharded(self) -> bool:
+        return bool(getattr(getattr(self, "trainer", None), "fsdp", False))
+
     def step(self, model: nn.Module, batch: torch.Tensor) -> StepOutput:
         x, y = batch[:, :-1], batch[:, 1:]
         # the fused head + loss reads the head weight outside the model's forward: not with FSDP's shards
-        head = None if getattr(getattr(self, "trainer", None), "fsdp", False) else getattr(self.trainer.raw_model, "output_weight", None)
+        head = None if self._sharded() else getattr(self.trainer.raw_model, "output_weight", None)
         if head is not None:  # hidden states only; the head runs inside the fused loss
             out = model(x, compute_logits=False)
             loss = linear_cross_entropy(out.hidden, head, y)
@@ -206,7 +209,7 @@ class PretrainStage(BaseStage):
         loss_sum, count = 0.0, 0
         for i in range(0, len(starts), self.batch_size):
             b = self._windows(shards, starts[i:i + self.batch_size]).to(self.device)
-            head = None if getattr(getattr(self, "trainer", None), "fsdp", False) else getattr(model, "output_weight", None)
+            head = None if self._sharded() else getattr(model, "output_weight", None)
             if head is not None:
                 loss = linear_cross_entropy(model(b[:, :-1], compute_logits=False).hidden, head, b[:, 1:])
             else:
