@@ -103,6 +103,8 @@ class RolloutStage(BaseStage):
     """Base of PPOStage and GRPOStage. Subclasses set `name`, implement `make_targets(ro, scores,
     examples) -> dict of tensors` (rows = sequences) and `step`, and may add extra modules."""
 
+    shardable = False  # each process samples its own rollouts: generation lengths differ (no --fsdp)
+
     samples_per_prompt = 1
 
     def __init__(self, prompts: list[PromptExample], val_prompts: list[PromptExample], cfg, batch_size: int,

@@ -84,6 +84,7 @@ class BaseStage:
     steps_per_epoch: int | None = None  # for --epochs
     tokens_per_step: int | None = None  # per micro-batch per process, for --max-tokens schedules
     find_unused_parameters: bool = False  # DDP: some parameters get no gradient in a step (MoE sets it itself)
+    shardable: bool = True  # --fsdp: every process runs the same forward passes (no per-process sampling)
 
     def setup(self, trainer: "Trainer") -> None:
         self.trainer = trainer
@@ -169,9 +170,10 @@ class Trainer:
         # over the processes; checkpoints hold the gathered full tensors, the same files as without it
         self.fsdp = bool(cfg.fsdp and self.dist.enabled)
         if cfg.fsdp and (len(self.extras) or not isinstance(getattr(self.raw_model, "config", None), ModelConfig)
-                         or type(stage).save_model is not BaseStage.save_model):
-            raise TiaoyuError(f"--fsdp shards a plain transformer trained in full; stage {stage.name} trains added "
-                              f"weights (adapters, a soft prompt, a value head): run it without --fsdp")
+                         or type(stage).save_model is not BaseStage.save_model or not stage.shardable):
+            raise TiaoyuError(f"--fsdp shards a plain transformer trained in full by the same forward passes on "
+                              f"every process; stage {stage.name} trains added weights (adapters, a soft prompt, a "
+                              f"value head) or samples rollouts per process: run it without --fsdp")
         if self.fsdp:
             D.shard_model(self.raw_model, self.device, self.amp_dtype)
         params = nn.ModuleDict({"model": self.raw_model, **({"extra": self.extras} if len(self.extras) else {})})
