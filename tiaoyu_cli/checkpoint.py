@@ -90,7 +90,6 @@ def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", conf
 
 
 def load_tokenizer(ckpt: str | os.PathLike):
-
     return Tokenizer.load(resolve_checkpoint(ckpt))
 
 

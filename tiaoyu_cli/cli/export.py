@@ -50,7 +50,6 @@ def register(app: typer.Typer) -> None:
             console.print(f"wrote {summary['out']}/ ({summary['architecture']}, "
                           f"{summary['parameters'] / 1e6:.2f}M parameters): {', '.join(summary['files'])}")
         elif fmt == "gguf":
-
             kind = {"none": "f32", "": "f32"}.get(quantize.lower(), quantize.lower())
             with console.status(f"exporting {ckpt} → {out} (gguf {kind}) …"):
                 summary = export_gguf(ckpt, out, kind, force=force, name=name or None)

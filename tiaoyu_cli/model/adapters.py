@@ -12,7 +12,6 @@ projection and after the FFN's down projection of every block; the rest stays fr
 
 Trainable: 2·d·m per wrapped layer. Neither method folds into the weights, so a checkpoint trained
 with them holds the unchanged base in model.safetensors plus the extra weights beside it:
-
     sft_extras.safetensors     prompt_embeddings [N, d]               (PEFT's PROMPT_TUNING tensor name)
                                or <layer>.adapter_down/up.weight
     sft_extras.json            {"peft_type": "PROMPT_TUNING" | "BOTTLENECK", …}

@@ -97,7 +97,6 @@ class TopKCache:
 
     @staticmethod
     def digest(rows: list) -> str:
-
         h = hashlib.sha256()
         for r in rows:
             h.update(np.asarray(r.ids, dtype=np.int32).tobytes())
@@ -108,7 +107,6 @@ class TopKCache:
     @classmethod
     @torch.no_grad()
     def build(cls, teacher: nn.Module, rows: list, k: int, vocab: int, batch_size: int, device, autocast) -> "TopKCache":
-
         vals, idxs, counts = [], [], []
         for i in range(0, len(rows), batch_size):
             batch = {key: v.to(device) for key, v in collate(rows[i:i + batch_size]).items()}
@@ -126,7 +124,6 @@ class TopKCache:
         return cls(torch.cat(vals), torch.cat(idxs), offsets, rows)
 
     def save(self, path: Path, meta: dict) -> None:
-
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -281,5 +278,4 @@ class DistillStage(BaseStage):
         self.data.load_state_dict(state)
 
     def info(self) -> dict:
-
         return {**dataclasses.asdict(self.cfg), "teacher": self.teacher_id, "data": self.data.info()}

@@ -168,7 +168,6 @@ class DPOStage(BaseStage):
             self.sampler.load_state_dict(state["sampler"])
 
     def info(self) -> dict:
-
         return {**dataclasses.asdict(self.cfg), "train_pairs": len(self.train), "val_pairs": len(self.val)}
 
 

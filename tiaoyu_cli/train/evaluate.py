@@ -141,13 +141,11 @@ def check_compatible(data_kind: str, mkind: str, has_ref: bool, ckpt: Path) -> N
 # ---- loading ------------------------------------------------------------------------------------
 
 def load_for_eval(ckpt: str | os.PathLike, device: torch.device, quantize: str = "none"):
-
     path = resolve_checkpoint(ckpt)
     tok = load_tokenizer(path)
     model, path = load_model(path, device=device)
     model.eval()
     if quantize != "none":
-
         model = quantize_model(model, quantize)
     return model, tok, path
 
@@ -271,7 +269,6 @@ def preference_metrics(model, records, tokenizer, path: Path, batch_size: int, r
     device = next(model.parameters()).device
     pairs = [encode_pair(tokenizer, rec, model.config.max_seq_len, str(path), line) for line, rec in records]
     if ref_model is None:
-
         res = evaluate_pairs(model, pairs, batch_size, device)
         return {"pairwise_accuracy": res["val_accuracy"], "mean_margin": res["val_margin"], "loss": res["val_loss"]}
 
@@ -370,7 +367,6 @@ def evaluate(ckpt: str | os.PathLike, data: str | os.PathLike, cfg: EvalConfig |
         elif kind == "preference":
             ref_model = None
             if ref is not None:
-
                 ref_model = load_reference(ref, tok, device)
                 result["ref"] = str(ref)
             result.update(preference_metrics(model, records, tok, data, cfg.batch_size, ref_model))

@@ -246,7 +246,6 @@ class PretrainStage(BaseStage):
         self.sampler.cursor = int(state.get("sampler_cursor", 0))
 
     def info(self) -> dict:
-
         return {**dataclasses.asdict(self.cfg), "train_tokens": self.train_shards.num_tokens,
                 "fingerprint": self.train_shards.fingerprint}
 

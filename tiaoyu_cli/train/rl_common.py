@@ -231,7 +231,6 @@ class adapters_off:
         self.saved: list[tuple[nn.Module, float]] = []
 
     def __enter__(self):
-
         self.saved = [(m, m.scaling) for m in lora_modules(unwrap(self.model)).values()]
         for m, _ in self.saved:
             m.scaling = 0.0
@@ -251,7 +250,6 @@ class LoraCheckpoint:
         self.lora_cfg, self.base_info = lora_cfg, base_info
 
     def save_model(self, folder, model: nn.Module, tokenizer) -> None:
-
         model = unwrap(model)
         sd = L.merged_state_dict(model)
         plain = type(model)(model.config)  # a plain copy to write the merged weights through the usual path
@@ -260,7 +258,6 @@ class LoraCheckpoint:
         L.save_adapter(folder, model, self.lora_cfg, self.base_info)
 
     def load_for_resume(self, folder, model: nn.Module) -> None:
-
         _, _, tensors, _ = L.read_adapter(folder)
         L.load_lora_state_dict(unwrap(model), tensors, str(folder))
 

@@ -60,11 +60,9 @@ class VerifiableReward:
         self.prefix_ids = list(prefix_ids or [])
 
     def texts(self, responses: list[list[int]]) -> list[str]:
-
         return [decode_response(self.tok, self.prefix_ids + list(r)).response for r in responses]
 
     def __call__(self, examples: list[PromptExample], ro: Rollout) -> Scores:
-
         texts = self.texts(ro.responses)
         correct = torch.tensor([float(is_correct(t, ex.answer)) for t, ex in zip(texts, examples)])
         fmt = torch.tensor([float(format_ok(t, self.require_think)) for t in texts])
@@ -230,7 +228,6 @@ class RolloutStage(BaseStage):
         ex = self.val_prompts[:c.eval_size] if c.eval_size > 0 else self.val_prompts
         res: dict[str, float] = {}
         if isinstance(self.reward, VerifiableReward):
-
             recs = [{"prompt": e.record.get("prompt"), "answer": e.answer} for e in ex]
             rep = answer_accuracy(model, self.tok, recs, batch_size=max(self.batch_size, 32),
                                   max_new_tokens=c.max_new_tokens, require_think=self.reward.require_think,

@@ -252,7 +252,6 @@ class SFTStage(BaseStage):
             raise TiaoyuError(f"records of {longest} tokens exceed the model's max_seq_len {mcfg.max_seq_len}")
         self.sampler = EpochSampler(len(self.rows), self.batch_size, self.seed, rank=self.rank, world=self.world)
         if self.replay is not None:
-
             self.replay_len = self.cfg.replay_seq_len or self.cfg.max_len or mcfg.max_seq_len
             self.replay_len = min(self.replay_len, mcfg.max_seq_len, self.replay.num_tokens - 2)
             self.replay_sampler = WindowSampler(self.replay.num_tokens, self.replay_len,
@@ -319,7 +318,6 @@ class SFTStage(BaseStage):
             if n:
                 res["val_loss"] = total / n
         if self.eval_records and self.cfg.eval_samples:
-
             tok = self.trainer.tokenizer if hasattr(self, "trainer") else self.tokenizer
             rep = answer_accuracy(self.generation_model(model), tok, self.eval_records[:self.cfg.eval_samples],
                                   batch_size=self.cfg.eval_batch_size, max_new_tokens=self.cfg.eval_max_new_tokens)
@@ -350,11 +348,13 @@ class SFTStage(BaseStage):
             self.replay_sampler.gen.set_state(state["replay_rng"])
         lora = {k[len("lora:"):]: v for k, v in state.items() if k.startswith("lora:")}
         if lora:
-
             load_lora_state_dict(self.trainer.raw_model, lora, "--resume")
 
-    def save_model(self, folder: Path, model: nn.Module, tokenizer) -> None:
+    @property
+    def shardable(self) -> bool:  # --fsdp: a plain model trained in full
+        return self.cfg.method == "full" and self.prompt is None
 
+    def save_model(self, folder: Path, model: nn.Module, tokenizer) -> None:
         model = unwrap(model)
         if self.save_as == "adapter":
             L.save_adapter(folder, model, self.lora_cfg, self.base_info)
@@ -375,7 +375,6 @@ class SFTStage(BaseStage):
                           A.prompt_config(prompt, model.config, self.base_info.get("base_model")))
 
     def load_for_resume(self, folder: Path, model: nn.Module) -> None:
-
         model = unwrap(model)
         if self.save_as == "adapter":
             _, _, tensors, _ = L.read_adapter(folder)

@@ -145,7 +145,6 @@ class Trainer:
         self.out = Path(cfg.out)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         if self.device.type == "cpu" and self.dist.is_main:
-
             note = busy_cpu_note()
             if note:
                 self.log(note)
@@ -170,7 +169,7 @@ class Trainer:
         # over the processes; checkpoints hold the gathered full tensors, the same files as without it
         self.fsdp = bool(cfg.fsdp and self.dist.enabled)
         if cfg.fsdp and (len(self.extras) or not isinstance(getattr(self.raw_model, "config", None), ModelConfig)
-                         or type(stage).save_model is not BaseStage.save_model or not stage.shardable):
+                         or "save_model" in vars(stage) or not stage.shardable):
             raise TiaoyuError(f"--fsdp shards a plain transformer trained in full by the same forward passes on "
                               f"every process; stage {stage.name} trains added weights (adapters, a soft prompt, a "
                               f"value head) or samples rollouts per process: run it without --fsdp")
@@ -566,7 +565,6 @@ class Trainer:
 
     # ---- signals -----------------------------------------------------------------------------
     def _install_signal_handlers(self):
-
         if threading.current_thread() is not threading.main_thread():
             return None
         old = {}
