@@ -69,24 +69,30 @@ def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", conf
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
     model = Transformer(cfg)
-    sd = load_tensors(d / "model.safetensors")
-    if cfg.tie_embeddings:
+    load_weights(model, load_tensors(d / "model.safetensors"), d / "model.safetensors", strict=strict)
+    return model.to(device), d
+
+
+def load_weights(model: Transformer, sd: dict[str, torch.Tensor], source, strict: bool = True,
+                 may_miss: tuple[str, ...] = (), hint: str = "") -> None:
+    """The one way weights go into a model: a tied head's copy is dropped, every tensor must fit its
+    parameter's shape, and (strict) the names must match both ways but for `may_miss` (e.g. a new head)."""
+    if model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
+    missing = sorted(set(own) - set(sd) - set(may_miss))
     unexpected = sorted(set(sd) - set(own))
     if strict and (missing or unexpected):
         raise TiaoyuError(
-            f"{d / 'model.safetensors'} does not match config.json: "
+            f"{source} does not match config.json: "
             + (f"missing {missing[:4]}{'…' if len(missing) > 4 else ''} " if missing else "")
             + (f"unexpected {unexpected[:4]}{'…' if len(unexpected) > 4 else ''}" if unexpected else "")
         )
     for k, v in sd.items():
         if k in own and own[k].shape != v.shape:
-            raise TiaoyuError(f"{d / 'model.safetensors'}: tensor {k} has shape {tuple(v.shape)}, "
-                              f"config.json implies {tuple(own[k].shape)}")
+            raise TiaoyuError(f"{source}: tensor {k} has shape {tuple(v.shape)}, the model "
+                              f"{tuple(own[k].shape)}{hint}")
     model.load_state_dict(sd, strict=False)
-    return model.to(device), d
 
 
 def load_tokenizer(ckpt: str | os.PathLike):
@@ -113,11 +119,17 @@ def generation_config(cfg: ModelConfig) -> dict[str, Any]:
 def save_model_files(folder: Path, model: Transformer, tokenizer, extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
     """config.json, model.safetensors, tokenizer files, generation_config.json into `folder` (not atomic
     on its own: call inside `atomic_dir`)."""
-    cfg = model.config
+    write_model_folder(folder, model.config, {**model.state_dict(), **(extra_tensors or {})}, tokenizer)
+
+
+def write_model_folder(folder: Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer) -> None:
+    """The one writer of a model folder: config.json (HF keys), model.safetensors (these tensors; a tied
+    head's copy left out), generation_config.json, tokenizer files."""
+    folder = Path(folder)
     (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    if extra_tensors:
-        sd.update({k: v.detach().to("cpu").contiguous() for k, v in extra_tensors.items()})
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2), encoding="utf-8")
     if tokenizer is not None:

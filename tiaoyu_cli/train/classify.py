@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tiaoyu_cli.checkpoint import load_config, load_tensors, resolve_checkpoint
+from tiaoyu_cli.checkpoint import load_config, load_tensors, load_weights, resolve_checkpoint
 from tiaoyu_cli.data.chat import collate_classification, encode_classification
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import Transformer
@@ -68,19 +68,7 @@ def build_classifier(base_dir, labels: list[str], device="cpu"):
                           f"start from a language-model checkpoint")
     cfg = cfg.replace(num_labels=len(labels), id2label=id2label)
     model = Transformer(cfg)
-    sd = load_tensors(d / "model.safetensors")
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd) - {"score.weight"})
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise TiaoyuError(f"{d / 'model.safetensors'} does not match its config.json "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, v in sd.items():
-        if own[k].shape != v.shape:
-            raise TiaoyuError(f"{d / 'model.safetensors'}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-    model.load_state_dict(sd, strict=False)
+    load_weights(model, load_tensors(d / "model.safetensors"), d / "model.safetensors", may_miss=("score.weight",))
     return model.to(device), d
 
 

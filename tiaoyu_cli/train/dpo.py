@@ -24,7 +24,6 @@ logp_margin = mean(log π(chosen) − log π(rejected)).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,10 +36,10 @@ from tiaoyu_cli.data.preference import PairExample, collate_pairs, load_pairs
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.finetune import publish_final_adapter
 from tiaoyu_cli.train.losses_rl import dpo_loss, sequence_logps
+from tiaoyu_cli.train.reward import PairStage
 from tiaoyu_cli.train.rl_common import adapters_off, apply_lora_for_rl, load_reference, split_holdout
 from tiaoyu_cli.train.run import Plan, run_stage
-from tiaoyu_cli.train.sampler import EpochSampler
-from tiaoyu_cli.train.trainer import BaseStage, StepOutput
+from tiaoyu_cli.train.trainer import StepOutput
 
 
 @dataclass
@@ -70,7 +69,7 @@ def pair_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
     return lp[:B], lp[B:]
 
 
-class DPOStage(BaseStage):
+class DPOStage(PairStage):
     name = "dpo"
 
     def __init__(self, train: list[PairExample], val: list[PairExample], cfg: DPOConfig, batch_size: int,
@@ -81,10 +80,8 @@ class DPOStage(BaseStage):
         cfg.validate()
         if (ref_model is None) == (ref_context is None):
             raise TiaoyuError("DPO needs exactly one reference: a frozen model or the adapter-free policy")
-        self.train, self.val, self.cfg = train, val, cfg
-        self.batch_size, self.seed = batch_size, seed
+        super().__init__(train, val, cfg, batch_size, seed)
         self.ref_model, self.ref_context = ref_model, ref_context
-        self.steps_per_epoch = max(1, len(train) // batch_size)
         self.ref_train: torch.Tensor | None = None  # [N, 2] precomputed (chosen, rejected) reference log-probs
         self.ref_val: torch.Tensor | None = None
 
@@ -112,11 +109,8 @@ class DPOStage(BaseStage):
 
     def setup(self, trainer) -> None:
         super().setup(trainer)
-        self.device = trainer.device
         if self.ref_model is not None:
             self.ref_model.to(self.device)
-        self.sampler = EpochSampler(len(self.train), self.batch_size, self.seed, rank=trainer.dist.rank,
-                                    world=trainer.dist.world_size)
         mode = self.cfg.precompute_ref
         if mode == "auto":  # worth it when the run visits every pair at least once on average
             seen = trainer.total_steps() * self.batch_size * trainer.cfg.grad_accum * trainer.dist.world_size
@@ -160,15 +154,6 @@ class DPOStage(BaseStage):
             return {}
         return evaluate_dpo(model, self.val, self.ref_val, self.cfg, self.device)
 
-    def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "sampler" in state:
-            self.sampler.load_state_dict(state["sampler"])
-
-    def info(self) -> dict:
-        return {**dataclasses.asdict(self.cfg), "train_pairs": len(self.train), "val_pairs": len(self.val)}
 
 
 @torch.no_grad()

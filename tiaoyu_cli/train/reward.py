@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from tiaoyu_cli.checkpoint import load_config, load_tensors, load_tokenizer, resolve_checkpoint
+from tiaoyu_cli.checkpoint import load_config, load_tensors, load_tokenizer, load_weights, resolve_checkpoint
 from tiaoyu_cli.data.preference import (
     PairExample,
     collate_pairs,
@@ -65,12 +65,7 @@ def reward_model_from(ckpt: str | os.PathLike, device="cpu") -> tuple[nn.Module,
     if fresh:
         sd.pop("score.weight", None)
         nn.init.zeros_(model.score.weight)  # every response starts at reward 0
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (fresh and k == "score.weight")]
-    if missing or unexpected:
-        raise TiaoyuError(f"{folder}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    load_weights(model, sd, folder / "model.safetensors", may_miss=("score.weight",) if fresh else ())
     return model.to(device), folder
 
 
@@ -82,27 +77,43 @@ def pair_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
     return r[:B], r[B:]
 
 
-class RewardStage(BaseStage):
-    name = "reward"
+class PairStage(BaseStage):
+    """What the stages on preference pairs (reward, dpo) share: shuffled passes over the training pairs
+    (the sampler is the whole data state of a checkpoint), held-out pairs, the config in trainer.json."""
 
-    def __init__(self, train: list[PairExample], val: list[PairExample], cfg: RewardConfig, batch_size: int,
-                 seed: int = 0):
+    def __init__(self, train: list[PairExample], val: list[PairExample], cfg, batch_size: int, seed: int = 0):
         self.train, self.val, self.cfg = train, val, cfg
         self.batch_size, self.seed = batch_size, seed
         self.steps_per_epoch = max(1, len(train) // batch_size)
-        self.tokens_per_step = None
 
     def setup(self, trainer) -> None:
         super().setup(trainer)
         self.device = trainer.device
-        if trainer.raw_model.config.num_labels != 1:
-            raise TiaoyuError("the reward stage needs a model with a one-output score head (see reward_model_from)")
         self.sampler = EpochSampler(len(self.train), self.batch_size, self.seed, rank=trainer.dist.rank,
                                     world=trainer.dist.world_size)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         pairs = [self.train[i] for i in self.sampler.next_indices()]
         return collate_pairs(pairs, device=self.device)
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])
+
+    def info(self) -> dict:
+        return {**dataclasses.asdict(self.cfg), "train_pairs": len(self.train), "val_pairs": len(self.val)}
+
+
+class RewardStage(PairStage):
+    name = "reward"
+
+    def setup(self, trainer) -> None:
+        if trainer.raw_model.config.num_labels != 1:
+            raise TiaoyuError("the reward stage needs a model with a one-output score head (see reward_model_from)")
+        super().setup(trainer)
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         rc, rr = pair_rewards(model, batch)
@@ -117,16 +128,6 @@ class RewardStage(BaseStage):
         if not self.val:
             return {}
         return evaluate_pairs(model, self.val, self.cfg.eval_batch_size, self.device, self.cfg.margin)
-
-    def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "sampler" in state:
-            self.sampler.load_state_dict(state["sampler"])
-
-    def info(self) -> dict:
-        return {**dataclasses.asdict(self.cfg), "train_pairs": len(self.train), "val_pairs": len(self.val)}
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from tiaoyu_cli.checkpoint import load_config, load_model, load_tokenizer, save_model_files
+from tiaoyu_cli.checkpoint import load_config, load_model, load_tokenizer, write_model_folder
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.infer.generate import DEFAULT_STOP_IDS, generate_detailed
 from tiaoyu_cli.infer.sampling import SamplingParams
@@ -251,10 +251,7 @@ class LoraCheckpoint:
 
     def save_model(self, folder, model: nn.Module, tokenizer) -> None:
         model = unwrap(model)
-        sd = L.merged_state_dict(model)
-        plain = type(model)(model.config)  # a plain copy to write the merged weights through the usual path
-        plain.load_state_dict(sd, strict=False)
-        save_model_files(folder, plain, tokenizer)
+        write_model_folder(folder, model.config, L.merged_state_dict(model), tokenizer)
         L.save_adapter(folder, model, self.lora_cfg, self.base_info)
 
     def load_for_resume(self, folder, model: nn.Module) -> None:

@@ -29,7 +29,6 @@ its first --eval-samples questions, scored by `train/answers.py`), `base_val_los
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tiaoyu_cli.checkpoint import generation_config, load_tensors
+from tiaoyu_cli.checkpoint import load_tensors, load_weights, write_model_folder
 from tiaoyu_cli.data.chat import ChatDataset, Example, PackedRow, collate, is_packed
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import adapters as A
@@ -389,31 +388,9 @@ class SFTStage(BaseStage):
                 with torch.no_grad():
                     self.prompt.prompt_embeddings.copy_(ex.pop("prompt_embeddings"))
             sd.update(ex)
-        own = model.state_dict()
-        for k, v in sd.items():
-            if k in own and own[k].shape != v.shape:
-                raise TiaoyuError(f"--resume: {folder} holds {k} of shape {tuple(v.shape)}, the model "
-                                  f"{tuple(own[k].shape)}: resume with the options the run started with")
-        model.load_state_dict(sd, strict=False)
+        load_weights(model, sd, f"--resume: {folder}", strict=False,
+                     hint=": resume with the options the run started with")
 
     def info(self) -> dict:
         return {**dataclasses.asdict(self.cfg), "examples": len(self.rows), "save_as": self.save_as,
                 **self.extra_info}
-
-
-def write_model_folder(folder: Path, model_cfg, state_dict: dict[str, torch.Tensor], tokenizer) -> None:
-    """config.json, model.safetensors (the given tensors), generation_config.json, tokenizer files."""
-
-    from safetensors.torch import save_file
-
-
-    folder = Path(folder)
-    (folder / "config.json").write_text(json.dumps(model_cfg.to_hf_dict(), indent=2, ensure_ascii=False),
-                                        encoding="utf-8")
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    if model_cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "generation_config.json").write_text(json.dumps(generation_config(model_cfg), indent=2), encoding="utf-8")
-    if tokenizer is not None:
-        tokenizer.save(folder)

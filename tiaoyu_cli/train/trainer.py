@@ -109,13 +109,8 @@ class BaseStage:
 
     def load_for_resume(self, folder: Path, model: nn.Module) -> None:
         """Load weights saved by `save_model` back into the model before resuming."""
-        sd = ckpt_io.load_tensors(folder / "model.safetensors")
-        own = model.state_dict()
-        for k, v in sd.items():
-            if k in own and own[k].shape != v.shape:
-                raise TiaoyuError(f"--resume: {folder} holds {k} of shape {tuple(v.shape)} but the model has "
-                                  f"{tuple(own[k].shape)}: resume with the model options the run started with")
-        model.load_state_dict(sd, strict=False)
+        ckpt_io.load_weights(model, ckpt_io.load_tensors(folder / "model.safetensors"), f"--resume: {folder}",
+                             strict=False, hint=": resume with the model options the run started with")
 
     def info(self) -> dict[str, Any]:
         """Stage options, recorded in trainer.json."""
