@@ -145,3 +145,53 @@ def test_contamination_units_and_13grams(tmp_path):
     assert n == 3 and dirty == [True, True, True, False]
     dirty, _ = dirty_items(["a b cd"], [train])  # short item: whole units only ("c" is not "cd")
     assert dirty == [False]
+
+
+def test_gsm8k_cli_base_and_chat_prompts(base_ckpt, capsys):
+    from tiaoyu_cli.cli.main import main
+
+    for chat in ("auto", "yes"):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", "bench", str(base_ckpt), str(FIX / "gsm8k"), "--task", "gsm8k", "--shots", "1",
+                  "--max-new-tokens", "6", "--chat", chat, "--items", "--device", "cpu"])
+        assert e.value.code in (0, None)
+        r = json.loads(capsys.readouterr().out)
+        assert r["n"] == 2 and r["chat_template"] == (chat == "yes") and set(r["stderr"]) == {"acc", "acc_flexible"}
+        assert [it["gold"] for it in r["items"]] == ["10", "12"] and all("answer" in it for it in r["items"])
+    with pytest.raises(TiaoyuError, match="tool registry"):
+        run_bench(base_ckpt, FIX / "gsm8k", BenchConfig(task="gsm8k", tools=["calculator"], device="cpu"))
+
+
+# ---- the benchmark of held-out facts (tiaoyu synth → bench/) ------------------------------------
+
+def test_fact_bench_layout_and_determinism(tmp_path):
+    from tiaoyu_cli.data.synth import SynthConfig
+    from tiaoyu_cli.data.synth_bench import write_fact_bench
+
+    counts = write_fact_bench(tmp_path / "a", SynthConfig(seed=0))
+    write_fact_bench(tmp_path / "b", SynthConfig(seed=0))
+    assert set(counts) == {"entity_en", "entity_zh", "arith_en", "arith_zh"} and min(counts.values()) > 100
+    for f in sorted((tmp_path / "a" / "bench").rglob("*.csv")):
+        assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()
+    docs = bf.read_docs(bf.find_files(tmp_path / "a" / "bench", "ceval", "val"), "ceval", "cloze")
+    assert len(docs) == sum(counts.values())
+    assert all(len(set(d.choices)) == 4 for d in docs)  # four different candidates
+    golds = [d.gold for d in docs]
+    assert all(abs(golds.count(k) / len(golds) - 0.25) < 0.05 for k in range(4))  # the right letter is random
+    dev = bf.read_docs(bf.find_files(tmp_path / "a" / "bench", "ceval", "dev"), "ceval", "cloze")
+    assert {d.subject for d in dev} == set(counts) and not {d.text for d in dev} & {d.text for d in docs}
+
+
+def test_pretrained_base_scores_above_chance_on_held_out_facts(base_ckpt, synth_dir, tmp_path):
+    """Measured on the session's base (400 steps): acc 0.308 ± 0.017 over 736 items, 3.4 standard errors
+    above the 25 % chance; 93 % of the items share a 13-gram with text.train (the corpus states every fact)."""
+    from tiaoyu_cli.data.synth import SynthConfig
+    from tiaoyu_cli.data.synth_bench import write_fact_bench
+
+    write_fact_bench(tmp_path, SynthConfig(seed=0, text_mb=1.5, records=2000, val_records=200))
+    r = run_bench(base_ckpt, tmp_path / "bench", BenchConfig(task="ceval", style="cloze", device="cpu",
+                                                              contamination=[str(synth_dir / "text.train.jsonl")]))
+    assert r["n"] > 500 and r["chance"] == pytest.approx(0.25)
+    assert r["acc"] - 0.25 > 2.5 * r["stderr"]["acc"], r
+    c = r["contamination"]
+    assert c["dirty_share"] > 0.5 and c["clean"]["n"] == r["n"] - c["dirty"]

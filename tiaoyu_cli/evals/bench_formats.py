@@ -53,7 +53,7 @@ class Doc:
     gold: int  # index into choices (multiple choice); -1 for generation tasks
     where: str  # "file:row", for messages
     delimiter: str = " "  # target_delimiter
-    raw: str = ""  # question and answers as plain text (contamination checks)
+    raw: str = ""  # question and right answer as plain text (contamination checks)
     target: str = ""  # generation tasks: the reference answer text (GSM8K: the whole solution)
     extra: dict = field(default_factory=dict)
 
@@ -184,7 +184,7 @@ def read_csv_docs(path: Path, task: str, style: str = "letters", names: dict[str
             text = f"{q}\nA. {opts[0]}\nB. {opts[1]}\nC. {opts[2]}\nD. {opts[3]}\n答案："
             choices, delim = list(LETTERS), " "
         docs.append(Doc(subject, text, choices, LETTERS.index(ans), where, delim,
-                        raw=q + "\n" + "\n".join(opts)))
+                        raw=q + "\n" + opts[LETTERS.index(ans)]))
     return docs
 
 
@@ -230,7 +230,7 @@ def _arc_doc(rec: dict, path: Path, line: int) -> Doc:
     if len(texts) != len(labels) or len(texts) < 2:
         raise DataError("choices need as many texts as labels, at least two", str(path), line, "choices")
     return Doc(path.stem, f"Question: {q}\nAnswer:", [str(t) for t in texts], labels.index(key), f"{path}:{line}",
-               raw=q + "\n" + "\n".join(map(str, texts)))
+               raw=f"{q}\n{texts[labels.index(key)]}")
 
 
 def hellaswag_preprocess(text: str) -> str:
@@ -260,7 +260,7 @@ def _hellaswag_doc(rec: dict, path: Path, line: int) -> Doc:
     if not 0 <= gold < len(endings):
         raise DataError(f"label {gold} is out of range for {len(endings)} endings", str(path), line, "label")
     return Doc(path.stem, query, [hellaswag_preprocess(str(e)) for e in endings], gold, f"{path}:{line}",
-               raw=query + "\n" + "\n".join(map(str, endings)))
+               raw=f"{query} {endings[gold]}")
 
 
 GSM8K_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")

@@ -10,8 +10,8 @@ The rule of GPT-3 (Brown et al. 2020, appendix C) and lm-eval's decontamination:
 
 Mixed text is cut by both rules at once. An item shorter than 13 units is dirty only when all
 its units occur in this order in one training record (its whole text is its only n-gram).
-An item's text is its question and its answer choices (the template's words — "Question:",
-"Answer:" — are left out, so they never match by themselves).
+An item's text is its question and its right answer — what a leaked copy in the training data
+would hold (the wrong choices and the template's words, "Question:", "Answer:", are left out).
 
 Memory grows with the benchmark, not the training data: the benchmark's n-grams go in a dict
 and the training files stream past it, record by record (n-grams do not cross records).
