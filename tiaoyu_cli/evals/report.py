@@ -87,7 +87,8 @@ def load_bench(path: str | os.PathLike) -> dict:
 
 def bench_key(r: dict) -> str:
     style = f" {r['style']}" if r.get("style") and r["style"] != "letters" else ""
-    return f"{r['task']}{style} {r.get('shots', 0)}-shot"
+    data = f" ({Path(r['data']).name})" if r.get("data") else ""
+    return f"{r['task']}{style} {r.get('shots', 0)}-shot{data}"
 
 
 def _owner(ckpt: str, runs: list[Run]) -> Run | None:
