@@ -2,7 +2,7 @@
 and `tiaoyu eval bench CKPT PATH --task …` (standard benchmarks, see tiaoyu_cli/evals/).
 
 `tiaoyu eval CKPT DATA` needs no subcommand word: the group falls back to its default command
-`run` when the first argument is not `plot` (see `DefaultCommandGroup`).
+`run` when the first argument is not `plot` or `bench` (see `DefaultCommandGroup`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ Examples:
   tiaoyu eval ckpt/dpo synth/preference.val.jsonl --ref ckpt/sft   # DPO implicit-reward accuracy
   tiaoyu eval ckpt/base synth/text.val.jsonl --quantize int8    # the quality cost of int8 weights
   tiaoyu eval plot runs/base runs/sft -o curves.png             # training curves, runs overlaid
+  tiaoyu eval bench ckpt/base data/mmlu --task mmlu --shots 5   # C-Eval, CMMLU, MMLU, ARC, HellaSwag, GSM8K
 """
 
 
@@ -42,7 +43,8 @@ class DefaultCommandGroup(TyperGroup):
 eval_app = typer.Typer(
     name="eval",
     cls=DefaultCommandGroup,
-    help="Evaluate a checkpoint on data (tiaoyu eval CKPT DATA), or plot training curves (tiaoyu eval plot).",
+    help="Evaluate a checkpoint on data (tiaoyu eval CKPT DATA), on a standard benchmark (tiaoyu eval bench), "
+         "or plot training curves (tiaoyu eval plot).",
     epilog=EXAMPLES,
     no_args_is_help=True,
     add_completion=False,
