@@ -100,3 +100,20 @@ def test_bench_cli_json_and_table(hf_export, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "anatomy" in err and "astronomy" in err and "all" in err
 
+
+
+@pytest.mark.parametrize("shots", [0, 1])
+def test_gsm8k_prompts_and_answers_match_lm_eval(hf_export, shots, monkeypatch):
+    """Same prompt text (few-shot solutions included), same greedy answer, same extracted numbers.
+    (The tiny base answers these with a bare "." — the check is on the pipeline, not on skill.)"""
+    ours = run_bench(hf_export, FIX / "gsm8k", BenchConfig(task="gsm8k", shots=shots, device="cpu", keep_items=True,
+                                                           max_new_tokens=16))
+    ref = lm_eval_run(hf_export, ["tiaoyu_gsm8k"], shots, monkeypatch)
+    theirs = sorted((s for s in ref["samples"]["tiaoyu_gsm8k"] if s.get("filter") == "strict-match"),
+                    key=lambda s: s["doc_id"])  # one sample per item and filter
+    assert len(theirs) == ours["n"] == 2
+    for mine, s in zip(ours["items"], theirs):
+        assert mine["prompt"] == s["arguments"][0][0]
+        assert mine["answer"] == s["resps"][0][0]
+    r = ref["results"]["tiaoyu_gsm8k"]
+    assert ours["acc"] == r["exact_match,strict-match"] and ours["acc_flexible"] == r["exact_match,flexible-extract"]

@@ -77,7 +77,7 @@ def run_gsm8k(model, tok, docs: list[Doc], shots_for: Callable[[Doc], list[Doc]]
             text = tok.decode(toks).split(UNTIL)[0]
             gold = normalise(docs[i].extra["number"])
             strict, flex = extract_strict(text), extract_flexible(text)
-            out[i] = {"answer": text, "gold": gold, "strict": strict, "flexible": flex,
+            out[i] = {"prompt": tok.decode(prompts[i]), "answer": text, "gold": gold, "strict": strict, "flexible": flex,
                       "acc": float(strict == gold), "acc_flexible": float(flex == gold)}
         if progress:
             progress(len(idx))
