@@ -55,6 +55,8 @@ def test_readers_build_lm_eval_prompts():
     ("mmlu", "x_test.csv", "q,a,b,c,d,A\nq2,a,b,c,d\n", "missing column 'answer'", 2),
     ("mmlu", "x_test.csv", "q,a,b,c,d,A\nq2,a,b,c,d,E\n", "answer 'E' is not one of A, B, C, D", 2),
     ("mmlu", "x_test.csv", "", "empty file", None),
+    ("mmlu", "x_test.csv", '"two\nlines",a,b,c,d,A\nq2,a,b,c,d,E\n', "answer 'E'", 3),  # physical line of the row
+    ("ceval", "x_test.csv", "id,question,A,B,C,D,answer\n0,q,a,b,c,d,\n", "no answer", 2),
     ("ceval", "x_val.csv", "id,question,A,B,C,answer\n0,q,a,b,c,A\n", "missing column 'D'", 1),
     ("ceval", "x_val.csv", "id,question,A,B,C,D,answer\n", "empty file", None),
     ("cmmlu", "x.csv", ",Question,A,B,C,D,Answer\n0,q,a,b,c,d,a\n", "answer 'a' is not one of", 2),

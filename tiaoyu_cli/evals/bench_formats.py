@@ -133,22 +133,25 @@ def _read_csv_rows(path: Path, task: str) -> list[tuple[int, dict]]:
     except UnicodeDecodeError as e:
         raise DataError(f"invalid UTF-8 ({e.reason})", str(path)) from None
     reader = csv.reader(text.splitlines(keepends=True))
-    rows = list(reader)
+    rows: list[tuple[int, list[str]]] = []  # (first line of the row, fields): quoted fields may span lines
+    prev = 0
+    for row in reader:
+        rows.append((prev + 1, row))
+        prev = reader.line_num
     if task == "mmlu":
-        header, body, first = ["question", "A", "B", "C", "D", "answer"], rows, 1
+        header, body = ["question", "A", "B", "C", "D", "answer"], rows
     else:
         if not rows:
             raise DataError("empty file (no header, no rows)", str(path))
-        header = [h.strip() for h in rows[0]]
-        body, first = rows[1:], 2
+        header = [h.strip() for h in rows[0][1]]
+        body = rows[1:]
         q = "question" if task == "ceval" else "Question"
         a = "answer" if task == "ceval" else "Answer"
         for need in (q, *LETTERS, a):
             if need not in header:
                 raise DataError(f"missing column '{need}' (header has {header})", str(path), 1)
     out = []
-    for i, row in enumerate(body):
-        line = first + i
+    for line, row in body:
         if not any(c.strip() for c in row):
             continue
         if len(row) < len(header):
@@ -171,6 +174,9 @@ def read_csv_docs(path: Path, task: str, style: str = "letters", names: dict[str
     for line, r in _read_csv_rows(path, task):
         ans = r[akey].strip()
         where = f"{path}:{line}"
+        if not ans:
+            raise DataError("no answer (test splits whose answers are hidden, like C-Eval's, cannot be scored: "
+                            "use --split val)", str(path), line, akey)
         if ans not in LETTERS:
             raise DataError(f"answer {ans!r} is not one of A, B, C, D", str(path), line, akey)
         opts = [r[k] for k in LETTERS]

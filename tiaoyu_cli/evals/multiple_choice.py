@@ -45,23 +45,14 @@ class Encoded:
 
 
 def encode_request(tok, req: MCRequest, bos: bool = True) -> Encoded:
-    """lm-eval's `_encode_pair` for every choice of one request."""
-    conts = []
-    ctx_ids = None
-    for cont in req.continuations:
-        context = req.context
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            cont, context = context[-n_spaces:] + cont, context[:-n_spaces]
-        whole = tok.encode(context + cont)
-        c = tok.encode(context)
-        if ctx_ids is None:
-            ctx_ids = c
-        conts.append(whole[len(c):])
-    ctx_ids = ctx_ids or []
-    if bos:
-        ctx_ids = [tok.bos_id] + ctx_ids
-    return Encoded(ctx_ids, conts)
+    """lm-eval's `_encode_pair` for every choice of one request (the context is encoded once)."""
+    context = req.context
+    n_spaces = len(context) - len(context.rstrip())
+    moved = context[len(context) - n_spaces:] if n_spaces else ""
+    context = context[:len(context) - n_spaces]
+    ctx = tok.encode(context)
+    conts = [tok.encode(context + moved + cont)[len(ctx):] for cont in req.continuations]
+    return Encoded([tok.bos_id] + ctx if bos else ctx, conts)
 
 
 def _full_sequence_lls(model, ctx: list[int], conts: list[list[int]], max_len: int, device) -> list[float]:
