@@ -9,7 +9,8 @@ For an item with prompt `context` and choices c_1 … c_k, each choice's score i
     acc_bytes  = [argmax_i ll_i / len(c_i.encode()) == gold]  (UTF-8 bytes: lm-eval's acc_bytes)
 
 Tokenisation follows lm-eval's `_encode_pair`: trailing spaces of the context move to the
-continuation, then `ctx = encode(context)`, `cont = encode(context + continuation)[len(ctx):]`;
+continuation, then `ctx = encode(context)`, `cont = encode(context + continuation)[len(ctx):]`
+(where tokens merge across the boundary, `cont = encode(continuation)`, see `encode_request`);
 a BOS token goes first (lm-eval: `add_bos_token=True`). Inputs longer than the model's context
 keep their last max_len + 1 tokens, as lm-eval does.
 
@@ -45,13 +46,25 @@ class Encoded:
 
 
 def encode_request(tok, req: MCRequest, bos: bool = True) -> Encoded:
-    """lm-eval's `_encode_pair` for every choice of one request (the context is encoded once)."""
+    """lm-eval's `_encode_pair` for every choice of one request (the context is encoded once).
+
+    Where encoding context + continuation as one string merges tokens across the boundary (the
+    whole does not start with the context's tokens: common in Chinese with no delimiter), lm-eval's
+    split would score tokens that are partly context, or none at all; there the continuation is
+    encoded on its own instead, so every choice is scored after the same context tokens.
+    """
     context = req.context
     n_spaces = len(context) - len(context.rstrip())
     moved = context[len(context) - n_spaces:] if n_spaces else ""
     context = context[:len(context) - n_spaces]
     ctx = tok.encode(context)
-    conts = [tok.encode(context + moved + cont)[len(ctx):] for cont in req.continuations]
+    conts = []
+    for cont in req.continuations:
+        whole = tok.encode(context + moved + cont)
+        if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
+            conts.append(whole[len(ctx):])
+        else:
+            conts.append(tok.encode(moved + cont))
     return Encoded([tok.bos_id] + ctx if bos else ctx, conts)
 
 
