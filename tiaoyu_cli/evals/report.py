@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tiaoyu_cli.checkpoint import load_trainer_info, read_json
+from tiaoyu_cli.checkpoint import STEP_RE, load_trainer_info, read_json
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.io import atomic_write_text
 from tiaoyu_cli.train.plots import read_metrics
@@ -116,7 +116,8 @@ def bench_table(runs: list[Run], results: list[dict]) -> tuple[list[str], dict[s
         if col not in cols:
             cols.append(col)
         run = _owner(r["checkpoint"], runs)
-        label = run.name if run else r["checkpoint"]
+        ck = Path(r["checkpoint"])
+        label = run.name if run else (ck.parent.name if STEP_RE.match(ck.name) else ck.name)
         owner[label] = run
         table.setdefault(label, {})[col] = r
     flags = []
