@@ -34,9 +34,9 @@ steps     = $(shell $(PYTHON) -c "print(max(2, int($(1) * $(SCALE))))")
 EVALN     = $(shell $(PYTHON) -c "print(max(8, int(200 * min(1.0, $(SCALE) * 4))))")
 COMMON   := --device $(DEVICE) --seed 0 --keep 1
 
-.PHONY: all data prep tokenizer tokens pretrain sft lora reward dpo grpo distill reason reason-rl chat summary clean
+.PHONY: all data prep tokenizer tokens pretrain sft lora reward dpo grpo distill reason reason-rl chat summary bench report clean
 
-all: summary
+all: report
 
 # 1. synthetic corpus: text, chat, preference, verifiable, reasoning, classification (+ val splits)
 data: $(D)/manifest.json
@@ -126,6 +126,18 @@ $(OUT)/chat.jsonl: $(OUT)/sft/latest/model.safetensors $(OUT)/reason-rl/latest/m
 summary: chat pretrain sft lora reward dpo grpo distill reason reason-rl
 	$(PYTHON) $(RECIPES)summary.py $(OUT)
 	-$(TIAOYU) eval plot $(OUT)/base $(OUT)/sft $(OUT)/lora $(OUT)/student $(OUT)/reason -o $(OUT)/curves.png
+
+# 15. the benchmark of held-out facts (data/bench/, written by `tiaoyu synth`) on each language-model
+# checkpoint, then one report card: stages before → after, curves, scores, flagged drops
+BENCH_RUNS ?= base sft lora-merged dpo grpo student reason reason-rl
+REPORT_RUNS ?= base sft lora rm dpo grpo student reason reason-rl
+bench: $(foreach r,$(BENCH_RUNS),$(OUT)/bench/$(r).json)
+$(OUT)/bench/%.json: | summary
+	$(TIAOYU) eval bench $(OUT)/$* $(D)/bench --task ceval --style cloze --device $(DEVICE) -o $@
+
+report: $(OUT)/report/report.html
+$(OUT)/report/report.html: bench
+	$(TIAOYU) report $(foreach r,$(REPORT_RUNS),$(OUT)/$(r)) $(foreach r,$(BENCH_RUNS),--bench $(OUT)/bench/$(r).json) -o $(OUT)/report
 
 clean:
 	rm -rf $(OUT)

@@ -47,7 +47,8 @@ def test_every_stage_leaves_its_files(demo):
     out, _ = demo
     for f in ("data/manifest.json", "data/text.train.jsonl", "prep/text.jsonl", "tok/tokenizer.model",
               "tokens/meta.json", "chat.jsonl", "summary.json", "lora-merged/model.safetensors",
-              "lora-merged/config.json"):
+              "lora-merged/config.json", "data/bench/val/entity_en_val.csv", "bench/base.json",
+              "bench/reason-rl.json", "report/report.md", "report/report.html"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     for run in ("base", "sft", "lora", "rm", "dpo", "grpo", "student", "reason", "reason-rl"):
         ck = out / run / "latest"

@@ -1,7 +1,8 @@
-"""`tiaoyu eval CKPT DATA` (metrics as JSON on stdout, a table on stderr) and `tiaoyu eval plot RUN… -o PNG`.
+"""`tiaoyu eval CKPT DATA` (metrics as JSON on stdout, a table on stderr), `tiaoyu eval plot RUN… -o PNG`
+and `tiaoyu eval bench CKPT PATH --task …` (standard benchmarks, see tiaoyu_cli/evals/).
 
 `tiaoyu eval CKPT DATA` needs no subcommand word: the group falls back to its default command
-`run` when the first argument is not `plot` (see `DefaultCommandGroup`).
+`run` when the first argument is not `plot` or `bench` (see `DefaultCommandGroup`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ Examples:
   tiaoyu eval ckpt/dpo synth/preference.val.jsonl --ref ckpt/sft   # DPO implicit-reward accuracy
   tiaoyu eval ckpt/base synth/text.val.jsonl --quantize int8    # the quality cost of int8 weights
   tiaoyu eval plot runs/base runs/sft -o curves.png             # training curves, runs overlaid
+  tiaoyu eval bench ckpt/base data/mmlu --task mmlu --shots 5   # C-Eval, CMMLU, MMLU, ARC, HellaSwag, GSM8K
 """
 
 
@@ -41,7 +43,8 @@ class DefaultCommandGroup(TyperGroup):
 eval_app = typer.Typer(
     name="eval",
     cls=DefaultCommandGroup,
-    help="Evaluate a checkpoint on data (tiaoyu eval CKPT DATA), or plot training curves (tiaoyu eval plot).",
+    help="Evaluate a checkpoint on data (tiaoyu eval CKPT DATA), on a standard benchmark (tiaoyu eval bench), "
+         "or plot training curves (tiaoyu eval plot).",
     epilog=EXAMPLES,
     no_args_is_help=True,
     add_completion=False,
@@ -110,3 +113,85 @@ def plot_cmd(
     for label, counts in summary["runs"].items():
         console.print(f"{label}: " + ", ".join(f"{k} {n} points" for k, n in counts.items()))
     console.print(f"wrote {out}")
+
+
+BENCH_EXAMPLES = """
+Examples:
+
+  tiaoyu eval bench ckpt/base data/mmlu --task mmlu --shots 5            # folder with dev/ val/ test/
+  tiaoyu eval bench ckpt/base data/ceval --task ceval --limit 200 -o ceval.json
+  tiaoyu eval bench ckpt/sft data/gsm8k/test.jsonl --task gsm8k --shots 0
+  tiaoyu eval bench ckpt/base synth/bench --task mmlu --style cloze --shots 3   # held-out facts (tiaoyu synth)
+  tiaoyu eval bench ckpt/base data/arc --task arc --contamination synth/text.train.jsonl
+"""
+
+
+@eval_app.command("bench", epilog=BENCH_EXAMPLES)
+def bench_cmd(
+    ckpt: Annotated[Path, typer.Argument(help="checkpoint folder (step folder, run folder, or export)")],
+    path: Annotated[Path, typer.Argument(help="a benchmark file, or a folder of them in the published layout")],
+    task: Annotated[str, typer.Option(help="ceval | cmmlu | mmlu | arc | hellaswag | gsm8k")] = "mmlu",
+    shots: Annotated[int, typer.Option(help="few-shot examples: the first K of the subject's few-shot split")] = 0,
+    split: Annotated[str, typer.Option(help="split to score ('' = ceval/hellaswag: val, others: test)")] = "",
+    fewshot_split: Annotated[str, typer.Option(help="split of the few-shot examples ('' = dev for CSV, "
+                                                    "train for JSONL layouts)")] = "",
+    limit: Annotated[int, typer.Option(help="only the first N items (0 = all)")] = 0,
+    style: Annotated[str, typer.Option(help="CSV layouts: letters (lm-eval's prompt, score A–D) | "
+                                            "cloze (score the answer texts after the question)")] = "letters",
+    contamination: Annotated[Optional[list[Path]], typer.Option(
+        help="training JSONL files: share of items sharing a 13-gram with them, and the score on the rest")] = None,
+    batch_size: Annotated[int, typer.Option(help="items per forward pass")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="gsm8k: most tokens per answer")] = 256,
+    chat: Annotated[str, typer.Option(help="gsm8k: auto (chat template for sft/rlhf/reason checkpoints) | "
+                                           "yes | no")] = "auto",
+    tools: Annotated[str, typer.Option(help="gsm8k: tools the model may call, e.g. calculator (needs the "
+                                            "tool registry)")] = "",
+    items: Annotated[bool, typer.Option("--items", help="keep per-item log-likelihoods/answers in the JSON")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    dtype: Annotated[str, typer.Option(help="fp32 | bf16 | auto")] = "fp32",
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="write the JSON result here, not stdout")] = None,
+) -> None:
+    """Score CKPT on a standard benchmark (C-Eval, CMMLU, MMLU, ARC, HellaSwag, GSM8K) from local files:
+    a per-subject table on stderr, one JSON result (task, n, acc, acc_norm, stderr, per_subject)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from tiaoyu_cli.console import console
+    from tiaoyu_cli.evals.bench import BenchConfig, run_bench
+    from tiaoyu_cli.io import atomic_write_text
+
+    cfg = BenchConfig(task=task, shots=shots, split=split, fewshot_split=fewshot_split, limit=limit, style=style,
+                      batch_size=batch_size, max_new_tokens=max_new_tokens, chat=chat, device=device, dtype=dtype,
+                      contamination=[str(p) for p in contamination or []], keep_items=items,
+                      tools=[t.strip() for t in tools.split(",") if t.strip()] or None)
+    with Progress(TextColumn(f"{task}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        def progress(total: int):
+            tid = bar.add_task(task, total=total)
+            return lambda n: bar.advance(tid, n)
+
+        result = run_bench(ckpt, path, cfg, progress)
+    keys = [k for k in ("acc", "acc_norm", "acc_flexible") if k in result]
+    table = Table(title=f"{task}: {result['n']} items, {shots}-shot, {result['checkpoint']}", title_justify="left")
+    table.add_column("subject")
+    table.add_column("n", justify="right")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, s in result["per_subject"].items():
+        table.add_row(name, str(s["n"]), *(f"{s[k]:.4f}" for k in keys))
+    table.add_row("[bold]all", f"[bold]{result['n']}",
+                  *(f"[bold]{result[k]:.4f} ± {result['stderr'][k]:.4f}" for k in keys))
+    console.print(table)
+    if "contamination" in result:
+        c = result["contamination"]
+        clean = c["clean"]
+        console.print(f"contamination: {c['dirty']}/{result['n']} items ({c['dirty_share']:.1%}) share a 13-gram "
+                      f"with {c['train_records']} training records; clean items: {clean['n']}"
+                      + (f", acc {clean['acc']:.4f}" if clean["n"] else ""))
+    text = json.dumps(result, ensure_ascii=False)
+    if out is not None:
+        atomic_write_text(out, text + "\n")
+        console.print(f"wrote {out}")
+    else:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()

@@ -9,6 +9,7 @@ import typer
 
 from tiaoyu_cli.console import console
 from tiaoyu_cli.data.synth import SynthConfig, write_corpus
+from tiaoyu_cli.data.synth_bench import write_fact_bench
 
 
 def register(app: typer.Typer) -> None:
@@ -21,7 +22,9 @@ def register(app: typer.Typer) -> None:
         "  tiaoyu synth data/\n\n"
         "  tiaoyu synth data/ --seed 1 --text-mb 8 --records 8000\n\n"
         "Writes OUT/<kind>.train.jsonl and OUT/<kind>.val.jsonl for kind in text, chat, preference, "
-        "verifiable, reasoning, classification, plus OUT/world.json and OUT/manifest.json. "
+        "verifiable, reasoning, classification, plus OUT/world.json and OUT/manifest.json, and "
+        "OUT/bench/ (a 4-choice benchmark of the held-out facts in the C-Eval CSV layout, for "
+        "`tiaoyu eval bench --task ceval --style cloze`). "
         "The same seed writes byte-identical files.",
         no_args_is_help=True,
     )(synth)
@@ -43,6 +46,7 @@ def synth(
     t0 = time.perf_counter()
     with console.status("generating the synthetic corpus…"):
         manifest = write_corpus(out, cfg)
+        bench = write_fact_bench(out, cfg)
     table = Table(title=f"tiaoyu synth → {out}  (seed {seed}, {time.perf_counter() - t0:.1f} s)")
     table.add_column("file")
     table.add_column("kind")
@@ -57,3 +61,5 @@ def synth(
         f"({wld['val_entity_facts']} held out), {wld['arith_facts']} arithmetic facts "
         f"({wld['val_arith_facts']} held out)"
     )
+    console.print("bench/: held-out facts as 4-choice items (C-Eval layout): "
+                  + ", ".join(f"{k} {n}" for k, n in bench.items()))
