@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -144,34 +145,36 @@ def load_config_file(path: Path | None) -> dict[str, Any]:
 
 
 def config_options(cls: type, help: dict[str, str], rename: dict[str, str] | None = None, panel: str | None = None,
-                   skip: tuple[str, ...] = (), required: tuple[str, ...] = ()) -> Callable:
+                   skip: tuple[str, ...] = (), required: tuple[str, ...] = (), args: tuple[str, ...] = ()) -> Callable:
     """Decorate a typer command `f(..., cfg: cls)`: one `--flag` per field of the stage's config dataclass,
     its default and type taken from the dataclass (one default per option), and the command gets the built
     config as `cfg=`. `rename` maps a field to another flag name (e.g. GRPO's epochs → --grpo-epochs, as
-    --epochs is the loop's budget); `skip` leaves fields at their default; `required` fields have none."""
+    --epochs is the loop's budget); `skip` leaves fields at their default; `required` fields have none;
+    `args` are the command's own positional arguments that fill fields of the same name."""
     rename = rename or {}
+    hints = typing.get_type_hints(cls)
 
     def deco(f: Callable) -> Callable:
         sig = inspect.signature(f)
         own = [p for p in sig.parameters.values() if p.name != "cfg"]
         extra = []
-        fields = [fld for fld in dataclasses.fields(cls) if fld.name not in skip]
+        fields = [fld for fld in dataclasses.fields(cls) if fld.name not in skip and fld.name not in args]
         for fld in fields:
             flag = _flag(rename.get(fld.name, fld.name))
             default = ... if fld.name in required else fld.default
             decls = [flag]
-            if fld.type in ("bool", bool):
+            if hints[fld.name] is bool:
                 decls = [f"{flag}/--no-{flag[2:]}"]
-            ann = {"int": int, "float": float, "str": str, "bool": bool}.get(str(fld.type), type(fld.default))
             opt = typer.Option(default, *decls, help=help.get(fld.name, ""), rich_help_panel=panel, show_default=True)
             extra.append(inspect.Parameter(f"cfg__{fld.name}", inspect.Parameter.KEYWORD_ONLY, default=opt,
-                                           annotation=ann))
+                                           annotation=hints[fld.name]))
         keyword = [p for p in own if p.kind == inspect.Parameter.KEYWORD_ONLY]
         positional = [p for p in own if p.kind != inspect.Parameter.KEYWORD_ONLY]
 
         @functools.wraps(f)
         def wrapper(**kwargs: Any) -> Any:
             vals = {fld.name: kwargs.pop(f"cfg__{fld.name}") for fld in fields}
+            vals.update({a: kwargs[a] for a in args})
             return f(cfg=cls(**vals), **kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=positional + extra + keyword)
