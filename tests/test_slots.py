@@ -32,12 +32,15 @@ def test_rows_joining_and_leaving_match_the_full_forward(position, moe):
         next_id = 0
         for step in range(40):
             # sometimes a new sequence joins (if a slot is free)
-            if slots.n < 4 and rng.random() < 0.4:
-                prompt = [rng.randrange(8, 300) for _ in range(rng.randint(1, 12))]
-                seqs[next_id] = prompt
-                last[next_id] = slots.prefill(prompt)
-                rows.append(next_id)
-                next_id += 1
+            if slots.n < 4 and rng.random() < 0.4:  # one or several at once (one padded forward pass)
+                k = rng.randint(1, 4 - slots.n)
+                prompts = [[rng.randrange(8, 300) for _ in range(rng.randint(1, 12))] for _ in range(k)]
+                out = slots.prefill_many(prompts) if k > 1 or rng.random() < 0.5 else slots.prefill(prompts[0])[None]
+                for prompt, logits in zip(prompts, out):
+                    seqs[next_id] = prompt
+                    last[next_id] = logits
+                    rows.append(next_id)
+                    next_id += 1
             # every row's latest logits equal the full forward over its whole sequence
             for sid in rows:
                 full = model(torch.tensor([seqs[sid]])).logits[0, -1]

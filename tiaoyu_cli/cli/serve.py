@@ -43,7 +43,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from tiaoyu_cli.cli.console import console
         from tiaoyu_cli.errors import TiaoyuError
-        from tiaoyu_cli.serve.server import ServeConfig, load_engine, make_server
+
+        try:
+            from tiaoyu_cli.serve.server import ServeConfig, load_engine, make_server
+        except ModuleNotFoundError as e:
+            if e.name not in ("starlette", "uvicorn"):
+                raise
+            raise TiaoyuError(f"tiaoyu serve needs {e.name}: pip install 'tiaoyu[serve]'") from None
 
         if not 0 <= port <= 65535:
             raise TiaoyuError(f"--port {port}: choose 0..65535")

@@ -1,8 +1,8 @@
 """The per-record half of `tiaoyu prep`: parse, convert, clean, filter, serialise and hash — work that
 needs nothing but the record itself, so it runs in worker processes (`--workers N`).
 
-A *job* is a block of JSONL lines (with the number of its first line), a list of plain-text
-documents, or a block of `--merge` lines. `RecordCleaner.run(job)` turns it into a `BlockResult`:
+A *job* is a block of JSONL lines (the bytes, or where they lie in a plain file; with the number of
+its first line), a list of plain-text documents, or a block of `--merge` lines. `RecordCleaner.run(job)` turns it into a `BlockResult`:
 the kept records in input order (kind, JSON line, 64-bit hash and, with --near-dup, the MinHash
 band keys), the counts of what was dropped and why, and the first error, if any, after which the
 block stops. Everything that depends on *other* records — exact and near dedup, the train/val
@@ -17,6 +17,7 @@ the orjson round trip measures). No single hot spot: hence processes.
 
 from __future__ import annotations
 
+import os
 from array import array
 from dataclasses import dataclass, field
 
@@ -80,10 +81,9 @@ class RecordCleaner:
         kind = job[0]
         res = BlockResult()
         try:
-            if kind == "jsonl":
-                self.jsonl_block(job[1], job[2], job[3], res)
-            elif kind == "merge":
-                self.merge_block(job[1], job[2], job[3], res)
+            if kind in ("jsonl", "merge"):
+                block = job[1] if isinstance(job[1], bytes) else read_range(job[2], *job[1])
+                (self.jsonl_block if kind == "jsonl" else self.merge_block)(block, job[2], job[3], res)
             else:  # "text": documents already cut by the parent
                 for doc in job[1]:
                     self.add_record("text", {"text": doc}, res)
@@ -233,6 +233,18 @@ class RecordCleaner:
 
 
 # ----- worker processes ------------------------------------------------------------------------
+
+
+def read_range(path: str, offset: int, length: int) -> bytes:
+    """The bytes [offset, offset + length) of a file (a block the parent located)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        raise OSError(f"{path}: the file changed while prep was reading it")
+    return data
 
 _WORKER: RecordCleaner | None = None
 

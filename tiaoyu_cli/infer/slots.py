@@ -4,6 +4,7 @@ at once (instead of a batch that starts together and waits for its slowest membe
 
     slots = SlotBatch(model, capacity=8, max_len=model.config.max_seq_len)
     logits = slots.prefill(prompt_ids)          # a new row: [V] logits of its next token
+    logits = slots.prefill_many([a, b, c])      # three new rows in one forward pass: [3, V]
     logits = slots.step(next_tokens)            # one token for every active row: [n, V]
     moves = slots.release([2, 5])               # rows 2 and 5 are done; the last rows move into the gaps
 
@@ -41,7 +42,10 @@ class SlotStep(OneTokenStep):
         cfg, cache, m, norm = self.cfg, self.cache, self.model.model, self._norm
         B, hd, H, Hkv = tokens.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         half = hd // 2
-        rows = torch.arange(B, device=tokens.device)
+        L = cache.k.shape[3]
+        # where each row's new key goes in a layer's cache seen as [slots·kv_heads·max_len, hd]
+        dest = ((torch.arange(B, device=tokens.device)[:, None] * Hkv + torch.arange(Hkv, device=tokens.device)) * L
+                + pos[:, None]).reshape(-1)  # [n·kv_heads]
         x = m.embed_tokens(tokens)  # [n, d]
         rope = cfg.position == "rope"
         if rope:
@@ -50,8 +54,12 @@ class SlotStep(OneTokenStep):
             x = x + m.embed_positions(pos)
         else:
             x = x + m.sinusoidal[pos].to(x.dtype)
-        cols = torch.arange(width, device=tokens.device)
-        mask = (cols[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, width]
+        mask = None  # rows at the full width see every column: no mask needed when all are
+        if B > 1 and bool((pos != width - 1).any()):
+            cols = torch.arange(width, device=tokens.device)
+            hidden = (cols[None, :] > pos[:, None])[:, None, None, :]  # [n, 1, 1, width]
+            # additive, in the cache's dtype: made once per step, not converted by every layer's SDPA
+            mask = torch.zeros(hidden.shape, dtype=cache.k.dtype, device=tokens.device).masked_fill_(hidden, float("-inf"))
         for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, ffn) in enumerate(self.layers):
             h = norm(x, norm1)
             q = q_proj(h).view(B, H, hd)
@@ -62,8 +70,8 @@ class SlotStep(OneTokenStep):
                     cos, sin = cos.to(q.dtype), sin.to(q.dtype)
                 q = q * cos + q.roll(half, -1) * sin
                 k = k * cos + k.roll(half, -1) * sin
-            cache.k[i, rows, :, pos] = k.to(cache.k.dtype)
-            cache.v[i, rows, :, pos] = v.to(cache.v.dtype)
+            cache.k[i].view(-1, hd).index_copy_(0, dest, k.reshape(-1, hd).to(cache.k.dtype))
+            cache.v[i].view(-1, hd).index_copy_(0, dest, v.reshape(-1, hd).to(cache.v.dtype))
             y = F.scaled_dot_product_attention(
                 q.view(B, H, 1, hd).to(cache.k.dtype), cache.k[i, :B, :, :width], cache.v[i, :B, :, :width],
                 attn_mask=mask, enable_gqa=True)  # [n, H, 1, hd]
@@ -92,18 +100,37 @@ class SlotBatch:
 
     def prefill(self, prompt: list[int]) -> torch.Tensor:
         """Put a new sequence in row n; return the logits [V] of its next token."""
-        if self.n >= self.capacity:
+        return self.prefill_many([prompt])[0]
+
+    def prefill_many(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Put new sequences in rows n … n+k−1 with one forward pass (prompts right-padded: padding
+        sits after each row's length, hidden by the key mask and overwritten as the row grows);
+        return the logits [k, V] of their next tokens."""
+        k = len(prompts)
+        if self.n + k > self.capacity:
             raise RuntimeError("no free slot")
-        if not 0 < len(prompt) < self.max_len:
-            raise ValueError(f"a prompt of {len(prompt)} tokens does not fit a slot of {self.max_len}")
+        for p in prompts:
+            if not 0 < len(p) < self.max_len:
+                raise ValueError(f"a prompt of {len(p)} tokens does not fit a slot of {self.max_len}")
         r = self.n
-        view = KVCache.__new__(KVCache)  # the row's own cache: views into the big tensors
-        view.k, view.v = self.cache.k[:, r:r + 1], self.cache.v[:, r:r + 1]
-        view.key_mask = torch.ones(1, self.max_len, dtype=torch.bool, device=self.device)
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(k, width, dtype=torch.long)
+        mask = torch.zeros(k, width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+            mask[i, :len(p)] = 1
+        view = KVCache.__new__(KVCache)  # the rows' own cache: views into the big tensors
+        view.k, view.v = self.cache.k[:, r:r + k], self.cache.v[:, r:r + k]
+        view.key_mask = torch.ones(k, self.max_len, dtype=torch.bool, device=self.device)
         view.length, view.max_len = 0, self.max_len
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        logits = self.model(ids, kv_cache=view, last_only=True).logits[0, -1]
-        self.lengths.append(len(prompt))
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        if k == 1:  # no padding: the logits of the last position only
+            logits = self.model(ids, kv_cache=view, last_only=True).logits[:, -1]
+        else:  # the final hidden state at each row's last real token, then the LM head on those alone
+            h = self.model(ids, attention_mask=mask, kv_cache=view, compute_logits=False).hidden
+            last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+            logits = F.linear(h[torch.arange(k, device=self.device), last], self.model.output_weight)
+        self.lengths.extend(len(p) for p in prompts)
         return logits
 
     def step(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,7 @@ def make_app(api: API) -> Starlette:
                 raise APIError(400, "'stream' must be true or false", "stream")
             opts = body.get("stream_options") or {}
             include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+            job.stream = stream
             job.bind(asyncio.get_running_loop())
             engine.submit(job)
         except APIError as e:

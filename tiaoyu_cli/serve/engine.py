@@ -85,6 +85,9 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
     deadline: float = float("inf")
     first_token_s: float | None = None  # seconds from arrival to the first token
+    stream: bool = True  # False: text events are held and handed over with the final one
+    outbox: "list[tuple[Job, tuple]] | None" = None  # set by the scheduler: events leave once per step
+    held: list = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
     _aq: "asyncio.Queue[tuple] | None" = None
 
@@ -93,6 +96,22 @@ class Job:
         self._loop, self._aq = loop, asyncio.Queue()
 
     def put(self, ev: tuple) -> None:
+        if not self.stream:
+            if ev[0] == "text":
+                self.held.append(ev)
+                return
+            for h in self.held:
+                self._send(h)
+            self.held = []
+        self._send(ev)
+
+    def _send(self, ev: tuple) -> None:
+        if self.outbox is not None:
+            self.outbox.append((self, ev))
+        else:
+            self.deliver(ev)
+
+    def deliver(self, ev: tuple) -> None:
         if self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self._aq.put_nowait, ev)  # type: ignore[union-attr]
@@ -203,6 +222,14 @@ class Running:
             self.finish("length")
 
 
+PREFILL_TOKENS = 8192  # padded prompt tokens per batched prefill
+
+
+def _deliver_all(items: list[tuple[Job, tuple]]) -> None:
+    for job, ev in items:
+        job._aq.put_nowait(ev)  # type: ignore[union-attr]
+
+
 def _timeout_message(job: Job, limit: float) -> str:
     return f"the request took longer than {limit:g} s (the server's request timeout); {job.max_tokens} tokens were asked"
 
@@ -227,6 +254,7 @@ class Engine:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._gen = make_generator(None, self.device)
+        self._outbox: list[tuple[Job, tuple]] = []
         self._thread = threading.Thread(target=self._run, name="tiaoyu-generate", daemon=True)
         self._thread.start()
 
@@ -287,11 +315,13 @@ class Engine:
             finally:
                 for r in rows:
                     r.fail("the server is stopping", 503)
+                self._flush()
 
     def _loop(self, slots: SlotBatch, rows: list[Running]) -> None:
         while not self._stop.is_set():
             self._admit(slots, rows)
             if not rows:
+                self._flush()
                 continue
             try:
                 logits = slots.step([r.next_token for r in rows])
@@ -304,13 +334,36 @@ class Engine:
                 self.stats["decode_steps"] += 1
                 self.stats["tokens_generated"] += len(rows)
             self._retire(slots, rows)
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand this step's events over: one wake-up per event loop, not one per token."""
+        if not self._outbox:
+            return
+        out, self._outbox[:] = list(self._outbox), []
+        by_loop: dict = {}
+        for job, ev in out:
+            if job._loop is None:
+                job.deliver(ev)
+            else:
+                by_loop.setdefault(job._loop, []).append((job, ev))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_all, items)
+            except RuntimeError:  # the loop is closed: nobody listens any more
+                for job, _ in items:
+                    job.cancelled.set()
 
     def _admit(self, slots: SlotBatch, rows: list[Running]) -> None:
-        while len(rows) < self.config.max_batch:
+        """Take waiting requests into free rows: one batched prefill (at most PREFILL_TOKENS padded
+        tokens at a time), then each new row's first token."""
+        new: list[Running] = []
+        width = 0
+        while len(rows) + len(new) < self.config.max_batch:
             try:
-                job = self.jobs.get(timeout=0.1) if not rows else self.jobs.get_nowait()
+                job = self.jobs.get(timeout=0.1) if not rows and not new else self.jobs.get_nowait()
             except queue.Empty:
-                return
+                break
             if job.cancelled.is_set():
                 self._count("cancelled")
                 continue
@@ -318,28 +371,38 @@ class Engine:
                 job.put(("error", _timeout_message(job, self.config.request_timeout_s), 504))
                 self._count("timeouts")
                 continue
+            job.outbox = self._outbox
             r = Running(job, self.tokenizer)
             if not job.params.greedy:
                 r.gen = make_generator(job.seed, self.device) if job.seed is not None else self._gen
             if job.params.repetition_penalty != 1.0:
                 r.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
                 r.seen[0, torch.tensor(job.prompt, device=self.device).clamp(max=r.seen.shape[1] - 1)] = True
-            try:
-                logits = slots.prefill(job.prompt)
-            except Exception as e:  # e.g. out of memory: this request fails, the others go on
-                traceback.print_exc()
+            width = max(width, len(job.prompt))
+            new.append(r)
+            if width * len(new) >= PREFILL_TOKENS:
+                break
+        if not new:
+            return
+        try:
+            logits = slots.prefill_many([r.job.prompt for r in new])
+        except Exception as e:  # e.g. out of memory: these requests fail, the running ones go on
+            traceback.print_exc()
+            for r in new:
                 r.fail(f"generation failed: {type(e).__name__}: {e}", 500)
-                self._count("errors")
-                continue
-            if not rows:
-                self._count("batches")
-            rows.append(r)
-            self._choose([r], logits[None])
-            self._count("prefill_tokens", len(job.prompt))
-            with self._lock:
-                self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
-                self.stats["running"] = len(rows)
-            self._retire(slots, rows)
+                self._ended(r)
+            self._flush()
+            return
+        if not rows:
+            self._count("batches")
+        rows.extend(new)
+        self._choose(new, logits)
+        with self._lock:
+            self.stats["prefill_tokens"] += sum(len(r.job.prompt) for r in new)
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+            self.stats["running"] = len(rows)
+        self._retire(slots, rows)
+        self._flush()
 
     def _choose(self, rows: list[Running], logits: torch.Tensor) -> None:
         """Each row's next token with its own sampling settings; push it."""
