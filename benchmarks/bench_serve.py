@@ -10,7 +10,7 @@ The previous server is the `tiaoyu_cli/serve/server.py` of git revision --old-re
 last revision that still used http.server), loaded from git into a temp folder. Each server runs
 in its own process (one torch thread, CPU) with --max-batch 32. Per concurrency level, the two
 servers take turns (order alternating between levels, so load from other processes on a shared
-machine hits both alike); each level sends the same requests: N clients in closed loop, each
+machine hits both alike; --rounds of each, tokens/s the median round); each level sends the same requests: N clients in closed loop, each
 sending requests one after another until the level's total is reached. Prompts differ in length
 (4-40 tokens); greedy, an impossible stop string so every answer runs its length (EOS may still end
 one early: tokens are counted from each response's usage). `--lengths mixed` (default) asks each
@@ -133,13 +133,14 @@ def load_level(port: int, clients: int, total: int, bodies: list[dict]) -> dict:
     for th in threads:
         th.join()
     wall = time.perf_counter() - t0
-    lat.sort()
+    return {"tokens_per_s": round(tokens[0] / wall, 1), "latencies": lat, "answered": len(lat), "errors": errors,
+            "tokens": tokens[0], "wall_s": round(wall, 2)}
 
-    def pct(p: float) -> float:
-        return round(lat[min(len(lat) - 1, int(round(p * (len(lat) - 1))))], 3) if lat else float("nan")
 
-    return {"tokens_per_s": round(tokens[0] / wall, 1), "p50_s": pct(0.5), "p99_s": pct(0.99),
-            "answered": len(lat), "errors": errors, "tokens": tokens[0], "wall_s": round(wall, 2)}
+def percentile(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return round(sorted_values[min(len(sorted_values) - 1, int(round(p * (len(sorted_values) - 1))))], 3)
 
 
 def main() -> None:
@@ -151,6 +152,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--lengths", choices=("mixed", "fixed"), default="mixed")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per level; tokens/s = the median round, "
+                    "latency percentiles over all rounds' requests")
     ap.add_argument("--old-rev", default="", help="git revision of the previous server (default: the last with http.server)")
     args = ap.parse_args()
 
@@ -187,12 +190,22 @@ def main() -> None:
                 status, body, _ = request(port, {"prompt": "x", "max_tokens": 10**6})
                 checks[k] = status
             results = []
-            for li, c in enumerate(int(x) for x in args.clients.split(",")):
+            for c in (int(x) for x in args.clients.split(",")):
                 total = max(args.requests, 4 * c) if c <= 8 else max(args.requests, c)
-                row = {"clients": c, "requests": total}
-                for k in (("old", "new") if li % 2 == 0 else ("new", "old")):
-                    row[k] = load_level(procs[k][1], c, total, bodies)
+                runs: dict[str, list[dict]] = {"old": [], "new": []}
+                for rnd in range(args.rounds):  # old/new alternate, and which goes first alternates too
+                    for k in (("old", "new") if rnd % 2 == 0 else ("new", "old")):
+                        runs[k].append(load_level(procs[k][1], c, total, bodies))
+                row = {"clients": c, "requests": total, "rounds": args.rounds}
+                for k, rs in runs.items():
+                    lat = sorted(x for r in rs for x in r.pop("latencies"))
+                    row[k] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                              "p50_s": percentile(lat, 0.5), "p99_s": percentile(lat, 0.99),
+                              "answered": sum(r["answered"] for r in rs), "errors": [e for r in rs for e in r["errors"]],
+                              "tokens_per_s_runs": [r["tokens_per_s"] for r in rs]}
                 row["tokens_per_s_ratio"] = round(row["new"]["tokens_per_s"] / row["old"]["tokens_per_s"], 2)
+                row["ratio_per_round"] = [round(n["tokens_per_s"] / o["tokens_per_s"], 2)
+                                          for n, o in zip(runs["new"], runs["old"])]
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
         finally:
