@@ -136,6 +136,14 @@ def test_health_and_metrics(live):
     assert values["tiaoyu_generated_tokens_total"] == engine.stats["tokens_generated"] > 0
     assert values["tiaoyu_batch_capacity"] == 4 and values["tiaoyu_batch_running"] == 0
     assert values["tiaoyu_time_to_first_token_seconds_count"] >= 1
+    # the chat page is still served, and the JSON error shape holds for a wrong method too
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    page = r.read()
+    assert r.status == 200 and r.getheader("Content-Type").startswith("text/html") and b"<html" in page.lower()
+    code, body = raw(port, "POST", "/v1/models", b"{}")
+    assert code == 405 and body["error"]["code"] == "method_not_allowed"
 
 
 def test_deadline_gives_504_and_full_queue_gives_503(base_ckpt):

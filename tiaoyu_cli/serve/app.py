@@ -161,11 +161,19 @@ def make_app(api: API) -> Starlette:
         return error_response(api, APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error"),
                               close=True)
 
+    def get_only(handler):
+        async def route(request: Request) -> Response:
+            if request.method not in ("GET", "HEAD"):
+                return error_response(api, APIError(405, f"{request.url.path} takes GET", code="method_not_allowed"),
+                                      close=True)
+            return await handler(request)
+        return route
+
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
     routes = [
-        Route("/", page), Route("/index.html", page),
-        Route("/v1/models", models), Route("/v1/models/{name:path}", model),
-        Route("/health", health), Route("/metrics", metrics),
+        *(Route(path, get_only(h), methods=methods) for path, h in (
+            ("/", page), ("/index.html", page), ("/v1/models", models), ("/v1/models/{name:path}", model),
+            ("/health", health), ("/metrics", metrics))),
         Route("/v1/chat/completions", generate, methods=methods), Route("/v1/completions", generate, methods=methods),
         Route("/{rest:path}", not_found, methods=methods),
     ]
