@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -62,6 +63,10 @@ def register(app: typer.Typer) -> None:
                           max_batch=max_batch, max_queue=max_queue, request_timeout_s=request_timeout)
         with console.status(f"loading {ckpt} …"):
             engine, name = load_engine(ckpt, device=device, mode=mode, quantize=quantize, config=cfg)
+        # the scheduler thread and uvicorn's event loop share the GIL; at the default 5 ms switch interval
+        # each may wait that long for the other at every hand-over (measured: 0.7x the old server's
+        # tokens/s at 8 clients with 5 ms, 1.07x with 0.5 ms; benchmarks/RESULTS.md)
+        sys.setswitchinterval(0.0005)
         server = make_server(engine, host, port, name, quiet=quiet)
         h, p = server.server_address[:2]
         shown = f"[{h}]" if ":" in str(h) else h

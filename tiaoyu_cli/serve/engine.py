@@ -53,7 +53,7 @@ class ServeConfig:
     max_request_bytes: int = 1 << 20  # request body limit (413 above it)
     max_batch: int = 8  # requests generated together (rows of the running batch)
     max_queue: int = 64  # waiting requests before 503
-    batch_wait_s: float = 0.01  # scripted `steps=` mode: after the first job, wait this long for more
+    batch_wait_s: float = 0.01  # an idle batch: after the first request, wait this long for more to start with it
     request_timeout_s: float = 120.0  # a request's deadline, from arrival to its last token (504 after)
 
 
@@ -359,9 +359,17 @@ class Engine:
         tokens at a time), then each new row's first token."""
         new: list[Running] = []
         width = 0
+        idle = not rows
+        gather_until = 0.0  # an idle batch waits batch_wait_s after its first request for others to start with
         while len(rows) + len(new) < self.config.max_batch:
             try:
-                job = self.jobs.get(timeout=0.1) if not rows and not new else self.jobs.get_nowait()
+                if idle and not new:
+                    job = self.jobs.get(timeout=0.1)
+                    gather_until = time.monotonic() + self.config.batch_wait_s
+                elif idle and time.monotonic() < gather_until:
+                    job = self.jobs.get(timeout=max(gather_until - time.monotonic(), 1e-4))
+                else:
+                    job = self.jobs.get_nowait()
             except queue.Empty:
                 break
             if job.cancelled.is_set():
