@@ -1,6 +1,7 @@
 """Benchmark `tiaoyu prep`: MB/s and peak RSS on a generated ~500 MB input (goal: peak RSS < 300 MB).
 
     .venv/bin/python benchmarks/bench_prep.py [--mb 500] [--shuffle] [--near-dup]
+    .venv/bin/python benchmarks/bench_prep.py --mb 100 --workers 1,2 --rounds 3   # scaling with processes
 
 The input is JSON Lines in a temp folder: 85% text records (English and Chinese sentences,
 some with control characters and extra spaces, 3% exact duplicates) and 15% Alpaca records,
@@ -15,12 +16,19 @@ os.wait4 (that child only).
     separates prep's own memory from what importing every subcommand costs;
   * startup: `tiaoyu --help`, the RSS of merely starting the CLI (imports).
 
+With --workers W1,W2,…: `tiaoyu prep --workers W` for each W, interleaved with the orjson
+reference in every round (ref, W1, W2, … per round) so that load from other processes on a
+shared machine hits them alike; the figure per side is the best round (MB/s) and the median.
+Besides wall-clock MB/s each run reports CPU seconds (the child and its worker processes,
+from os.wait4) — on a busy machine wall-clock speedups understate what free cores give.
+
 Prints one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -101,7 +109,34 @@ def measure(cmd: list[str]) -> dict:
     dt = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}): {err.decode()[-2000:]}")
-    return {"seconds": round(dt, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1)}
+    return {"seconds": round(dt, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1),
+            "cpu_s": round(ru.ru_utime + ru.ru_stime, 2)}
+
+
+def scaling(src: Path, tmp: Path, mb: float, workers: list[int], rounds: int) -> dict:
+    """ref, prep -j W1, prep -j W2, … in each round; outputs checked byte-identical."""
+    runs: dict[str, list[dict]] = {"ref": [], **{f"w{w}": [] for w in workers}}
+    digests = set()
+    for _ in range(rounds):
+        runs["ref"].append(measure([sys.executable, "-c", REFERENCE, str(src), str(tmp / "ref.jsonl")]))
+        for w in workers:
+            out = tmp / f"w{w}.jsonl"
+            runs[f"w{w}"].append(measure([TIAOYU, "prep", str(src), "-o", str(out), "-q", "--workers", str(w)]))
+            digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+            out.unlink()
+    import statistics
+
+    res: dict = {"rounds": rounds, "identical_outputs": len(digests) == 1, "load_avg_1min": round(os.getloadavg()[0], 2)}
+    for k, rs in runs.items():
+        res[k] = {"best_mb_s": round(mb / min(r["seconds"] for r in rs), 1),
+                  "median_mb_s": round(mb / statistics.median(r["seconds"] for r in rs), 1),
+                  "mb_per_cpu_s": round(mb / statistics.median(r["cpu_s"] for r in rs), 1),
+                  "runs_s": [r["seconds"] for r in rs], "cpu_s": [r["cpu_s"] for r in rs]}
+    base = res[f"w{workers[0]}"]
+    for w in workers[1:]:
+        res[f"speedup_w{w}_best"] = round(res[f"w{w}"]["best_mb_s"] / base["best_mb_s"], 2)
+        res[f"speedup_w{w}_median"] = round(res[f"w{w}"]["median_mb_s"] / base["median_mb_s"], 2)
+    return res
 
 
 def main() -> None:
@@ -109,6 +144,8 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=500.0)
     ap.add_argument("--shuffle", action="store_true", help="also measure --shuffle --split val=0.01")
     ap.add_argument("--near-dup", action="store_true", help="also measure --near-dup")
+    ap.add_argument("--workers", default="", help="comma list, e.g. 1,2: only the scaling runs, interleaved with the reference")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the scaling runs")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-prep-"))
     try:
@@ -117,6 +154,11 @@ def main() -> None:
         n, size = generate(src, args.mb)
         gen_s = time.perf_counter() - t0
         mb = size / 1e6
+        if args.workers:
+            res = scaling(src, tmp, mb, [int(w) for w in args.workers.split(",")], args.rounds)
+            print(json.dumps({"bench": "prep_workers", "input_mb": round(mb, 1), "input_records": n, **res,
+                              "machine": f"{os.cpu_count()}-core CPU, shared, no GPU"}))
+            return
         startup = measure([TIAOYU, "--help"])
         ref = measure([sys.executable, "-c", REFERENCE, str(src), str(tmp / "ref.jsonl")])
         (tmp / "ref.jsonl").unlink()

@@ -31,6 +31,20 @@ def parse_split(spec: str | None) -> float:
     return v
 
 
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    """'3/16' → (3, 16): slice 3 of 16, counted from 0."""
+    if spec is None:
+        return None
+    i, sep, n = spec.strip().partition("/")
+    try:
+        index, count = int(i), int(n)
+    except ValueError:
+        raise TiaoyuError(f"--shard: expected I/N (e.g. 0/4 … 3/4), got {spec!r}") from None
+    if not sep or count < 1 or not 0 <= index < count:
+        raise TiaoyuError(f"--shard: expected I/N with 0 <= I < N (e.g. 0/4 … 3/4), got {spec!r}")
+    return index, count
+
+
 def prep(
     inputs: Annotated[list[str], typer.Argument(help="Files, folders (recursive), glob patterns, '-' for stdin.", show_default=False)],
     out: Annotated[Optional[str], typer.Option("-o", "--out", help="Output file (default stdout). With --split: FILE.jsonl → FILE.train.jsonl + FILE.val.jsonl, or DIR/ → DIR/train.jsonl + DIR/val.jsonl.")] = None,
@@ -48,6 +62,9 @@ def prep(
     split: Annotated[Optional[str], typer.Option("--split", help="Hold out a val split, e.g. val=0.01.")] = None,
     errors: Annotated[str, typer.Option("--errors", help="Invalid UTF-8: strict (error) | replace (U+FFFD) | skip (drop the record).")] = "strict",
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed records (bad JSON, wrong field types, unknown format) and count them.")] = False,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Processes for parsing and cleaning (0 = one per core); the output is the same bytes for any number.")] = 1,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Process only slice I of N of the inputs, I counted from 0 (e.g. 3/16, for cluster job arrays); combine the outputs with --merge.")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="The inputs are prep outputs (e.g. shards): dedup across them (exact; near with --near-dup), split, shuffle; records pass unchanged.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary table.")] = False,
 ) -> None:
     """Clean raw files into JSONL records: text, chat, preference, verifiable or classification.
@@ -60,6 +77,9 @@ def prep(
       tiaoyu prep 'corpus/**/*.txt' --separator % --near-dup -o text.jsonl
       tiaoyu prep alpaca.json sharegpt.jsonl.gz --to chat --shuffle --split val=0.01 -o sft/
       tiaoyu prep raw/ | tiaoyu tokenize train - -o tok/
+      tiaoyu prep big/ --workers 8 -o data.jsonl
+      tiaoyu prep big/ --shard $SLURM_ARRAY_TASK_ID/16 -o parts/$SLURM_ARRAY_TASK_ID.jsonl
+      tiaoyu prep --merge parts/*.jsonl --near-dup -o data.jsonl
     """
     from tiaoyu_cli.console import console, warn
     from tiaoyu_cli.data.prep import PrepConfig, run_prep
@@ -68,6 +88,7 @@ def prep(
         to=to, nfkc=nfkc, collapse_whitespace=not keep_whitespace, min_chars=min_chars, max_chars=max_chars,
         separator=separator, dedup=not no_dedup, near_dup=near_dup, near_dup_threshold=near_dup_threshold,
         shuffle=shuffle, seed=seed, val_frac=parse_split(split), errors=errors, skip_bad=skip_bad,
+        workers=workers, shard=parse_shard(shard), merge=merge,
     )
     progress = None
     task = None
@@ -113,7 +134,8 @@ def summary_table(stats, split: bool):
     t.add_column(justify="right")
     t.add_row("output", ", ".join(stats.outputs))
     t.add_row("input files", f"{stats.files:,}" + (f" ({len(stats.binary)} binary skipped)" if stats.binary else ""))
-    t.add_row("input MB", f"{mb:,.{1 if mb >= 10 else 3}f}  ({mb / max(stats.seconds, 1e-9):,.1f} MB/s, {stats.seconds:.1f} s)")
+    t.add_row("input MB", f"{mb:,.{1 if mb >= 10 else 3}f}  ({mb / max(stats.seconds, 1e-9):,.1f} MB/s, {stats.seconds:.1f} s"
+              + (f", {stats.workers} workers" if stats.workers > 1 else "") + ")")
     t.add_row("records read", f"{stats.read:,}")
     kept = f"{stats.kept:,}"
     if split:

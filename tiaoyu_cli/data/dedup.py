@@ -40,6 +40,7 @@ from array import array
 import numpy as np
 
 _MASK64 = (1 << 64) - 1
+_U64 = np.uint64
 
 
 def hash64(data: bytes) -> int:
@@ -88,14 +89,48 @@ class U64Set:
                 return True
             i = (i + 1) & mask
 
+    def add_many(self, hashes) -> np.ndarray:
+        """Insert a batch (array-like of uint64, in order); return a bool array, True where the hash
+        was new — not in the set before and not earlier in the batch. The same answers as calling
+        `add` on each in turn, in a few numpy passes instead of a Python loop per hash."""
+        hs = np.asarray(hashes, dtype=np.uint64)
+        out = np.zeros(len(hs), dtype=bool)
+        if not len(hs):
+            return out
+        _, first = np.unique(hs, return_index=True)  # later copies inside the batch are never new
+        while 2 * (self._n + len(first)) > len(self._table):
+            self._grow()
+        table = np.frombuffer(self._table, dtype=np.uint64)  # a writable view, no copy
+        mask = _U64(self._mask)
+        keys = hs[first]
+        slot = (keys ^ (keys >> _U64(29))) & mask  # the slot `add` would start at
+        new = np.zeros(len(keys), dtype=bool)
+        todo = np.arange(len(keys))
+        while todo.size:
+            k, s = keys[todo], slot[todo]
+            v = table[s]
+            empty = v == 0
+            won = np.zeros(len(todo), dtype=bool)
+            e = np.nonzero(empty)[0]
+            if e.size:  # several keys may reach one empty slot: one of them takes it, the rest probe on
+                _, w = np.unique(s[e], return_index=True)
+                won[e[w]] = True
+                table[s[won]] = k[won]
+                new[todo[won]] = True
+            move = ~empty & (v != k)  # a different key sits there: linear probing
+            slot[todo[move]] = (s[move] + _U64(1)) & mask
+            todo = todo[move | (empty & ~won)]
+        self._n += int(new.sum())
+        out[first[new]] = True
+        return out
+
     def _grow(self) -> None:
-        old = self._table
+        old = np.frombuffer(self._table, dtype=np.uint64)
+        values = old[old != 0].copy()
         self._table = array("Q", bytes(16 * len(old)))
         self._mask = len(self._table) - 1
         self._n = 0
-        for v in old:
-            if v:
-                self.add(v)
+        self.add_many(values)
 
     def nbytes(self) -> int:
         return len(self._table) * 8
@@ -114,9 +149,6 @@ def choose_bands(num_perm: int, threshold: float) -> tuple[int, int]:
         if err < best_err:
             best, best_err = (b, r), err
     return best
-
-
-_U64 = np.uint64
 
 
 def _mix64(h: np.ndarray) -> np.ndarray:
@@ -194,10 +226,16 @@ class MinHashDedup:
             key = _mix64(key * _U64(0x100000001B3) ^ rows[:, :, j])
         return key | _U64(1)
 
+    def keys(self, texts: list[str]) -> list[list[int]]:
+        """The band keys of each text: the vectorised, order-free half of `check` (prep's workers
+        compute them; the parent decides in input order with `check_keys`)."""
+        return self.band_keys(self.signatures(texts)).tolist() if texts else []
+
     def check(self, texts: list[str]) -> list[bool]:
-        if not texts:
-            return []
-        keys = self.band_keys(self.signatures(texts)).tolist()
+        return self.check_keys(self.keys(texts))
+
+    def check_keys(self, keys: list[list[int]]) -> list[bool]:
+        """For band keys in input order: True where an earlier kept document shares a band."""
         out = []
         seen = self._seen
         for row in keys:

@@ -2,6 +2,9 @@
 
     tiaoyu prep raw/ > data.jsonl
     tiaoyu prep a.jsonl b.json.gz notes/*.md --near-dup --shuffle --split val=0.01 -o data/
+    tiaoyu prep big/ --workers 8 -o data.jsonl                    # same bytes as --workers 1
+    tiaoyu prep big/ --shard 3/16 -o part-03.jsonl                # one task of a cluster job array
+    tiaoyu prep --merge part-*.jsonl --near-dup -o data.jsonl     # dedup across the shards
 
 Pipeline, one record at a time (streaming):
 
@@ -31,6 +34,21 @@ document stops growing past 4 × --max-chars raw characters (it is then dropped 
 Split. With `--split val=F`, a record goes to val when a hash of its content and `--seed`
 falls below F: the same record always lands in the same split, whatever the input order.
 
+Workers. `--workers N` runs the per-record work (parse, convert, clean, filter, serialise,
+hash: prep_records.py) in N processes over blocks of input lines; the parent keeps everything
+that depends on other records — exact dedup on the 64-bit hashes, near-dup decisions on the
+band keys the workers computed, the split, the shuffle, the writes — and takes the blocks'
+results in input order. The output is byte-identical to one worker's; dedup stays global.
+`.json` files are parsed by the parent; plain-text documents are cut by the parent and cleaned
+by the workers.
+
+Shards and merge. `--shard I/N` reads only the I-th of N slices of the inputs (prep_io.py says
+how they are cut). `--merge` reads files that prep wrote and passes their records through
+unchanged except for dedup (exact, and near with --near-dup) across all of them, the split
+and the shuffle; merging the N shard outputs in shard order gives the output of one run over
+everything with exact dedup; with --near-dup it may drop a few more (a chain a ≈ b ≈ c whose
+links straddle shards). Shuffle after merging.
+
 Failure. A malformed line, a wrong field type, an unknown format, invalid UTF-8 (with
 `--errors strict`), an empty input or a missing path raises a DataError naming the file, the
 line and the field; output files are written atomically, so nothing partial is left behind
@@ -42,27 +60,32 @@ on). `--skip-bad` drops bad records and counts them instead. Invalid UTF-8 follo
 from __future__ import annotations
 
 import contextlib
-import glob as globlib
 import gzip
+import io
+import multiprocessing
 import os
-import stat
 import sys
 import time
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
+import numpy as np
 import orjson
 
 from tiaoyu_cli.data import formats
-from tiaoyu_cli.data.clean import CleanConfig, clean_text
-from tiaoyu_cli.data.dedup import MinHashDedup, U64Set, hash64
+from tiaoyu_cli.data.dedup import MinHashDedup, U64Set
+from tiaoyu_cli.data.prep_io import (JSONL_SUFFIXES, Source, StdoutSink, base_name, expand_inputs, is_binary,
+                                     iter_blocks, output_paths, plan_shard, seek_line_start)
+from tiaoyu_cli.data.prep_records import BlockResult, RecordCleaner, Stop, init_worker, run_job
 from tiaoyu_cli.data.shuffle import ExternalShuffle
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.io import atomic_open
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
+__all__ = ["PrepConfig", "PrepStats", "Prep", "run_prep", "output_paths", "expand_inputs"]
+
 DROP_REASONS = ("empty", "too short", "too long", "chosen = rejected", "duplicate", "near-duplicate",
                 "bad record", "invalid UTF-8")
 
@@ -84,6 +107,10 @@ class PrepConfig:
     errors: str = "strict"  # strict | replace | skip
     skip_bad: bool = False
     shuffle_budget_mb: float = 32.0
+    workers: int = 1  # processes for the per-record work (0 = one per core)
+    shard: tuple[int, int] | None = None  # (I, N): read only the I-th of N slices of the inputs
+    merge: bool = False  # inputs are prep outputs: dedup / split / shuffle them, nothing else
+    block_bytes: int = 1 << 20  # JSONL bytes per job
 
     def check(self) -> None:
         if self.to is not None and self.to not in formats.KINDS:
@@ -98,6 +125,14 @@ class PrepConfig:
             raise TiaoyuError("--near-dup-threshold must be between 0 and 1")
         if self.separator is not None and not self.separator.strip():
             raise TiaoyuError("--separator must be a non-blank line such as '%' (blank lines split by default)")
+        if self.workers < 0:
+            raise TiaoyuError(f"--workers must be 0 (one per core) or more, not {self.workers}")
+        if self.shard is not None and not (self.shard[1] >= 1 and 0 <= self.shard[0] < self.shard[1]):
+            raise TiaoyuError(f"--shard I/N needs 0 <= I < N, got {self.shard[0]}/{self.shard[1]}")
+        if self.merge and self.to is not None:
+            raise TiaoyuError("--merge passes prep's records through as they are: --to does not apply")
+        if self.block_bytes < 1:
+            raise TiaoyuError("block_bytes must be positive")
 
 
 @dataclass
@@ -112,247 +147,108 @@ class PrepStats:
     kinds: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)
+    workers: int = 1
 
     @property
     def kept(self) -> int:
         return self.kept_train + self.kept_val
 
 
-# ----- inputs ---------------------------------------------------------------------------------
+class _Done:
+    """A result computed in this process, queued like a worker's so that the order holds."""
 
+    def __init__(self, res: BlockResult):
+        self.res = res
 
-@dataclass
-class Source:
-    path: str  # '-' for stdin
-    size: int | None  # bytes on disk (None for stdin)
-
-
-def _walk(folder: Path) -> Iterator[Path]:
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in sorted(files):
-            if not f.startswith("."):
-                yield Path(root) / f
-
-
-def expand_inputs(inputs: Iterable[str]) -> list[Source]:
-    """Files, folders (recursive), globs and '-' → the list of sources, each once, in order."""
-    out: list[Source] = []
-    seen: set[str] = set()
-
-    def add(p: Path) -> None:
-        key = str(p.resolve())
-        if key not in seen:
-            seen.add(key)
-            out.append(Source(str(p), p.stat().st_size))
-
-    inputs = list(inputs)
-    if not inputs:
-        raise TiaoyuError("no input: give files, folders, globs or '-' for stdin")
-    for arg in inputs:
-        if arg == "-":
-            if "-" in seen:
-                raise TiaoyuError("'-' (stdin) given twice")
-            seen.add("-")
-            out.append(Source("-", None))
-            continue
-        p = Path(arg)
-        if p.is_dir():
-            for f in _walk(p):
-                add(f)
-        elif p.is_file():
-            add(p)
-        elif any(c in arg for c in "*?["):
-            matches = sorted(globlib.glob(arg, recursive=True))
-            if not matches:
-                raise TiaoyuError(f"{arg}: no file matches this pattern")
-            for m in matches:
-                mp = Path(m)
-                if mp.is_dir():
-                    for f in _walk(mp):
-                        add(f)
-                elif mp.is_file():
-                    add(mp)
-        elif p.exists():
-            raise TiaoyuError(f"{arg}: not a regular file or folder")
-        else:
-            raise TiaoyuError(f"{arg}: no such file or folder")
-    return out
-
-
-def is_binary(sample: bytes) -> bool:
-    """NUL bytes, or more than 30% of the sample undecodable or control characters."""
-    if not sample:
-        return False
-    if b"\x00" in sample:
-        return True
-    text = sample.decode("utf-8", errors="replace")
-    bad = sum(1 for c in text if c == "\ufffd" or (c < " " and c not in "\t\n\r\f\b\x1b"))
-    return bad > 0.3 * len(text)
-
-
-def _base_name(path: str) -> str:
-    name = path.lower()
-    return name[:-3] if name.endswith(".gz") else name
-
-
-# ----- the pipeline -------------------------------------------------------------------------
-
-
-class _StdoutSink:
-    """Writes to fd 1 through our own buffer, so a failed run can discard what is not yet written
-    and, when stdout is a regular file (`> data.jsonl`), truncate it back to where it started."""
-
-    def __init__(self, fd: int = 1):
-        self.fd = fd
-        self.buf: list[bytes] = []
-        self.size = 0
-        try:
-            st = os.fstat(fd)
-            self.start = os.lseek(fd, 0, os.SEEK_CUR) if stat.S_ISREG(st.st_mode) else None
-        except OSError:
-            self.start = None
-
-    def write(self, b: bytes) -> None:
-        self.buf.append(b)
-        self.size += len(b)
-        if self.size >= 1 << 20:
-            self.flush()
-
-    def flush(self) -> None:
-        data = b"".join(self.buf)
-        self.buf, self.size = [], 0
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-
-    def abort(self) -> None:
-        self.buf, self.size = [], 0
-        if self.start is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, self.start)
-
-
-def output_paths(out: str | None, val_frac: float) -> tuple[str | None, str | None]:
-    """(train path, val path); None means stdout. See `tiaoyu prep --help` for the naming."""
-    if out is None or out == "-":
-        if val_frac > 0:
-            raise TiaoyuError("--split writes two files: give -o FILE.jsonl (→ FILE.train.jsonl, FILE.val.jsonl) or -o DIR/")
-        return None, None
-    p = Path(out)
-    if p.is_dir() or out.endswith(("/", os.sep)):
-        return (str(p / "train.jsonl"), str(p / "val.jsonl")) if val_frac > 0 else (str(p / "data.jsonl"), None)
-    if val_frac > 0:
-        stem = out[: -len(p.suffix)] if p.suffix in (".jsonl", ".json", ".ndjson") else out
-        return f"{stem}.train.jsonl", f"{stem}.val.jsonl"
-    return out, None
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return x ^ (x >> 31)
+    def get(self) -> BlockResult:
+        return self.res
 
 
 class Prep:
-    """One run of `tiaoyu prep`. Use `run_prep()`; this class holds the state of the stream."""
+    """One run of `tiaoyu prep`. Use `run_prep()`; this class holds the state of the stream: it reads
+    the inputs into jobs, sends them to the workers (or runs them here), and consumes the results
+    in input order — global dedup, near-dup, split, writes."""
 
-    def __init__(self, cfg: PrepConfig, on_progress: Callable[[int], None] | None = None):
+    def __init__(self, cfg: PrepConfig, on_progress: Callable[[int], None] | None = None, pool=None):
         cfg.check()
         self.cfg = cfg
         self.stats = PrepStats()
-        self.clean_cfg = CleanConfig(nfkc=cfg.nfkc, collapse_whitespace=cfg.collapse_whitespace)
+        self.cleaner = RecordCleaner(cfg)
         self.seen = U64Set() if cfg.dedup else None
         self.near = MinHashDedup(cfg.near_dup_threshold, seed=cfg.seed) if cfg.near_dup else None
-        self.pending: list[tuple[str, bytes, int, str]] = []  # records waiting for the near-dup check
-        self.val_cut = int(cfg.val_frac * (1 << 64))
-        self.seed_mix = _splitmix64(cfg.seed & 0xFFFFFFFFFFFFFFFF)
         self.on_progress = on_progress
         self._done_bytes = 0
-        self.write_train: Callable[[bytes], None] = lambda b: None
-        self.write_val: Callable[[bytes], None] = lambda b: None
+        self.pool = pool
+        self.pending: deque = deque()  # results (or promises of them) in input order
+        self.max_pending = 2 * pool._processes + 2 if pool is not None else 0
+        self.write_train: Callable[[list[bytes]], None] = lambda lines: None  # lines in output order
+        self.write_val: Callable[[list[bytes]], None] = lambda lines: None
 
-    # ----- errors and drops --------------------------------------------------------------
+    # ----- jobs and results, in input order ---------------------------------------------
+
+    def submit(self, job: tuple) -> None:
+        if self.pool is None:
+            self.pending.append(_Done(self.cleaner.run(job)))
+        else:
+            self.pending.append(self.pool.apply_async(run_job, (job,)))
+        self._bound()
+
+    def local(self, fn: Callable[[BlockResult], None]) -> None:
+        """Run `fn(result)` with this process's cleaner (for .json files) and queue the result."""
+        res = BlockResult()
+        try:
+            fn(res)
+        except Stop:
+            pass
+        self.pending.append(_Done(self.cleaner.finish(res)))
+        self._bound()
+
+    def _bound(self) -> None:
+        while len(self.pending) > self.max_pending:
+            self.consume(self.pending.popleft().get())
+
+    def drain(self) -> None:
+        while self.pending:
+            self.consume(self.pending.popleft().get())
+
+    def fail(self, message: str, path: str, line: int | None = None, fld: str | None = None):
+        """An error found by the parent: earlier records (and their errors) come first."""
+        self.drain()
+        raise DataError(message, path, line, fld)
+
+    def consume(self, res: BlockResult) -> None:
+        """Decide a block's records in input order: global exact dedup (one numpy pass over the
+        hashes), near-dup on the band keys, then the split the worker worked out; write."""
+        st = self.stats
+        st.read += res.read
+        for reason, n in res.drops.items():
+            st.dropped[reason] += n
+        n = len(res.hashes)
+        if n:
+            keep = self.seen.add_many(res.hashes) if self.seen is not None else np.ones(n, dtype=bool)
+            st.dropped["duplicate"] += n - int(keep.sum())
+            if self.near is not None:
+                dup = self.near.check_keys(res.band_keys[keep].tolist())  # type: ignore[index]
+                idx = np.nonzero(keep)[0]
+                keep[idx[np.array(dup, dtype=bool)]] = False
+                st.dropped["near-duplicate"] += sum(dup)
+            for code, c in enumerate(np.bincount(np.frombuffer(res.kinds, dtype=np.uint8)[keep],
+                                                 minlength=len(formats.KINDS)).tolist()):
+                if c:
+                    st.kinds[formats.KINDS[code]] = st.kinds.get(formats.KINDS[code], 0) + c
+            val = np.frombuffer(res.val, dtype=bool) if res.val is not None else None
+            train = keep & ~val if val is not None else keep
+            st.kept_train += int(train.sum())
+            self.write_train(_pieces(res, train))
+            if val is not None and (keep & val).any():
+                st.kept_val += int((keep & val).sum())
+                self.write_val(_pieces(res, keep & val))
+        if res.error is not None:
+            raise DataError(*res.error)
 
     def drop(self, reason: str) -> None:
-        self.stats.dropped[reason] += 1
-
-    def bad(self, message: str, path: str, line: int | None, fld: str | None = None) -> None:
-        """A bad record: an error naming file, line and field, or (--skip-bad) a counted drop."""
-        if not self.cfg.skip_bad:
-            raise DataError(message, path, line, fld)
         self.stats.read += 1
-        self.drop("bad record")
-
-    # ----- records -----------------------------------------------------------------------
-
-    def add_json(self, obj, path: str, line: int | None) -> None:
-        try:
-            kind, recs = formats.convert(obj, self.cfg.to)
-        except formats.FormatError as e:
-            self.bad(str(e), path, line, e.field)
-            return
-        for rec in recs:
-            self.add_record(kind, rec)
-
-    def add_text(self, text: str, path: str, line: int) -> None:
-        if self.cfg.to not in (None, "text"):
-            raise DataError(f"plain text becomes text records only, not {self.cfg.to} (drop --to or give JSON records)", path, line)
-        self.add_record("text", {"text": text})
-
-    def add_record(self, kind: str, rec: dict) -> None:
-        st, cfg = self.stats, self.cfg
-        st.read += 1
-        if kind == "text":
-            text = clean_text(rec["text"], self.clean_cfg)
-            rec = {"text": text}
-            if not text.strip():
-                return self.drop("empty")
-            n = len(text)
-        else:
-            rec = formats.map_strings(kind, rec, lambda s: clean_text(s, self.clean_cfg))
-            if formats.empty_part(kind, rec):
-                return self.drop("empty")
-            text = formats.record_text(kind, rec)
-            n = len(text)
-            if kind == "preference" and rec["chosen"] == rec["rejected"]:
-                return self.drop("chosen = rejected")
-        if n < cfg.min_chars:
-            return self.drop("too short")
-        if cfg.max_chars and n > cfg.max_chars:
-            return self.drop("too long")
-        line = orjson.dumps(rec) + b"\n"
-        h = hash64(line)
-        if self.seen is not None and not self.seen.add(h):
-            return self.drop("duplicate")
-        if self.near is not None:  # decided in batches (numpy), in input order
-            self.pending.append((kind, line, h, text))
-            if len(self.pending) >= 256:
-                self.flush_near()
-            return
-        self.emit(kind, line, h)
-
-    def flush_near(self) -> None:
-        if not self.pending:
-            return
-        batch, self.pending = self.pending, []
-        for (kind, line, h, _), dup in zip(batch, self.near.check([t for *_, t in batch])):  # type: ignore[union-attr]
-            if dup:
-                self.drop("near-duplicate")
-            else:
-                self.emit(kind, line, h)
-
-    def emit(self, kind: str, line: bytes, h: int) -> None:
-        st = self.stats
-        st.kinds[kind] = st.kinds.get(kind, 0) + 1
-        if self.val_cut and _splitmix64(h ^ self.seed_mix) < self.val_cut:
-            st.kept_val += 1
-            self.write_val(line)
-        else:
-            st.kept_train += 1
-            self.write_train(line)
+        self.stats.dropped[reason] += 1
 
     # ----- reading -----------------------------------------------------------------------
 
@@ -363,28 +259,38 @@ class Prep:
     def read_source(self, src: Source) -> None:
         st = self.stats
         st.files += 1
+        first = "jsonl" if self.cfg.merge else "sniff"
         if src.path == "-":
             stdin: BinaryIO = sys.stdin.buffer
             if stdin.peek(2)[:2] == b"\x1f\x8b":  # gzip magic: `zcat`-free pipes work too
                 stdin = gzip.GzipFile(fileobj=stdin, mode="rb")  # type: ignore[assignment]
             try:
-                self._read_stream(stdin, "-", "sniff", raw=None)
+                self._read_stream(stdin, "-", first, raw=None)
             except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-                raise DataError(f"not a valid gzip stream ({e})", "-") from None
+                self.fail(f"not a valid gzip stream ({e})", "-")
             return
-        name = _base_name(src.path)
-        mode = "jsonl" if name.endswith(JSONL_SUFFIXES) else "json" if name.endswith(".json") else "text"
+        name = base_name(src.path)
+        mode = "jsonl" if self.cfg.merge or name.endswith(JSONL_SUFFIXES) else "json" if name.endswith(".json") else "text"
+        size = (src.end - src.start) if src.end is not None else (src.size or 0)
         with open(src.path, "rb") as raw:
-            if src.path.lower().endswith(".gz"):
-                f: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
+            if src.end is not None:  # a slice of a JSONL file (--shard)
+                if is_binary(raw.peek(8192)[:8192]):
+                    st.binary.append(src.path)
+                else:
+                    pos, lineno = seek_line_start(raw, src.start)
+                    self._read_jsonl(iter_blocks(raw, self.cfg.block_bytes, b"", lineno, pos, src.end), src.path, raw,
+                                     start=pos)
             else:
-                f = raw
-            try:
-                self._read_stream(f, src.path, mode, raw=raw)
-            except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-                raise DataError(f"not a valid gzip file ({e})", src.path) from None
-        st.bytes_in += src.size or 0
-        self._done_bytes += src.size or 0
+                if src.path.lower().endswith(".gz"):
+                    f: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
+                else:
+                    f = raw
+                try:
+                    self._read_stream(f, src.path, mode, raw=raw)
+                except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+                    self.fail(f"not a valid gzip file ({e})", src.path)
+        st.bytes_in += size
+        self._done_bytes += size
         self._progress(0)
 
     def _read_stream(self, f: BinaryIO, path: str, mode: str, raw: BinaryIO | None) -> None:
@@ -392,10 +298,9 @@ class Prep:
         if is_binary(sample):
             self.stats.binary.append(path)
             return
-        lines: Iterator[bytes] = iter(f)
+        head: list[bytes] = []
         if mode == "sniff":
-            head: list[bytes] = []
-            for b in lines:
+            for b in f:
                 head.append(b)
                 if b.strip():
                     break
@@ -410,58 +315,27 @@ class Prep:
                     mode = "json"
             else:
                 mode = "text"
-            lines = _chain(head, lines)
         if mode == "jsonl":
-            self._read_jsonl(lines, path, raw)
+            self._read_jsonl(iter_blocks(f, self.cfg.block_bytes, b"".join(head)), path, raw,
+                             start=0 if raw is not None and f is raw else None)
         elif mode == "json":
-            self._read_json(b"".join(lines), path)
+            self._read_json(b"".join(head) + f.read(), path)
         else:
-            self._read_text(lines, path, raw)
+            self._read_text(_chain(head, iter(f)), path, raw)
 
-    def _decode_error(self, raw_line: bytes, e: UnicodeDecodeError, path: str, lineno: int) -> str | None:
-        """Apply --errors to a line with invalid UTF-8: the replaced text, None (skip), or an error."""
-        if self.cfg.errors == "replace":
-            return raw_line.decode("utf-8", errors="replace")
-        if self.cfg.errors == "skip":
-            return None
-        raise DataError(f"invalid UTF-8 at byte {e.start} of the line ({e.reason}); use --errors replace or skip",
-                        path, lineno)
-
-    def _read_jsonl(self, lines: Iterable[bytes], path: str, raw: BinaryIO | None) -> None:
-        lineno = counted = 0
-        count = raw is None and path == "-"  # stdin has no size on disk: count what passes
-        for b in lines:
-            lineno += 1
-            if count:
-                counted += len(b)
-            if lineno % 8192 == 0:
-                self._progress(raw.tell() if raw is not None else counted)
-            if not b.strip():
-                continue
-            try:
-                obj = orjson.loads(b)
-            except orjson.JSONDecodeError as e:
-                try:
-                    b.decode("utf-8")
-                except UnicodeDecodeError as ue:
-                    text = self._decode_error(b, ue, path, lineno)
-                    if text is None:
-                        self.stats.read += 1
-                        self.drop("invalid UTF-8")
-                        continue
-                    try:
-                        obj = orjson.loads(text)
-                    except orjson.JSONDecodeError as e2:
-                        self.bad(f"malformed JSON ({e2})", path, lineno)
-                        continue
-                else:
-                    self.bad(f"malformed JSON ({e})", path, lineno)
-                    continue
-            if not isinstance(obj, dict):
-                self.bad(f"expected a JSON object, got {formats._type_name(obj)}", path, lineno)
-                continue
-            self.add_json(obj, path, lineno)
-        self.stats.bytes_in += counted
+    def _read_jsonl(self, blocks: Iterable[tuple[bytes, int]], path: str, raw: BinaryIO | None,
+                    start: int | None = None) -> None:
+        """Blocks → jobs. From a plain file (`start` = the byte offset of the first block) workers get
+        only (offset, length) and read the bytes themselves: half the traffic through the pipes."""
+        job = "merge" if self.cfg.merge else "jsonl"
+        counted = 0
+        by_range = start is not None and self.pool is not None
+        for block, lineno in blocks:
+            self.submit((job, (start + counted, len(block)) if by_range else block, path, lineno))
+            counted += len(block)
+            self._progress(raw.tell() if raw is not None else counted)
+        if raw is None and path == "-":  # stdin has no size on disk: count what passed
+            self.stats.bytes_in += counted
 
     def _read_json(self, data: bytes, path: str) -> None:
         stripped = data.lstrip()
@@ -475,63 +349,73 @@ class Prep:
                 except orjson.JSONDecodeError:
                     obj = None
                 if isinstance(obj, dict):
-                    return self._read_jsonl(_chain([], iter(data.splitlines(keepends=True))), path, None)
+                    return self._read_jsonl(iter_blocks(io.BytesIO(data), self.cfg.block_bytes), path, None)
         try:
             data.decode("utf-8")
         except UnicodeDecodeError as ue:
             if self.cfg.errors == "strict":
                 line = data.count(b"\n", 0, ue.start) + 1
-                raise DataError(f"invalid UTF-8 ({ue.reason}); use --errors replace or skip", path, line) from None
+                self.fail(f"invalid UTF-8 ({ue.reason}); use --errors replace or skip", path, line)
             if self.cfg.errors == "skip":  # a whole .json document is one unit
-                self.stats.read += 1
                 self.drop("invalid UTF-8")
                 return
             data = data.decode("utf-8", errors="replace").encode("utf-8")
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError as e:
-            raise DataError(f"malformed JSON ({e})", path, data.count(b"\n", 0, e.pos) + 1) from None
+            self.fail(f"malformed JSON ({e})", path, data.count(b"\n", 0, e.pos) + 1)
+        c = self.cleaner
         if isinstance(obj, list):
-            for i, item in enumerate(obj):
-                where = f"{path}[{i}]"
-                if not isinstance(item, dict):
-                    self.bad(f"expected a JSON object, got {formats._type_name(item)}", where, None)
-                    continue
-                self.add_json(item, where, None)
-            return
+            def items(res: BlockResult) -> None:
+                for i, item in enumerate(obj):
+                    where = f"{path}[{i}]"
+                    if not isinstance(item, dict):
+                        c.bad(res, f"expected a JSON object, got {formats._type_name(item)}", where, None)
+                        continue
+                    c.add_json(item, where, None, res)
+            return self.local(items)
         if isinstance(obj, dict):
             try:
                 formats.detect(obj)
             except formats.FormatError:
                 lists = [(k, v) for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
                 if len(lists) == 1:  # {"data": [records...]}
-                    k, items = lists[0]
-                    for i, item in enumerate(items):
-                        self.add_json(item, f"{path}[{k}][{i}]", None)
-                    return
-            self.add_json(obj, path, None)
-            return
-        self.bad(f"expected a JSON array or object, got {formats._type_name(obj)}", path, None)
+                    k, inner = lists[0]
+
+                    def inner_items(res: BlockResult) -> None:
+                        for i, item in enumerate(inner):
+                            c.add_json(item, f"{path}[{k}][{i}]", None, res)
+                    return self.local(inner_items)
+            return self.local(lambda res: c.add_json(obj, path, None, res))
+        self.local(lambda res: c.bad(res, f"expected a JSON array or object, got {formats._type_name(obj)}", path, None))
 
     def _read_text(self, lines: Iterable[bytes], path: str, raw: BinaryIO | None) -> None:
-        sep = self.cfg.separator.strip() if self.cfg.separator is not None else None
-        limit = 4 * self.cfg.max_chars if self.cfg.max_chars else 0
+        cfg = self.cfg
+        sep = cfg.separator.strip() if cfg.separator is not None else None
+        limit = 4 * cfg.max_chars if cfg.max_chars else 0
         doc: list[str] = []
+        docs: list[str] = []  # finished documents, sent to the cleaner in batches
+        batch_chars = 0
         start = chars = 0
         too_long = bad_utf8 = False
         lineno = counted = 0
         count = raw is None and path == "-"
 
         def flush() -> None:
-            nonlocal doc, chars, too_long, bad_utf8
+            nonlocal doc, chars, too_long, bad_utf8, docs, batch_chars
             if too_long:
-                self.stats.read += 1
                 self.drop("too long")
             elif bad_utf8:
-                self.stats.read += 1
                 self.drop("invalid UTF-8")
             elif doc:
-                self.add_text("\n".join(doc), path, start)
+                if cfg.to not in (None, "text"):
+                    self.fail(f"plain text becomes text records only, not {cfg.to} (drop --to or give JSON records)",
+                              path, start)
+                docs.append("\n".join(doc))
+                batch_chars += chars
+                if batch_chars >= cfg.block_bytes or len(docs) >= 4096:
+                    self.submit(("text", docs))
+                    docs, batch_chars = [], 0
             doc, chars, too_long, bad_utf8 = [], 0, False, False
 
         for b in lines:
@@ -543,14 +427,16 @@ class Prep:
             try:
                 s = b.decode("utf-8")
             except UnicodeDecodeError as e:
-                t = self._decode_error(b, e, path, lineno)
-                if t is None:
+                if cfg.errors == "strict":
+                    self.fail(f"invalid UTF-8 at byte {e.start} of the line ({e.reason}); use --errors replace or skip",
+                              path, lineno)
+                if cfg.errors == "skip":
                     bad_utf8 = True
                     if not doc:
                         start = lineno
                         doc = [""]  # the document exists (to be dropped at its end)
                     continue
-                s = t
+                s = b.decode("utf-8", errors="replace")
             s = s.rstrip("\r\n")
             if (sep is None and not s.strip()) or (sep is not None and s.strip() == sep):
                 flush()
@@ -564,12 +450,45 @@ class Prep:
             if limit and chars > limit:
                 too_long, doc = True, [""]
         flush()
+        if docs:
+            self.submit(("text", docs))
         self.stats.bytes_in += counted
 
 
 def _chain(head: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
     yield from head
     yield from rest
+
+
+def _pieces(res: BlockResult, mask: np.ndarray) -> list[memoryview]:
+    """The lines where `mask` holds, as few slices of the blob as possible (runs of kept lines)."""
+    edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
+    starts, ends = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+    off, blob = res.offsets, memoryview(res.blob)
+    return [blob[off[a]:off[b]] for a, b in zip(starts.tolist(), ends.tolist())]
+
+
+def _joined(write: Callable[[bytes], object]) -> Callable[[list[bytes]], None]:
+    def put(lines: list[bytes]) -> None:
+        if lines:
+            write(b"".join(lines))
+    return put
+
+
+def _each(add: Callable[[bytes], None]) -> Callable[[list[memoryview]], None]:
+    """For the shuffle: one line at a time, out of the pieces."""
+    def put(pieces: list[memoryview]) -> None:
+        for piece in pieces:
+            for line in bytes(piece).splitlines(keepends=True):
+                add(line)
+    return put
+
+
+def _pool(cfg: PrepConfig, workers: int):
+    """Worker processes: forked where the platform can (nothing re-imported), else spawned. Made
+    before any progress-bar thread exists."""
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method).Pool(workers, initializer=init_worker, initargs=(cfg,))
 
 
 def run_prep(inputs: list[str], out: str | None, cfg: PrepConfig,
@@ -580,16 +499,24 @@ def run_prep(inputs: list[str], out: str | None, cfg: PrepConfig,
     t0 = time.perf_counter()
     cfg.check()
     sources = expand_inputs(inputs)
+    if cfg.shard is not None:
+        sources = plan_shard(sources, *cfg.shard)
     train_path, val_path = output_paths(out, cfg.val_frac)
-    if on_start is not None:
-        on_start(sum(s.size or 0 for s in sources))
-    prep = Prep(cfg, on_progress)
-    st = prep.stats
-    stdout = _StdoutSink() if train_path is None else None
+    workers = cfg.workers or os.cpu_count() or 1
+    stdout = StdoutSink() if train_path is None else None
     tmp_parent = str(Path(train_path).parent) if train_path else None
     budget = int(cfg.shuffle_budget_mb * (1 << 20))
     try:
         with contextlib.ExitStack() as stack:
+            pool = None
+            if workers > 1:
+                pool = _pool(cfg, workers)
+                stack.callback(pool.terminate)
+            if on_start is not None:
+                on_start(sum((s.end - s.start) if s.end is not None else (s.size or 0) for s in sources))
+            prep = Prep(cfg, on_progress, pool)
+            st = prep.stats
+            st.workers = workers
             train_f = stack.enter_context(atomic_open(train_path, "wb")) if train_path else None
             val_f = stack.enter_context(atomic_open(val_path, "wb")) if val_path else None
             write_train = stdout.write if stdout is not None else train_f.write  # type: ignore[union-attr]
@@ -601,17 +528,17 @@ def run_prep(inputs: list[str], out: str | None, cfg: PrepConfig,
                 stack.callback(sh_train.close)
                 sh_val = ExternalShuffle(cfg.seed + 1, max(budget // 8, 1 << 20), tmp_parent)
                 stack.callback(sh_val.close)
-                prep.write_train, prep.write_val = sh_train.add, sh_val.add
+                prep.write_train, prep.write_val = _each(sh_train.add), _each(sh_val.add)
             else:
-                prep.write_train, prep.write_val = write_train, write_val
+                prep.write_train, prep.write_val = _joined(write_train), _joined(write_val)
             for src in sources:
                 prep.read_source(src)
-            prep.flush_near()
-            if st.read == 0:
+            prep.drain()
+            if cfg.shard is None and st.read == 0:  # a shard of a small input may well be empty
                 names = ", ".join(s.path for s in sources[:3]) + (" …" if len(sources) > 3 else "")
                 why = f" ({len(st.binary)} binary file(s) skipped)" if st.binary else ""
                 raise DataError(f"empty input: no records found{why}", names)
-            if st.kept == 0:
+            if cfg.shard is None and st.kept == 0:
                 reasons = ", ".join(f"{k}: {v}" for k, v in st.dropped.items() if v)
                 raise TiaoyuError(f"no records kept: all {st.read} dropped ({reasons})")
             if cfg.shuffle:
