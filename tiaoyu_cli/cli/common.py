@@ -57,6 +57,31 @@ _LAUNCH = {"nproc", "nnodes", "node_rank", "master_addr", "master_port", "fsdp"}
 
 _PANEL = "Training loop"
 
+# the options of chat fine-tuning (sft, lora: train.finetune.ChatOptions)
+CHAT_HELP = {
+    "eval_data": "held-out records: val loss + answer accuracy by generation",
+    "eval_samples": "questions of --eval-data answered at each evaluation (0 = none)",
+    "eval_max_new_tokens": "most tokens per generated eval answer",
+    "eval_before": "evaluate the starting model too",
+    "max_len": "most tokens per record (0 = the model's max_seq_len)",
+    "overflow": "longer records: truncate | skip",
+    "pack": "pack several records per row (no attention across records)",
+    "skip_bad": "skip (and count) invalid records instead of stopping",
+    "train_parts": "which weights learn: full | ffn | attn | head | embeddings, comma-separated (default: full; "
+                   "with another --method: none)",
+    "method": "full | lora | adapter | prompt",
+    "virtual_tokens": "--method prompt: soft-prompt length",
+    "adapter_dim": "--method adapter: bottleneck width",
+    "rank": "--method lora: rank r of the low-rank pair B·A",
+    "alpha": "--method lora: scale α (update = α/r · B·A)",
+    "lora_dropout": "--method lora: dropout on the LoRA input",
+    "targets": "--method lora: layers to adapt, q,k,v,o,gate,up,down (MoE: w1/w3/w2)",
+    "replay": "pretraining token folder to mix in against forgetting",
+    "replay_ratio": "share of the loss from replayed pretraining windows",
+    "pretrain_val": "token folder whose val split measures forgetting (base_val_loss; default: --replay's)",
+}
+
+
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")

@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from typer.core import TyperGroup
 
 from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint, save_model_files
-from tiaoyu_cli.cli.common import train_options
+from tiaoyu_cli.cli.common import CHAT_HELP, config_options, train_options
 from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.io import atomic_dir
-from tiaoyu_cli.model.lora import LoraConfig, load_adapter, merge_lora, resolve_adapter_dir
+from tiaoyu_cli.model.lora import load_adapter, merge_lora, resolve_adapter_dir
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.finetune import ChatOptions, run_chat
 
-_LORA = LoraConfig()
 
 EXAMPLES = """
 Examples:
@@ -70,35 +68,20 @@ def register(app: typer.Typer) -> None:
 
 @lora_app.command("train", epilog=EXAMPLES, help="Train a LoRA adapter on chat records (the default subcommand).")
 @train_options(out="adapter", lr=2e-3, batch_size=16, warmup_steps=20, weight_decay=0.0, log_every=10)
+@config_options(ChatOptions, {**CHAT_HELP, **{k: v.removeprefix("--method lora: ") for k, v in CHAT_HELP.items()
+                                              if k in ("rank", "alpha", "lora_dropout", "targets")}},
+                args=("base", "data"), skip=("train_parts", "method", "virtual_tokens", "adapter_dim"))
 def train_cmd(
     base: Path = typer.Argument(..., help="base checkpoint (run folder or step folder); stays frozen"),
     data: Path = typer.Argument(..., help="chat records JSONL ({\"messages\": […]})"),
-    rank: int = typer.Option(_LORA.rank, help="rank r of A [r, in] and B [out, r]"),
-    alpha: float = typer.Option(_LORA.alpha, help="scale α: the update is α/r · B·A"),
-    lora_dropout: float = typer.Option(_LORA.dropout, help="dropout on the LoRA input"),
-    targets: str = typer.Option(",".join(_LORA.targets), help="layers to adapt: q,k,v,o,gate,up,down (MoE: w1/w3/w2)"),
-    eval_data: Optional[Path] = typer.Option(None, help="held-out chat records: val loss + answer accuracy by generation"),
-    eval_samples: int = typer.Option(200, help="questions of --eval-data answered at each evaluation (0 = none)"),
-    eval_max_new_tokens: int = typer.Option(32, help="most tokens per generated eval answer"),
-    eval_before: bool = typer.Option(True, "--eval-before/--no-eval-before", help="evaluate the base model too"),
-    max_len: int = typer.Option(0, help="most tokens per record (0 = the model's max_seq_len)"),
-    overflow: str = typer.Option("truncate", help="longer records: truncate | skip"),
-    pack: bool = typer.Option(False, "--pack/--no-pack", help="pack several records per row (no attention across records)"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) invalid records instead of stopping"),
-    replay: Optional[Path] = typer.Option(None, help="pretraining token folder to mix in against forgetting"),
-    replay_ratio: float = typer.Option(0.1, help="share of the loss from replayed pretraining windows"),
-    pretrain_val: Optional[Path] = typer.Option(None, help="token folder whose val split measures forgetting"),
     *,
+    cfg: ChatOptions,
     train: TrainConfig,
 ) -> None:
-    if eval_samples < 0 or max_len < 0:
+    if cfg.eval_samples < 0 or cfg.max_len < 0:
         raise TiaoyuError("--eval-samples and --max-len must not be negative")
-    o = ChatOptions(base=base, data=data, eval_data=eval_data, eval_samples=eval_samples,
-                    eval_max_new_tokens=eval_max_new_tokens, eval_before=eval_before, max_len=max_len,
-                    overflow=overflow, pack=pack, skip_bad=skip_bad, method="lora", rank=rank, alpha=alpha,
-                    lora_dropout=lora_dropout, targets=targets, replay=replay, replay_ratio=replay_ratio,
-                    pretrain_val=pretrain_val)
-    run_chat(o, train, stage_name="lora", save_as="adapter", log=say)
+    cfg.method = "lora"
+    run_chat(cfg, train, stage_name="lora", save_as="adapter", log=say)
 
 
 @lora_app.command("merge", help="Fold a LoRA adapter into its base: W ← W + (α/r)·B·A, written as a full checkpoint.")
