@@ -246,3 +246,17 @@ def test_a_killed_holder_leaves_no_lock(tmp_path):
     lock = RunLock(out)
     lock.acquire()  # the OS released the dead holder's lock
     lock.release()
+
+
+@pytest.mark.parametrize("stage", ["grpo", "dpo"])
+def test_rl_stages_run_under_nproc(stage, files, tmp_path):
+    """The RL stages take --nproc like every training command: each process samples its own rollouts (or
+    pairs) and DDP averages the gradients; rank 0 alone writes."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "tiaoyu_cli", *argv(stage, files, out, "--max-steps", "2", "--nproc", "2")],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    info = json.loads((out / "latest" / "trainer.json").read_text())
+    assert info["world_size"] == 2 and info["step"] == 2
+    assert sorted(losses(out)) == [1, 2]

@@ -131,9 +131,12 @@ class RolloutStage(BaseStage):
             self.ref_model.to(self.device)
         if hasattr(self.reward, "model"):
             self.reward.model.to(self.device)
-        if trainer.dist.enabled:
-            raise TiaoyuError(f"{self.name} runs in one process (its rollouts are not split across processes yet)")
-        self.sampler = EpochSampler(len(self.prompts), self.cfg.rollout_batch_size, self.seed)
+        # under DDP every process samples its own rollout_batch_size prompts (its slice of the epoch order) with
+        # its own seed; the same number of micro-batches per rollout keeps the processes in step, and DDP
+        # averages their gradients: a rollout of world × rollout_batch_size prompts per optimizer step
+        self.rank = trainer.dist.rank
+        self.sampler = EpochSampler(len(self.prompts), self.cfg.rollout_batch_size, self.seed, rank=self.rank,
+                                    world=trainer.dist.world_size)
         ga = trainer.cfg.grad_accum
         if self.micro_per_rollout % ga:
             raise TiaoyuError(f"one rollout gives {self.micro_per_rollout} micro-batches (prompts × answers × epochs / "
@@ -173,14 +176,14 @@ class RolloutStage(BaseStage):
     def collect(self) -> None:
         model = self.trainer.raw_model
         examples = [self.prompts[i] for i in self.sampler.next_indices()]
-        ro = self.sample(model, examples, derive_seed(self.seed, "rollout", self.rollouts))
+        ro = self.sample(model, examples, derive_seed(self.seed, "rollout", self.rollouts, *self._rank_part()))
         scores = self.reward(self.expand(examples), ro)
         targets, extra = self.make_targets(ro, scores, examples)
         n = ro.ids.shape[0]
         self.buffer = {"ids": ro.ids, "attention_mask": ro.attention_mask, "mask": ro.mask,
                        **{k: v.to(self.device) for k, v in targets.items()}}
         self.prompt_len = ro.prompt_len
-        g = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.rollouts) % (2 ** 62))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.rollouts, *self._rank_part()) % (2 ** 62))
         order = [torch.randperm(n, generator=g) for _ in range(self.cfg.epochs)]
         self.schedule = torch.cat(order).view(-1, self.batch_size)
         self.cursor = 0
@@ -192,6 +195,10 @@ class RolloutStage(BaseStage):
             st["accuracy"] = float(scores.correct.mean())
         st.update(extra)
         self.rollout_stats = st
+
+    def _rank_part(self) -> tuple:
+        """Seeds of process 0 (and of a single process) stay those of the one-process run."""
+        return (self.rank,) if getattr(self, "rank", 0) else ()
 
     def make_targets(self, ro: Rollout, scores: Scores,
                      examples: list[PromptExample]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
