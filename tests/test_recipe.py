@@ -65,7 +65,11 @@ def test_every_stage_leaves_its_files(demo):
 
 @pytest.mark.slow
 def test_every_metric_moves_the_right_way(demo):
-    _, rows = demo
+    out, rows = demo
+
+    def last_eval(run: str) -> dict:
+        lines = [json.loads(l) for l in (out / run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        return [l for l in lines if l.get("eval")][-1]
 
     def ba(stage: str, key: str) -> tuple[float, float]:
         r = rows[(stage, key)]
@@ -77,19 +81,25 @@ def test_every_metric_moves_the_right_way(demo):
     b, a = ba("sft", "val_loss")
     assert a < b - 2.0, (b, a)  # held-out answer loss: the base has never seen the chat format
     b, a = ba("rlhf reward", "val_accuracy")
-    # the untrained head ties every pair; at this budget it learns the refusal pairs (~1/6 of them),
-    # the knowledge pairs stay near chance (see README ## Results): measured 0.5625 here
-    assert b == 0.5 and a > 0.5, (b, a)
+    # the untrained head ties every pair (0.5, loss ln 2); at this budget it learns the refusal pairs (~1/6 of
+    # them) and the knowledge pairs stay near chance, so accuracy alone is too noisy a claim here (measured
+    # 0.5625 on 48 pairs). What must move: the held-out pairwise loss below ln 2 = 0.693 (measured 0.590) and
+    # the chosen-over-rejected margin above 0 (measured 0.554)
+    assert b == 0.5, b
+    rm = last_eval("rm")
+    assert rm["val_loss"] < 0.66 and rm["val_margin"] > 0.1, rm
     b, a = ba("rlhf dpo", "val_reward_margin")
     assert b == 0 and a > 0, (b, a)
     b, a = ba("rlhf grpo", "val_kl")
-    assert a < 3.0, (b, a)  # stayed near the SFT start
+    assert 0.05 < a < 3.0, (b, a)  # the policy moved (measured 0.53), and stayed near the SFT start
     b, a = ba("distill", "val_loss")
     assert a < b - 2.0, (b, a)  # the student starts untrained
     b, a = ba("reason", "format_rate")
     assert a > b and a >= 0.8, (b, a)  # learned to think in <think> … </think> before answering
     b, a = ba("reason --rl", "val_format_rate")
-    assert a >= 0.8, (b, a)
+    assert a >= 0.8, (b, a)  # GRPO kept the think format it started with
+    # ... and it trained: the policy left its start (an unchanged policy has KL exactly 0; measured 0.008)
+    assert last_eval("reason-rl")["val_kl"] > 1e-3
 
 
 @pytest.mark.slow
