@@ -28,6 +28,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
+    optim: str = "adamw"  # adamw | muon (Muon on the blocks' hidden matrices, AdamW on the rest)
     device: str = "auto"
     dtype: str = "auto"  # auto | bf16 | fp32
     compile: bool = False
@@ -52,5 +53,7 @@ class TrainConfig:
             raise TiaoyuError("--lr must be a positive number")
         if not 0 <= self.min_lr_ratio <= 1:
             raise TiaoyuError("--min-lr-ratio must be between 0 and 1")
+        if self.optim not in ("adamw", "muon"):
+            raise TiaoyuError(f"--optim {self.optim!r}: choose adamw or muon")
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise TiaoyuError(f"--schedule {self.schedule!r}: choose cosine, wsd or constant")

@@ -11,7 +11,7 @@ One optimizer step:
 
     for each of grad_accum micro-batches:  loss = stage.step(model, batch).loss   (under autocast)
                                            (loss / grad_accum).backward()         (DDP syncs on the last)
-    clip the global grad norm → AdamW step → zero grads → step += 1
+    clip the global grad norm → optimizer step (AdamW, or Muon + AdamW) → zero grads → step += 1
 
 The loop never waits for the device between steps: losses, grad norms and metrics stay device
 tensors until a *sync point* (a log, eval or save step, the last step, an interrupt), where they
@@ -212,7 +212,8 @@ class Trainer:
         params = nn.ModuleDict({"model": self.raw_model, **({"extra": self.extras} if len(self.extras) else {})})
         if not any(p.requires_grad for p in params.parameters()):
             raise TiaoyuError("nothing to train: every parameter is frozen")
-        self.optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device)
+        self.optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device,
+                                         cfg.optim)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.model: nn.Module = self.raw_model
         if cfg.compile:
