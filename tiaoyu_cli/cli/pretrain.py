@@ -185,7 +185,7 @@ def register(app: typer.Typer) -> None:
         seq_len: int = typer.Option(0, help="tokens per training window (0 = the model's max_seq_len)"),
         sampling: str = typer.Option("random", help="random windows, or sequential passes over the stream"),
         eval_batches: int = typer.Option(16, help="batches of the val split per evaluation"),
-        threads: int = typer.Option(0, help="CPU threads per process for torch (0 = torch's default: one per core)"),
+        threads: int = typer.Option(0, help="CPU threads per process for torch (0 = chosen for the model size and the machine's load)"),
         nproc: int = typer.Option(0, help="run N processes on this machine (DDP), as torchrun --nproc_per_node N would"),
         *,
         train: TrainConfig,
@@ -198,9 +198,9 @@ def register(app: typer.Typer) -> None:
         if nproc < 0 or seq_len < 0 or threads < 0 or eval_batches <= 0:
             raise TiaoyuError("--nproc, --seq-len and --threads must not be negative, --eval-batches must be positive")
         if threads:
-            import torch
+            from tiaoyu_cli.device import pin_threads
 
-            torch.set_num_threads(threads)
+            pin_threads(threads)
         if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             build(tokens, preset, model, init, tokenizer, seq_len, train)  # fail here, once, on bad input
             from tiaoyu_cli.train.trainer import check_writable

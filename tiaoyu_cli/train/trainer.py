@@ -44,7 +44,7 @@ from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli import checkpoint as ckpt_io
 from tiaoyu_cli.train.config import TrainConfig  # noqa: F401  (re-exported: stages import it from here)
 from tiaoyu_cli.train import distributed as D
-from tiaoyu_cli.device import autocast, resolve_device, resolve_dtype
+from tiaoyu_cli.device import autocast, default_threads, resolve_device, resolve_dtype
 from tiaoyu_cli.train.optim import build_optimizer, lr_at
 
 
@@ -189,6 +189,9 @@ class Trainer:
         if self.device.type == "cpu" and self.dist.is_main:
             from tiaoyu_cli.device import busy_cpu_note
 
+            mcfg = getattr(model, "config", None)  # threads for this model size and machine, unless chosen
+            if mcfg is not None and getattr(stage, "tokens_per_step", None):
+                default_threads(2.0 * stage.tokens_per_step * mcfg.dim * mcfg.dim)
             note = busy_cpu_note()
             if note:
                 self.log(note)
