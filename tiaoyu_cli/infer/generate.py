@@ -193,8 +193,10 @@ class OneTokenStep:
             else:
                 gate, up, down = _linear(b.mlp.gate_proj), _linear(b.mlp.up_proj), _linear(b.mlp.down_proj)
                 ffn = lambda h, gate=gate, up=up, down=down: down(F.silu(gate(h)) * up(h))  # noqa: E731
-            self.layers.append((b.input_layernorm, _linear(a.q_proj), _linear(a.k_proj), _linear(a.v_proj),
-                                _linear(a.o_proj), b.post_attention_layernorm, ffn, qkv, o_t, gu, down_t))
+            self.layers.append((self._norm_args(b.input_layernorm), _linear(a.q_proj), _linear(a.k_proj),
+                                _linear(a.v_proj), _linear(a.o_proj), self._norm_args(b.post_attention_layernorm),
+                                ffn, qkv, o_t, gu, down_t))
+        self.final_norm = self._norm_args(model.model.norm)
 
     def _views(self) -> None:
         self.kc, self.vc = self.cache.k.unbind(0), self.cache.v.unbind(0)  # per layer [B, Hkv, P, hd]
@@ -206,9 +208,13 @@ class OneTokenStep:
                                                    and type(b.input_layernorm) is RMSNorm for b in model.model.layers))
 
     @staticmethod
-    def _norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    def _norm_args(norm: RMSNorm) -> tuple:
+        return norm.weight.shape, norm.weight.float(), norm.eps  # fp32 weights: .float() is the tensor itself
+
+    @staticmethod
+    def _norm(x: torch.Tensor, args: tuple) -> torch.Tensor:
         """RMSNorm.forward in one fused op (fp32, like the module)."""
-        return F.rms_norm(x.float(), norm.weight.shape, norm.weight.float(), norm.eps)
+        return F.rms_norm(x if x.dtype == torch.float32 else x.float(), *args)
 
     def select(self, keep: torch.Tensor) -> None:
         self.cache.select(keep)
@@ -221,7 +227,7 @@ class OneTokenStep:
         half, Hq = hd // 2, H + Hkv
         L, S = cache.length, cache.length + 1
         pos = self.positions
-        x = m.embed_tokens(tokens)  # [B, d]
+        x = F.embedding(tokens, m.embed_tokens.weight)  # [B, d]
         rope = cfg.position == "rope"
         if rope:
             cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, hd]
@@ -233,21 +239,24 @@ class OneTokenStep:
         for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, ffn, qkv_w, o_t, gu_w, down_t) in enumerate(self.layers):
             h = norm(x, norm1)
             if qkv_w is not None:
-                qkv = F.linear(h, qkv_w)  # [B, (H + 2·Hkv)·hd]
-                qk, v = qkv[:, :Hq * hd].view(B, Hq, hd), qkv[:, Hq * hd:].view(B, Hkv, hd)
+                qkv = F.linear(h, qkv_w).view(B, Hq + Hkv, hd)  # q‖k‖v heads: [B, H + 2·Hkv, hd]
+                qk, v = qkv[:, :Hq], qkv[:, Hq:]
             else:
                 qk = torch.cat([q_proj(h).view(B, H, hd), k_proj(h).view(B, Hkv, hd)], dim=1)
                 v = v_proj(h).view(B, Hkv, hd)
             if rope:
                 if cos.dtype != qk.dtype:
                     cos, sin = cos.to(qk.dtype), sin.to(qk.dtype)
-                qk = qk * cos + qk.roll(half, -1) * sin  # q and k rotated together: [B, H + Hkv, hd]
+                qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # q and k rotated together: [B, H + Hkv, hd]
             q, k = qk[:, :H], qk[:, H:]
             kc, vc = self.kc[i], self.vc[i]
             kc.select(2, L).copy_(k)
             vc.select(2, L).copy_(v)
+            q = q.unsqueeze(2)  # [B, H, 1, hd]
+            if q.dtype != kc.dtype:
+                q = q.to(kc.dtype)
             y = F.scaled_dot_product_attention(  # one query per row sees every cached key: no causal mask
-                q.reshape(B, H, 1, hd).to(kc.dtype), kc.narrow(2, 0, S), vc.narrow(2, 0, S),
+                q, kc.narrow(2, 0, S), vc.narrow(2, 0, S),
                 attn_mask=key_mask, enable_gqa=True).view(B, H * hd)  # [B, H·hd]
             x = torch.addmm(x, y, o_t) if o_t is not None and self.exact else x + o_proj(y)
             h = norm(x, norm2)
@@ -259,7 +268,7 @@ class OneTokenStep:
                 x = x + ffn(h)
         cache.length = S
         self.positions = pos + 1
-        return F.linear(norm(x, m.norm), self.model.output_weight)
+        return F.linear(norm(x, self.final_norm), self.model.output_weight)
 
 
 def decode_steps(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
