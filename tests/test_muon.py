@@ -120,10 +120,10 @@ def test_resume_with_muon_reproduces_losses_exactly(shards, tmp_path):
 
 def test_resume_refuses_the_other_optimizer(shards, tmp_path):
     run(shards, tmp_path / "r", max_steps=2)
-    with pytest.raises(TiaoyuError, match="does not match"):
+    with pytest.raises(TiaoyuError, match="trained with --optim muon; resume with --optim muon"):
         run(shards, tmp_path / "r", max_steps=4, resume=True, optim="adamw")
     run(shards, tmp_path / "s", max_steps=2, optim="adamw")
-    with pytest.raises(TiaoyuError, match="does not match"):
+    with pytest.raises(TiaoyuError, match="--optim adamw"):
         run(shards, tmp_path / "s", max_steps=4, resume=True)
 
 

@@ -546,6 +546,9 @@ class Trainer:
         info = ckpt_io.read_json(folder / "trainer.json")
         if info.get("stage") != self.stage.name:
             raise TiaoyuError(f"--resume: {folder} was written by stage {info.get('stage')!r}, not {self.stage.name!r}")
+        saved_optim = info.get("train_config", {}).get("optim", "adamw")
+        if saved_optim != self.cfg.optim:
+            raise TiaoyuError(f"--resume: {folder} was trained with --optim {saved_optim}; resume with --optim {saved_optim}")
         ts_path = folder / "train_state.safetensors"
         if not ts_path.exists():
             raise TiaoyuError(f"--resume: {folder} has no train_state.safetensors")
