@@ -13,6 +13,9 @@ measured every `--eval-every` steps on a fixed held-out set.
 
 Target = the best AdamW run's final val loss. Muon's figure is the first evaluated step (and its
 training seconds) at which its best run reaches the target; `speedup_steps` = budget / that step.
+Wall seconds on a shared machine mostly measure the other jobs, so `step_cost_cpu` also times one
+forward+backward and each optimizer step in CPU milliseconds, and `speedup_cpu_time_projected` =
+speedup_steps / (Muon step cost / AdamW step cost).
 Prints one JSON line.
 """
 
@@ -118,6 +121,35 @@ def run(tr, va, vocab: int, optim: str, lr: float, args, out: Path) -> list[tupl
     return curve
 
 
+def step_cost(vocab: int, batch: int, seq_len: int, reps: int = 7) -> dict[str, float]:
+    """CPU milliseconds (median, interleaved) of one forward+backward and of each optimizer's step on
+    the tiny preset: what a Muon step costs on top of an AdamW step, free of the other jobs' load."""
+    import statistics
+    import time
+
+    from tiaoyu_cli.train.lm import linear_cross_entropy
+    from tiaoyu_cli.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=vocab))
+    opts = {k: build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"), k) for k in ("adamw", "muon")}
+    x = torch.randint(0, vocab, (batch, seq_len + 1))
+    ms: dict[str, list[float]] = {"fwd_bwd": [], "adamw": [], "muon": []}
+    for _ in range(reps):
+        c = time.process_time()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = model(x[:, :-1], compute_logits=False).hidden
+            linear_cross_entropy(h, model.output_weight, x[:, 1:]).backward()
+        ms["fwd_bwd"].append(time.process_time() - c)
+        for k, o in opts.items():
+            c = time.process_time()
+            o.step()
+            ms[k].append(time.process_time() - c)
+    out = {f"{k}_ms": round(statistics.median(v) * 1000, 1) for k, v in ms.items()}
+    out["muon_step_cost_ratio"] = round((out["fwd_bwd_ms"] + out["muon_ms"]) / (out["fwd_bwd_ms"] + out["adamw_ms"]), 3)
+    return out
+
+
 def first_reach(curve, target: float) -> tuple[int | None, float | None]:
     for step, loss, secs in curve:
         if loss <= target:
@@ -147,8 +179,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sweep = {"adamw": [float(x) for x in args.adamw_lrs.split(",")], "muon": [float(x) for x in args.muon_lrs.split(",")]}
     results = []
+    cost = step_cost(args.vocab, args.batch, args.seq_len)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.corpora.split(","):
+        for name in [c for c in args.corpora.split(",") if c]:
             vocab, tr, va = prepare(name, Path(tmp), args.vocab, args.mb)
             curves: dict[str, dict[float, list]] = {"adamw": {}, "muon": {}}
             for i in range(max(len(v) for v in sweep.values())):  # alternate adamw / muon
@@ -171,11 +204,13 @@ def main() -> None:
                 "adamw_seconds": round(a_secs, 1), "muon_seconds_to_target": round(m_secs, 1) if m_secs else None,
                 "speedup_wall": round(a_secs / m_secs, 3) if m_secs else None,
                 "step_time_ratio_muon_over_adamw": round(m_curve[-1][2] / a_secs, 3),
+                "speedup_cpu_time_projected": round(args.steps / m_step / cost["muon_step_cost_ratio"], 3) if m_step else None,
                 "sweep_final_val": {o: {f"{lr:g}": round(c[lr][-1][1], 4) for lr in c} for o, c in curves.items()},
             })
     print(json.dumps({"bench": "muon", "preset": "tiny", "steps": args.steps, "batch": args.batch,
                       "seq_len": args.seq_len, "threads": args.threads, "dtype": args.dtype, "torch": torch.__version__,
-                      "machine": f"{platform.machine()}, {os.cpu_count()} cores", "results": results}))
+                      "machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_avg_1m": round(os.getloadavg()[0], 2),
+                      "step_cost_cpu": cost, "results": results}))
 
 
 if __name__ == "__main__":
