@@ -173,8 +173,9 @@ relaunch_with_torchrun = launch_processes  # the name of the first version
 
 def register(app: typer.Typer) -> None:
     @app.command("pretrain", epilog=EXAMPLES, help="Pretrain a transformer on token shards (next-token prediction).")
+    # Muon: fewer steps to the same val loss on both corpora of benchmarks/bench_muon.py (RESULTS.md)
     @train_options(out="ckpt/base", max_steps=0, lr=1e-3, batch_size=16, warmup_steps=50, eval_every=200,
-                   save_every=500, log_every=10)
+                   save_every=500, log_every=10, optim="muon")
     def pretrain(
         tokens: Path = typer.Argument(..., help="token folder from `tiaoyu tokenize encode` (train/ and val/ inside)"),
         preset: str = typer.Option("tiny", help="model preset: tiny | small | base | moe-small | moe-tiny"),
