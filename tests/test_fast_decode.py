@@ -18,7 +18,7 @@ PROMPTS = [[2, 10, 11, 12, 13], [2, 40], [2, 50, 60, 70, 80, 90, 9], [2, 33, 34]
 
 def make(seed: int = 0, **kw) -> Transformer:
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64)
+    cfg = {"vocab_size": V, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 48, "max_seq_len": 64}
     m = Transformer(ModelConfig(**{**cfg, **kw})).eval()
     with torch.no_grad():
         for n, p in m.named_parameters():

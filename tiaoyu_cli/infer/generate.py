@@ -114,7 +114,7 @@ def _plain(mod: torch.nn.Module) -> bool:
     return type(mod) is torch.nn.Linear and mod.bias is None
 
 
-_FUSED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, list]]" = weakref.WeakKeyDictionary()
+_FUSED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, list]] = weakref.WeakKeyDictionary()
 
 
 def fused_weights(model: Transformer) -> list[tuple[torch.Tensor | None, ...]]:

@@ -90,9 +90,9 @@ class MuonAdamW:
         kinds = [g.get("optimizer") for g in groups]
         if kinds != ["muon"] * len(self.muon.param_groups) + ["adamw"] * len(self.adamw.param_groups):
             raise ValueError(f"the saved optimizer has groups {kinds}, this run uses Muon + AdamW")
-        strip = lambda g: {k: v for k, v in g.items() if k != "optimizer"}  # noqa: E731
-        mg = [strip(g) for g in groups if g["optimizer"] == "muon"]
-        ag = [{**strip(g), "params": [pid - n for pid in g["params"]]} for g in groups if g["optimizer"] == "adamw"]
+        plain = [{k: v for k, v in g.items() if k != "optimizer"} for g in groups]
+        mg = [g for g, kind in zip(plain, kinds) if kind == "muon"]
+        ag = [{**g, "params": [pid - n for pid in g["params"]]} for g, kind in zip(plain, kinds) if kind == "adamw"]
         for g in mg:  # JSON turns the Newton–Schulz coefficients into a list
             g["ns_coefficients"] = tuple(g["ns_coefficients"])
         state = {int(k): v for k, v in sd["state"].items()}
