@@ -26,8 +26,10 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -37,7 +39,8 @@ from tiaoyu_cli.data.synth import SynthConfig, write_corpus
 from tiaoyu_cli.model import Transformer, preset
 from tiaoyu_cli.tokenizer import train_tokenizer
 from tiaoyu_cli.tokenizer.encode import encode_corpus
-from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage
+from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage, linear_cross_entropy
+from tiaoyu_cli.train.optim import build_optimizer
 from tiaoyu_cli.train.trainer import TrainConfig, Trainer
 
 WORDS = ["total", "count", "value", "item", "index", "result", "left", "right", "node", "size", "name",
@@ -124,12 +127,6 @@ def run(tr, va, vocab: int, optim: str, lr: float, args, out: Path) -> list[tupl
 def step_cost(vocab: int, batch: int, seq_len: int, reps: int = 7) -> dict[str, float]:
     """CPU milliseconds (median, interleaved) of one forward+backward and of each optimizer's step on
     the tiny preset: what a Muon step costs on top of an AdamW step, free of the other jobs' load."""
-    import statistics
-    import time
-
-    from tiaoyu_cli.train.lm import linear_cross_entropy
-    from tiaoyu_cli.train.optim import build_optimizer
-
     torch.manual_seed(0)
     model = Transformer(preset("tiny", vocab_size=vocab))
     opts = {k: build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"), k) for k in ("adamw", "muon")}
