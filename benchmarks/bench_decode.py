@@ -8,7 +8,8 @@ transformers' LlamaForCausalLM (or MixtralForCausalLM for moe-* presets) from th
 both sides run the very same weights in fp32. Both decode greedily with a KV cache
 (`use_cache=True`), batch 1, a fixed number of new tokens (stop tokens are ignored on both
 sides), and must produce the same tokens. Rounds alternate ours/theirs and the best round of
-each counts (the machine is shared and noisy). Prints one JSON line.
+each counts (the machine is shared and noisy); tokens per CPU-second of the process are reported
+beside wall-clock tokens/s. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -74,22 +75,23 @@ def main() -> None:
                               do_sample=False, use_cache=True, pad_token_id=cfg.pad_token_id)
         return out[0, len(prompt):].tolist()
 
-    def timed(fn) -> tuple[float, list[int]]:
+    def timed(fn) -> tuple[float, float, list[int]]:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         toks = fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t, toks
+        return time.perf_counter() - t, time.process_time() - c, toks
 
     run_ours(), run_hf()  # warm up both
-    best_ours = best_hf = float("inf")
+    best_ours = best_hf = cpu_ours = cpu_hf = float("inf")
     same = True
     for _ in range(args.rounds):
-        t1, a = timed(run_ours)
-        t2, b = timed(run_hf)
+        t1, c1, a = timed(run_ours)
+        t2, c2, b = timed(run_hf)
         best_ours, best_hf = min(best_ours, t1), min(best_hf, t2)
+        cpu_ours, cpu_hf = min(cpu_ours, c1), min(cpu_hf, c2)
         same = same and a == b
     import transformers
 
@@ -98,6 +100,11 @@ def main() -> None:
         "ours_tok_s": round(n / best_ours, 1),
         "hf_tok_s": round(n / best_hf, 1),
         "ratio": round(best_hf / best_ours, 2),
+        # tokens per CPU-second of this process: what other jobs on a shared machine disturb least
+        "ours_tok_cpu_s": round(n / cpu_ours, 1),
+        "hf_tok_cpu_s": round(n / cpu_hf, 1),
+        "ratio_cpu_time": round(cpu_hf / cpu_ours, 2),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "same_tokens": same,
         "preset": args.preset,
         "params_M": round(ours.num_parameters() / 1e6, 2),

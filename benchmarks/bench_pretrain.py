@@ -89,10 +89,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", help="ours: auto | bf16 | fp32 (the reference is always fp32)")
     ap.add_argument("--compile", action="store_true", help="ours with --compile")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for both sides (0 = each side's "
+                    "default: torch's for the reference, the count `tiaoyu pretrain` picks for ours)")
     args = ap.parse_args()
+    default_threads = torch.get_num_threads()
     if args.threads:
-        torch.set_num_threads(args.threads)
+        from tiaoyu_cli.device import pin_threads
+
+        pin_threads(args.threads)
     device = torch.device(args.device)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,6 +108,8 @@ def main() -> None:
             ours, ref, ours_cpu, ref_cpu = [], [], [], []
             dtype_used = ""
             for r in range(args.rounds):
+                if not args.threads:  # the reference at torch's default; ours picks its own (tiaoyu_cli.device)
+                    torch.set_num_threads(default_threads)
                 wall, cpu = nanogpt_ref.train(shards.arrays()[0], mcfg.vocab_size, mcfg.dim, mcfg.n_layers,
                                               mcfg.n_heads, seq_len, batch, steps, args.warmup, device=device)
                 ref.append(wall)
@@ -112,13 +118,15 @@ def main() -> None:
                                                  args.dtype, args.compile, Path(tmp) / f"run-{name}-{r}")
                 ours.append(wall)
                 ours_cpu.append(cpu)
+                ours_threads = torch.get_num_threads()
             o, f = statistics.median(ours), statistics.median(ref)
             oc, fc = statistics.median(ours_cpu), statistics.median(ref_cpu)
             row = {"config": f"{name}: d{mcfg.dim} L{mcfg.n_layers} H{mcfg.n_heads} T{seq_len} B{batch} V{mcfg.vocab_size}",
                    "ours_tokens_per_s": round(o, 1), "ref_tokens_per_s": round(f, 1), "ratio": round(o / f, 3),
                    "ours_tokens_per_cpu_s": round(oc, 1), "ref_tokens_per_cpu_s": round(fc, 1),
                    "ratio_cpu_time": round(oc / fc, 3),
-                   "ours_dtype": dtype_used, "ours_runs": [round(x) for x in ours], "ref_runs": [round(x) for x in ref],
+                   "ours_dtype": dtype_used, "ours_threads": ours_threads, "ref_threads": args.threads or default_threads,
+                   "load_avg_1m": round(os.getloadavg()[0], 2), "ours_runs": [round(x) for x in ours], "ref_runs": [round(x) for x in ref],
                    "ours_flops_per_token": flops_per_token(mcfg, seq_len),
                    "ref_flops_per_token": nanogpt_ref.flops_per_token(mcfg.vocab_size, mcfg.dim, mcfg.n_layers, seq_len)}
             if device.type == "cuda":

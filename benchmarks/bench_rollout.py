@@ -7,17 +7,24 @@ One random model of the chosen preset, one set of prompts of mixed lengths (as a
 prompts has), sampling at temperature 1. Ours: `generate_rollout` — all prompts left-padded into
 one batch (in chunks of --gen-batch-size), one prefill, then one decode step per token for the
 whole batch — including the layout into the [B, P + R] training tensor. Reference: the same
-generator called once per prompt (batch 1), the way a naive RL loop samples. Stop tokens are
-ignored on both sides so both generate exactly prompts × new-tokens tokens. Rounds alternate;
-the best round of each counts (the machine is shared and noisy). Prints one JSON line.
+generator called once per prompt (batch 1), the way a naive RL loop samples; and transformers'
+`generate` (LlamaForCausalLM loaded from the same weights, the same left-padded batch in the same
+chunks, sampling at temperature 1, KV cache). Stop tokens are ignored on every side so each
+generates exactly prompts × new-tokens tokens. Rounds alternate; the best round of each counts
+(the machine is shared and noisy), and tokens per CPU-second are reported beside tokens/s.
+Prints one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import tempfile
 import time
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -33,6 +40,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers side")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,24 +73,66 @@ def main() -> None:
             out += len(res.tokens[0])
         return out
 
-    def timed(fn) -> float:
+    hf = None
+    if not args.no_hf:
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from transformers import AutoModelForCausalLM
+
+        from tiaoyu_cli.checkpoint import save_model_files
+
+        with tempfile.TemporaryDirectory(prefix="bench_rollout_") as tmp:
+            save_model_files(Path(tmp), model.cpu(), None)
+            model.to(device)
+            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval().to(device)
+
+    def hf_batched() -> int:
+        chunk = args.gen_batch_size or len(prompts)
+        out = 0
+        torch.manual_seed(0)
+        for s in range(0, len(prompts), chunk):
+            part = prompts[s:s + chunk]
+            L = max(len(p) for p in part)
+            ids = torch.tensor([[cfg.pad_token_id] * (L - len(p)) + p for p in part], device=device)
+            mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in part], device=device)
+            with torch.inference_mode():
+                res = hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                  min_new_tokens=args.new_tokens, do_sample=True, temperature=1.0, top_k=0,
+                                  top_p=1.0, use_cache=True, pad_token_id=cfg.pad_token_id)
+            out += res[:, L:].numel()
+        return out
+
+    def timed(fn) -> tuple[float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         n = fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
         assert n == n_tokens, (n, n_tokens)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
-    batched(), one_by_one()  # warm-up
-    tb, ts = [], []
+    sides = {"batched": batched, "one_at_a_time": one_by_one, **({"hf_batched": hf_batched} if hf else {})}
+    for fn in sides.values():  # warm-up
+        fn()
+    wall: dict[str, list[float]] = {k: [] for k in sides}
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
     for _ in range(args.rounds):
-        tb.append(timed(batched))
-        ts.append(timed(one_by_one))
-    ours, ref = n_tokens / min(tb), n_tokens / min(ts)
+        for k, fn in sides.items():
+            w, c = timed(fn)
+            wall[k].append(w)
+            cpu[k].append(c)
+    tok_s = {k: n_tokens / min(v) for k, v in wall.items()}
+    tok_cpu = {k: n_tokens / min(v) for k, v in cpu.items()}
+    ours, ref = tok_s["batched"], tok_s["one_at_a_time"]
+    extra = {}
+    if hf:
+        extra = {"hf_batched_tok_s": round(tok_s["hf_batched"], 1), "speedup_vs_hf": round(ours / tok_s["hf_batched"], 2),
+                 "speedup_vs_hf_cpu_time": round(tok_cpu["batched"] / tok_cpu["hf_batched"], 2)}
     print(json.dumps({"bench": "rollout", "batched_tok_s": round(ours, 1), "one_at_a_time_tok_s": round(ref, 1),
-                      "speedup": round(ours / ref, 2), "preset": args.preset,
+                      "speedup": round(ours / ref, 2), **extra,
+                      "tok_per_cpu_s": {k: round(v, 1) for k, v in tok_cpu.items()},
+                      "load_avg_1m": round(os.getloadavg()[0], 2), "preset": args.preset,
                       "params_M": round(model.num_parameters() / 1e6, 2), "prompts": args.prompts,
                       "prompt_len": [args.min_prompt, args.max_prompt], "new_tokens": args.new_tokens,
                       "gen_batch_size": args.gen_batch_size or args.prompts, "dtype": "fp32", "threads": args.threads,

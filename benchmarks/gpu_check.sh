@@ -90,7 +90,7 @@ PRE="pretrain '$WORK/tokens' --preset small --seq-len 512 --batch-size 16 --max-
   --save-every 40 --keep 1 --device cuda --dtype bf16 --warmup-steps 5"
 step torchrun_nccl 90 "$PY -m torch.distributed.run --standalone --nproc_per_node $NPROC -m tiaoyu_cli $PRE -o '$WORK/ddp'"
 if [ -z "$SKIP_REASON" ] && [ "$HAS_FSDP" = 0 ] && [ "$DRY" = 0 ]; then SKIP_REASON="tiaoyu pretrain has no --fsdp option yet"; fi
-step fsdp 90 "$PY -m torch.distributed.run --standalone --nproc_per_node 1 -m tiaoyu_cli $PRE --fsdp -o '$WORK/fsdp'"
+step fsdp 90 "$PY -m torch.distributed.run --standalone --nproc_per_node 1 -m tiaoyu_cli $PRE --fsdp --optim adamw -o '$WORK/fsdp'"
 SKIP_REASON="$SAVED_SKIP"
 step decode 60 "$PY benchmarks/bench_decode.py --device cuda --preset small --threads 0 --new-tokens 128 --rounds 3"
 

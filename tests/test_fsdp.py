@@ -11,7 +11,7 @@ from pretrain_data import assets, run_cli, train_losses
 
 ARGS = ["--preset", "tiny", "--model", "dim=64", "--model", "n_layers=2", "--model", "ffn_dim=128", "--seq-len", "64",
         "--dtype", "fp32", "--log-every", "1", "--warmup-steps", "0", "--schedule", "constant", "--eval-batches", "2",
-        "--eval-every", "0", "--save-every", "0", "--keep", "0", "--device", "cpu"]
+        "--eval-every", "0", "--save-every", "0", "--keep", "0", "--device", "cpu", "--optim", "adamw"]
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ TRAIN_HELP = {
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "grad_clip": "clip the global grad norm (0 = off)",
+    "optim": "adamw | muon (torch.optim.Muon on the blocks' 2-D hidden matrices, AdamW on the rest)",
     "device": "auto | cpu | cuda | mps",
     "dtype": "auto | bf16 | fp32 (auto = bf16 autocast where the hardware is fast at it)",
     "compile": "torch.compile the model",

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-import torch
 import typer
 
 from tiaoyu_cli.cli.common import train_options
 from tiaoyu_cli.model.config import parse_overrides
 from tiaoyu_cli.console import say
+from tiaoyu_cli.device import pin_threads
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.lm import PretrainRun, run_pretrain
@@ -36,8 +36,9 @@ Examples:
 
 def register(app: typer.Typer) -> None:
     @app.command("pretrain", epilog=EXAMPLES, help="Pretrain a transformer on token shards (next-token prediction).")
+    # Muon: fewer steps to the same val loss on both corpora of benchmarks/bench_muon.py (RESULTS.md)
     @train_options(out="ckpt/base", max_steps=0, lr=1e-3, batch_size=16, warmup_steps=50, eval_every=200,
-                   save_every=500, log_every=10)
+                   save_every=500, log_every=10, optim="muon")
     def pretrain(
         tokens: Path = typer.Argument(..., help="token folder from `tiaoyu tokenize encode` (train/ and val/ inside)"),
         preset: str = typer.Option("tiny", help="model preset: tiny | small | base | moe-small | moe-tiny"),
@@ -48,14 +49,14 @@ def register(app: typer.Typer) -> None:
         seq_len: int = typer.Option(0, help="tokens per training window (0 = the model's max_seq_len)"),
         sampling: str = typer.Option("random", help="random windows, or sequential passes over the stream"),
         eval_batches: int = typer.Option(16, help="batches of the val split per evaluation"),
-        threads: int = typer.Option(0, help="CPU threads per process for torch (0 = torch's default: one per core)"),
+        threads: int = typer.Option(0, help="CPU threads per process for torch (0 = chosen for the model size and the machine's load)"),
         *,
         train: TrainConfig,
     ) -> None:
         if seq_len < 0 or threads < 0 or eval_batches <= 0:
             raise TiaoyuError("--seq-len and --threads must not be negative, --eval-batches must be positive")
         if threads:
-            torch.set_num_threads(threads)
+            pin_threads(threads)
         o = PretrainRun(tokens=str(tokens), preset=preset, model=parse_overrides(model), init=str(init) if init else None,
                         tokenizer=str(tokenizer) if tokenizer else None, seq_len=seq_len, sampling=sampling,
                         eval_batches=eval_batches)

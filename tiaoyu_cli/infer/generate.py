@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, NamedTuple
 
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.infer.sampling import SamplingParams, choose, make_generator, process_logits
 from tiaoyu_cli.model.kv_cache import KVCache
+from tiaoyu_cli.model.moe import SwiGLU
 from tiaoyu_cli.model.transformer import Attention, Block, RMSNorm, Transformer, rope_tables
 
 EOS_ID, IM_END_ID, THINK_ID, END_THINK_ID = 3, 5, 6, 7
@@ -103,9 +105,47 @@ def amp_context(device: torch.device, dtype: torch.dtype | None):
 
 
 def _linear(mod: torch.nn.Module):
-    if type(mod) is torch.nn.Linear and mod.bias is None:
+    if _plain(mod):
         return functools.partial(F.linear, weight=mod.weight)
     return mod
+
+
+def _plain(mod: torch.nn.Module) -> bool:
+    return type(mod) is torch.nn.Linear and mod.bias is None
+
+
+_FUSED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, list]] = weakref.WeakKeyDictionary()
+
+
+def fused_weights(model: Transformer) -> list[tuple[torch.Tensor | None, ...]]:
+    """Per layer (Wqkv, Woᵀ, Wgate‖up, Wdownᵀ) for decoding, an inference-only transform that files never see.
+
+    Q, K and V become one [(H + 2·Hkv)·hd, d] matrix and gate/up one [2·ffn, d] matrix, so a decode
+    step runs 2 matrix products where it ran 5; the transposed o/down views feed `torch.addmm`,
+    which adds the residual in the same call. A layer whose projections are not plain bias-free
+    nn.Linear (LoRA wrappers, MoE experts) gets None there and runs its modules. Kept per model
+    until a weight changes (tensor versions: an optimizer step between RL rollouts rebuilds them).
+    """
+    layers = model.model.layers
+    weights = [p for b in layers for p in b.parameters()]
+    key = tuple((id(p), p._version) for p in weights)
+    hit = _FUSED.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    out = []
+    with torch.no_grad():
+        for b in layers:
+            a = b.self_attn
+            attn = all(_plain(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
+            mlp = getattr(b, "mlp", None)
+            ffn = mlp is not None and type(mlp) is SwiGLU and all(_plain(m) for m in (mlp.gate_proj, mlp.up_proj,
+                                                                                        mlp.down_proj))
+            out.append((torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) if attn else None,
+                        a.o_proj.weight.t() if attn else None,
+                        torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) if ffn else None,
+                        mlp.down_proj.weight.t() if ffn else None))
+    _FUSED[model] = (key, out)
+    return out
 
 
 class OneTokenStep:
@@ -116,11 +156,13 @@ class OneTokenStep:
     decode speed of a small model):
 
         x = embed(token) (+ position embedding)                               [B, d]
-        per layer:  q, k, v = projections of RMSNorm(x); RoPE at the row's position
-                    append k, v to the cache at column `length`
+        per layer:  q‖k‖v = RMSNorm(x) · Wqkvᵀ  (one product; `fused_weights`)  [B, (H+2Hkv)·hd]
+                    RoPE on q and k together, at the row's position
+                    write k, v into the preallocated cache at column `length`
                     softmax(q · Kᵀ / √hd) · V over the cached columns (SDPA, one query, no causal
                     mask; GQA by `enable_gqa`, no repeated K/V copies)
-                    x = x + o_proj(…);  x = x + FFN(RMSNorm(x))
+                    x = x + o_proj(…)                    (one addmm: product and residual)
+                    g‖u = RMSNorm(x) · Wguᵀ;  x = x + (silu(g)·u) · Wdownᵀ    (two products)
         logits = RMSNorm(x) · Wᵀ
     """
 
@@ -135,11 +177,15 @@ class OneTokenStep:
             sign = torch.ones(hd, device=positions.device)
             sign[: hd // 2] = -1  # rotate_half(x) = roll(x, hd/2) · [-1 … -1, 1 … 1]
             self.cos, self.sin = cos[0], sin[0] * sign  # [P, hd]
+        self._views()
+        # addmm adds the residual inside the product; under autocast it would run in bf16 and make the
+        # residual stream bf16, so there the step adds separately (as the model's forward does)
+        self.exact = not torch.is_autocast_enabled(positions.device.type)
 
         # what each layer uses, looked up once (nn.Module attribute access is slow Python); a plain
         # nn.Linear becomes F.linear with its weight, anything else (e.g. a LoRA wrapper) is called as is
         self.layers = []
-        for b in model.model.layers:
+        for b, (qkv, o_t, gu, down_t) in zip(model.model.layers, fused_weights(model)):
             a = b.self_attn
             if hasattr(b, "block_sparse_moe"):
                 moe = b.block_sparse_moe
@@ -147,8 +193,13 @@ class OneTokenStep:
             else:
                 gate, up, down = _linear(b.mlp.gate_proj), _linear(b.mlp.up_proj), _linear(b.mlp.down_proj)
                 ffn = lambda h, gate=gate, up=up, down=down: down(F.silu(gate(h)) * up(h))  # noqa: E731
-            self.layers.append((b.input_layernorm, _linear(a.q_proj), _linear(a.k_proj), _linear(a.v_proj),
-                                _linear(a.o_proj), b.post_attention_layernorm, ffn))
+            self.layers.append((self._norm_args(b.input_layernorm), _linear(a.q_proj), _linear(a.k_proj),
+                                _linear(a.v_proj), _linear(a.o_proj), self._norm_args(b.post_attention_layernorm),
+                                ffn, qkv, o_t, gu, down_t))
+        self.final_norm = self._norm_args(model.model.norm)
+
+    def _views(self) -> None:
+        self.kc, self.vc = self.cache.k.unbind(0), self.cache.v.unbind(0)  # per layer [B, Hkv, P, hd]
 
     @staticmethod
     def supports(model) -> bool:
@@ -157,21 +208,26 @@ class OneTokenStep:
                                                    and type(b.input_layernorm) is RMSNorm for b in model.model.layers))
 
     @staticmethod
-    def _norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    def _norm_args(norm: RMSNorm) -> tuple:
+        return norm.weight.shape, norm.weight.float(), norm.eps  # fp32 weights: .float() is the tensor itself
+
+    @staticmethod
+    def _norm(x: torch.Tensor, args: tuple) -> torch.Tensor:
         """RMSNorm.forward in one fused op (fp32, like the module)."""
-        return F.rms_norm(x.float(), norm.weight.shape, norm.weight.float(), norm.eps)
+        return F.rms_norm(x if x.dtype == torch.float32 else x.float(), *args)
 
     def select(self, keep: torch.Tensor) -> None:
         self.cache.select(keep)
         self.positions = self.positions[keep]
+        self._views()
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         cfg, cache, m, norm = self.cfg, self.cache, self.model.model, self._norm
         B, hd, H, Hkv = tokens.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        half = hd // 2
+        half, Hq = hd // 2, H + Hkv
         L, S = cache.length, cache.length + 1
         pos = self.positions
-        x = m.embed_tokens(tokens)  # [B, d]
+        x = F.embedding(tokens, m.embed_tokens.weight)  # [B, d]
         rope = cfg.position == "rope"
         if rope:
             cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, hd]
@@ -180,27 +236,39 @@ class OneTokenStep:
         else:
             x = x + m.sinusoidal[pos].to(x.dtype)
         key_mask = cache.key_mask[:, None, None, :S] if self.padded else None  # [B, 1, 1, S]
-        for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, ffn) in enumerate(self.layers):
+        for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, ffn, qkv_w, o_t, gu_w, down_t) in enumerate(self.layers):
             h = norm(x, norm1)
-            q = q_proj(h).view(B, H, hd)
-            k = k_proj(h).view(B, Hkv, hd)
-            v = v_proj(h).view(B, Hkv, hd)
+            if qkv_w is not None:
+                qkv = F.linear(h, qkv_w).view(B, Hq + Hkv, hd)  # q‖k‖v heads: [B, H + 2·Hkv, hd]
+                qk, v = qkv[:, :Hq], qkv[:, Hq:]
+            else:
+                qk = torch.cat([q_proj(h).view(B, H, hd), k_proj(h).view(B, Hkv, hd)], dim=1)
+                v = v_proj(h).view(B, Hkv, hd)
             if rope:
-                if cos.dtype != q.dtype:
-                    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-                q = q * cos + q.roll(half, -1) * sin
-                k = k * cos + k.roll(half, -1) * sin
-            cache.k[i, :, :, L] = k
-            cache.v[i, :, :, L] = v
+                if cos.dtype != qk.dtype:
+                    cos, sin = cos.to(qk.dtype), sin.to(qk.dtype)
+                qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # q and k rotated together: [B, H + Hkv, hd]
+            q, k = qk[:, :H], qk[:, H:]
+            kc, vc = self.kc[i], self.vc[i]
+            kc.select(2, L).copy_(k)
+            vc.select(2, L).copy_(v)
+            q = q.unsqueeze(2)  # [B, H, 1, hd]
+            if q.dtype != kc.dtype:
+                q = q.to(kc.dtype)
             y = F.scaled_dot_product_attention(  # one query per row sees every cached key: no causal mask
-                q.view(B, H, 1, hd).to(cache.k.dtype), cache.k[i, :, :, :S], cache.v[i, :, :, :S],
-                attn_mask=key_mask, enable_gqa=True)  # [B, H, 1, hd]
-            x = x + o_proj(y.reshape(B, H * hd))
+                q, kc.narrow(2, 0, S), vc.narrow(2, 0, S),
+                attn_mask=key_mask, enable_gqa=True).view(B, H * hd)  # [B, H·hd]
+            x = torch.addmm(x, y, o_t) if o_t is not None and self.exact else x + o_proj(y)
             h = norm(x, norm2)
-            x = x + ffn(h)
+            if gu_w is not None:
+                g, u = F.linear(h, gu_w).chunk(2, dim=-1)
+                act = F.silu(g).mul_(u)  # [B, ffn]
+                x = torch.addmm(x, act, down_t) if self.exact else x + F.linear(act, down_t.t())
+            else:
+                x = x + ffn(h)
         cache.length = S
         self.positions = pos + 1
-        return F.linear(norm(x, m.norm), self.model.output_weight)
+        return F.linear(norm(x, self.final_norm), self.model.output_weight)
 
 
 def decode_steps(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
@@ -216,11 +284,11 @@ def decode_steps(model, prompts: list[list[int]], max_new_tokens: int, params: S
     """
     device = next(model.parameters()).device
     pad_id = getattr(model.config, "pad_token_id", 0)
-    stop = torch.tensor(sorted(set(int(s) for s in stop_ids)), dtype=torch.long, device=device)
     ids, mask = left_pad(prompts, pad_id, device)
     B, L = ids.shape
     V = model.config.vocab_size
-    rows = torch.arange(B, device=device)  # original index of each active row
+    rows = list(range(B))  # original index of each active row
+    stop_set = frozenset(int(s) for s in stop_ids)
     seen = None
     if params.repetition_penalty != 1.0:  # [B, V] True where the token occurs in the row (prompt or answer)
         seen = torch.zeros(B, V, dtype=torch.bool, device=device)
@@ -235,22 +303,24 @@ def decode_steps(model, prompts: list[list[int]], max_new_tokens: int, params: S
             if cache is not None and fast_decode and OneTokenStep.supports(model):
                 step_fn = OneTokenStep(model, cache, mask.sum(-1))
             for step in range(max_new_tokens):
-                logits = logits.float()
+                if logits.dtype != torch.float32:
+                    logits = logits.float()
                 processed = process_logits(logits, params, seen)
                 nxt = choose(processed, params, generator)  # [B]
                 lp = None
                 if logprobs is not None:
                     src = logits if logprobs == "model" else processed
                     lp = src.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1).tolist()
-                yield Step(rows.tolist(), nxt.tolist(), lp)
+                toks = nxt.tolist()  # the one read of the device per step
+                yield Step(rows, toks, lp)
                 if step == max_new_tokens - 1:
                     break
-                done = torch.isin(nxt, stop)
-                if bool(done.any()):
-                    keep = (~done).nonzero().squeeze(-1)
-                    if keep.numel() == 0:
+                if not stop_set.isdisjoint(toks):  # some rows are done: drop them from the batch
+                    kept = [j for j, t in enumerate(toks) if t not in stop_set]
+                    if not kept:
                         break
-                    rows, nxt = rows[keep], nxt[keep]
+                    keep = torch.tensor(kept, device=device)
+                    rows, nxt = [rows[j] for j in kept], nxt[keep]
                     if seen is not None:
                         seen = seen[keep]
                     if step_fn is not None:

@@ -28,6 +28,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
+    optim: str = "adamw"  # adamw | muon (Muon on the blocks' hidden matrices, AdamW on the rest)
     device: str = "auto"
     dtype: str = "auto"  # auto | bf16 | fp32
     compile: bool = False
@@ -65,5 +66,7 @@ class TrainConfig:
         if self.nnodes > 1 and not 0 < self.master_port < 65536:
             raise TiaoyuError("--nnodes > 1: give every node the same --master-addr and --master-port (the "
                               "address and a free port of node 0)")
+        if self.optim not in ("adamw", "muon"):
+            raise TiaoyuError(f"--optim {self.optim!r}: choose adamw or muon")
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise TiaoyuError(f"--schedule {self.schedule!r}: choose cosine, wsd or constant")

@@ -11,7 +11,7 @@ One optimizer step:
 
     for each of grad_accum micro-batches:  loss = stage.step(model, batch).loss   (under autocast)
                                            (loss / grad_accum).backward()         (DDP syncs on the last)
-    clip the global grad norm → AdamW step → zero grads → step += 1
+    clip the global grad norm → optimizer step (AdamW, or Muon + AdamW) → zero grads → step += 1
 
 The loop never waits for the device between steps: losses, grad norms and metrics stay device
 tensors until a *sync point* (a log, eval or save step, the last step, an interrupt), where they
@@ -43,7 +43,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 
 from tiaoyu_cli import checkpoint as ckpt_io
-from tiaoyu_cli.device import autocast, busy_cpu_note, resolve_device, resolve_dtype
+from tiaoyu_cli.device import autocast, busy_cpu_note, default_threads, resolve_device, resolve_dtype
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model.config import ModelConfig
 from tiaoyu_cli.io import atomic_dir
@@ -140,6 +140,9 @@ class Trainer:
         self.out = Path(cfg.out)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         if self.device.type == "cpu" and self.dist.is_main:
+            mcfg = getattr(model, "config", None)  # threads for this model size and machine, unless chosen
+            if mcfg is not None and getattr(stage, "tokens_per_step", None):
+                default_threads(2.0 * stage.tokens_per_step * mcfg.dim * mcfg.dim)
             note = busy_cpu_note()
             if note:
                 self.log(note)
@@ -168,12 +171,16 @@ class Trainer:
             raise TiaoyuError(f"--fsdp shards a plain transformer trained in full by the same forward passes on "
                               f"every process; stage {stage.name} trains added weights (adapters, a soft prompt, a "
                               f"value head) or samples rollouts per process: run it without --fsdp")
+        if self.fsdp and cfg.optim != "adamw":
+            raise TiaoyuError(f"--fsdp runs with --optim adamw: {cfg.optim}'s update needs whole matrices, FSDP "
+                              f"keeps a shard of each")
         if self.fsdp:
             D.shard_model(self.raw_model, self.device, self.amp_dtype)
         params = nn.ModuleDict({"model": self.raw_model, **({"extra": self.extras} if len(self.extras) else {})})
         if not any(p.requires_grad for p in params.parameters()):
             raise TiaoyuError("nothing to train: every parameter is frozen")
-        self.optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device)
+        self.optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device,
+                                         cfg.optim)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.model: nn.Module = self.raw_model
         if cfg.compile:
@@ -504,6 +511,9 @@ class Trainer:
         info = ckpt_io.read_json(folder / "trainer.json")
         if info.get("stage") != self.stage.name:
             raise TiaoyuError(f"--resume: {folder} was written by stage {info.get('stage')!r}, not {self.stage.name!r}")
+        saved_optim = info.get("train_config", {}).get("optim", "adamw")
+        if saved_optim != self.cfg.optim:
+            raise TiaoyuError(f"--resume: {folder} was trained with --optim {saved_optim}; resume with --optim {saved_optim}")
         ts_path = folder / "train_state.safetensors"
         if not ts_path.exists():
             raise TiaoyuError(f"--resume: {folder} has no train_state.safetensors")

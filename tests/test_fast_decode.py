@@ -1,0 +1,89 @@
+"""The decode step's inference-only transforms (fused Q/K/V and gate/up, residual inside addmm) give
+the same tokens as the model's own forward pass; they follow weight changes; LoRA falls back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiaoyu_cli.infer.generate import fused_weights, generate_detailed
+from tiaoyu_cli.infer.sampling import SamplingParams
+from tiaoyu_cli.model import Transformer
+from tiaoyu_cli.model.config import ModelConfig
+from tiaoyu_cli.model.lora import LoraConfig, apply_lora
+
+V = 96
+PROMPTS = [[2, 10, 11, 12, 13], [2, 40], [2, 50, 60, 70, 80, 90, 9], [2, 33, 34]]
+
+
+def make(seed: int = 0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = {"vocab_size": V, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 48, "max_seq_len": 64}
+    m = Transformer(ModelConfig(**{**cfg, **kw})).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if not n.endswith("norm.weight"):
+                p.normal_(0.0, 0.25)  # spread-out logits: greedy choices are not near-ties
+    return m
+
+
+def both(m, prompts=PROMPTS, n=20, stops=(3, 5), **kw):
+    fast = generate_detailed(m, prompts, n, SamplingParams(0), stops, **kw)
+    plain = generate_detailed(m, prompts, n, SamplingParams(0), stops, fast_decode=False, **kw)
+    return fast, plain
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 1}, {"n_kv_heads": 4}, {"position": "learned"},
+                                {"n_experts": 4, "n_experts_per_tok": 2}])
+def test_fast_step_gives_the_plain_paths_tokens(kw):
+    m = make(**kw)
+    fused = fused_weights(m)
+    dense = not kw.get("n_experts")
+    assert all(f[0] is not None and f[1] is not None for f in fused)  # attention always fused here
+    assert all((f[2] is not None) == dense for f in fused)
+    assert fused[0][0].shape == (32 + 2 * m.config.n_kv_heads * 8, 32)
+    fast, plain = both(m)
+    assert fast.tokens == plain.tokens and fast.finish_reasons == plain.finish_reasons
+    assert len({tuple(t) for t in fast.tokens}) > 1
+    single = [generate_detailed(m, [p], 20, SamplingParams(0), (3, 5)).tokens[0] for p in PROMPTS]
+    assert single == fast.tokens  # batch (with padding, rows dropping out) = one at a time
+    fast, plain = both(m, logprobs="model")
+    assert max(abs(a - b) for x, y in zip(fast.logprobs, plain.logprobs) for a, b in zip(x, y)) < 1e-4
+
+
+def test_sampling_matches_too():
+    m = make()
+    params = SamplingParams(temperature=1.0, top_k=20, repetition_penalty=1.1)
+    a = generate_detailed(m, PROMPTS, 24, params, [], seed=3)
+    b = generate_detailed(m, PROMPTS, 24, params, [], seed=3, fast_decode=False)
+    assert a.tokens == b.tokens
+
+
+def test_fused_weights_follow_an_in_place_update():
+    """RL updates the policy between rollouts: the fused copies must not serve stale weights."""
+    m = make()
+    before = fused_weights(m)
+    assert fused_weights(m) is before  # cached while nothing changes
+    fast0, _ = both(m)
+    with torch.no_grad():
+        for b in m.model.layers:
+            b.self_attn.q_proj.weight.mul_(-1.5)  # what an optimizer step does: in place
+            b.mlp.up_proj.weight.add_(0.3)
+    after = fused_weights(m)
+    assert after is not before
+    assert torch.equal(after[0][0][:32], m.model.layers[0].self_attn.q_proj.weight)
+    fast, plain = both(m)
+    assert fast.tokens == plain.tokens != fast0.tokens
+
+
+def test_lora_layers_run_their_modules():
+    m = make()
+    apply_lora(m, LoraConfig(rank=4, targets=["q", "v", "up"], dropout=0.0))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3)  # a trained adapter changes the output
+    fused = fused_weights(m)
+    assert all(f[0] is None and f[2] is None for f in fused)
+    fast, plain = both(m)
+    assert fast.tokens == plain.tokens
