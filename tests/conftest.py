@@ -19,6 +19,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "tiaoyu_cli"
 
+# One CPU thread in every test process and the subprocesses it starts (set before torch is imported): tiny
+# models run fastest on one thread, and no result may depend on how busy the machine is — the automatic
+# thread choice of the Trainer looks at the load average.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Budget of the shared base model (tiny preset): enough to learn the synthetic world's patterns.
 BASE_STEPS = int(os.environ.get("TIAOYU_TEST_BASE_STEPS", "400"))
 BASE_BATCH = 16
