@@ -54,21 +54,15 @@ DEFAULT_CHUNK_CHARS = 500
 K1, B = 1.5, 0.75
 
 _CJK = "\u2e80-\u2fdf\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002ffff"
-_TOKEN = re.compile(f"([{_CJK}]+)|([^\\W_{_CJK}]+)")
+_TERM = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")  # one CJK character, or a word of anything else
+_BIGRAM = re.compile(f"(?=([{_CJK}]{{2}}))")  # every pair of neighbouring CJK characters (overlapping)
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s*|\n+")
 
 
 def analyze(text: str) -> list[str]:
     """BM25 terms of `text`: CJK character unigrams + bigrams, lower-cased words elsewhere."""
-    out: list[str] = []
-    for m in _TOKEN.finditer(unicodedata.normalize("NFKC", text).lower()):
-        run = m.group(1)
-        if run is None:
-            out.append(m.group(2))
-            continue
-        out.extend(run)
-        out.extend(run[i:i + 2] for i in range(len(run) - 1))
-    return out
+    t = unicodedata.normalize("NFKC", text).lower()
+    return _TERM.findall(t) + _BIGRAM.findall(t)  # a bag of terms: unigrams and words first, then bigrams
 
 
 def query_terms(text: str) -> list[str]:
@@ -209,8 +203,10 @@ class Retriever:
         if not passages:
             raise TiaoyuError("empty corpus: no passage to index")
         bm25s = _bm25s()
+        vocab: dict[str, int] = {}
+        ids = [[vocab.setdefault(t, len(vocab)) for t in analyze(p.text)] for p in passages]
         bm = bm25s.BM25(k1=K1, b=B, method="lucene")
-        bm.index([analyze(p.text) for p in passages], show_progress=False)
+        bm.index(bm25s.tokenization.Tokenized(ids=ids, vocab=vocab), show_progress=False)
         return cls(passages, bm, meta)
 
     def scores(self, query: str) -> np.ndarray:

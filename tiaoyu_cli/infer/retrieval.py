@@ -59,5 +59,43 @@ def rag_messages(messages: list[dict], retriever: Retriever, k: int = 3) -> list
     return out
 
 
+def rag_rewriter(retriever: Retriever, k: int = 3) -> Callable[[str], str]:
+    """`fn(question)` → the user turn in the RAG layout (for `ChatSession(rewrite_user=…)`)."""
+    if k < 1:
+        raise TiaoyuError(f"--retrieve-k must be >= 1, got {k}")
+    return lambda question: rag_prompt([t for _, _, t in retriever.search(question, k)], question)
+
+
+def rag_record(rec: dict, rewrite: Callable[[str], str]) -> dict:
+    """A JSONL prompt record (`prompt` string or `messages`) with the user turn it asks rewritten by
+    `rewrite` (e.g. `rag_rewriter`). Records of other shapes are returned unchanged (the reader reports them)."""
+    msgs = rec.get("messages")
+    if isinstance(msgs, list):
+        end = len(msgs) - 1 if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant" else len(msgs)
+        idx = max((i for i in range(end) if isinstance(msgs[i], dict) and msgs[i].get("role") == "user"
+                   and isinstance(msgs[i].get("content"), str)), default=None)
+        if idx is None:
+            return rec
+        out = list(msgs)
+        out[idx] = {**msgs[idx], "content": rewrite(msgs[idx]["content"])}
+        return {**rec, "messages": out}
+    if isinstance(rec.get("prompt"), str):
+        return {**rec, "prompt": rewrite(rec["prompt"])}
+    return rec
+
+
+def rag_options(retrieve: str | None, rag: bool, k: int = 3, field: str = "text") -> Callable[[str], str] | None:
+    """Check `--retrieve SRC --rag --retrieve-k K` and return the user-turn rewriter (None without them)."""
+    if retrieve is None and not rag:
+        return None
+    if retrieve is None:
+        raise TiaoyuError("--rag needs --retrieve DOCS.jsonl or --retrieve index/ (the passages to put in the prompt)")
+    if not rag:
+        raise TiaoyuError("--retrieve needs --rag (the top passages go into the prompt before the question)")
+    if k < 1:
+        raise TiaoyuError(f"--retrieve-k must be >= 1, got {k}")
+    return rag_rewriter(open_retriever(retrieve, field), k)
+
+
 __all__ = ["SEARCH_SCHEMA", "NO_RESULTS", "Passage", "Retriever", "make_search", "open_retriever",
-           "format_passages", "rag_messages"]
+           "format_passages", "rag_messages", "rag_rewriter", "rag_record", "rag_options"]
