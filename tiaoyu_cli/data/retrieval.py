@@ -31,6 +31,8 @@ bm25s is an optional dependency (`pip install 'tiaoyu[retrieval]'`); `PlainBM25`
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
 import os
 import re
@@ -203,8 +205,10 @@ class Retriever:
         if not passages:
             raise TiaoyuError("empty corpus: no passage to index")
         bm25s = _bm25s()
-        vocab: dict[str, int] = {}
-        ids = [[vocab.setdefault(t, len(vocab)) for t in analyze(p.text)] for p in passages]
+        vocab: dict[str, int] = collections.defaultdict(itertools.count().__next__)  # term -> id, new ids as met
+        term_id = vocab.__getitem__
+        ids = [list(map(term_id, analyze(p.text))) for p in passages]
+        vocab = dict(vocab)
         bm = bm25s.BM25(k1=K1, b=B, method="lucene")
         bm.index(bm25s.tokenization.Tokenized(ids=ids, vocab=vocab), show_progress=False)
         return cls(passages, bm, meta)

@@ -7,7 +7,9 @@
   "王丽住在青石城。王丽是一名老师。…"). 400 documents; `tiaoyu index OUT/docs.jsonl -o index/`.
 * `rag.train.jsonl` — chat records whose user turn is in the RAG layout (data/rag.py): the top
   `RAG_K` passages BM25 finds in docs.jsonl for the question, then the question; the assistant
-  answers with the bare value. Questions ask about *train entities* only.
+  answers with the bare value. Questions ask about *train entities* only, and the asked entity's
+  passage states freshly drawn values (the answer follows the passage, not the world): the
+  record teaches reading, not facts — see `rag_records`.
 * `rag.val.jsonl` — the held-out questions in the same layout: each asks a held-out fact
   (one no chat/preference train record asks) of a *val entity* (an entity no rag.train question
   names), in English and in Chinese.
@@ -40,16 +42,26 @@ def doc_id(entity: int, lang: str) -> str:
     return f"e{entity:03d}-{lang}"
 
 
+def bio(e, lang: str, values: dict[str, tuple[str, str]]) -> str:
+    """An entity's document: one sentence per attribute, in a fixed order and wording."""
+    i = 0 if lang == "en" else 1
+    return S.join_sentences([S.cap(S.STATEMENTS[(e.kind, a, lang)][0].format(n=e.name(lang), v=values[a][i], m=e.measure))
+                             for a in e.attrs], lang)
+
+
 def entity_docs(g) -> list[dict]:
-    """One document per entity and language (g: data.synth.Generator); facts in a fixed order."""
-    out = []
-    for lang in g.langs:
-        for i, e in enumerate(g.w.entities):
-            sents = [S.cap(S.STATEMENTS[(e.kind, a, lang)][0].format(n=e.name(lang), v=g.w.value(S.Fact(i, a), lang),
-                                                                       m=e.measure)) for a in e.attrs]
-            out.append({"id": doc_id(i, lang), "lang": lang, "title": e.name(lang),
-                        "text": S.join_sentences(sents, lang)})
-    return out
+    """One document per entity and language (g: data.synth.Generator)."""
+    return [{"id": doc_id(i, lang), "lang": lang, "title": e.name(lang), "text": bio(e, lang, e.attrs)}
+            for lang in g.langs for i, e in enumerate(g.w.entities)]
+
+
+def value_pools(g) -> dict[tuple[str, str], list[tuple[str, str]]]:
+    """(entity kind, attribute) -> the distinct values that attribute takes in the world."""
+    pools: dict[tuple[str, str], dict[tuple[str, str], None]] = {}
+    for e in g.w.entities:
+        for a, v in e.attrs.items():
+            pools.setdefault((e.kind, a), {})[v] = None
+    return {k: list(v) for k, v in pools.items()}
 
 
 class _Docs:
@@ -85,12 +97,23 @@ def rag_records(g, docs: _Docs, split: str, k: int = RAG_K) -> tuple[list[dict],
     rng = random.Random(f"{g.cfg.seed}:rag.{split}")
     out, plain = [], []
     if split == "train":
+        # The asked entity's passage states freshly drawn values (and the answer follows them), so
+        # the answer can only come from reading: with the world's own values a tiny model learns the
+        # train entities' facts by heart instead, and that does not carry over to held-out entities.
         facts = [f for f in g.train_entity if f.entity not in val_ents]
-        for _ in range(g.cfg.records):
+        pools = value_pools(g)
+        while len(out) < g.cfg.records:
             f = rng.choice(facts)
             lang = rng.choice(g.langs)
             q = S.fact_question(g.w, f, lang, rng)
-            out.append(_record(q, g.w.value(f, lang), docs.top(q, k), doc_id(f.entity, lang)))
+            gold = doc_id(f.entity, lang)  # type: ignore[arg-type]
+            found = docs.top(q, k)
+            if gold not in [d["id"] for d in found]:
+                continue  # BM25 missed it (about 1 question in 100): nothing to read the answer from
+            e = g.w.entities[f.entity]  # type: ignore[index]
+            values = {a: rng.choice(pools[(e.kind, a)]) for a in e.attrs}
+            passages = [{"text": bio(e, lang, values)} if d["id"] == gold else d for d in found]
+            out.append(_record(q, values[f.attr][0 if lang == "en" else 1], passages, gold))
         return out, plain
     facts = [f for f in g.val_entity if f.entity in val_ents]
     pairs = [(f, lang) for f in facts for lang in g.langs]
