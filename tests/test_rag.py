@@ -149,3 +149,27 @@ def test_recall_at_3_on_the_bundled_questions(corpus):
     assert r1["en"] >= 0.95 and r1["zh"] >= 0.95, r1
     val3 = recall(index, load(corpus / "facts.val.jsonl"), 3)
     assert val3["en"] >= 0.96 and val3["zh"] >= 0.96, val3
+
+
+def test_cli_chat_rag_prompt_and_option_errors(base_ckpt, tmp_path):
+    import subprocess
+    import sys
+
+    tiaoyu = str(Path(sys.executable).with_name("tiaoyu"))
+    docs = tmp_path / "docs.jsonl"
+    docs.write_bytes(orjson.dumps({"text": "Kamiro lives in Lunford."}) + b"\n")
+
+    def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([tiaoyu, "chat", str(base_ckpt), "--mode", "chat", "--temperature", "0",
+                               "--max-new-tokens", "2", *args], input=stdin, capture_output=True, timeout=300)
+
+    ok = run("--retrieve", str(docs), "--rag", "--prompt", "Where does Kamiro live?")
+    assert ok.returncode == 0, ok.stderr.decode()
+    out = run("--retrieve", str(docs), "--rag", "--retrieve-k", "1", stdin=b'{"prompt": "Where does Kamiro live?"}\n')
+    assert out.returncode == 0, out.stderr.decode()
+    rec = orjson.loads(out.stdout.splitlines()[0])
+    assert rec["prompt"] == "Context:\nKamiro lives in Lunford.\n\nQuestion: Where does Kamiro live?" and "response" in rec
+    for args, msg in [(("--rag",), "--rag needs --retrieve"), (("--retrieve", str(docs)), "--retrieve needs --rag"),
+                      (("--retrieve", str(tmp_path / "none"), "--rag"), "no such file or index folder")]:
+        bad = run(*args, "--prompt", "q")
+        assert bad.returncode == 2 and msg in bad.stderr.decode(), (args, bad.stderr.decode())
