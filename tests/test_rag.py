@@ -106,20 +106,22 @@ def test_synth_docs_and_rag_records(corpus):
     by_id = {d["id"]: d for d in docs}
     train, val, plain = (load(corpus / f) for f in ("rag.train.jsonl", "rag.val.jsonl", "facts.val.jsonl"))
     assert len(train) == 600 and 50 <= len(val) <= 200 and len(plain) == len(val)
-    redrawn = 0
+    redrawn = found = 0
     for rec in train + val:
         user, answer = rec["messages"][0]["content"], rec["messages"][1]["content"]
         ctx, question = split_rag_prompt(user)
         passages = ctx.split("\n\n")
-        assert 1 <= len(passages) <= 3 and question
+        assert len(passages) == 1 and question  # synth_docs.RAG_K
         gold = by_id[rec["gold_doc"]]
-        if rec in val:  # val: the right document, as retrieved, holds the answer
-            assert gold["text"] in passages and answer in gold["text"]
+        if rec in val:  # val: the passages as retrieved; the right document holds the answer
+            assert answer in gold["text"]
+            found += gold["text"] in passages
         else:  # train: the asked entity's passage, with freshly drawn values, holds the answer
             mine = [p for p in passages if p.lower().startswith(gold["title"].lower())]
             assert any(answer in p for p in mine), (passages, answer)
             redrawn += gold["text"] not in passages
     assert redrawn > 0.5 * len(train)  # most train passages state other values than the world's
+    assert found >= 0.95 * len(val)  # BM25 puts the right document first for almost every val question
     for r, p in zip(val, plain):
         assert p["messages"][0]["content"] == split_rag_prompt(r["messages"][0]["content"])[1]
         assert p["messages"][1] == r["messages"][1] and p["gold_doc"] == r["gold_doc"]
