@@ -17,7 +17,9 @@ def register(app: typer.Typer) -> None:
         "  tiaoyu synth data/\n\n"
         "  tiaoyu synth data/ --seed 1 --text-mb 8 --records 8000\n\n"
         "Writes OUT/<kind>.train.jsonl and OUT/<kind>.val.jsonl for kind in text, chat, preference, "
-        "verifiable, reasoning, classification, plus OUT/world.json and OUT/manifest.json. "
+        "verifiable, reasoning, classification, plus OUT/docs.jsonl (the world's documents, for tiaoyu index), "
+        "OUT/rag.train.jsonl / OUT/rag.val.jsonl (questions with a retrieved passage), OUT/facts.val.jsonl "
+        "(the same held-out questions without), OUT/world.json and OUT/manifest.json. "
         "The same seed writes byte-identical files.",
         no_args_is_help=True,
     )(synth)
