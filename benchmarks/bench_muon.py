@@ -155,7 +155,7 @@ def first_reach(curve, target: float) -> tuple[int | None, float | None]:
 
 
 def main() -> None:
-    from tiaoyu_cli.cli.console import console
+    from tiaoyu_cli.console import console
 
     console.quiet = True
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

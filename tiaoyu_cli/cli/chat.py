@@ -27,6 +27,8 @@ Examples:
   tiaoyu chat teacher/ < prompts.jsonl > answers.jsonl  # batch, one line out per line in
 
   tiaoyu chat ckpt/reason --prompt "3 * 14 = ?" --hide-thinking
+
+  tiaoyu chat ckpt/sft-rag --retrieve index/ --rag --prompt "王丽住在哪里？"   # passages before the question
 """
 
 
@@ -50,6 +52,11 @@ def register(app: typer.Typer) -> None:
         classify: bool = typer.Option(False, "--classify", help="label text with a classifier checkpoint "
                                       "(sft --task classify): --prompt TEXT, or JSONL {\"text\"} on stdin"),
         quantize: str = typer.Option("none", "--quantize", help="none | int8 (weight-only int8 Linear layers, CPU)"),
+        retrieve: Optional[str] = typer.Option(None, "--retrieve", help="documents to search: an index folder "
+                                               "(tiaoyu index) or a JSONL file of {\"text\"} records"),
+        rag: bool = typer.Option(False, "--rag", help="put the top passages for each question into the prompt "
+                                 "(the RAG layout of tiaoyu_cli/data/rag.py)"),
+        retrieve_k: int = typer.Option(3, "--retrieve-k", help="passages retrieved per question"),
     ) -> None:
         from tiaoyu_cli.infer.sampling import SamplingParams
         from tiaoyu_cli.infer.session import GenerationOptions, load_chat_model
@@ -64,6 +71,9 @@ def register(app: typer.Typer) -> None:
         if batch_size < 1:
             raise TiaoyuError(f"--batch-size must be >= 1, got {batch_size}")
         options = GenerationOptions(max_new_tokens=max_new_tokens, sampling=params, seed=seed)
+        from tiaoyu_cli.infer.retrieval import rag_options
+
+        rewrite = rag_options(retrieve, rag, retrieve_k)  # None without --retrieve/--rag
         from tiaoyu_cli.console import warn as _warn
 
         cm = load_chat_model(ckpt, device=device, mode=mode, adapter=adapter, on_warning=_warn)
@@ -77,11 +87,11 @@ def register(app: typer.Typer) -> None:
             warn("--system is ignored in complete mode (plain text continuation; --mode chat to use it)")
         try:
             if prompt is not None:
-                answer_once(cm, prompt, system, options, hide_thinking)
+                answer_once(cm, prompt, system, options, hide_thinking, rewrite)
             elif sys.stdin.isatty():
-                repl(cm, system, options, hide_thinking)
+                repl(cm, system, options, hide_thinking, rewrite)
             else:
-                answer_jsonl(cm, sys.stdin.buffer, system, options, batch_size)
+                answer_jsonl(cm, sys.stdin.buffer, system, options, batch_size, rewrite)
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
 
@@ -92,11 +102,11 @@ def _describe(cm) -> str:
     return f"{cm.path} ({n / 1e6:.2f}M parameters, {stage}{cm.mode} mode, {cm.device})"
 
 
-def answer_once(cm, prompt: str, system: Optional[str], options, hide_thinking: bool) -> None:
+def answer_once(cm, prompt: str, system: Optional[str], options, hide_thinking: bool, rewrite=None) -> None:
     """Stream one answer to stdout; reasoning (if any) between <think> and </think> unless hidden."""
     from tiaoyu_cli.infer.session import ChatSession
 
-    session = ChatSession(cm, system=system, options=options)
+    session = ChatSession(cm, system=system, options=options, rewrite_user=rewrite)
     out = sys.stdout
     in_think = False
     for piece in session.send(prompt):
@@ -113,11 +123,11 @@ def answer_once(cm, prompt: str, system: Optional[str], options, hide_thinking: 
     out.flush()
 
 
-def repl(cm, system: Optional[str], options, hide_thinking: bool) -> None:
+def repl(cm, system: Optional[str], options, hide_thinking: bool, rewrite=None) -> None:
     from tiaoyu_cli.console import console
     from tiaoyu_cli.infer.session import ChatSession
 
-    session = ChatSession(cm, system=system, options=options)
+    session = ChatSession(cm, system=system, options=options, rewrite_user=rewrite)
     console.print(f"[bold]tiaoyu chat[/] {_describe(cm)}", highlight=False)
     console.print("[dim]/reset  /system TEXT  /exit  /help[/]")
     who = "you" if cm.mode == "chat" else "text"
@@ -161,7 +171,7 @@ def repl(cm, system: Optional[str], options, hide_thinking: bool) -> None:
                           "forgotten)[/]")
 
 
-def answer_jsonl(cm, stream, system: Optional[str], options, batch_size: int) -> None:
+def answer_jsonl(cm, stream, system: Optional[str], options, batch_size: int, rewrite=None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tiaoyu_cli.console import console
@@ -169,6 +179,10 @@ def answer_jsonl(cm, stream, system: Optional[str], options, batch_size: int) ->
     from tiaoyu_cli.infer.session import answer_records, read_prompt_records
 
     records = read_prompt_records(stream, "<stdin>")
+    if rewrite is not None:  # --retrieve … --rag: the asked user turn gets its passages
+        from tiaoyu_cli.infer.retrieval import rag_record
+
+        records = [(line, rag_record(rec, rewrite)) for line, rec in records]
     console.print(f"chat: {len(records)} prompt(s) → stdout, {_describe(cm)}", highlight=False, markup=False)
     out = sys.stdout.buffer
     progress = Progress(TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -28,6 +28,7 @@ COMMANDS: list[str] = [
     "rlhf",
     "reason",
     "report",
+    "index",
 ]
 
 app = typer.Typer(

@@ -22,7 +22,9 @@ def register(app: typer.Typer) -> None:
         "  tiaoyu synth data/\n\n"
         "  tiaoyu synth data/ --seed 1 --text-mb 8 --records 8000\n\n"
         "Writes OUT/<kind>.train.jsonl and OUT/<kind>.val.jsonl for kind in text, chat, preference, "
-        "verifiable, reasoning, classification, plus OUT/world.json and OUT/manifest.json, and "
+        "verifiable, reasoning, classification, plus OUT/docs.jsonl (the world's documents, for tiaoyu index), "
+        "OUT/rag.train.jsonl / OUT/rag.val.jsonl (questions with a retrieved passage), OUT/facts.val.jsonl "
+        "(the same held-out questions without), OUT/world.json and OUT/manifest.json, and "
         "OUT/bench/ (a 4-choice benchmark of the held-out facts in the C-Eval CSV layout, for "
         "`tiaoyu eval bench --task ceval --style cloze`). "
         "The same seed writes byte-identical files.",

@@ -7,6 +7,7 @@ Detection looks at a record's fields, first match wins:
 | `messages: [{role, content[, reasoning]}]`                     | chat          | chat           |
 | `conversations: [{from, value}]` or `[{role, content}]`        | ShareGPT      | chat           |
 | `chosen`, `rejected` (+ `prompt`/`question`)                   | preference    | preference     |
+| `context` (a string or a list of passages), `question`/`prompt`/`query`, `answer` | RAG | chat, user turn in the RAG layout (data/rag.py) |
 | a question (`prompt`/`question`/`instruction`/`query`/`problem`), reasoning (`reasoning`/`think`/`thinking`/`steps`/`rationale`/`cot`/`reasoning_content`) and an answer (`answer`/`response`/`output`/`completion`/`final_answer`) | reasoning | chat, assistant `reasoning` field |
 | `instruction`, `output` (+ `input`, `system`, `history`)       | Alpaca        | chat           |
 | `prompt`, `completion`                                         | completion    | chat           |
@@ -31,6 +32,8 @@ from __future__ import annotations
 
 import re
 from typing import Any
+
+from tiaoyu_cli.data.rag import rag_prompt
 
 KINDS = ("text", "chat", "preference", "verifiable", "classification")
 
@@ -169,6 +172,8 @@ def detect(obj: dict) -> str:
         return "sharegpt"
     if "chosen" in obj and "rejected" in obj:
         return "preference"
+    if "context" in obj and "answer" in obj and _first_key(obj, ("question", "prompt", "query")):
+        return "rag"
     if _first_key(obj, REASONING_KEYS) and _first_key(obj, QUESTION_KEYS) and _first_key(obj, ANSWER_KEYS):
         return "reasoning"
     if "instruction" in obj and "output" in obj:
@@ -210,6 +215,17 @@ def canonical(obj: dict) -> tuple[str, list[dict]]:
         else:
             raise FormatError("missing (a preference record needs prompt, chosen and rejected)", "prompt")
         return "preference", [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]
+    if fmt == "rag":
+        ctx = obj["context"]
+        if isinstance(ctx, list) and all(isinstance(c, str) for c in ctx):
+            passages: list[str] | str = ctx
+        elif isinstance(ctx, str):
+            passages = ctx
+        else:
+            raise FormatError(f"expected a string or a list of passage strings, got {_type_name(ctx)}", "context")
+        q = _str(obj, _first_key(obj, ("question", "prompt", "query")))  # type: ignore[arg-type]
+        return "chat", [{"messages": _system_prefix(obj) + [_user(rag_prompt(passages, q)),
+                                                            _assistant(_answer_str(obj, "answer"))]}]
     if fmt == "reasoning":
         qk, rk, ak = _first_key(obj, QUESTION_KEYS), _first_key(obj, REASONING_KEYS), _first_key(obj, ANSWER_KEYS)
         q = _str(obj, qk)  # type: ignore[arg-type]

@@ -49,6 +49,11 @@ few CPU minutes, and every later stage needs a held-out number that moves:
   closings, neutral filler), English and Chinese, labels "positive"/"negative" exactly
   balanced; learnable from the words alone.
 
+* **docs and RAG** (data/synth_docs.py): `docs.jsonl`, one document per entity and language
+  stating all its facts (the corpus `tiaoyu index` searches); `rag.train.jsonl` / `rag.val.jsonl`,
+  questions with the passages BM25 retrieves for them in the RAG layout (val: held-out facts of
+  entities no rag.train question names); `facts.val.jsonl`, the same val questions without passages.
+
 Sizes: `--records` train records per chat-like kind (default 4,000), `--val-records` (default a
 tenth of that). Everything is generated in memory (a few MB) in a couple of seconds.
 """
@@ -62,6 +67,7 @@ from typing import Callable, Iterator
 
 import orjson
 
+from tiaoyu_cli.data import synth_docs  # docs.jsonl + RAG records (calls back into this module)
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.io import atomic_open, atomic_write_bytes
 
@@ -858,6 +864,7 @@ def write_corpus(out_dir: str | Path, cfg: SynthConfig, on_file: Callable[[str, 
             files[name] = {"kind": "chat" if kind == "reasoning" else kind, "split": split, "records": n, "bytes": nbytes}
             if on_file:
                 on_file(name, n)
+    files.update(synth_docs.write_retrieval_files(out, g, on_file))
     atomic_write_bytes(out / "world.json", orjson.dumps(g.world_json(), option=orjson.OPT_INDENT_2) + b"\n")
     manifest = {
         "generator": "tiaoyu synth",

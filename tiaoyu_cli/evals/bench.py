@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from tiaoyu_cli.checkpoint import load_model, load_tokenizer, load_trainer_info

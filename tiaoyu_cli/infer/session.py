@@ -140,8 +140,12 @@ class ChatSession:
     COMMANDS = {"/reset": "forget the conversation", "/system TEXT": "set the system prompt (and reset)",
                 "/exit": "quit (also /quit, Ctrl-D)", "/help": "this list"}
 
-    def __init__(self, cm: ChatModel, system: str | None = None, options: GenerationOptions | None = None):
+    def __init__(self, cm: ChatModel, system: str | None = None, options: GenerationOptions | None = None,
+                 rewrite_user=None):
         self.cm = cm
+        # rewrite_user(text) -> text the model sees for the newest user turn (RAG: passages + question);
+        # the history keeps what the user typed
+        self.rewrite_user = rewrite_user
         self.tok = cm.tokenizer
         self.system = system or None
         self.options = options or GenerationOptions()
@@ -185,6 +189,8 @@ class ChatSession:
 
     def prompt_ids(self, user_text: str) -> list[int]:
         """The prompt for the next answer; the oldest turns are dropped until it fits the context."""
+        if self.rewrite_user is not None:
+            user_text = self.rewrite_user(user_text)
         if self.mode == "complete":
             return completion_prompt_ids(self.tok, user_text)
         budget = context_budget(self.cm.model.config.max_seq_len, self.options.max_new_tokens)
