@@ -33,7 +33,7 @@ VOCAB = 1024
 
 def _source_key() -> str:
     h = hashlib.sha256(f"{BASE_STEPS}-{BASE_BATCH}-{BASE_SEQ}-{VOCAB}".encode())
-    for sub in ("data/synth.py", "data/synth_docs.py", "tokenizer", "model", "train/lm.py", "train/trainer.py",
+    for sub in ("data/synth.py", "data/synth_world.py", "data/synth_docs.py", "tokenizer", "model", "train/lm.py", "train/trainer.py",
                 "data/shards.py"):
         p = PKG / sub
         files = sorted(p.rglob("*.py")) if p.is_dir() else [p]

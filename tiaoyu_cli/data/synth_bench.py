@@ -26,7 +26,8 @@ import csv
 import io
 from pathlib import Path
 
-from tiaoyu_cli.data.synth import ARITH_STATEMENTS, STATEMENTS, Fact, Generator, SynthConfig, arith, cap
+from tiaoyu_cli.data.synth import Generator, SynthConfig
+from tiaoyu_cli.data.synth_world import ARITH_STATEMENTS, STATEMENTS, Fact, arith, cap
 from tiaoyu_cli.io import atomic_write_text
 
 HEADER = ["id", "question", "A", "B", "C", "D", "answer"]

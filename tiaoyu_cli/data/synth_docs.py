@@ -29,7 +29,7 @@ from typing import Callable
 
 import orjson
 
-from tiaoyu_cli.data import synth as S  # the world and its templates (synth.py calls back into this module)
+from tiaoyu_cli.data import synth_world as W  # the world and its templates
 from tiaoyu_cli.data.rag import rag_prompt
 from tiaoyu_cli.data.retrieval import PlainBM25, analyze, query_terms
 from tiaoyu_cli.io import atomic_open
@@ -49,7 +49,7 @@ def doc_id(entity: int, lang: str) -> str:
 def bio(e, lang: str, values: dict[str, tuple[str, str]]) -> str:
     """An entity's document: one sentence per attribute, in a fixed order and wording."""
     i = 0 if lang == "en" else 1
-    return S.join_sentences([S.cap(S.STATEMENTS[(e.kind, a, lang)][0].format(n=e.name(lang), v=values[a][i], m=e.measure))
+    return W.join_sentences([W.cap(W.STATEMENTS[(e.kind, a, lang)][0].format(n=e.name(lang), v=values[a][i], m=e.measure))
                              for a in e.attrs], lang)
 
 
@@ -109,7 +109,7 @@ def rag_records(g, docs: _Docs, split: str, k: int = RAG_K) -> tuple[list[dict],
         while len(out) < g.cfg.records:
             f = rng.choice(facts)
             lang = rng.choice(g.langs)
-            q = S.fact_question(g.w, f, lang, rng)
+            q = W.fact_question(g.w, f, lang, rng)
             gold = doc_id(f.entity, lang)  # type: ignore[arg-type]
             found = docs.top(q, k)
             if gold not in [d["id"] for d in found]:
@@ -123,7 +123,7 @@ def rag_records(g, docs: _Docs, split: str, k: int = RAG_K) -> tuple[list[dict],
     pairs = [(f, lang) for f in facts for lang in g.langs]
     rng.shuffle(pairs)
     for f, lang in pairs[: g.cfg.n_val()]:
-        q = S.fact_question(g.w, f, lang, rng)
+        q = W.fact_question(g.w, f, lang, rng)
         a, gold = g.w.value(f, lang), doc_id(f.entity, lang)
         out.append(_record(q, a, docs.top(q, k), gold))
         plain.append(_record(q, a, None, gold))
