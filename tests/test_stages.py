@@ -47,7 +47,7 @@ def files(assets, tmp_path_factory) -> dict[str, Path]:
 
 # stage → argv after `tiaoyu` (without -o and the budget); {name} is filled from `files`
 STAGES: dict[str, list[str]] = {
-    "pretrain": ["pretrain", "{tokens}", "--preset", "tiny", "--model", "dim=64", "--model", "n_layers=2",
+    "pretrain": ["pretrain", "{tokens}", "--tokenizer", "{tok}", "--preset", "tiny", "--model", "dim=64", "--model", "n_layers=2",
                  "--seq-len", "32", "--eval-every", "0", "--eval-batches", "1"],
     "sft": ["sft", "{base}", "{chat}", "--max-len", "96", "--no-eval-before"],
     "classify": ["sft", "{base}", "{cls}", "--task", "classify", "--max-len", "64", "--no-eval-before"],

@@ -19,7 +19,8 @@ from tiaoyu_cli import checkpoint as ckpt_io
 from tiaoyu_cli.model.transformer import cross_entropy as lm_loss
 from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage
 from tiaoyu_cli.train.optim import build_optimizer, lr_at
-from tiaoyu_cli.train.trainer import StepOutput, TrainConfig, Trainer
+from tiaoyu_cli.train.stage import StepOutput
+from tiaoyu_cli.train.trainer import TrainConfig, Trainer
 
 V = 64
 

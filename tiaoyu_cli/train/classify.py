@@ -33,7 +33,7 @@ from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import Transformer
 from tiaoyu_cli.model.heads import last_token_scores
 from tiaoyu_cli.train.sampler import EpochSampler
-from tiaoyu_cli.train.trainer import BaseStage, StepOutput
+from tiaoyu_cli.train.stage import BaseStage, StepOutput
 
 
 def classification_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

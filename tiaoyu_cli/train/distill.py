@@ -46,7 +46,7 @@ from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.io import _umask
 from tiaoyu_cli.train.losses_kd import DIVERGENCES, distill_loss
 from tiaoyu_cli.train.sft import lm_forward
-from tiaoyu_cli.train.trainer import BaseStage, StepOutput
+from tiaoyu_cli.train.stage import BaseStage, StepOutput
 
 # ---- white box: the stage ---------------------------------------------------------------------------
 

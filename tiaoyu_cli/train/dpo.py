@@ -39,7 +39,7 @@ from tiaoyu_cli.train.losses_rl import dpo_loss, sequence_logps
 from tiaoyu_cli.train.reward import PairStage
 from tiaoyu_cli.train.rl_common import adapters_off, apply_lora_for_rl, load_reference, split_holdout
 from tiaoyu_cli.train.run import Plan, run_stage
-from tiaoyu_cli.train.trainer import StepOutput
+from tiaoyu_cli.train.stage import StepOutput
 
 
 @dataclass

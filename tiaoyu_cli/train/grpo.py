@@ -39,7 +39,7 @@ from tiaoyu_cli.train.losses_rl import group_advantages, grpo_loss
 from tiaoyu_cli.train.rl_common import Rollout, load_reference, response_logps, split_holdout
 from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.rollout import RolloutStage, Scores, VerifiableReward, sequence_kl
-from tiaoyu_cli.train.trainer import StepOutput
+from tiaoyu_cli.train.stage import StepOutput
 
 
 @dataclass

@@ -31,7 +31,7 @@ from tiaoyu_cli.model.transformer import cross_entropy
 from tiaoyu_cli.tokenizer import Tokenizer
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.run import Plan, run_stage
-from tiaoyu_cli.train.trainer import BaseStage, StepOutput
+from tiaoyu_cli.train.stage import BaseStage, StepOutput
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

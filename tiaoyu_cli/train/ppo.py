@@ -35,7 +35,7 @@ from tiaoyu_cli.train.rl_common import (Rollout, RunningMeanStd, load_reference,
                                         split_holdout)
 from tiaoyu_cli.train.rollout import ModelReward, RolloutStage, Scores, VerifiableReward, sequence_kl
 from tiaoyu_cli.train.run import Plan, run_stage
-from tiaoyu_cli.train.trainer import StepOutput
+from tiaoyu_cli.train.stage import StepOutput
 
 
 @dataclass

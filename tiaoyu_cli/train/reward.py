@@ -41,7 +41,7 @@ from tiaoyu_cli.train.losses_rl import reward_pairwise_loss
 from tiaoyu_cli.train.rl_common import split_holdout
 from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.sampler import EpochSampler
-from tiaoyu_cli.train.trainer import BaseStage, StepOutput
+from tiaoyu_cli.train.stage import BaseStage, StepOutput
 
 
 @dataclass

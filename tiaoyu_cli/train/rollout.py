@@ -33,7 +33,7 @@ from tiaoyu_cli.train.answers import answer_accuracy, format_ok, is_correct
 from tiaoyu_cli.train.losses_rl import kl_k1, kl_k3, masked_mean
 from tiaoyu_cli.train.rl_common import Rollout, derive_seed, generate_rollout, response_logps, reward_model_scores
 from tiaoyu_cli.train.sampler import EpochSampler
-from tiaoyu_cli.train.trainer import BaseStage
+from tiaoyu_cli.train.stage import BaseStage
 
 # ---- rewards -------------------------------------------------------------------------------------------
 

@@ -31,7 +31,8 @@ from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train import distributed as D
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.outdir import check_output, check_writable
-from tiaoyu_cli.train.trainer import BaseStage, Trainer, TrainingInterrupted
+from tiaoyu_cli.train.stage import BaseStage
+from tiaoyu_cli.train.trainer import Trainer, TrainingInterrupted
 
 try:  # POSIX advisory locks; where missing (Windows) runs are simply not locked
     import fcntl

@@ -50,7 +50,7 @@ from tiaoyu_cli.train.answers import answer_accuracy
 from tiaoyu_cli.train.distributed import unwrap
 from tiaoyu_cli.train.lm import WindowSampler
 from tiaoyu_cli.train.sampler import EpochSampler
-from tiaoyu_cli.train.trainer import BaseStage, StepOutput
+from tiaoyu_cli.train.stage import BaseStage, StepOutput
 
 TRAIN_PARTS = ("full", "ffn", "attn", "head", "embeddings")
 METHODS = ("full", "prompt", "adapter", "lora")

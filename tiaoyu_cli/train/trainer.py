@@ -34,9 +34,8 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -53,69 +52,7 @@ from tiaoyu_cli.train.flops import flops_per_token, peak_flops
 from tiaoyu_cli.train.optim import build_optimizer, lr_at
 from tiaoyu_cli.train.outdir import check_output, check_writable
 from tiaoyu_cli.train.progress import Progress
-
-
-@dataclass
-class StepOutput:
-    loss: torch.Tensor  # scalar to minimise (mean over the micro-batch)
-    # logged values, averaged over micro-batches (and processes); floats or 0-d tensors — tensors
-    # are read only at log steps, so returning them keeps the device from waiting every step
-    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
-    tokens: int = 0  # tokens processed in this micro-batch (for tokens/s and --max-tokens)
-
-
-class Stage(Protocol):
-    """What a stage supplies to the loop. Optional hooks have defaults in `BaseStage`."""
-
-    name: str
-
-    def setup(self, trainer: "Trainer") -> None: ...
-    def next_batch(self) -> Any: ...
-    def step(self, model: nn.Module, batch: Any) -> StepOutput: ...
-    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class BaseStage:
-    """Defaults for the optional parts of a stage."""
-
-    name = "stage"
-    steps_per_epoch: int | None = None  # for --epochs
-    tokens_per_step: int | None = None  # per micro-batch per process, for --max-tokens schedules
-    find_unused_parameters: bool = False  # DDP: some parameters get no gradient in a step (MoE sets it itself)
-    shardable: bool = True  # --fsdp: every process runs the same forward passes (no per-process sampling)
-
-    def setup(self, trainer: "Trainer") -> None:
-        self.trainer = trainer
-
-    def extra_modules(self) -> dict[str, nn.Module]:
-        """Trainable modules outside the model (e.g. a PPO value head): optimised, saved in train_state."""
-        return {}
-
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        """Data position etc. Tensor values go to train_state.safetensors, the rest to trainer.json."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def save_model(self, folder: Path, model: nn.Module, tokenizer) -> None:
-        """Write the model files of a checkpoint (default: full model; LoRA writes an adapter)."""
-        ckpt_io.save_model_files(folder, model, tokenizer)
-
-    def load_for_resume(self, folder: Path, model: nn.Module) -> None:
-        """Load weights saved by `save_model` back into the model before resuming."""
-        ckpt_io.load_weights(model, ckpt_io.load_tensors(folder / "model.safetensors"), f"--resume: {folder}",
-                             strict=False, hint=": resume with the model options the run started with")
-
-    def info(self) -> dict[str, Any]:
-        """Stage options, recorded in trainer.json."""
-        cfg = getattr(self, "cfg", None)
-        return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}
+from tiaoyu_cli.train.stage import BaseStage
 
 
 class TrainingInterrupted(TiaoyuError):
