@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import typer
+from typer.core import TyperGroup
 
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.config import TrainConfig
@@ -207,3 +208,20 @@ def config_options(cls: type, help: dict[str, str], rename: dict[str, str] | Non
         return wrapper
 
     return deco
+
+
+class DefaultCommandGroup(TyperGroup):
+    """A command group whose first argument may be a subcommand or, when it is not one, the arguments of
+    its default command (`tiaoyu eval CKPT DATA` = `tiaoyu eval run CKPT DATA`)."""
+
+    default_command = ""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+def defaulting_to(command: str) -> type[DefaultCommandGroup]:
+    """The group class for typer.Typer(cls=…) whose default subcommand is `command`."""
+    return type(f"DefaultTo{command.title()}", (DefaultCommandGroup,), {"default_command": command})

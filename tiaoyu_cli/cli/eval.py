@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
+
+from tiaoyu_cli.cli.common import defaulting_to
 
 EXAMPLES = """
 Examples:
@@ -29,20 +30,9 @@ Examples:
 """
 
 
-class DefaultCommandGroup(TyperGroup):
-    """A group whose first argument may be a subcommand or, when it is not one, the default command's arguments."""
-
-    default_command = "run"
-
-    def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
-            args = [self.default_command, *args]
-        return super().parse_args(ctx, args)
-
-
 eval_app = typer.Typer(
     name="eval",
-    cls=DefaultCommandGroup,
+    cls=defaulting_to("run"),
     help="Evaluate a checkpoint on data (tiaoyu eval CKPT DATA), on a standard benchmark (tiaoyu eval bench), "
          "or plot training curves (tiaoyu eval plot).",
     epilog=EXAMPLES,

@@ -16,17 +16,15 @@ import json
 from pathlib import Path
 
 import typer
-from typer.core import TyperGroup
 
 from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint, save_model_files
-from tiaoyu_cli.cli.common import CHAT_HELP, config_options, train_options
+from tiaoyu_cli.cli.common import CHAT_HELP, config_options, defaulting_to, train_options
 from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.io import atomic_dir
 from tiaoyu_cli.model.lora import load_adapter, merge_lora, resolve_adapter_dir
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.finetune import ChatOptions, run_chat
-
 
 EXAMPLES = """
 Examples:
@@ -41,19 +39,9 @@ Examples:
 """
 
 
-class TrainByDefault(TyperGroup):
-    """`tiaoyu lora BASE DATA …` means `tiaoyu lora train BASE DATA …`: when the first argument is not a
-    subcommand (nor --help), `train` is put in front of it."""
-
-    def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
-            args = ["train", *args]
-        return super().parse_args(ctx, args)
-
-
 lora_app = typer.Typer(
     name="lora",
-    cls=TrainByDefault,
+    cls=defaulting_to("train"),
     help="LoRA: train an adapter on chat records (`tiaoyu lora BASE DATA -o adapter/`, same as `lora train`), "
          "or fold one into a checkpoint (`tiaoyu lora merge BASE ADAPTER -o OUT`).",
     no_args_is_help=True,

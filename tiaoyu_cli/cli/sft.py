@@ -13,7 +13,7 @@ from tiaoyu_cli.cli.common import CHAT_HELP, config_options, train_options
 from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.config import TrainConfig
-from tiaoyu_cli.train.finetune import ChatOptions, ClassifyOptions, run_chat, run_classify
+from tiaoyu_cli.train.finetune import ChatOptions, run_chat, run_classify
 
 EXAMPLES = """
 Examples:
@@ -56,8 +56,6 @@ def register(app: typer.Typer) -> None:
         if task == "classify":
             if cfg.method != "full":
                 raise TiaoyuError(f"--task classify trains with --method full (and --train PARTS), not --method {cfg.method}")
-            run_classify(ClassifyOptions(base=base, data=data, eval_data=cfg.eval_data, max_len=cfg.max_len,
-                                         skip_bad=cfg.skip_bad, train_parts=cfg.train_parts,
-                                         eval_before=cfg.eval_before), train, log=say)
+            run_classify(cfg, train, log=say)
             return
         run_chat(cfg, train, stage_name="sft", save_as="merged" if cfg.method == "lora" else "full", log=say)

@@ -155,18 +155,8 @@ def run_chat(o: ChatOptions, train: TrainConfig, stage_name: str = "sft", save_a
     return res
 
 
-@dataclass
-class ClassifyOptions:
-    base: Path
-    data: Path
-    eval_data: Optional[Path] = None
-    max_len: int = 0
-    skip_bad: bool = False
-    train_parts: Optional[str] = None
-    eval_before: bool = True
-
-
-def prepare_classify(o: ClassifyOptions, train: TrainConfig) -> Plan:
+def prepare_classify(o: ChatOptions, train: TrainConfig) -> Plan:
+    """--task classify reads base, data, eval_data, max_len, skip_bad, train_parts and eval_before of the options."""
     pairs, st = read_classification(o.data, skip_bad=o.skip_bad)
     labels = sorted(st.counts)
     if len(labels) < 2:
@@ -188,7 +178,7 @@ def prepare_classify(o: ClassifyOptions, train: TrainConfig) -> Plan:
     return Plan(model, stage, tok, parent=str(base_dir), lines=[line], eval_before=bool(eval_pairs) and o.eval_before)
 
 
-def run_classify(o: ClassifyOptions, train: TrainConfig, log=print) -> dict:
+def run_classify(o: ChatOptions, train: TrainConfig, log=print) -> dict:
     """`tiaoyu sft --task classify`: a classification head on the base, cross-entropy over the labels."""
     return run_stage("classify", train, lambda: prepare_classify(o, train), default_epochs=1.0, log=log)
 
