@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_fixtures import one_thread, read_jsonl, write_jsonl
+from rlhf_fixtures import one_thread, read_jsonl, sft_start, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).with_name("golden_losses.json")
@@ -42,6 +42,9 @@ def files(assets, tmp_path_factory) -> dict[str, Path]:
             "ver": "verifiable.train.jsonl", "trace": "reasoning.train.jsonl"}
     out = {k: write_jsonl(d / f"{k}.jsonl", read_jsonl(s / name)[:24]) for k, name in pick.items()}
     out.update(base=assets / "base", tokens=assets / "tokens", tok=assets / "tok")
+    # the RL stages need answers whose rewards differ to have anything to learn from (equal rewards in a group:
+    # zero advantages, an exactly zero gradient): they start from the SFT start the rlhf tests share
+    out["sft"] = sft_start(assets, tmp_path_factory.mktemp("sft-start"))
     return out
 
 
@@ -54,15 +57,15 @@ STAGES: dict[str, list[str]] = {
     "lora": ["lora", "{base}", "{chat}", "--rank", "4", "--max-len", "96", "--no-eval-before"],
     "reward": ["rlhf", "reward", "{base}", "{pref}", "--val-frac", "0", "--max-len", "128"],
     "dpo": ["rlhf", "dpo", "{base}", "{pref}", "--val-frac", "0", "--max-len", "128"],
-    "ppo": ["rlhf", "ppo", "{base}", "{ver}", "--reward", "verifiable", "--rollout-batch-size", "4", *RL],
-    "grpo": ["rlhf", "grpo", "{base}", "{ver}", "--group-size", "2", "--rollout-batch-size", "2", *RL],
+    "ppo": ["rlhf", "ppo", "{sft}", "{ver}", "--reward", "verifiable", "--rollout-batch-size", "4", *RL],
+    "grpo": ["rlhf", "grpo", "{sft}", "{ver}", "--group-size", "4", "--rollout-batch-size", "4", *RL],
     "distill-white": ["distill", "--teacher", "{base}", "--student-preset", "tiny", "--model", "dim=64",
                       "--model", "n_layers=2", "{chat}", "--mode", "white", "--seq-len", "96"],
     "distill-black": ["distill", "--teacher", "{base}", "--student-preset", "tiny", "--model", "dim=64",
                       "--model", "n_layers=2", "{chat}", "--mode", "black", "--max-new-tokens", "8",
                       "--seq-len", "96"],
     "reason": ["reason", "{base}", "{trace}", "--max-len", "128"],
-    "reason-rl": ["reason", "{base}", "{ver}", "--rl", "--group-size", "2", "--rollout-batch-size", "2",
+    "reason-rl": ["reason", "{sft}", "{ver}", "--rl", "--group-size", "4", "--rollout-batch-size", "4",
                   "--max-new-tokens", "8", "--eval-samples", "2"],
 }
 
