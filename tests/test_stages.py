@@ -30,7 +30,8 @@ from rlhf_fixtures import one_thread, read_jsonl, sft_start, write_jsonl
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).with_name("golden_losses.json")
 LOOP = ["--device", "cpu", "--dtype", "fp32", "--seed", "0", "--log-every", "1", "--save-every", "2", "--keep", "0",
-        "--schedule", "constant", "--warmup-steps", "0", "--batch-size", "4"]
+        "--schedule", "constant", "--warmup-steps", "0", "--batch-size", "4",
+        "--weight-decay", "0"]  # no decay: a weight that changes got a gradient
 RL = ["--max-new-tokens", "8", "--eval-size", "2", "--no-eval-before", "--val-frac", "0"]
 
 
@@ -42,10 +43,24 @@ def files(assets, tmp_path_factory) -> dict[str, Path]:
             "ver": "verifiable.train.jsonl", "trace": "reasoning.train.jsonl"}
     out = {k: write_jsonl(d / f"{k}.jsonl", read_jsonl(s / name)[:24]) for k, name in pick.items()}
     out.update(base=assets / "base", tokens=assets / "tokens", tok=assets / "tok")
-    # the RL stages need answers whose rewards differ to have anything to learn from (equal rewards in a group:
-    # zero advantages, an exactly zero gradient): they start from the SFT start the rlhf tests share
+    # The RL stages learn only from rewards that differ (equal rewards in a group: zero advantages, an exactly
+    # zero gradient). They start from the SFT start the rlhf tests share, on questions whose reference answer
+    # is that model's own greedy answer: sampled answers match it often, but not always.
     out["sft"] = sft_start(assets, tmp_path_factory.mktemp("sft-start"))
+    out["ver"] = write_jsonl(d / "ver-own.jsonl", greedy_answers(out["sft"], read_jsonl(out["ver"])))
     return out
+
+
+def greedy_answers(ckpt: Path, records: list[dict]) -> list[dict]:
+    from tiaoyu_cli.infer.sampling import SamplingParams
+    from tiaoyu_cli.infer.session import GenerationOptions, answer_records, load_chat_model
+
+    cm = load_chat_model(ckpt, device="cpu", mode="chat")
+    opts = GenerationOptions(max_new_tokens=8, sampling=SamplingParams(temperature=0.0))
+    with one_thread():
+        answers = list(answer_records(cm, [(i + 1, {"prompt": r["prompt"]}) for i, r in enumerate(records)], opts))
+    out = [{"prompt": r["prompt"], "answer": a["response"].strip()} for r, a in zip(records, answers)]
+    return [r for r in out if r["answer"]]
 
 
 # stage → argv after `tiaoyu` (without -o and the budget); {name} is filled from `files`
