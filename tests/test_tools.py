@@ -1,0 +1,246 @@
+"""Tool calls: the template (ids, loss mask, Jinja and transformers parity), old tokenizers refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.tokenizer import CHAT_TEMPLATE, Tokenizer, train_tokenizer
+from tiaoyu_cli.tokenizer.core import BASE_SPECIAL_TOKENS, make_config
+from tokenizer_corpus import make_records, write_jsonl
+
+CALC = {"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate an arithmetic expression: + - * / ** and parentheses.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 12*(3+4)"}},
+                   "required": ["expression"]}}}
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "天气",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+TOOL_CONV = [
+    {"role": "system", "content": "你是助手。"},
+    {"role": "user", "content": "What is 123 * 456?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "123*456"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "56088"},
+    {"role": "assistant", "content": "123 × 456 = 56088."},
+    {"role": "user", "content": "北京和上海的天气？"},
+    {"role": "assistant", "content": "Let me check both.", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "weather", "arguments": '{"city": "北京"}'}},
+        {"id": "b", "type": "function", "function": {"name": "weather", "arguments": '{"city": "上海"}'}}]},
+    {"role": "tool", "tool_call_id": "a", "content": "晴 <tool_call> 20°C"},
+    {"role": "tool", "tool_call_id": "b", "content": "雨"},
+    {"role": "assistant", "content": "北京晴，上海雨。"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    corpus = write_jsonl(tmp_path_factory.mktemp("corpus") / "data.jsonl", make_records())
+    return train_tokenizer([str(corpus)], tmp_path_factory.mktemp("tok") / "tok", algo="bpe", vocab_size=600)
+
+
+@pytest.fixture(scope="module")
+def old_tok():
+    """A tokenizer made before tool calls: only the 8 base specials are control symbols."""
+    from tiaoyu_cli.tokenizer import train as tr
+
+    texts = [r.get("text") or "" for r in make_records(300)]
+    saved = tr.SPECIAL_TOKENS
+    tr.SPECIAL_TOKENS = BASE_SPECIAL_TOKENS
+    try:
+        proto = tr.train_model_proto(texts, vocab_size=500)
+    finally:
+        tr.SPECIAL_TOKENS = saved
+    return Tokenizer(proto, make_config())
+
+
+def _jinja(messages, tools, gen):
+    pytest.importorskip("jinja2")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x: json.dumps(x, ensure_ascii=False)  # as transformers overrides it
+    return env.from_string(CHAT_TEMPLATE).render(messages=messages, tools=tools, add_generation_prompt=gen)
+
+
+# ---------------------------------------------------------------------------- template
+def test_tool_template_string(tok):
+    s = tok.render_chat(TOOL_CONV[:5], tools=[CALC])
+    want_head = ("<|im_start|>system\n你是助手。\n\n# Tools\n\nYou may call one or more functions to assist with the "
+                 "user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+                 + json.dumps(CALC, ensure_ascii=False) + "\n</tools>\n\nFor each function call, return a json object "
+                 "with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+                 '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n')
+    want_rest = ("<|im_start|>user\nWhat is 123 * 456?<|im_end|>\n"
+                 '<|im_start|>assistant\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "123*456"}}\n'
+                 "</tool_call><|im_end|>\n"
+                 "<|im_start|>user\n<tool_response>\n56088\n</tool_response><|im_end|>\n"
+                 "<|im_start|>assistant\n123 × 456 = 56088.<|im_end|>\n")
+    assert s == want_head + want_rest
+    s2 = tok.render_chat(TOOL_CONV[5:], add_generation_prompt=True)
+    assert s2 == ("<|im_start|>user\n北京和上海的天气？<|im_end|>\n<|im_start|>assistant\nLet me check both.\n"
+                  '<tool_call>\n{"name": "weather", "arguments": {"city": "北京"}}\n</tool_call>\n'
+                  '<tool_call>\n{"name": "weather", "arguments": {"city": "上海"}}\n</tool_call><|im_end|>\n'
+                  "<|im_start|>user\n<tool_response>\n晴 <tool_call> 20°C\n</tool_response>\n"
+                  "<tool_response>\n雨\n</tool_response><|im_end|>\n<|im_start|>assistant\n北京晴，上海雨。<|im_end|>\n"
+                  "<|im_start|>assistant\n")
+
+
+def test_tool_ids_and_loss_mask(tok):
+    ids, mask = tok.encode_chat(TOOL_CONV, tools=[CALC, WEATHER])
+    assert tok.decode(ids, skip_special=False) == tok.render_chat(TOOL_CONV, tools=[CALC, WEATHER])
+    learned = tok.decode([i for i, m in zip(ids, mask) if m], skip_special=False)
+    assert learned == ('<tool_call>\n{"name": "calculator", "arguments": {"expression": "123*456"}}\n</tool_call>'
+                       "<|im_end|>123 × 456 = 56088.<|im_end|>Let me check both.\n"
+                       '<tool_call>\n{"name": "weather", "arguments": {"city": "北京"}}\n</tool_call>\n'
+                       '<tool_call>\n{"name": "weather", "arguments": {"city": "上海"}}\n</tool_call><|im_end|>'
+                       "北京晴，上海雨。<|im_end|>")
+    # the tool result's "<tool_call>" text is characters, never the control token; results are not learned
+    assert ids.count(tok.tool_call_id) == 2 + 3 and ids.count(tok.tool_response_id) == 3
+    assert all(m == 0 for i, m in zip(ids, mask) if i in (tok.tool_response_id, tok.end_tool_response_id))
+    # the same ids as encoding the whole string with the markers split out
+    assert tok.encode_chat(TOOL_CONV[:2])[0] == tok.encode_chat(TOOL_CONV[:2], tools=None)[0]
+
+
+@pytest.mark.parametrize("gen", [False, True])
+def test_jinja_renders_tools_like_python(tok, gen):
+    dict_args = [dict(m, tool_calls=[dict(c, function=dict(c["function"], arguments=json.loads(c["function"]["arguments"])))
+                                     for c in m["tool_calls"]]) if m.get("tool_calls") else m for m in TOOL_CONV]
+    for msgs, tools in [(TOOL_CONV, [CALC, WEATHER]), (TOOL_CONV[1:], [CALC]), (TOOL_CONV[5:], None),
+                        (dict_args, [CALC]), (TOOL_CONV[:2], None), ([], [CALC])]:
+        assert _jinja(msgs, tools, gen) == tok.render_chat(msgs, gen, tools=tools)
+
+
+def test_transformers_apply_chat_template_gives_our_ids(tok):
+    pytest.importorskip("google.protobuf")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tok.path))
+    assert hf.convert_tokens_to_ids(["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]) == [8, 9, 10, 11]
+    dict_args = [dict(m, tool_calls=[dict(c, function=dict(c["function"], arguments=json.loads(c["function"]["arguments"])))
+                                     for c in m["tool_calls"]]) if m.get("tool_calls") else m for m in TOOL_CONV]
+    for msgs in (TOOL_CONV, dict_args):
+        plain = [dict(m, content="晴 20°C") if m.get("tool_call_id") == "a" else m for m in msgs]
+        for gen in (False, True):
+            got = hf.apply_chat_template(plain, tools=[CALC, WEATHER], tokenize=True, add_generation_prompt=gen)
+            ours, _ = tok.encode_chat(plain, add_generation_prompt=gen, tools=[CALC, WEATHER])
+            assert _ids(got) == ours
+        # a tool result holding "<tool_call>" text: transformers keeps it text when asked to sanitize, like we always do
+        got = hf.apply_chat_template(msgs, tools=[CALC], tokenize=True, sanitize_control_tokens=True)
+        assert _ids(got) == tok.encode_chat(msgs, tools=[CALC])[0]
+
+
+def _ids(got) -> list[int]:
+    return list(got["input_ids"] if hasattr(got, "keys") else got)
+
+
+def test_old_tokenizer_loads_but_refuses_tools(old_tok):
+    assert not old_tok.has_tool_tokens and old_tok.num_special == 8
+    assert old_tok.encode_chat(TOOL_CONV[:2])[0]  # plain chat still works
+    with pytest.raises(TiaoyuError, match="no tool tokens.*tokenize train"):
+        old_tok.encode_chat(TOOL_CONV[:2], tools=[CALC])
+    with pytest.raises(TiaoyuError, match="no tool tokens"):
+        old_tok.encode_chat(TOOL_CONV[:5])
+    # its pieces 8..11 are ordinary text and still decode
+    assert old_tok.decode(list(range(8, 12))) == old_tok.decode(list(range(8, 12)), skip_special=False) != ""
+
+
+@pytest.mark.parametrize("msgs,err", [
+    ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": 3, "arguments": "{}"}}]}],
+     r"tool_calls\[0\]"),
+    ([{"role": "assistant", "content": None}], "content must be a string"),
+    ([{"role": "tool", "content": None}], "content must be a string"),
+    ([{"role": "assistant", "content": "", "tool_calls": "x"}], "tool_calls must be a list"),
+])
+def test_bad_tool_messages(tok, msgs, err):
+    with pytest.raises(TiaoyuError, match=err):
+        tok.encode_chat(msgs)
+
+
+# ---------------------------------------------------------------------------- records and prep
+def _prep(tmp_path, objs, **kw):
+    import orjson
+
+    from tiaoyu_cli.data.prep import PrepConfig, run_prep
+
+    f = tmp_path / "in.jsonl"
+    f.write_bytes(b"".join(orjson.dumps(o) + b"\n" for o in objs))
+    out = tmp_path / "out.jsonl"
+    run_prep([str(f)], str(out), PrepConfig(**kw))
+    return [orjson.loads(x) for x in out.read_bytes().splitlines()]
+
+
+def test_prep_keeps_openai_tool_records_and_compacts_arguments(tmp_path):
+    rec = {"messages": [{"role": "user", "content": "123*456?"},
+                        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                         "function": {"name": "calculator", "arguments": '{ "expression" :  "123*456" }'}}]},
+                        {"role": "tool", "tool_call_id": "c1", "content": "56088"},
+                        {"role": "assistant", "content": "56088"}], "tools": [CALC["function"]], "id": 7}
+    [out] = _prep(tmp_path, [rec])
+    assert out == {"messages": [{"role": "user", "content": "123*456?"},
+                                {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function",
+                                 "function": {"name": "calculator", "arguments": '{"expression": "123*456"}'}}]},
+                                {"role": "tool", "content": "56088", "tool_call_id": "c1"},
+                                {"role": "assistant", "content": "56088"}], "tools": [CALC]}
+
+
+def test_prep_converts_sharegpt_function_call_and_hermes(tmp_path):
+    share = {"conversations": [{"from": "human", "value": "1+2?"},
+                               {"from": "function_call", "value": '{"name": "calculator", "arguments": {"expression": "1+2"}}'},
+                               {"from": "observation", "value": "3"}, {"from": "gpt", "value": "3"}],
+             "tools": json.dumps([CALC["function"]])}
+    hermes = {"conversations": [{"from": "human", "value": "天气?"},
+                                {"from": "gpt", "value": 'ok\n<tool_call>\n{"name": "weather", "arguments": {"city": "北京"}}\n'
+                                                         '</tool_call>\n<tool_call>\n{"name": "weather", "arguments": '
+                                                         '{"city": "上海"}}\n</tool_call>'},
+                                {"from": "tool", "value": "<tool_response>\n晴\n</tool_response>\n<tool_response>\n雨\n</tool_response>"},
+                                {"from": "gpt", "value": "北京晴"}]}
+    a, b = _prep(tmp_path, [share, hermes])
+    assert a["tools"] == [CALC]
+    assert a["messages"][1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "1+2"}'}}]}
+    assert a["messages"][2] == {"role": "tool", "content": "3", "tool_call_id": "call_1"}
+    calls = b["messages"][1]["tool_calls"]
+    assert b["messages"][1]["content"] == "ok" and [c["function"]["arguments"] for c in calls] == [
+        '{"city": "北京"}', '{"city": "上海"}']
+    assert [(m["content"], m["tool_call_id"]) for m in b["messages"][2:4]] == [("晴", "call_1"), ("雨", "call_2")]
+
+
+@pytest.mark.parametrize("msgs,err", [
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c", "function": {"name": "calculator", "arguments": "{expression: 1}"}}]}],
+     r"in\.jsonl:1: field 'messages\[1\]\.tool_calls\[0\]\.function\.arguments': arguments are not valid JSON"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c", "function": {"name": "calculator", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "zz",
+                                                                               "content": "1"}],
+     r"in\.jsonl:1: field 'messages\[2\]\.tool_call_id': unknown tool_call_id 'zz'"),
+    ([{"role": "user", "content": "q"}, {"role": "tool", "content": "1"}, {"role": "assistant", "content": "a"}],
+     r"in\.jsonl:1: field 'messages\[1\]': a tool message with no tool call before it"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": 'x <tool_call>{"name": "f", </tool_call>'}],
+     r"in\.jsonl:1: field 'messages\[1\]\.content': <tool_call> 0 does not hold valid JSON"),
+])
+def test_prep_rejects_bad_tool_records_naming_file_line_field(tmp_path, msgs, err):
+    from tiaoyu_cli.errors import DataError
+
+    with pytest.raises(DataError, match=err):
+        _prep(tmp_path, [{"messages": msgs}])
+    assert _prep(tmp_path, [{"messages": msgs}, {"messages": TOOL_CONV[1:5]}], skip_bad=True)  # counted, skipped
+
+
+def test_chat_dataset_takes_tool_records_and_masks_results(tok):
+    from tiaoyu_cli.data.chat import ChatDataset
+    from tiaoyu_cli.errors import DataError
+
+    ds = ChatDataset([{"messages": TOOL_CONV, "tools": [CALC, WEATHER]}], tok, max_len=2048)
+    ex = ds.examples[0]
+    assert (ex.ids, ex.loss_mask) == tok.encode_chat(TOOL_CONV, tools=[CALC, WEATHER])
+    assert ds.tools[0] == [CALC, WEATHER]
+    bad = [dict(m) for m in TOOL_CONV]
+    bad[2] = dict(bad[2], tool_calls=[{"id": "call_1", "type": "function",
+                                       "function": {"name": "calculator", "arguments": {"expression": "1"}}}])
+    with pytest.raises(DataError, match=r"<records>:1: field 'messages\[2\]\.tool_calls\[0\]\.function\.arguments': "
+                                        "expected a JSON string"):
+        ChatDataset([{"messages": bad}], tok, max_len=2048)
+    with pytest.raises(DataError, match=r"field 'tools\[0\]\.type'"):
+        ChatDataset([{"messages": TOOL_CONV, "tools": [{"type": "retrieval"}]}], tok, max_len=2048)
