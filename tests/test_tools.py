@@ -244,3 +244,153 @@ def test_chat_dataset_takes_tool_records_and_masks_results(tok):
         ChatDataset([{"messages": bad}], tok, max_len=2048)
     with pytest.raises(DataError, match=r"field 'tools\[0\]\.type'"):
         ChatDataset([{"messages": TOOL_CONV, "tools": [{"type": "retrieval"}]}], tok, max_len=2048)
+
+
+# ---------------------------------------------------------------------------- calculator
+@pytest.mark.parametrize("expr,want", [
+    ("123*456", "56088"), ("(1+2)/4", "0.75"), ("1/3", "0.3333333333"), ("2 ** 0.5", "1.414213562"),
+    ("-2**2", "-4"), ("2**3**2", "512"), ("2**-1", "0.5"), ("0.1+0.2", "0.3"), (".5 + .25", "0.75"),
+    ("12×3÷4", "9"), ("−5 + 2", "-3"), ("1,234*2", "2468"), ("7/8*8", "7"), ("- (3 - 10)", "7"),
+    ("999999999999*999999999999", "999999999998000000000001"), ("1.50*2", "3"), ("10/4", "2.5"),
+    ("1/0", "error: division by zero"), ("0**-1", "error: division by zero"), ("((1)", "error: missing ')'"),
+    ("1 +", "error: the expression ends too early"), ("abc", "error: unexpected 'a' at position 1"),
+    ("", "error: empty expression"), ("(-8)**(1/3)", "error: a negative number to a fractional power is not a real number"),
+    ("10**100000", "error: the result would have more than 10,000 digits"), ("9**9**9", "error: the result would have more than 10,000 digits"),
+    ("(" * 200 + "1" + ")" * 200, "error: nested more than 100 levels deep"), ("1 2", "error: unexpected '2'"),
+])
+def test_calculator(expr, want):
+    from tiaoyu_cli.infer.calculator import calculate
+
+    assert calculate(expr) == want
+
+
+def test_calculator_never_evals():
+    from tiaoyu_cli.infer.calculator import calculate
+
+    assert calculate("__import__('os').system('true')").startswith("error: unexpected")
+    assert calculate("1" * 2000).startswith("error: the expression is longer")
+
+
+# ---------------------------------------------------------------------------- tools and their schemas
+MODULE = '''
+from typing import Literal, Optional
+
+
+def add_days(date: str, days: int = 1, unit: Literal["d", "w"] = "d") -> str:
+    """Add days to an ISO date.
+
+    Args:
+        date: the start, e.g. 2024-01-31
+        days: how many to add
+    """
+    return f"{date}+{days}{unit}"
+
+
+def explode(x: float) -> str:
+    """Always fails.
+
+    :param x: any number
+    """
+    raise RuntimeError("boom")
+
+
+def _private(x: int) -> int:
+    return x
+'''
+
+
+def test_tools_module_schemas_and_errors(tmp_path):
+    from tiaoyu_cli.data.synth_tools import CALCULATOR_SCHEMA
+    from tiaoyu_cli.infer.tools import Toolbox, tool_from_callable
+
+    f = tmp_path / "my_tools.py"
+    f.write_text(MODULE)
+    box = Toolbox.from_names("calculator", module=f)
+    assert list(box.tools) == ["calculator", "add_days", "explode"]
+    assert box.schemas()[0] == CALCULATOR_SCHEMA  # what synth writes in its records
+    assert box.tools["add_days"].schema == {"type": "function", "function": {
+        "name": "add_days", "description": "Add days to an ISO date.",
+        "parameters": {"type": "object", "properties": {
+            "date": {"type": "string", "description": "the start, e.g. 2024-01-31"},
+            "days": {"type": "integer", "description": "how many to add"},
+            "unit": {"type": "string", "enum": ["d", "w"]}}, "required": ["date"]}}}
+    assert box.tools["explode"].parameters["properties"]["x"] == {"type": "number", "description": "any number"}
+    run = box.run_text
+    assert run('{"name": "add_days", "arguments": {"date": "2024-01-31", "days": 2}}').result == "2024-01-31+2d"
+    assert run('{"name": "add_days", "arguments": "{\\"date\\": \\"x\\"}"}').result == "x+1d"
+    for text, err in [('{"name": "explode", "arguments": {"x": 1}}', "error: RuntimeError: boom"),
+                      ('{"name": "nope", "arguments": {}}', "error: unknown tool 'nope'"),
+                      ('{"name": "add_days", "arguments": {}}', "error: missing argument(s) date"),
+                      ('{"name": "add_days", "arguments": {"date": "x", "days": "2"}}',
+                       "error: argument 'days' must be of type integer, got str"),
+                      ('{"name": "add_days", "arguments": {"date": "x", "weeks": 2}}', "error: unknown argument(s) weeks"),
+                      ('{"name": "calculator", "arguments": {"expression": 5}}', "error: argument 'expression' must be"),
+                      ('{"name": "calculator", "arguments": {"expression": "1/0"}}', "error: division by zero"),
+                      ('{"name": "calculator", "arguments": ', "error: the tool call is not valid JSON"),
+                      ('["calculator"]', "error: a tool call is")]:
+        call = run(text)
+        assert call.error and call.result.startswith(err), (text, call.result)
+    search = tool_from_callable(lambda query: f"found {query}", schema={
+        "name": "search", "description": "Search the corpus.",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}})
+    box.add(search)  # how the retrieval issue's `search(query) -> str` joins
+    assert run('{"name": "search", "arguments": {"query": "cats"}}').result == "found cats"
+
+
+def test_tools_module_errors(tmp_path):
+    from tiaoyu_cli.infer.tools import Toolbox
+
+    with pytest.raises(TiaoyuError, match="unknown tool 'abacus'"):
+        Toolbox.from_names("calculator,abacus")
+    f = tmp_path / "t.py"
+    f.write_text("def f(x):\n    '''Doc.'''\n    return x\n")
+    with pytest.raises(TiaoyuError, match=r"t\.py: function 'f': parameter 'x' needs a type hint"):
+        Toolbox.from_names(None, module=f)
+    f.write_text("def f(x: int):\n    return x\n")
+    with pytest.raises(TiaoyuError, match="needs a docstring"):
+        Toolbox.from_names(None, module=f)
+    f.write_text("raise ValueError('bad')\n")
+    with pytest.raises(TiaoyuError, match="importing it failed: ValueError: bad"):
+        Toolbox.from_names(None, module=f)
+    with pytest.raises(TiaoyuError, match="no such file"):
+        Toolbox.from_names(None, module=tmp_path / "missing.py")
+
+
+def test_tools_cli_json_prints_what_the_template_renders(tmp_path):
+    import subprocess
+    import sys
+
+    from tiaoyu_cli.infer.tools import Toolbox
+
+    out = subprocess.run([sys.executable, "-m", "tiaoyu_cli", "tools", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == Toolbox.from_names("calculator").schemas()
+    run = subprocess.run([sys.executable, "-m", "tiaoyu_cli", "tools", "--run",
+                          '{"name": "calculator", "arguments": {"expression": "(2+3)*4"}}'], capture_output=True, text=True)
+    assert json.loads(run.stdout)["result"] == "20"
+
+
+# ---------------------------------------------------------------------------- one round of the tool loop
+def test_tool_runner_step_runs_calls_and_survives_bad_ones(tok):
+    from tiaoyu_cli.infer.generate import DecodedResponse
+    from tiaoyu_cli.infer.tool_loop import ToolAnswer, ToolRunner
+    from tiaoyu_cli.infer.tools import Toolbox
+
+    runner = ToolRunner(None, tok, Toolbox.from_names("calculator"), max_tool_calls=2)
+    msgs = [{"role": "user", "content": "123*456?"}]
+    ans = ToolAnswer(DecodedResponse("", None, None))
+    call = tok.encode("Let me.") + [tok.tool_call_id] + tok.encode('\n{"name": "calculator", "arguments": '
+                                                                   '{"expression": "123*456"}}\n') + [tok.end_tool_call_id]
+    assert runner.step(msgs, ans, call, "stop")
+    assert msgs[-2:] == [{"role": "assistant", "content": "Let me.", "tool_calls": [{"id": "call_1", "type": "function",
+                          "function": {"name": "calculator", "arguments": '{"expression": "123*456"}'}}]},
+                         {"role": "tool", "tool_call_id": "call_1", "content": "56088"}]
+    bad = [tok.tool_call_id] + tok.encode('\n{"name": "calculator", "arguments": {"expr') + [tok.end_tool_call_id]
+    assert runner.step(msgs, ans, bad, "stop")  # a malformed call is an error result, and generation goes on
+    assert msgs[-1]["content"].startswith("error: the tool call is not valid JSON")
+    assert tok.encode_chat(msgs, add_generation_prompt=True)  # the history still renders
+    assert not runner.step(msgs, ans, call, "stop")  # a third call is past --max-tool-calls 2
+    assert ans.finish == "tool_limit" and len(ans.calls) == 2
+    ans2 = ToolAnswer(DecodedResponse("", None, None))
+    assert not runner.step(msgs, ans2, tok.encode("56088") + [tok.im_end_id], "stop")
+    assert ans2.response.response == "56088" and ans2.finish == "stop"

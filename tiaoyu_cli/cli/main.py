@@ -27,6 +27,7 @@ COMMANDS: list[str] = [
     "distill",
     "rlhf",
     "reason",
+    "tools",
 ]
 
 app = typer.Typer(
