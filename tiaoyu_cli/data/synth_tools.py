@@ -10,7 +10,9 @@ Two kinds of problem, each solved with the `calculator` tool in the OpenAI chat 
 Held out: a problem goes to val when a hash of its numbers says so (one in ten), and train never
 holds a problem val has, so val measures arithmetic the model has not seen solved. `plain=True`
 records answer directly instead (same questions, no tool): the baseline a tool model is measured
-against. Records carry the calculator's schema in `tools` unless `schemas=False`.
+against. With `schemas=True` records carry the calculator's schema in `tools` (rendered in the system
+turn: ~550 tokens with the demo's 1k vocabulary, more than the tiny preset's whole context), so
+the bundled corpus leaves it out and models trained on it chat with `--no-tool-schemas`.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def word_record(rng: random.Random, lang: str, k: int, nums: dict[str, int], pla
 
 
 def tool_records(seed: int, n: int, langs: tuple[str, ...], split: str, plain: bool = False,
-                 schemas: bool = True, word_frac: float = 0.3, digits: tuple[int, ...] = (3, 4)) -> list[dict]:
+                 schemas: bool = False, word_frac: float = 0.3, digits: tuple[int, ...] = (3, 4)) -> list[dict]:
     """`n` records of `split` ("train" or "val"); see the module docstring. Each record also keeps the
     final `answer` (a string) for grading; chat training ignores fields it does not know."""
     if split not in ("train", "val"):

@@ -26,6 +26,8 @@ and the prompt plus its answer must fit the model's context, else 400), the queu
 Reasoning checkpoints think between <think> and </think>: the thinking is returned separately as
 `reasoning_content` (non-streaming: in the message; streaming: in the deltas), as several
 OpenAI-compatible servers do, and the page shows it apart from the answer.
+
+Function calling (`tools`, `tool_choice`, `tool_calls`, `role: "tool"`) lives in serve/tools_api.py.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from typing import Any, Callable
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.infer.generate import IncrementalDecoder, decode_steps
 from tiaoyu_cli.infer.sampling import SamplingParams, make_generator
+from tiaoyu_cli.serve import tools_api
 
 
 @dataclass
@@ -90,6 +93,7 @@ class Job:
     events: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    tools: tools_api.ToolJob | None = None  # set when the answer is parsed for tool calls
 
     def batch_key(self) -> tuple:
         """Jobs with the same key are generated in one batch (same sampling; a seeded job runs alone,
@@ -133,6 +137,7 @@ class _Running:
         self.job = job
         self.decoder = IncrementalDecoder(tokenizer)
         self.stops = StopStrings(job.stop)
+        self.calls = tools_api.CallCollector(job.tools, tokenizer) if job.tools is not None else None
         self.n = 0
         self.done = False
 
@@ -170,7 +175,9 @@ class _Running:
         if token in self.job.stop_ids:
             self.finish("stop")
             return
-        if self._emit(self.decoder.push(token)):
+        if self.calls is not None and self.calls.push(token, self):
+            pass  # inside a tool call: no text
+        elif self._emit(self.decoder.push(token)):
             self.finish("stop_string")
             return
         if self.n >= self.job.max_tokens:
@@ -300,14 +307,24 @@ def parse_messages(raw: Any) -> list[dict]:
         role = m.get("role")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}]: unknown role {role!r} (system, user or assistant)", "messages")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(400, f"messages[{i}]: unknown role {role!r} (system, user, assistant or tool)", "messages")
+        if role == "tool" or (role == "assistant" and m.get("tool_calls")):
+            try:
+                msgs.append(tools_api.tool_message(m, i))
+            except tools_api.RequestError as e:
+                raise APIError(400, str(e), e.param) from None
+            continue
         msg = {"role": role, "content": _text_content(m.get("content"), f"messages[{i}]")}
         if role == "assistant" and isinstance(m.get("reasoning_content"), str):
             msg["reasoning"] = m["reasoning_content"]
         msgs.append(msg)
     if msgs[-1]["role"] == "assistant":
         raise APIError(400, "the last message must not be the assistant's: there is nothing to answer", "messages")
+    try:
+        tools_api.check_messages(msgs)
+    except tools_api.RequestError as e:
+        raise APIError(400, str(e), e.param) from None
     return msgs
 
 
@@ -334,7 +351,7 @@ class API:
                            "model", "model_not_found")
 
     def make_job(self, body: dict, chat: bool) -> Job:
-        from tiaoyu_cli.infer.session import build_prompt, stop_ids_for
+        from tiaoyu_cli.infer.session import stop_ids_for
 
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
@@ -359,10 +376,14 @@ class API:
         elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4):
             raise APIError(400, "'stop' must be a string or a list of up to 4 strings", "stop")
         tok = self.engine.tokenizer
+        tool_job = None
         if chat:
             msgs = parse_messages(body.get("messages"))
             try:
-                prompt = build_prompt(tok, self.engine.mode, msgs, None)
+                schemas, choice = tools_api.parse_request(body)
+                prompt, tool_job = tools_api.chat_prompt(tok, self.engine.mode, msgs, schemas, choice)
+            except tools_api.RequestError as e:
+                raise APIError(400, str(e), e.param) from None
             except TiaoyuError as e:
                 raise APIError(400, str(e), "messages") from None
             stop_ids = stop_ids_for(self.engine.mode)
@@ -389,7 +410,7 @@ class API:
                 raise APIError(400, f"the prompt ({len(prompt)} tokens) plus {key} ({max_tokens}) exceeds this "
                                     f"model's context of {ctx} tokens", key, "context_length_exceeded")
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
-        return Job(prompt, max_tokens, params, frozenset(stop_ids), stop=list(stop), seed=seed)
+        return Job(prompt, max_tokens, params, frozenset(stop_ids), stop=list(stop), seed=seed, tools=tool_job)
 
     # responses ---------------------------------------------------------------------------------------
     def collect(self, job: Job) -> tuple[str, str, str, int]:
@@ -405,6 +426,8 @@ class API:
                 raise APIError(500, ev[1], type_="server_error")
 
     def response(self, job: Job, chat: bool) -> dict:
+        if chat and job.tools is not None:
+            return tools_api.response(self, job)
         content, reasoning, finish, n = self.collect(job)
         base = {"id": ("chatcmpl-" if chat else "cmpl-") + job.id, "created": int(time.time()),
                 "model": self.model_name,
@@ -421,6 +444,9 @@ class API:
 
     def stream_events(self, job: Job, chat: bool, include_usage: bool):
         """The SSE chunks of a streamed answer (dicts), ending with the finish chunk (and usage)."""
+        if chat and job.tools is not None:
+            yield from tools_api.stream_events(self, job, include_usage)
+            return
         cid = ("chatcmpl-" if chat else "cmpl-") + job.id
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
