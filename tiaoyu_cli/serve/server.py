@@ -63,6 +63,7 @@ class ServeConfig:
     max_queue: int = 64  # waiting requests before 503
     batch_wait_s: float = 0.01  # after the first job, wait this long for more to batch with it
     request_timeout_s: float = 30.0  # socket timeout for reading a request
+    tool_schemas: bool = True  # render a request's `tools` in the system turn (serve/tools_api.py)
 
 
 class APIError(Exception):
@@ -381,7 +382,8 @@ class API:
             msgs = parse_messages(body.get("messages"))
             try:
                 schemas, choice = tools_api.parse_request(body)
-                prompt, tool_job = tools_api.chat_prompt(tok, self.engine.mode, msgs, schemas, choice)
+                prompt, tool_job = tools_api.chat_prompt(tok, self.engine.mode, msgs, schemas, choice,
+                                                          cfg.tool_schemas)
             except tools_api.RequestError as e:
                 raise APIError(400, str(e), e.param) from None
             except TiaoyuError as e:

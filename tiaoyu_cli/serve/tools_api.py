@@ -109,8 +109,10 @@ def parse_request(body: dict) -> tuple[list[dict] | None, object]:
     return schemas, choice
 
 
-def chat_prompt(tok, mode: str, msgs: list[dict], schemas: list[dict] | None, choice) -> tuple[list[int], ToolJob | None]:
-    """The prompt ids of a chat request and its ToolJob (None when the answer is not parsed for calls)."""
+def chat_prompt(tok, mode: str, msgs: list[dict], schemas: list[dict] | None, choice,
+                render_schemas: bool = True) -> tuple[list[int], ToolJob | None]:
+    """The prompt ids of a chat request and its ToolJob (None when the answer is not parsed for calls).
+    `render_schemas=False` (serve --no-tool-schemas) leaves the <tools> block out of the prompt."""
     uses = schemas is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in msgs)
     if not uses:
         return build_prompt(tok, mode, msgs, None), None
@@ -118,7 +120,7 @@ def chat_prompt(tok, mode: str, msgs: list[dict], schemas: list[dict] | None, ch
         raise RequestError("tools need a chat checkpoint (this server continues plain text)", "tools")
     try:
         tok.require_tool_tokens()
-        render = schemas if choice != "none" else None
+        render = schemas if choice != "none" and render_schemas else None
         ids = tok.encode_chat(msgs, add_generation_prompt=True, tools=render)[0]
     except TiaoyuError as e:
         raise RequestError(str(e), "tools" if schemas else "messages") from None
