@@ -394,3 +394,41 @@ def test_tool_runner_step_runs_calls_and_survives_bad_ones(tok):
     ans2 = ToolAnswer(DecodedResponse("", None, None))
     assert not runner.step(msgs, ans2, tok.encode("56088") + [tok.im_end_id], "stop")
     assert ans2.response.response == "56088" and ans2.finish == "stop"
+
+
+def test_agentic_rollout_masks_tool_turns_and_matches_the_template(tok):
+    """A scripted generator calls the calculator once, then answers: prompt + response equal the template's ids
+    of the whole conversation, and exactly the model's tokens are in the mask."""
+    from tiaoyu_cli.infer.generate import GenerationResult
+    from tiaoyu_cli.infer.tool_loop import agentic_rollout
+    from tiaoyu_cli.infer.tools import Toolbox
+
+    call = [tok.tool_call_id] + tok.encode('\n{"name": "calculator", "arguments": {"expression": "123*456"}}\n') + [
+        tok.end_tool_call_id]
+    answer = tok.encode("123 * 456 = 56088") + [tok.im_end_id]
+    rounds = []
+
+    def fake_generate(model, prompts, n, params, stops, seed=None):
+        rounds.append(len(prompts))
+        outs = [answer if tok.tool_response_id in p else call for p in prompts]
+        return GenerationResult(outs, ["stop"] * len(prompts), prompts)
+
+    msgs = [{"role": "user", "content": "What is 123 * 456?"}]
+    prompt = tok.encode_chat(msgs, add_generation_prompt=True)[0]
+    ro = agentic_rollout(None, tok, Toolbox.from_names("calculator"), [prompt, prompt], 64, None, generate=fake_generate)
+    assert rounds == [2, 2] and ro.finish == ["stop", "stop"]
+    full = msgs + [{"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "calculator", "arguments": '{"expression": "123*456"}'}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "56088"}, {"role": "assistant", "content": "123 * 456 = 56088"}]
+    ids, learn = tok.encode_chat(full)
+    assert prompt + ro.responses[0] == ids[:-1]  # all but the final "\n" after <|im_end|>
+    assert [t for t, m in zip(ro.responses[0], ro.masks[0]) if m] == call + answer
+    # SFT's loss mask on the same conversation, except the <|im_end|> that closes a call turn: the rollout
+    # inserts it (generation paused at </tool_call>), SFT learns it
+    diff = [k for k, (a, b) in enumerate(zip(ro.masks[0], learn[len(prompt):-1])) if a != b]
+    assert len(ro.masks[0]) == len(learn) - len(prompt) - 1 and diff == [len(call)]
+    assert ro.responses[0][len(call)] == tok.im_end_id
+    assert [c.result for c in ro.calls[0]] == ["56088"]
+    ro = agentic_rollout(None, tok, Toolbox.from_names("calculator"), [prompt], 64, None, max_tool_calls=0,
+                         generate=fake_generate)
+    assert ro.finish == ["tool_limit"] and ro.masks[0] == [1] * len(call)

@@ -171,3 +171,63 @@ def answer_records_with_tools(runner: ToolRunner, records: list[tuple[int, dict]
             yield out
         if on_batch is not None:
             on_batch(len(answers))
+
+
+# ---- agentic rollouts (for RL): the model's tokens and the inserted tool turns, with a mask --------------
+
+@dataclass
+class AgenticRollout:
+    """Per prompt: `response` = every token after the prompt, the model's own and the inserted tool turns;
+    `mask[t]` = 1 where the model chose the token (policy loss and KL), 0 on inserted tokens (tool results,
+    turn markers). prompt + response are exactly the template's ids of the conversation, with the model's
+    own tokens for its calls."""
+
+    responses: list[list[int]]
+    masks: list[list[int]]
+    calls: list[list[ToolCall]]
+    finish: list[str]
+
+
+def tool_turn_ids(tokenizer, result: str) -> list[int]:
+    """The tokens between a call's </tool_call> and the model's next turn (template.py's layout)."""
+    t = tokenizer
+    return ([t.im_end_id] + t.encode("\n") + [t.im_start_id] + t.encode("user\n") + [t.tool_response_id]
+            + t.encode("\n" + result + "\n") + [t.end_tool_response_id, t.im_end_id] + t.encode("\n")
+            + [t.im_start_id] + t.encode("assistant\n"))
+
+
+def agentic_rollout(model, tokenizer, toolbox: Toolbox, prompts: list[list[int]], max_new_tokens: int, params,
+                    seed: int | None = None, max_tool_calls: int = 5, generate=generate_detailed) -> AgenticRollout:
+    """Batched multi-turn sampling: all prompts still going are generated together each round; a round
+    that ends in </tool_call> gets the call run and its tool turn appended (mask 0), then resumes.
+    `max_new_tokens` bounds each round."""
+    tokenizer.require_tool_tokens()
+    stops = tool_stop_ids(tokenizer)
+    n = len(prompts)
+    seqs = [list(p) for p in prompts]
+    out = AgenticRollout([[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], ["length"] * n)
+    active = list(range(n))
+    rnd = 0
+    while active:
+        res = generate(model, [seqs[i] for i in active], max_new_tokens, params, stops,
+                       seed=None if seed is None else seed + rnd)
+        rnd += 1
+        still = []
+        for i, toks, fin in zip(active, res.tokens, res.finish_reasons):
+            toks = list(toks)
+            out.responses[i] += toks
+            out.masks[i] += [1] * len(toks)
+            seqs[i] += toks
+            split = split_call(tokenizer, toks) if fin == "stop" else None
+            if split is None or len(out.calls[i]) >= max_tool_calls:
+                out.finish[i] = "tool_limit" if split is not None else fin
+                continue
+            call = toolbox.run_text(split[1], f"call_{len(out.calls[i]) + 1}")
+            out.calls[i].append(call)
+            turn = tool_turn_ids(tokenizer, call.result)
+            out.responses[i] += turn
+            out.masks[i] += [0] * len(turn)
+            seqs[i] += turn
+            still.append(i)
+        active = still
+    return out
