@@ -432,3 +432,41 @@ def test_agentic_rollout_masks_tool_turns_and_matches_the_template(tok):
     ro = agentic_rollout(None, tok, Toolbox.from_names("calculator"), [prompt], 64, None, max_tool_calls=0,
                          generate=fake_generate)
     assert ro.finish == ["tool_limit"] and ro.masks[0] == [1] * len(call)
+
+
+def test_agentic_grpo_rollout_layout_and_reward(tok):
+    """The Rollout PPO/GRPO train on: inserted tool turns masked out; the reward reads only the last turn
+    and charges failed calls."""
+    from tiaoyu_cli.data.preference import PromptExample
+    from tiaoyu_cli.infer.generate import GenerationResult
+    from tiaoyu_cli.infer.tools import Toolbox
+    from tiaoyu_cli.train.rollout import ToolVerifiableReward
+    from tiaoyu_cli.train.tool_rollout import generate_agentic_rollout
+
+    good = [tok.tool_call_id] + tok.encode('\n{"name": "calculator", "arguments": {"expression": "2+3"}}\n') + [
+        tok.end_tool_call_id]
+    bad = [tok.tool_call_id] + tok.encode('\n{"name": "calc') + [tok.end_tool_call_id]
+
+    def fake_generate(model, prompts, n, params, stops, seed=None):
+        outs = []
+        for p in prompts:
+            if tok.tool_response_id not in p:
+                outs.append(good if len(outs) == 0 else bad)
+            else:
+                outs.append(tok.encode("5") + [tok.im_end_id])
+        return GenerationResult(outs, ["stop"] * len(prompts), prompts)
+
+    prompt = tok.encode_chat([{"role": "user", "content": "2+3?"}], add_generation_prompt=True)[0]
+    ro = generate_agentic_rollout(None, tok, Toolbox.from_names("calculator"), [prompt, prompt], 32,
+                                  generate=fake_generate)
+    assert ro.mask.shape == (2, max(len(r) for r in ro.responses))
+    for i in range(2):
+        chosen = [t for t, m in zip(ro.responses[i], ro.mask[i].tolist()) if m]
+        assert chosen == (good if i == 0 else bad) + tok.encode("5") + [tok.im_end_id]
+        assert tok.tool_response_id in ro.responses[i] and int(ro.mask[i].sum()) == len(chosen)
+    ex = [PromptExample(prompt, answer="5"), PromptExample(prompt, answer="5")]
+    s = ToolVerifiableReward(tok, call_penalty=0.5)(ex, ro)
+    assert s.correct.tolist() == [1.0, 1.0] and s.reward.tolist() == [1.0, 0.5]
+    # "5" inside the tool result is not an answer: a rollout that ends without answering scores 0
+    ro.responses[0] = ro.responses[0][:-2]
+    assert ToolVerifiableReward(tok)(ex[:1], ro.rows([0])).correct.tolist() == [0.0]

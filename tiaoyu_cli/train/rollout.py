@@ -31,6 +31,7 @@ from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.losses_rl import kl_k1, kl_k3, masked_mean
 from tiaoyu_cli.train.rl_common import (EpochSampler, Rollout, derive_seed, generate_rollout, response_logps,
                                          reward_model_scores)
+from tiaoyu_cli.train.tool_rollout import generate_agentic_rollout, last_turn
 from tiaoyu_cli.train.trainer import BaseStage
 
 # ---- rewards -------------------------------------------------------------------------------------------
@@ -69,6 +70,25 @@ class VerifiableReward:
         correct = torch.tensor([float(is_correct(t, ex.answer)) for t, ex in zip(texts, examples)])
         fmt = torch.tensor([float(format_ok(t, self.require_think)) for t in texts])
         return Scores(correct + self.format_weight * fmt, correct, fmt)
+
+
+class ToolVerifiableReward(VerifiableReward):
+    """VerifiableReward on the final answer of an agentic rollout, minus `call_penalty` per failed call."""
+
+    def __init__(self, tokenizer, format_weight: float = 0.0, call_penalty: float = 0.0):
+        super().__init__(tokenizer, format_weight)
+        self.call_penalty = call_penalty
+
+    def texts(self, responses: list[list[int]]) -> list[str]:
+        return super().texts([last_turn(self.tok, r) for r in responses])
+
+    def __call__(self, examples, ro: Rollout) -> Scores:
+        s = super().__call__(examples, ro)
+        calls = getattr(ro, "tool_calls", None)
+        if calls is not None and self.call_penalty:
+            bad = torch.tensor([float(sum(c.error for c in cs)) for cs in calls])
+            s.reward = s.reward - self.call_penalty * bad
+        return s
 
 
 class ModelReward:
@@ -144,6 +164,10 @@ class RolloutStage(BaseStage):
     def sample(self, model: nn.Module, examples: list[PromptExample], seed: int, temperature: float | None = None) -> Rollout:
         c = self.cfg
         prompts = [ex.prompt_ids + self.prompt_suffix_ids for ex in examples for _ in range(self.samples_per_prompt)]
+        if getattr(self, "toolbox", None) is not None:  # agentic rollouts (train/tool_rollout.py)
+            return generate_agentic_rollout(model, self.tok, self.toolbox, prompts, c.max_new_tokens,
+                                            c.temperature if temperature is None else temperature, c.top_k, c.top_p,
+                                            seed, getattr(self, "max_tool_calls", 5))
         return generate_rollout(model, prompts, c.max_new_tokens, c.temperature if temperature is None else temperature,
                                 c.top_k, c.top_p, seed, c.gen_batch_size, self.trainer.amp_dtype)
 
