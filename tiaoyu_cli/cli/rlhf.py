@@ -228,17 +228,25 @@ def grpo_cmd(
     eval_samples: int = typer.Option(1, help="sampled answers per held-out question for the mean reward"),
     eval_before: bool = typer.Option(True, "--eval-before/--no-eval-before", help="evaluate the starting model too"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
+    tools: Optional[str] = typer.Option(None, "--tools", help="agentic rollouts: tools the policy may call "
+                                        "(e.g. calculator); tool results are masked out of the loss and KL"),
+    tools_module: Optional[Path] = typer.Option(None, "--tools-module", help="a Python file of tool functions"),
+    max_tool_calls: int = typer.Option(5, "--max-tool-calls", help="most tool calls per sampled answer"),
+    tool_call_penalty: float = typer.Option(0.0, help="reward minus this per call that came back as an error"),
     *,
     train: TrainConfig,
 ) -> None:
+    from tiaoyu_cli.infer.tools import Toolbox
     from tiaoyu_cli.train.grpo import GRPOConfig, run_grpo
 
     cfg = GRPOConfig(group_size=group_size, rollout_batch_size=rollout_batch_size, epochs=grpo_epochs, beta=beta,
                      clip=clip, scale_rewards=scale_rewards, format_reward=format_reward, think_format=think_format,
                      open_think=open_think, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                      top_p=top_p, gen_batch_size=gen_batch_size, eval_size=eval_size, eval_samples=eval_samples)
+    toolbox = Toolbox.from_names(tools, tools_module) if tools or tools_module else None
     res = run_grpo(start, data, train, cfg, val=val, ref=ref, val_frac=val_frac, skip_bad=skip_bad,
-                   eval_before=eval_before, log=_say)
+                   eval_before=eval_before, log=_say, toolbox=toolbox, max_tool_calls=max_tool_calls,
+                   tool_call_penalty=tool_call_penalty)
     _done(res, ["val_accuracy", "val_reward", "val_kl"], train.out)
 
 

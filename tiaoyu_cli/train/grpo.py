@@ -37,7 +37,7 @@ from tiaoyu_cli.data.preference import PromptExample
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.losses_rl import group_advantages, grpo_loss
 from tiaoyu_cli.train.rl_common import Rollout, response_logps
-from tiaoyu_cli.train.rollout import RolloutStage, Scores, VerifiableReward, sequence_kl
+from tiaoyu_cli.train.rollout import RolloutStage, Scores, ToolVerifiableReward, VerifiableReward, sequence_kl
 from tiaoyu_cli.train.trainer import StepOutput
 
 
@@ -117,8 +117,10 @@ class GRPOStage(RolloutStage):
 
 
 def run_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_frac: float = 0.05,
-             skip_bad: bool = False, eval_before: bool = True, log=print) -> dict:
-    """`tiaoyu rlhf grpo`: load policy (and reference when β > 0), read the questions, train."""
+             skip_bad: bool = False, eval_before: bool = True, log=print, toolbox=None, max_tool_calls: int = 5,
+             tool_call_penalty: float = 0.0) -> dict:
+    """`tiaoyu rlhf grpo`: load policy (and reference when β > 0), read the questions, train.
+    With a `toolbox` (`--tools`) the rollouts call tools (train/tool_rollout.py)."""
     from tiaoyu_cli.data.preference import load_prompts
     from tiaoyu_cli.checkpoint import load_model, load_tokenizer
     from tiaoyu_cli.train.rl_common import fmt_metrics, load_reference, split_holdout, start_run
@@ -148,6 +150,10 @@ def run_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_frac: 
         + (f", reference {ref or folder}" if ref_model is not None else ""))
     stage = GRPOStage(prompts, held, cfg, batch_size=train.batch_size, tokenizer=tok, ref_model=ref_model,
                       seed=train.seed)
+    if toolbox:  # agentic rollouts: tool turns masked out of the loss and the KL
+        tok.require_tool_tokens()
+        stage.toolbox, stage.max_tool_calls = toolbox, max_tool_calls
+        stage.reward = ToolVerifiableReward(tok, cfg.format_reward, tool_call_penalty)
     trainer = Trainer(model, stage, train, tokenizer=tok, parent=str(folder), log=log)
     before = {}
     if held and eval_before and not train.resume:
