@@ -137,3 +137,24 @@ def test_bad_tool_requests_are_400(scripted, kw, msg):
     with pytest.raises(openai.BadRequestError, match=msg):
         c.chat.completions.create(**body)
     assert c.chat.completions.create(model="t", messages=[{"role": "user", "content": "hi"}], max_tokens=3)  # still up
+
+
+def test_chat_cli_tool_errors_and_a_run_that_never_crashes(base_ckpt, tmp_path):
+    """`tiaoyu chat --tools`: clear errors for an unknown tool and a text-continuation checkpoint; on a model
+    that never learned tools (the pretrained base, forced to chat mode) it still answers, with exit 0."""
+    import subprocess
+    import sys
+
+    def chat(*args, stdin=""):
+        return subprocess.run([sys.executable, "-m", "tiaoyu_cli", "chat", str(base_ckpt), *args], input=stdin,
+                              capture_output=True, text=True, timeout=300)
+
+    r = chat("--tools", "abacus", "--mode", "chat", "--prompt", "hi")
+    assert r.returncode == 2 and "unknown tool 'abacus'" in r.stderr
+    r = chat("--tools", "calculator", "--prompt", "hi")
+    assert r.returncode == 2 and "--tools needs chat mode" in r.stderr
+    r = chat("--tools", "calculator", "--mode", "chat", "--no-tool-schemas", "--max-new-tokens", "24",
+             "--temperature", "0", stdin='{"prompt": "What is 12 * 34?"}\n')
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert isinstance(rec["response"], str) and isinstance(rec["tool_calls"], list)
