@@ -251,7 +251,15 @@ class RolloutStage(BaseStage):
         c = self.cfg
         ex = self.val_prompts[:c.eval_size] if c.eval_size > 0 else self.val_prompts
         res: dict[str, float] = {}
-        if isinstance(self.reward, VerifiableReward):
+        if isinstance(self.reward, VerifiableReward) and getattr(self, "toolbox", None) is not None:
+            old_spp, self.samples_per_prompt = self.samples_per_prompt, 1
+            try:  # greedy answers with the tools (the same rollouts as training, at temperature 0)
+                greedy = self.reward(ex, self.sample(model, ex, 0, temperature=0.0))
+            finally:
+                self.samples_per_prompt = old_spp
+            res["val_accuracy"] = float(greedy.correct.mean())
+            res["val_format_rate"] = float(greedy.format_ok.mean())
+        elif isinstance(self.reward, VerifiableReward):
             from tiaoyu_cli.train.answers import answer_accuracy
 
             recs = [{"prompt": e.record.get("prompt"), "answer": e.answer} for e in ex]
