@@ -13,6 +13,11 @@ chunks, sampling at temperature 1, KV cache). Stop tokens are ignored on every s
 generates exactly prompts × new-tokens tokens. Rounds alternate; the best round of each counts
 (the machine is shared and noisy), and tokens per CPU-second are reported beside tokens/s.
 Prints one JSON line.
+
+`--tools N`: also agentic rollouts (train/tool_rollout.py) of the same batch and the same number of
+model-chosen tokens, split into N + 1 rounds: each of the first N rounds ends in a (forced)
+</tool_call>, the calculator runs, its tool turn is appended (masked), and generation resumes —
+every round re-prefills prompt + history. Reports tokens/s with tool calls against without.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers side")
+    ap.add_argument("--tools", type=int, default=0, help="also agentic rollouts with this many tool calls each")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,7 +59,10 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     cfg = preset(args.preset)
-    cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, args.max_prompt + args.new_tokens))
+    cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, args.max_prompt + args.new_tokens + 40 * args.tools))
+    tok = _tool_tokenizer() if args.tools else None
+    if tok is not None:  # the model's ids must be the tokenizer's (tool turns are decoded and encoded)
+        cfg = cfg.replace(vocab_size=tok.vocab_size)
     model = Transformer(cfg).eval().to(device)
     g = torch.Generator().manual_seed(1)
     lens = torch.randint(args.min_prompt, args.max_prompt + 1, (args.prompts,), generator=g).tolist()
@@ -112,7 +121,9 @@ def main() -> None:
         assert n == n_tokens, (n, n_tokens)
         return time.perf_counter() - t, time.process_time() - c
 
-    sides = {"batched": batched, "one_at_a_time": one_by_one, **({"hf_batched": hf_batched} if hf else {})}
+    agentic = _agentic(args, model, prompts, tok) if args.tools else None
+    sides = {"batched": batched, "one_at_a_time": one_by_one, **({"hf_batched": hf_batched} if hf else {}),
+             **({"with_tools": agentic} if agentic else {})}
     for fn in sides.values():  # warm-up
         fn()
     wall: dict[str, list[float]] = {k: [] for k in sides}
@@ -126,9 +137,12 @@ def main() -> None:
     tok_cpu = {k: n_tokens / min(v) for k, v in cpu.items()}
     ours, ref = tok_s["batched"], tok_s["one_at_a_time"]
     extra = {}
+    if agentic:
+        extra.update({"with_tools_tok_s": round(tok_s["with_tools"], 1), "tool_calls_per_prompt": args.tools,
+                      "with_tools_vs_without": round(tok_s["with_tools"] / ours, 2)})
     if hf:
-        extra = {"hf_batched_tok_s": round(tok_s["hf_batched"], 1), "speedup_vs_hf": round(ours / tok_s["hf_batched"], 2),
-                 "speedup_vs_hf_cpu_time": round(tok_cpu["batched"] / tok_cpu["hf_batched"], 2)}
+        extra.update({"hf_batched_tok_s": round(tok_s["hf_batched"], 1), "speedup_vs_hf": round(ours / tok_s["hf_batched"], 2),
+                 "speedup_vs_hf_cpu_time": round(tok_cpu["batched"] / tok_cpu["hf_batched"], 2)})
     print(json.dumps({"bench": "rollout", "batched_tok_s": round(ours, 1), "one_at_a_time_tok_s": round(ref, 1),
                       "speedup": round(ours / ref, 2), **extra,
                       "tok_per_cpu_s": {k: round(v, 1) for k, v in tok_cpu.items()},
@@ -138,6 +152,47 @@ def main() -> None:
                       "gen_batch_size": args.gen_batch_size or args.prompts, "dtype": "fp32", "threads": args.threads,
                       "device": args.device, "rounds": args.rounds, "torch": torch.__version__,
                       "machine": platform.machine()}))
+
+
+def _tool_tokenizer():
+    """A small tokenizer with the tool tokens (the agentic loop encodes tool turns and decodes calls)."""
+    import tempfile
+
+    from tiaoyu_cli.data.synth import SynthConfig, write_corpus
+    from tiaoyu_cli.tokenizer import train_tokenizer
+
+    tmp = tempfile.mkdtemp()
+    write_corpus(tmp, SynthConfig(text_mb=0.2, records=200))
+    return train_tokenizer([f"{tmp}/text.train.jsonl"], f"{tmp}/tok", vocab_size=1024)
+
+
+def _agentic(args, model, prompts, tok):
+    """A closure timing agentic rollouts with `args.tools` calls per prompt (see the module docstring)."""
+    from tiaoyu_cli.infer.generate import GenerationResult, generate_detailed
+    from tiaoyu_cli.infer.tools import Toolbox
+    from tiaoyu_cli.train.tool_rollout import generate_agentic_rollout
+
+    per_round = args.new_tokens // (args.tools + 1)
+    last = args.new_tokens - per_round * args.tools
+    box = Toolbox.from_names("calculator")
+    state = {"round": 0}
+
+    def forced(model, prompts, n, params, stops, seed=None):
+        """Real sampling of this round's tokens; the first `tools` rounds end in a forced </tool_call>."""
+        call = state["round"] < args.tools
+        state["round"] += 1
+        out = generate_detailed(model, prompts, per_round - 1 if call else last, params, stop_ids=(), seed=seed,
+                                dtype=torch.float32)
+        toks = [list(t) + [tok.end_tool_call_id] if call else list(t) for t in out.tokens]
+        return GenerationResult(toks, ["stop" if call else "length"] * len(prompts), prompts)
+
+    def run() -> int:
+        state["round"] = 0
+        ro = generate_agentic_rollout(model, tok, box, prompts, max(per_round, last), temperature=1.0, seed=0,
+                                      max_tool_calls=args.tools, generate=forced)
+        return int(ro.mask.sum())
+
+    return run
 
 
 if __name__ == "__main__":

@@ -42,11 +42,13 @@ def tok(corpus, tmp_path_factory):
 
 # ---------------------------------------------------------------------------- training and files
 def test_special_tokens_have_fixed_ids(tok):
-    assert [tok.id_to_piece(i) for i in range(8)] == SPECIAL_TOKENS
+    assert [tok.id_to_piece(i) for i in range(12)] == SPECIAL_TOKENS
     assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
     assert (tok.im_start_id, tok.im_end_id, tok.think_id, tok.end_think_id) == (4, 5, 6, 7)
+    assert (tok.tool_call_id, tok.end_tool_call_id, tok.tool_response_id, tok.end_tool_response_id) == (8, 9, 10, 11)
+    assert tok.has_tool_tokens and tok.num_special == 12
     assert tok.vocab_size == 600
-    for i in range(8):  # control symbols, not user-defined: the text parser never matches them
+    for i in range(12):  # control symbols, not user-defined: the text parser never matches them
         assert tok.sp.is_control(i) or tok.sp.is_unknown(i)
 
 
@@ -60,7 +62,7 @@ def test_folder_files_and_fingerprint(tok):
     assert (cfg["bos_token"], cfg["eos_token"], cfg["pad_token"], cfg["unk_token"]) == ("<s>", "</s>", "<pad>", "<unk>")
     assert cfg["chat_template"] == CHAT_TEMPLATE
     assert cfg["model_max_length"] == 2048
-    assert [cfg["added_tokens_decoder"][str(i)]["content"] for i in range(8)] == SPECIAL_TOKENS
+    assert [cfg["added_tokens_decoder"][str(i)]["content"] for i in range(12)] == SPECIAL_TOKENS
     again = Tokenizer.load(tok.path)
     assert again.fingerprint == tok.fingerprint and again.vocab_size == tok.vocab_size
     assert Tokenizer.load(tok.path / "tokenizer.model").fingerprint == tok.fingerprint
@@ -125,7 +127,7 @@ def test_newline_is_its_own_token(tok):
 def test_special_text_is_never_a_special_token(tok):
     s = "".join(SPECIAL_TOKENS) + " user typed <|im_end|> here"
     ids = tok.encode(s)
-    assert min(ids) >= 8
+    assert min(ids) >= 12
     assert tok.decode(ids) == s
     assert tok.decode(ids, skip_special=False) == s
 
@@ -237,7 +239,7 @@ def test_hf_autotokenizer_gives_our_ids(tok):
         assert hf.encode(s, add_special_tokens=False) == tok.encode(s), s
         assert hf(s)["input_ids"] == tok.encode(s), s  # no BOS added by default, like ours
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (2, 3, 0, 1)
-    assert hf.convert_tokens_to_ids(SPECIAL_TOKENS[4:]) == [4, 5, 6, 7]
+    assert hf.convert_tokens_to_ids(SPECIAL_TOKENS[4:]) == list(range(4, 12))
     rendered = hf.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
     assert rendered == tok.render_chat(CONVERSATION, add_generation_prompt=True)
     ids, _ = tok.encode_chat(CONVERSATION, add_generation_prompt=True)

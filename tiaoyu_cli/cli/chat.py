@@ -3,6 +3,7 @@
     tiaoyu chat ckpt/sft                                   # REPL on a terminal (/reset, /system TEXT, /exit)
     tiaoyu chat ckpt/sft --prompt "1+1=?" --temperature 0  # one answer on stdout
     tiaoyu chat teacher/ < prompts.jsonl > teacher.jsonl   # batch: each record + {"response": …}
+    tiaoyu chat ckpt/sft --tools calculator                # the model may call tools (infer/tool_loop.py)
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ Examples:
   tiaoyu chat ckpt/reason --prompt "3 * 14 = ?" --hide-thinking
 
   tiaoyu chat ckpt/sft-rag --retrieve index/ --rag --prompt "王丽住在哪里？"   # passages before the question
+  tiaoyu chat ckpt/tools --tools calculator --prompt "What is 123 * 456?" --temperature 0
+
+  tiaoyu chat ckpt/tools --tools calculator,search --tools-module my_tools.py < q.jsonl   # + "tool_calls"
 """
 
 
@@ -57,6 +61,14 @@ def register(app: typer.Typer) -> None:
         rag: bool = typer.Option(False, "--rag", help="put the top passages for each question into the prompt "
                                  "(the RAG layout of tiaoyu_cli/data/rag.py)"),
         retrieve_k: int = typer.Option(3, "--retrieve-k", help="passages retrieved per question"),
+        tools: Optional[str] = typer.Option(None, "--tools", help="tools the model may call, comma-separated "
+                                            "(`tiaoyu tools` lists them), e.g. calculator"),
+        tools_module: Optional[Path] = typer.Option(None, "--tools-module",
+                                                    help="a Python file whose typed, documented functions are tools"),
+        max_tool_calls: int = typer.Option(5, "--max-tool-calls", help="most tool calls per answer"),
+        tool_schemas: bool = typer.Option(True, "--tool-schemas/--no-tool-schemas",
+                                          help="render the tools' schemas in the system turn (off: for models "
+                                          "trained on tool records without them)"),
     ) -> None:
         from tiaoyu_cli.infer.sampling import SamplingParams
         from tiaoyu_cli.infer.session import GenerationOptions, load_chat_model
@@ -71,9 +83,13 @@ def register(app: typer.Typer) -> None:
         if batch_size < 1:
             raise TiaoyuError(f"--batch-size must be >= 1, got {batch_size}")
         options = GenerationOptions(max_new_tokens=max_new_tokens, sampling=params, seed=seed)
-        from tiaoyu_cli.infer.retrieval import rag_options
+        from tiaoyu_cli.infer.retrieval import make_search, open_retriever, rag_options
+        from tiaoyu_cli.infer.tools import use_search
 
-        rewrite = rag_options(retrieve, rag, retrieve_k)  # None without --retrieve/--rag
+        wants_search = "search" in [t.strip() for t in (tools or "").split(",")]
+        rewrite = rag_options(retrieve, rag, retrieve_k, search_tool=wants_search)  # None without --retrieve/--rag
+        if wants_search and retrieve is not None:
+            use_search(make_search(open_retriever(retrieve), retrieve_k))
         from tiaoyu_cli.console import warn as _warn
 
         cm = load_chat_model(ckpt, device=device, mode=mode, adapter=adapter, on_warning=_warn)
@@ -85,6 +101,9 @@ def register(app: typer.Typer) -> None:
             from tiaoyu_cli.console import warn
 
             warn("--system is ignored in complete mode (plain text continuation; --mode chat to use it)")
+        if tools or tools_module:
+            return tools_chat(cm, tools, tools_module, max_tool_calls, tool_schemas, prompt, system, options,
+                              batch_size)
         try:
             if prompt is not None:
                 answer_once(cm, prompt, system, options, hide_thinking, rewrite)
@@ -245,3 +264,68 @@ def classify_cli(ckpt: Path, text: Optional[str], device: str, batch_size: int, 
     out.flush()
     say(f"classify: {len(records)} record(s) labelled by {path}"
         + (f"; accuracy {right / labelled:.3f} on the {labelled} that carried a label" if labelled else ""))
+
+
+def tools_chat(cm, tools, tools_module, max_tool_calls: int, schemas: bool, prompt, system, options,
+               batch_size: int) -> None:
+    """chat with tools: --prompt, REPL or JSONL, the calls shown (REPL, --prompt: on stderr) or listed."""
+    from tiaoyu_cli.console import console
+    from tiaoyu_cli.infer.tool_loop import ToolRunner
+    from tiaoyu_cli.infer.tools import ToolCall, Toolbox
+
+    if cm.mode != "chat":
+        raise TiaoyuError("--tools needs chat mode (a checkpoint trained on conversations; or --mode chat)")
+    runner = ToolRunner(cm.model, cm.tokenizer, Toolbox.from_names(tools, tools_module), max_tool_calls, schemas)
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+
+    def turn(text: str, out) -> None:
+        history.append({"role": "user", "content": text})
+        for ev in runner.stream(history, options.max_new_tokens, options.sampling, options.seed):
+            if isinstance(ev, ToolCall):
+                console.print(f"[dim]→ {ev.name}({ev.arguments}) = {ev.result}[/]", highlight=False, markup=True)
+            else:
+                out(ev.text)
+        if runner.last.finish == "tool_limit":
+            console.print(f"[dim](stopped: more than --max-tool-calls {max_tool_calls} calls)[/]")
+
+    try:
+        if prompt is not None:
+            turn(prompt, lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+            sys.stdout.write("\n")
+        elif sys.stdin.isatty():
+            console.print(f"[bold]tiaoyu chat[/] {_describe(cm)}, tools: {', '.join(runner.toolbox.tools)}",
+                          highlight=False)
+            while True:
+                try:
+                    line = console.input("[bold green]you ›[/] ")
+                except (EOFError, KeyboardInterrupt):
+                    console.print()
+                    break
+                if line.strip() in ("/exit", "/quit"):
+                    break
+                if line.strip() == "/reset":
+                    del history[1 if system else 0:]
+                    continue
+                if line.strip():
+                    console.print("[bold blue]bot ›[/] ", end="")
+                    turn(line, lambda t: console.out(t, end="", highlight=False))
+                    console.print()
+        else:
+            _tools_jsonl(cm, runner, system, options, batch_size)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _tools_jsonl(cm, runner, system, options, batch_size: int) -> None:
+    from tiaoyu_cli.console import console
+    from tiaoyu_cli.data.jsonl import dumps
+    from tiaoyu_cli.infer.session import read_prompt_records
+    from tiaoyu_cli.infer.tool_loop import answer_records_with_tools
+
+    records = read_prompt_records(sys.stdin.buffer, "<stdin>")
+    console.print(f"chat: {len(records)} prompt(s) → stdout, {_describe(cm)}, tools: "
+                  f"{', '.join(runner.toolbox.tools)}", highlight=False, markup=False)
+    out = sys.stdout.buffer
+    for rec in answer_records_with_tools(runner, records, options, system=system, batch_size=batch_size):
+        out.write(dumps(rec))
+        out.flush()

@@ -29,6 +29,7 @@ COMMANDS: list[str] = [
     "reason",
     "report",
     "index",
+    "tools",
 ]
 
 app = typer.Typer(

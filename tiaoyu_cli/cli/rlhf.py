@@ -12,6 +12,7 @@ from tiaoyu_cli.console import say
 from tiaoyu_cli.data.jsonl import iter_jsonl, write_jsonl
 from tiaoyu_cli.device import autocast, resolve_device, resolve_dtype
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.infer.tools import Toolbox
 from tiaoyu_cli.model.lora import LoraConfig
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.dpo import DPOConfig, DPORunOptions, run_dpo
@@ -182,12 +183,19 @@ def grpo_cmd(
     val_frac: float = typer.Option(0.05, help="share of the questions held out when --val is not given"),
     eval_before: bool = typer.Option(True, "--eval-before/--no-eval-before", help="evaluate the starting model too"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
+    tools: Optional[str] = typer.Option(None, "--tools", help="agentic rollouts: tools the policy may call "
+                                        "(e.g. calculator); tool results are masked out of the loss and KL"),
+    tools_module: Optional[Path] = typer.Option(None, "--tools-module", help="a Python file of tool functions"),
+    max_tool_calls: int = typer.Option(5, "--max-tool-calls", help="most tool calls per sampled answer"),
+    tool_call_penalty: float = typer.Option(0.0, help="reward minus this per call that came back as an error"),
     *,
     cfg: GRPOConfig,
     train: TrainConfig,
 ) -> None:
+    toolbox = Toolbox.from_names(tools, tools_module) if tools or tools_module else None
     run_grpo(start, data, train, cfg, val=val, ref=ref, val_frac=val_frac, skip_bad=skip_bad,
-             eval_before=eval_before, log=say)
+             eval_before=eval_before, log=say, toolbox=toolbox, max_tool_calls=max_tool_calls,
+             tool_call_penalty=tool_call_penalty)
 
 
 def register(app: typer.Typer) -> None:

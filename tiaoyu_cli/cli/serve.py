@@ -41,6 +41,9 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
         quantize: Annotated[str, typer.Option(help="none | int8 (weight-only int8 Linear layers, CPU)")] = "none",
         quiet: Annotated[bool, typer.Option("--quiet", help="do not log every request")] = False,
+        tool_schemas: Annotated[bool, typer.Option("--tool-schemas/--no-tool-schemas",
+                                                   help="render a request's tools in the system turn (off: for "
+                                                   "models trained on tool records without them)")] = True,
     ) -> None:
         from tiaoyu_cli.console import console
         from tiaoyu_cli.errors import TiaoyuError
@@ -60,7 +63,8 @@ def register(app: typer.Typer) -> None:
             raise TiaoyuError("--default-max-tokens must not exceed --max-tokens")
         cfg = ServeConfig(host=host, port=port, model_name=model_name or "", max_tokens_limit=max_tokens,
                           default_max_tokens=default_max_tokens, max_request_bytes=max_request_bytes,
-                          max_batch=max_batch, max_queue=max_queue, request_timeout_s=request_timeout)
+                          max_batch=max_batch, max_queue=max_queue, request_timeout_s=request_timeout,
+                          tool_schemas=tool_schemas)
         with console.status(f"loading {ckpt} …"):
             engine, name = load_engine(ckpt, device=device, mode=mode, quantize=quantize, config=cfg)
         # the scheduler thread and uvicorn's event loop share the GIL; at the default 5 ms switch interval

@@ -4,11 +4,12 @@
     rows = pack_examples(ds.examples, max_len=256) if packing else ds.examples
     batch = collate(rows[:16])        # {"input_ids", "labels", "attention_mask", "position_ids", "seq_ids"}
 
-A record is `{"messages": [{"role": "system"|"user"|"assistant", "content": str, ["reasoning": str]}, …]}`
-(DESIGN §1). It is rendered with the ChatML template (`Tokenizer.encode_chat`), which also says which
+A record is `{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str, ["reasoning": str]}, …],
+["tools": [schema, …]]}` (DESIGN §1); assistant messages may carry OpenAI `tool_calls`, answered by `tool`
+messages (data/tool_records.py checks them). It is rendered with the ChatML template (`Tokenizer.encode_chat`), which also says which
 tokens the model learns: the assistant's content (and reasoning) and its closing `<|im_end|>` — in
-every assistant turn of a multi-turn record — and nothing of the system prompt, the user turns or
-the role headers.
+every assistant turn of a multi-turn record, its tool calls included — and nothing of the system prompt
+and tool schemas, the user turns, the tool results or the role headers.
 
 An `Example` is (ids, loss_mask) with loss_mask[t] = 1 when token t is learned. `collate` shifts
 for next-token prediction: labels[t] = ids[t+1] where loss_mask[t+1] = 1, else -100 (ignored by the
@@ -39,9 +40,10 @@ from typing import Iterable, Sequence
 
 import torch
 
+from tiaoyu_cli.data.tool_records import RecordError, check_openai_messages, check_tools
 from tiaoyu_cli.errors import DataError, TiaoyuError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 IGNORE = -100
 OVERFLOW_MODES = ("truncate", "skip")
 
@@ -114,18 +116,35 @@ def check_messages(obj: dict, path: str, line: int) -> list[dict]:
             raise DataError(f"expected an object with role and content, got {_kind(m)}", path, line, where)
         role = m.get("role")
         if role not in ROLES:
-            raise DataError(f"unknown role {role!r} (expected system, user or assistant)", path, line, f"{where}.role")
+            raise DataError(f"unknown role {role!r} (expected system, user, assistant or tool)", path, line,
+                            f"{where}.role")
         content = m.get("content")
-        if not isinstance(content, str):
+        calls = role == "assistant" and m.get("tool_calls")
+        if not isinstance(content, str) and not (calls and content is None):
             raise DataError(f"expected a string, got {_kind(content)}", path, line, f"{where}.content")
-        if not content.strip():
+        if not (content or "").strip() and not calls and role != "tool":
             raise DataError("empty content", path, line, f"{where}.content")
         r = m.get("reasoning")
         if r is not None and not isinstance(r, str):
             raise DataError(f"expected a string, got {_kind(r)}", path, line, f"{where}.reasoning")
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError("no assistant turn: nothing to learn", path, line, "messages")
+    if any(m.get("tool_calls") is not None or m["role"] == "tool" for m in msgs):
+        try:
+            check_openai_messages(msgs)
+        except RecordError as e:
+            raise DataError(str(e), path, line, e.field) from None
     return msgs
+
+
+def record_tools(obj: dict, path: str, line: int) -> list[dict] | None:
+    """The record's `tools` (OpenAI function schemas, normalised) or None."""
+    if obj.get("tools") is None:
+        return None
+    try:
+        return check_tools(obj["tools"]) or None
+    except RecordError as e:
+        raise DataError(str(e), path, line, e.field) from None
 
 
 def _kind(v) -> str:
@@ -133,9 +152,12 @@ def _kind(v) -> str:
 
 
 def encode_example(tokenizer, messages: list[dict], max_len: int, overflow: str = "truncate",
-                   source: str = "") -> tuple[Example | None, str]:
+                   source: str = "", tools: list[dict] | None = None) -> tuple[Example | None, str]:
     """Encode one conversation. Returns (example or None, what happened: "ok" | "truncated" | "skipped")."""
-    ids, mask = tokenizer.encode_chat(messages)
+    try:
+        ids, mask = tokenizer.encode_chat(messages, tools=tools)
+    except TiaoyuError as e:  # e.g. tool records with a tokenizer made before tool calls
+        raise TiaoyuError(f"{source}: {e}") from None
     if len(ids) <= max_len:
         return Example(ids, mask, source), "ok"
     if overflow == "skip":
@@ -152,6 +174,7 @@ class ChatDataset:
     ChatDataset(source, tokenizer, max_len, overflow="truncate", skip_bad=False)
       .examples   list[Example]
       .messages   the validated conversations, aligned with .examples
+      .tools      each record's tool schemas (None when it has none), aligned with .examples
       .stats      ChatStats (counts for the summary line)
     """
 
@@ -164,6 +187,7 @@ class ChatDataset:
         self.tokenizer, self.max_len, self.overflow = tokenizer, max_len, overflow
         self.examples: list[Example] = []
         self.messages: list[list[dict]] = []
+        self.tools: list[list[dict] | None] = []
         self.stats = ChatStats()
         if isinstance(source, (str, os.PathLike)):
             from tiaoyu_cli.data.jsonl import iter_jsonl
@@ -178,13 +202,14 @@ class ChatDataset:
         for line, obj in items:
             try:
                 msgs = check_messages(obj, self.name, line)
+                tools = record_tools(obj, self.name, line)
             except DataError:
                 if not skip_bad:
                     raise
                 self.stats.bad += 1
                 continue
             self.stats.records += 1
-            ex, what = encode_example(tokenizer, msgs, max_len, overflow, f"{self.name}:{line}")
+            ex, what = encode_example(tokenizer, msgs, max_len, overflow, f"{self.name}:{line}", tools)
             if ex is None:
                 self.stats.skipped_overflow += 1
                 continue
@@ -192,6 +217,7 @@ class ChatDataset:
                 self.stats.truncated += 1
             self.examples.append(ex)
             self.messages.append(msgs)
+            self.tools.append(tools)
             self.stats.kept += 1
             self.stats.tokens += len(ex.ids)
             self.stats.loss_tokens += sum(ex.loss_mask)

@@ -4,8 +4,8 @@ Detection looks at a record's fields, first match wins:
 
 | fields of the input record                                     | format        | becomes        |
 |----------------------------------------------------------------|---------------|----------------|
-| `messages: [{role, content[, reasoning]}]`                     | chat          | chat           |
-| `conversations: [{from, value}]` or `[{role, content}]`        | ShareGPT      | chat           |
+| `messages: [{role, content[, reasoning]}]` (+ `tools`)         | chat          | chat           |
+| `conversations: [{from, value}]` or `[{role, content}]` (+ `tools`) | ShareGPT | chat           |
 | `chosen`, `rejected` (+ `prompt`/`question`)                   | preference    | preference     |
 | `context` (a string or a list of passages), `question`/`prompt`/`query`, `answer` | RAG | chat, user turn in the RAG layout (data/rag.py) |
 | a question (`prompt`/`question`/`instruction`/`query`/`problem`), reasoning (`reasoning`/`think`/`thinking`/`steps`/`rationale`/`cot`/`reasoning_content`) and an answer (`answer`/`response`/`output`/`completion`/`final_answer`) | reasoning | chat, assistant `reasoning` field |
@@ -18,7 +18,10 @@ Detection looks at a record's fields, first match wins:
 
 Output records carry only the fields of their kind, in the order of DESIGN §1; other fields
 (ids, metadata) are dropped. Roles are normalised (`human` → user, `gpt`/`bot`/`model`/`chatgpt`
-→ assistant). An assistant message whose content starts with `<think>…</think>` gets that part
+→ assistant). Tool calls (data/tool_records.py) come out in the OpenAI format: assistant
+`tool_calls` with JSON-string arguments, `tool` messages with `tool_call_id`, from OpenAI records,
+ShareGPT `function_call` / `observation` turns, and Hermes/Qwen text with `<tool_call>{…}</tool_call>`
+(results in `<tool_response>…</tool_response>`); a record's `tools` schemas are kept. An assistant message whose content starts with `<think>…</think>` gets that part
 moved into its `reasoning` field: special tokens belong to the chat template, never to text.
 
 `--to KIND` forces the output kind. Conversions that keep meaning are allowed:
@@ -34,6 +37,7 @@ import re
 from typing import Any
 
 from tiaoyu_cli.data.rag import rag_prompt
+from tiaoyu_cli.data import tool_records as tr
 
 KINDS = ("text", "chat", "preference", "verifiable", "classification")
 
@@ -85,12 +89,24 @@ def _answer_str(obj: dict, key: str) -> str:
 
 
 def _messages(v: Any, field: str, need_assistant: bool = True) -> list[dict]:
-    """Validate and normalise a list of chat messages."""
+    """Validate and normalise a list of chat messages (tool calls to the OpenAI format)."""
     if not isinstance(v, list):
         raise FormatError(f"expected a list of messages, got {_type_name(v)}", field)
     if not v:
         raise FormatError("empty list of messages", field)
-    out = []
+    try:
+        out = _tool_aware_messages(v, field)
+        tr.link_tool_messages(out, field)
+    except tr.RecordError as e:
+        raise FormatError(str(e), e.field) from None
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
+        raise FormatError("no assistant message", field)
+    return out
+
+
+def _tool_aware_messages(v: list, field: str) -> list[dict]:
+    out: list[dict] = []
+    counter = [0]  # ids for calls that come without one
     for i, m in enumerate(v):
         f = f"{field}[{i}]"
         if not isinstance(m, dict):
@@ -104,12 +120,29 @@ def _messages(v: Any, field: str, need_assistant: bool = True) -> list[dict]:
         role = m.get(rk)
         if not isinstance(role, str):
             raise FormatError(f"expected a string, got {_type_name(role)}", f"{f}.{rk}")
-        norm = ROLE_ALIASES.get(role.lower())
+        low = role.lower()
+        norm = ROLE_ALIASES.get(low) or tr.TOOL_ROLES.get(low) or ("call" if low in tr.CALL_ROLES else None)
         if norm is None:
-            raise FormatError(f"unknown role {role!r} (expected system, user or assistant)", f"{f}.{rk}")
+            raise FormatError(f"unknown role {role!r} (expected system, user, assistant or tool)", f"{f}.{rk}")
         content = m.get(ck)
+        calls = None
+        if norm == "assistant" and m.get("tool_calls") is not None:
+            calls = tr.normalise_calls(m["tool_calls"], f"{f}.tool_calls", counter)
+            content = "" if content is None else content
         if not isinstance(content, str):
             raise FormatError(f"expected a string, got {_type_name(content)}", f"{f}.{ck}")
+        if norm == "call":  # a ShareGPT function_call turn: the value is the call's JSON
+            out.append({"role": "assistant", "content": "",
+                        "tool_calls": tr.calls_from_json_text(content, f"{f}.{ck}", counter)})
+            continue
+        if norm == "tool":
+            parts = tr.split_hermes_responses(content)
+            cid = m.get("tool_call_id")
+            if cid is not None and not isinstance(cid, str):
+                raise FormatError(f"expected a string, got {_type_name(cid)}", f"{f}.tool_call_id")
+            for p in parts:
+                out.append({"role": "tool", "content": p, **({"tool_call_id": cid} if cid and len(parts) == 1 else {})})
+            continue
         msg = {"role": norm, "content": content}
         rkey = _first_key(m, ("reasoning", "reasoning_content", "thinking", "think"))
         if rkey is not None:
@@ -120,10 +153,24 @@ def _messages(v: Any, field: str, need_assistant: bool = True) -> list[dict]:
             t = _THINK.match(content)
             if t:
                 msg = {"role": norm, "reasoning": t.group(1), "content": content[t.end():]}
+        if norm == "assistant" and calls is None and "<tool_call>" in msg["content"]:
+            msg["content"], calls = tr.split_hermes_calls(msg["content"], f"{f}.{ck}", counter)
+        if calls:
+            msg["tool_calls"] = calls
         out.append(msg)
-    if need_assistant and not any(m["role"] == "assistant" for m in out):
-        raise FormatError("no assistant message", field)
     return out
+
+
+def _chat_record(obj: dict, messages: list[dict]) -> dict:
+    rec: dict = {"messages": messages}
+    if obj.get("tools") is not None:
+        try:
+            tools = tr.check_tools(obj["tools"])
+        except tr.RecordError as e:
+            raise FormatError(str(e), e.field) from None
+        if tools:
+            rec["tools"] = tools
+    return rec
 
 
 def _reasoning_value(v: Any, field: str) -> str:
@@ -197,9 +244,9 @@ def canonical(obj: dict) -> tuple[str, list[dict]]:
     """(kind, records) for one input record, in the canonical form of its kind."""
     fmt = detect(obj)
     if fmt == "chat":
-        return "chat", [{"messages": _messages(obj["messages"], "messages")}]
+        return "chat", [_chat_record(obj, _messages(obj["messages"], "messages"))]
     if fmt == "sharegpt":
-        return "chat", [{"messages": _system_prefix(obj) + _messages(obj["conversations"], "conversations")}]
+        return "chat", [_chat_record(obj, _system_prefix(obj) + _messages(obj["conversations"], "conversations"))]
     if fmt == "preference":
         chosen, rejected = _str_or_messages(obj, "chosen"), _str_or_messages(obj, "rejected")
         pk = _first_key(obj, ("prompt", "question"))
@@ -359,6 +406,9 @@ def map_strings(kind: str, rec: dict, fn) -> dict:
             if "reasoning" in m:
                 n["reasoning"] = fn(m["reasoning"])
             n["content"] = fn(m["content"])
+            for k in ("tool_calls", "tool_call_id"):  # JSON and ids: never cleaned
+                if k in m:
+                    n[k] = m[k]
             out.append(n)
         return out
 
@@ -368,7 +418,7 @@ def map_strings(kind: str, rec: dict, fn) -> dict:
     if kind == "text":
         return {"text": fn(rec["text"])}
     if kind == "chat":
-        return {"messages": msgs(rec["messages"])}
+        return {"messages": msgs(rec["messages"]), **({"tools": rec["tools"]} if rec.get("tools") else {})}
     if kind == "preference":
         return {"prompt": sm(rec["prompt"]), "chosen": sm(rec["chosen"]), "rejected": sm(rec["rejected"])}
     if kind == "verifiable":
@@ -389,7 +439,7 @@ def empty_part(kind: str, rec: dict) -> str | None:
         return "text" if not rec["text"] else None
     if kind == "chat":
         ms = rec["messages"]
-        if not any(m["role"] == "assistant" and (m["content"] or m.get("reasoning")) for m in ms):
+        if not any(m["role"] == "assistant" and (m["content"] or m.get("reasoning") or m.get("tool_calls")) for m in ms):
             return "assistant message"
         if not any(m["role"] == "user" and m["content"] for m in ms):
             return "user message"

@@ -71,6 +71,7 @@ from tiaoyu_cli.data import synth_docs  # docs.jsonl + RAG records (calls back i
 from tiaoyu_cli.data.synth_world import (SMALL_TALK, SYSTEM_PROMPTS, UNHELPFUL, Cycler, Fact, Problem, arith,
                                          build_world, fact_question, fact_sentence, join_sentences, make_problem,
                                          make_review, wrong_value)
+from tiaoyu_cli.data.synth_tools import tool_records
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.io import atomic_open, atomic_write_bytes
 
@@ -360,6 +361,14 @@ def write_corpus(out_dir: str | Path, cfg: SynthConfig, on_file: Callable[[str, 
             if on_file:
                 on_file(name, n)
     files.update(synth_docs.write_retrieval_files(out, g, on_file))
+    for split in ("train", "val"):  # tool use (data/synth_tools.py): calculator calls, own held-out problems
+        name = f"tools.{split}.jsonl"
+        recs = tool_records(cfg.seed, cfg.records if split == "train" else cfg.n_val(), cfg.langs(), split)
+        data = b"".join(orjson.dumps(r) + b"\n" for r in recs)
+        atomic_write_bytes(out / name, data)
+        files[name] = {"kind": "chat", "split": split, "records": len(recs), "bytes": len(data)}
+        if on_file:
+            on_file(name, len(recs))
     atomic_write_bytes(out / "world.json", orjson.dumps(g.world_json(), option=orjson.OPT_INDENT_2) + b"\n")
     manifest = {
         "generator": "tiaoyu synth",

@@ -84,14 +84,19 @@ def rag_record(rec: dict, rewrite: Callable[[str], str]) -> dict:
     return rec
 
 
-def rag_options(retrieve: str | None, rag: bool, k: int = 3, field: str = "text") -> Callable[[str], str] | None:
-    """Check `--retrieve SRC --rag --retrieve-k K` and return the user-turn rewriter (None without them)."""
+def rag_options(retrieve: str | None, rag: bool, k: int = 3, field: str = "text",
+                search_tool: bool = False) -> Callable[[str], str] | None:
+    """Check `--retrieve SRC --rag --retrieve-k K` and return the user-turn rewriter (None without them, and
+    None when --retrieve serves the `search` tool instead: `--tools search --retrieve SRC`)."""
     if retrieve is None and not rag:
         return None
     if retrieve is None:
         raise TiaoyuError("--rag needs --retrieve DOCS.jsonl or --retrieve index/ (the passages to put in the prompt)")
     if not rag:
-        raise TiaoyuError("--retrieve needs --rag (the top passages go into the prompt before the question)")
+        if search_tool:
+            return None
+        raise TiaoyuError("--retrieve needs --rag (the top passages go into the prompt before the question) or "
+                          "--tools search (the model searches them itself)")
     if k < 1:
         raise TiaoyuError(f"--retrieve-k must be >= 1, got {k}")
     return rag_rewriter(open_retriever(retrieve, field), k)

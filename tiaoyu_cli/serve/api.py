@@ -18,7 +18,8 @@ from typing import Any
 
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.infer.sampling import SamplingParams
-from tiaoyu_cli.infer.session import build_prompt, stop_ids_for
+from tiaoyu_cli.infer.session import stop_ids_for
+from tiaoyu_cli.serve import tools_api
 from tiaoyu_cli.serve.engine import APIError, Engine, Job
 
 
@@ -62,14 +63,24 @@ def parse_messages(raw: Any) -> list[dict]:
         role = m.get("role")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}]: unknown role {role!r} (system, user or assistant)", "messages")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(400, f"messages[{i}]: unknown role {role!r} (system, user, assistant or tool)", "messages")
+        if role == "tool" or (role == "assistant" and m.get("tool_calls")):
+            try:
+                msgs.append(tools_api.tool_message(m, i))
+            except tools_api.RequestError as e:
+                raise APIError(400, str(e), e.param) from None
+            continue
         msg = {"role": role, "content": _text_content(m.get("content"), f"messages[{i}]")}
         if role == "assistant" and isinstance(m.get("reasoning_content"), str):
             msg["reasoning"] = m["reasoning_content"]
         msgs.append(msg)
     if msgs[-1]["role"] == "assistant":
         raise APIError(400, "the last message must not be the assistant's: there is nothing to answer", "messages")
+    try:
+        tools_api.check_messages(msgs)
+    except tools_api.RequestError as e:
+        raise APIError(400, str(e), e.param) from None
     return msgs
 
 
@@ -151,10 +162,15 @@ class API:
         elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4):
             raise APIError(400, "'stop' must be a string or a list of up to 4 strings", "stop")
         tok = self.engine.tokenizer
+        tool_job = None
         if chat:
             msgs = parse_messages(body.get("messages"))
             try:
-                prompt = build_prompt(tok, self.engine.mode, msgs, None)
+                schemas, choice = tools_api.parse_request(body)
+                prompt, tool_job = tools_api.chat_prompt(tok, self.engine.mode, msgs, schemas, choice,
+                                                          cfg.tool_schemas)
+            except tools_api.RequestError as e:
+                raise APIError(400, str(e), e.param) from None
             except TiaoyuError as e:
                 raise APIError(400, str(e), "messages") from None
             stop_ids = stop_ids_for(self.engine.mode)
@@ -181,13 +197,14 @@ class API:
                 raise APIError(400, f"the prompt ({len(prompt)} tokens) plus {key} ({max_tokens}) exceeds this "
                                     f"model's context of {ctx} tokens", key, "context_length_exceeded")
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
-        return Job(prompt, max_tokens, params, frozenset(stop_ids), stop=list(stop), seed=seed)
+        return Job(prompt, max_tokens, params, frozenset(stop_ids), stop=list(stop), seed=seed, tools=tool_job)
 
     # responses ---------------------------------------------------------------------------------------
     def response(self, job: Job, chat: bool, result: tuple[str, str, str, int]) -> dict:
         """The whole answer as a chat.completion / text_completion object. `result` is
         `Collector.result()`: (content, reasoning, finish_reason, completion_tokens)."""
-        content, reasoning, finish, n = result
+        content, reasoning, finish, n = result[:4]
+        calls = [c for c in (tools_api.call_object(t) for t in (result[4] if len(result) > 4 else [])) if c]
         base = {"id": ("chatcmpl-" if chat else "cmpl-") + job.id, "created": int(time.time()),
                 "model": self.model_name,
                 "usage": {"prompt_tokens": len(job.prompt), "completion_tokens": n,
@@ -196,6 +213,10 @@ class API:
             msg = {"role": "assistant", "content": content}
             if reasoning:
                 msg["reasoning_content"] = reasoning
+            if calls:  # the model called tools: finish_reason "tool_calls", content may be empty
+                msg["content"] = content or None
+                msg["tool_calls"] = calls
+                finish = "tool_calls" if finish == "stop" else finish
             return {**base, "object": "chat.completion",
                     "choices": [{"index": 0, "message": msg, "finish_reason": finish, "logprobs": None}]}
         return {**base, "object": "text_completion",
@@ -208,6 +229,7 @@ class Collector:
     def __init__(self):
         self.content: list[str] = []
         self.reasoning: list[str] = []
+        self.calls: list[str] = []  # the JSON text of each <tool_call>
         self.finish: tuple[str, int] | None = None
 
     def feed(self, ev: tuple) -> bool:
@@ -215,15 +237,22 @@ class Collector:
         if ev[0] == "text":
             (self.reasoning if ev[2] else self.content).append(ev[1])
             return False
+        if ev[0] == "tool_call":
+            if tools_api.call_object(ev[1]) is None:  # not a well-formed call: the text stays in the answer
+                self.content.append(ev[1])
+            else:
+                self.calls.append(ev[1])
+            return False
         if ev[0] == "done":
             self.finish = (ev[1], ev[2])
             return True
         raise APIError(ev[2] if len(ev) > 2 else 500, ev[1], type_="server_error",
                        code="timeout" if len(ev) > 2 and ev[2] == 504 else None)
 
-    def result(self) -> tuple[str, str, str, int]:
+    def result(self) -> tuple:
+        """(content, reasoning, finish_reason, completion_tokens, tool-call texts)."""
         assert self.finish is not None
-        return "".join(self.content), "".join(self.reasoning), self.finish[0], self.finish[1]
+        return "".join(self.content), "".join(self.reasoning), self.finish[0], self.finish[1], list(self.calls)
 
 
 class StreamBuilder:
@@ -236,6 +265,7 @@ class StreamBuilder:
         self.created = int(time.time())
         self.obj = "chat.completion.chunk" if chat else "text_completion"
         self.done = False
+        self.n_calls = 0
 
     def chunk(self, delta: dict | None = None, text: str | None = None, finish: str | None = None) -> dict:
         choice: dict = {"index": 0, "finish_reason": finish, "logprobs": None}
@@ -250,13 +280,22 @@ class StreamBuilder:
         return [self.chunk({"role": "assistant", "content": ""})] if self.chat else []
 
     def feed(self, ev: tuple) -> list[dict]:
+        if ev[0] == "tool_call":  # OpenAI's deltas: id, type and name first, then the arguments
+            obj = tools_api.call_object(ev[1])
+            if obj is None:
+                return [self.chunk({"content": ev[1]})]
+            f, i = obj["function"], self.n_calls
+            self.n_calls += 1
+            return [self.chunk({"tool_calls": [{"index": i, "id": obj["id"], "type": "function",
+                                                "function": {"name": f["name"], "arguments": ""}}]}),
+                    self.chunk({"tool_calls": [{"index": i, "function": {"arguments": f["arguments"]}}]})]
         if ev[0] == "text":
             if self.chat:
                 return [self.chunk({"reasoning_content": ev[1]} if ev[2] else {"content": ev[1]})]
             return [] if ev[2] else [self.chunk(text=ev[1])]
         self.done = True
         if ev[0] == "done":
-            out = [self.chunk(finish=ev[1])]
+            out = [self.chunk(finish="tool_calls" if self.n_calls and ev[1] == "stop" else ev[1])]
             if self.include_usage:
                 n, p = ev[2], len(self.job.prompt)
                 out.append({"id": self.cid, "object": self.obj, "created": self.created,

@@ -41,6 +41,7 @@ import torch
 from tiaoyu_cli.infer.generate import IncrementalDecoder, OneTokenStep, amp_context, decode_steps
 from tiaoyu_cli.infer.sampling import SamplingParams, choose, make_generator, process_logits
 from tiaoyu_cli.infer.slots import SlotBatch
+from tiaoyu_cli.serve.tools_api import CallCollector, ToolJob
 
 
 @dataclass
@@ -55,6 +56,7 @@ class ServeConfig:
     max_queue: int = 64  # waiting requests before 503
     batch_wait_s: float = 0.01  # an idle batch: after the first request, wait this long for more to start with it
     request_timeout_s: float = 120.0  # a request's deadline, from arrival to its last token (504 after)
+    tool_schemas: bool = True  # render a request's `tools` in the system turn (serve/tools_api.py)
 
 
 class APIError(Exception):
@@ -85,6 +87,7 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
     deadline: float = float("inf")
     first_token_s: float | None = None  # seconds from arrival to the first token
+    tools: "ToolJob | None" = None  # set when the answer is parsed for tool calls (serve/tools_api.py)
     stream: bool = True  # False: text events are held and handed over with the final one
     outbox: "list[tuple[Job, tuple]] | None" = None  # set by the scheduler: events leave once per step
     held: list = field(default_factory=list)
@@ -164,6 +167,7 @@ class Running:
         self.job = job
         self.decoder = IncrementalDecoder(tokenizer)
         self.stops = StopStrings(job.stop)
+        self.calls = CallCollector(job.tools, tokenizer) if job.tools is not None else None
         self.n = 0
         self.done = False
         self.reason: str | None = None  # stop | length | stop_string | cancelled | timeout | error
@@ -215,7 +219,9 @@ class Running:
         if token in self.job.stop_ids:
             self.finish("stop")
             return
-        if self._emit(self.decoder.push(token)):
+        if self.calls is not None and self.calls.push(token, self):
+            pass  # inside a tool call: no text
+        elif self._emit(self.decoder.push(token)):
             self.finish("stop_string")
             return
         if self.n >= self.job.max_tokens:

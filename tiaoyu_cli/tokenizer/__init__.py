@@ -6,7 +6,8 @@
 """
 
 from tiaoyu_cli.tokenizer.core import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer, copy_tokenizer_files
+from tiaoyu_cli.tokenizer.template import TOOL_TOKENS
 from tiaoyu_cli.tokenizer.train import ALGOS, TrainReport, train_tokenizer
 
 __all__ = ["Tokenizer", "SPECIAL_TOKENS", "CHAT_TEMPLATE", "train_tokenizer", "TrainReport", "ALGOS",
-           "copy_tokenizer_files"]
+           "copy_tokenizer_files", "TOOL_TOKENS"]

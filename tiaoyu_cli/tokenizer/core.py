@@ -5,7 +5,8 @@ A tokenizer folder holds exactly two files:
     tokenizer.model          the SentencePiece model (protobuf)
     tokenizer_config.json    LlamaTokenizer settings + the Jinja ChatML `chat_template`
 
-Fixed ids 0..7 are the special tokens below. They are SentencePiece *control symbols*: the
+Fixed ids 0..11 are the special tokens below (0..7 in tokenizers made before tool calls: they load,
+and asking them for tools is a clear error). They are SentencePiece *control symbols*: the
 encoder never produces them from text, so a document that contains the characters
 "<|im_end|>" is cut into ordinary pieces. Only code (BOS/EOS around documents, the chat
 template) inserts them.
@@ -33,27 +34,16 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.tokenizer.template import (CHAT_ROLES, CHAT_TEMPLATE, TOOL_TOKENS, chat_parts, check_messages,
+                                           uses_tools)
 
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+BASE_SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+SPECIAL_TOKENS = BASE_SPECIAL_TOKENS + TOOL_TOKENS  # ids 0..11
 NUM_SPECIAL = len(SPECIAL_TOKENS)
+NUM_BASE_SPECIAL = len(BASE_SPECIAL_TOKENS)
 
 MODEL_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
-CHAT_ROLES = ("system", "user", "assistant")
-
-# The ChatML template in Jinja, for Hugging Face tooling (`apply_chat_template`). It renders the
-# same string as `Tokenizer.render_chat` (tests check this). One line: no stray whitespace.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['role'] == 'assistant' and message['reasoning'] is defined "
-    "and message['reasoning'] is not none -%}"
-    "{{- '<think>' + message['reasoning'] + '</think>' -}}"
-    "{%- endif -%}"
-    "{{- message['content'] + '<|im_end|>' + '\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
 
 
 def fingerprint_bytes(data: bytes) -> str:
@@ -118,6 +108,10 @@ class Tokenizer:
     im_end_id = 5
     think_id = 6
     end_think_id = 7
+    tool_call_id = 8
+    end_tool_call_id = 9
+    tool_response_id = 10
+    end_tool_response_id = 11
 
     def __init__(self, model_proto: bytes, config: dict, path: Path | None = None):
         self.path = path
@@ -133,11 +127,15 @@ class Tokenizer:
         self.sp = sp
         self.vocab_size = sp.get_piece_size()
         got = [sp.id_to_piece(i) for i in range(min(NUM_SPECIAL, self.vocab_size))]
-        if got != SPECIAL_TOKENS:
+        if got[:NUM_BASE_SPECIAL] != BASE_SPECIAL_TOKENS:
             where = str(path) if path else "this tokenizer"
             raise TiaoyuError(
-                f"{where} was not made by `tiaoyu tokenize train`: ids 0..7 must be {SPECIAL_TOKENS}, got {got}"
+                f"{where} was not made by `tiaoyu tokenize train`: ids 0..7 must be {BASE_SPECIAL_TOKENS}, "
+                f"got {got[:NUM_BASE_SPECIAL]}"
             )
+        # tokenizers made before tool calls have ordinary pieces at 8..11
+        self.has_tool_tokens = got == SPECIAL_TOKENS and all(sp.is_control(i) for i in range(8, NUM_SPECIAL))
+        self.num_special = NUM_SPECIAL if self.has_tool_tokens else NUM_BASE_SPECIAL
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -215,11 +213,11 @@ class Tokenizer:
             if not 0 <= i < self.vocab_size:
                 raise TiaoyuError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
         if skip_special:
-            return self._decode_plain([i for i in ids if i >= NUM_SPECIAL])
+            return self._decode_plain([i for i in ids if i >= self.num_special])
         out: list[str] = []
         run: list[int] = []
         for i in ids:
-            if i < NUM_SPECIAL:
+            if i < self.num_special:
                 if run:
                     out.append(self._decode_plain(run))
                     run = []
@@ -247,70 +245,67 @@ class Tokenizer:
         return self.sp.is_byte(int(i))
 
     # ------------------------------------------------------------------ chat template
-    @staticmethod
-    def _check_messages(messages) -> None:
-        if not isinstance(messages, (list, tuple)):
-            raise TiaoyuError(f"chat messages must be a list, got {type(messages).__name__}")
-        for k, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise TiaoyuError(f"chat message {k} must be an object with role and content, got {type(m).__name__}")
-            role = m.get("role")
-            if role not in CHAT_ROLES:
-                raise TiaoyuError(f"chat message {k}: unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
-            if not isinstance(m.get("content"), str):
-                raise TiaoyuError(f"chat message {k} ({role}): content must be a string, got {type(m.get('content')).__name__}")
-            r = m.get("reasoning")
-            if r is not None and not isinstance(r, str):
-                raise TiaoyuError(f"chat message {k} ({role}): reasoning must be a string, got {type(r).__name__}")
+    def require_tool_tokens(self) -> None:
+        """TiaoyuError unless this tokenizer has the tool-call control tokens (ids 8..11)."""
+        if not self.has_tool_tokens:
+            where = str(self.path) if self.path else "this tokenizer"
+            raise TiaoyuError(
+                f"{where} has no tool tokens ({', '.join(TOOL_TOKENS)}): it was made before tool calls. "
+                "Train a new tokenizer with `tiaoyu tokenize train` (and a model on it) to use tools")
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """The ChatML string (what the Jinja `chat_template` renders)."""
-        self._check_messages(messages)
-        parts = []
-        for m in messages:
-            parts.append(f"<|im_start|>{m['role']}\n")
-            if m["role"] == "assistant" and m.get("reasoning") is not None:
-                parts.append(f"<think>{m['reasoning']}</think>")
-            parts.append(f"{m['content']}<|im_end|>\n")
-        if add_generation_prompt:
-            parts.append("<|im_start|>assistant\n")
-        return "".join(parts)
+    def _check_messages(self, messages, tools=None) -> None:
+        check_messages(messages, tools)
+        if uses_tools(messages, tools):
+            self.require_tool_tokens()
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    def _control_id(self, piece: str) -> int:
+        return SPECIAL_TOKENS.index(piece)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False,
+                    tools: list[dict] | None = None) -> str:
+        """The ChatML string (what the Jinja `chat_template` renders); see tokenizer/template.py."""
+        self._check_messages(messages, tools)
+        return "".join(text for text, _, _ in chat_parts(messages, tools, add_generation_prompt))
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False,
+                    tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
         """Encode a conversation in ChatML and say which tokens SFT learns.
 
             <|im_start|>role\\n content <|im_end|>\\n      per message
             <think>reasoning</think>                      before an assistant's content
+            <tool_call>\\n{"name", "arguments"}\\n</tool_call>   an assistant's calls (tokenizer/template.py)
             <|im_start|>assistant\\n                       the generation prompt
 
         Returns (ids, loss_mask): loss_mask[i] = 1 on the assistant's content (with <think>,
-        reasoning and </think>) and the assistant's closing <|im_end|> — what the model must learn to
-        produce after the generation prompt — and 0 on everything else.
+        reasoning and </think>, and its tool calls) and the assistant's closing <|im_end|> — what
+        the model must learn to produce after the generation prompt — and 0 on everything else
+        (system prompt and tool schemas, user turns, tool results, role headers). Control tokens
+        are inserted as ids; text never becomes one.
         """
-        self._check_messages(messages)
+        self._check_messages(messages, tools)
         ids: list[int] = []
         mask: list[int] = []
+        run, run_learn = "", 0
 
-        def add(tokens: list[int], learn: int) -> None:
-            ids.extend(tokens)
-            mask.extend([learn] * len(tokens))
+        def flush() -> None:
+            nonlocal run
+            if run:
+                toks = self.encode(run)
+                ids.extend(toks)
+                mask.extend([run_learn] * len(toks))
+                run = ""
 
-        newline = self.encode("\n")
-        for m in messages:
-            role = m["role"]
-            learn = 1 if role == "assistant" else 0
-            add([self.im_start_id], 0)
-            add(self.encode(role + "\n"), 0)
-            if role == "assistant" and m.get("reasoning") is not None:
-                add([self.think_id], 1)
-                add(self.encode(m["reasoning"]), 1)
-                add([self.end_think_id], 1)
-            add(self.encode(m["content"]), learn)
-            add([self.im_end_id], learn)
-            add(newline, 0)
-        if add_generation_prompt:
-            add([self.im_start_id], 0)
-            add(self.encode("assistant\n"), 0)
+        for text, control, learn in chat_parts(messages, tools, add_generation_prompt):
+            if control:
+                flush()
+                ids.append(self._control_id(text))
+                mask.append(learn)
+            elif text:
+                if run and learn != run_learn:
+                    flush()  # parts with different masks meet right after a "\n" (template.py)
+                run_learn = learn
+                run += text
+        flush()
         return ids, mask
 
 

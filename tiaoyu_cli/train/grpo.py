@@ -37,8 +37,8 @@ from tiaoyu_cli.data.preference import PromptExample, load_prompts
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.losses_rl import group_advantages, grpo_loss
 from tiaoyu_cli.train.rl_common import Rollout, load_reference, response_logps, split_holdout
+from tiaoyu_cli.train.rollout import RolloutStage, Scores, ToolVerifiableReward, VerifiableReward, sequence_kl
 from tiaoyu_cli.train.run import Plan, run_stage
-from tiaoyu_cli.train.rollout import RolloutStage, Scores, VerifiableReward, sequence_kl
 from tiaoyu_cli.train.stage import StepOutput
 
 
@@ -118,8 +118,10 @@ class GRPOStage(RolloutStage):
 
 
 def prepare_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_frac: float = 0.05,
-                 skip_bad: bool = False, eval_before: bool = True) -> Plan:
-    """Load policy (and reference when β > 0), read the questions."""
+                 skip_bad: bool = False, eval_before: bool = True, toolbox=None, max_tool_calls: int = 5,
+                 tool_call_penalty: float = 0.0) -> Plan:
+    """Load policy (and reference when β > 0), read the questions. With a `toolbox` (`--tools`) the rollouts
+    call tools (train/tool_rollout.py)."""
     cfg.validate()
     model, folder = load_model(start)
     if model.config.num_labels:
@@ -143,11 +145,17 @@ def prepare_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_fr
         + (f", reference {ref or folder}" if ref_model is not None else ""))
     stage = GRPOStage(prompts, held, cfg, batch_size=train.batch_size, tokenizer=tok, ref_model=ref_model,
                       seed=train.seed)
+    if toolbox:  # agentic rollouts: tool turns masked out of the loss and the KL
+        tok.require_tool_tokens()
+        stage.toolbox, stage.max_tool_calls = toolbox, max_tool_calls
+        stage.reward = ToolVerifiableReward(tok, cfg.format_reward, tool_call_penalty)
     return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held) and eval_before)
 
 
 def run_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_frac: float = 0.05,
-             skip_bad: bool = False, eval_before: bool = True, log=print) -> dict:
+             skip_bad: bool = False, eval_before: bool = True, log=print, toolbox=None, max_tool_calls: int = 5,
+             tool_call_penalty: float = 0.0) -> dict:
     """`tiaoyu rlhf grpo`: train; returns the final metrics plus `before`."""
     return run_stage("grpo", train, lambda: prepare_grpo(start, data, train, cfg, val, ref, val_frac, skip_bad,
-                                                       eval_before), log=log)
+                                                       eval_before, toolbox, max_tool_calls, tool_call_penalty),
+                     log=log)

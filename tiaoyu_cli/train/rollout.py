@@ -34,6 +34,7 @@ from tiaoyu_cli.train.losses_rl import kl_k1, kl_k3, masked_mean
 from tiaoyu_cli.train.rl_common import Rollout, derive_seed, generate_rollout, response_logps, reward_model_scores
 from tiaoyu_cli.train.sampler import EpochSampler
 from tiaoyu_cli.train.stage import BaseStage
+from tiaoyu_cli.train.tool_rollout import generate_agentic_rollout, last_turn
 
 # ---- rewards -------------------------------------------------------------------------------------------
 
@@ -67,6 +68,25 @@ class VerifiableReward:
         correct = torch.tensor([float(is_correct(t, ex.answer)) for t, ex in zip(texts, examples)])
         fmt = torch.tensor([float(format_ok(t, self.require_think)) for t in texts])
         return Scores(correct + self.format_weight * fmt, correct, fmt)
+
+
+class ToolVerifiableReward(VerifiableReward):
+    """VerifiableReward on the final answer of an agentic rollout, minus `call_penalty` per failed call."""
+
+    def __init__(self, tokenizer, format_weight: float = 0.0, call_penalty: float = 0.0):
+        super().__init__(tokenizer, format_weight)
+        self.call_penalty = call_penalty
+
+    def texts(self, responses: list[list[int]]) -> list[str]:
+        return super().texts([last_turn(self.tok, r) for r in responses])
+
+    def __call__(self, examples, ro: Rollout) -> Scores:
+        s = super().__call__(examples, ro)
+        calls = getattr(ro, "tool_calls", None)
+        if calls is not None and self.call_penalty:
+            bad = torch.tensor([float(sum(c.error for c in cs)) for cs in calls])
+            s.reward = s.reward - self.call_penalty * bad
+        return s
 
 
 class ModelReward:
@@ -147,6 +167,10 @@ class RolloutStage(BaseStage):
     def sample(self, model: nn.Module, examples: list[PromptExample], seed: int, temperature: float | None = None) -> Rollout:
         c = self.cfg
         prompts = [ex.prompt_ids + self.prompt_suffix_ids for ex in examples for _ in range(self.samples_per_prompt)]
+        if getattr(self, "toolbox", None) is not None:  # agentic rollouts (train/tool_rollout.py)
+            return generate_agentic_rollout(model, self.tok, self.toolbox, prompts, c.max_new_tokens,
+                                            c.temperature if temperature is None else temperature, c.top_k, c.top_p,
+                                            seed, getattr(self, "max_tool_calls", 5))
         return generate_rollout(model, prompts, c.max_new_tokens, c.temperature if temperature is None else temperature,
                                 c.top_k, c.top_p, seed, c.gen_batch_size, self.trainer.amp_dtype)
 
@@ -234,7 +258,15 @@ class RolloutStage(BaseStage):
         c = self.cfg
         ex = self.val_prompts[:c.eval_size] if c.eval_size > 0 else self.val_prompts
         res: dict[str, float] = {}
-        if isinstance(self.reward, VerifiableReward):
+        if isinstance(self.reward, VerifiableReward) and getattr(self, "toolbox", None) is not None:
+            old_spp, self.samples_per_prompt = self.samples_per_prompt, 1
+            try:  # greedy answers with the tools (the same rollouts as training, at temperature 0)
+                greedy = self.reward(ex, self.sample(model, ex, 0, temperature=0.0))
+            finally:
+                self.samples_per_prompt = old_spp
+            res["val_accuracy"] = float(greedy.correct.mean())
+            res["val_format_rate"] = float(greedy.format_ok.mean())
+        elif isinstance(self.reward, VerifiableReward):
             recs = [{"prompt": e.record.get("prompt"), "answer": e.answer} for e in ex]
             rep = answer_accuracy(model, self.tok, recs, batch_size=max(self.batch_size, 32),
                                   max_new_tokens=c.max_new_tokens, require_think=self.reward.require_think,

@@ -1,0 +1,310 @@
+"""Tools a model may call: a registry of callables with OpenAI function schemas, and running one call.
+
+    box = Toolbox.from_names(["calculator"], module="my_tools.py")
+    box.schemas()                                  # what the chat template renders in <tools></tools>
+    call = box.run_text('{"name": "calculator", "arguments": {"expression": "2+3"}}')
+    call.name, call.arguments, call.result         # "calculator", '{"expression": "2+3"}', "5"
+
+A tool is any Python callable plus its schema: `tool_from_callable(fn)` reads the schema from the
+function's type hints and docstring (first paragraph = description, an `Args:` section or
+`:param x:` lines = parameter descriptions); `tool_from_callable(fn, schema=...)` takes a given one.
+`register_builtin(name, factory)` adds a tool `--tools NAME` can name (the retrieval issue's
+`search(query: str) -> str` plugs in this way). `--tools-module FILE` loads every public function
+defined in FILE (or the list `TOOLS` when FILE defines one).
+
+Nothing the model writes can crash the caller: a call that is not JSON, names no known tool, has
+missing, unknown or mistyped arguments, or whose tool raises becomes an error *result*
+("error: …") that the model reads in its next turn.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.infer.calculator import calculator
+from tiaoyu_cli.infer.retrieval import SEARCH_SCHEMA
+
+MAX_RESULT_CHARS = 4000
+
+
+@dataclass
+class Tool:
+    name: str
+    fn: Callable[..., Any]
+    schema: dict  # {"type": "function", "function": {"name", "description", "parameters"}}
+
+    @property
+    def parameters(self) -> dict:
+        return self.schema["function"].get("parameters", {"type": "object", "properties": {}})
+
+
+@dataclass
+class ToolCall:
+    """One call the model made and what came back."""
+
+    name: str
+    arguments: str  # compact JSON object (what the template renders); the raw text when it did not parse
+    result: str
+    error: bool = False
+    id: str = ""
+
+    def to_dict(self) -> dict:
+        try:
+            args: Any = json.loads(self.arguments)
+        except json.JSONDecodeError:
+            args = self.arguments
+        return {"name": self.name, "arguments": args, "result": self.result, **({"error": True} if self.error else {})}
+
+
+# ---- schemas from Python functions ------------------------------------------------------------------
+
+_SIMPLE = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array"}
+
+
+def _json_type(hint: Any, where: str) -> dict:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint in _SIMPLE:
+        return {"type": _SIMPLE[hint]}
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return _json_type(rest[0], where)
+    if origin is typing.Literal and args and all(isinstance(a, (str, int)) for a in args):
+        return {"type": "string" if isinstance(args[0], str) else "integer", "enum": list(args)}
+    if origin in (list, tuple) and len(args) >= 1:
+        return {"type": "array", "items": _json_type(args[0], where)}
+    if origin is dict:
+        return {"type": "object"}
+    raise TiaoyuError(f"{where}: type {hint!r} has no JSON schema (use str, int, float, bool, list[...], dict, "
+                      "Literal[...] or Optional of these)")
+
+
+def _doc_parts(doc: str) -> tuple[str, dict[str, str]]:
+    """(description, {param: description}) of a Google-style or reST docstring."""
+    doc = inspect.cleandoc(doc or "")
+    params: dict[str, str] = {}
+    for m in re.finditer(r"^\s*:param\s+(?:\w+\s+)?(\w+):\s*(.+)$", doc, re.M):
+        params[m.group(1)] = m.group(2).strip()
+    sec = re.search(r"^(Args|Arguments|Parameters):\s*$(.*?)(?=^\S|\Z)", doc, re.M | re.S)
+    if sec:
+        for m in re.finditer(r"^\s+(\w+)\s*(?:\([^)]*\))?\s*:\s*(.+)$", sec.group(2), re.M):
+            params[m.group(1)] = m.group(2).strip()
+    head = re.split(r"\n\s*\n|^\s*(?:Args|Arguments|Parameters|Returns|Raises):|^\s*:param", doc, maxsplit=1,
+                    flags=re.M)[0]
+    return " ".join(head.split()), params
+
+
+def schema_from_callable(fn: Callable, name: str | None = None, where: str | None = None) -> dict:
+    """The OpenAI function schema of a typed, documented function."""
+    name = name or fn.__name__
+    where = where or f"tool {name!r}"
+    desc, pdocs = _doc_parts(fn.__doc__ or "")
+    if not desc:
+        raise TiaoyuError(f"{where}: the function needs a docstring (its first line describes the tool to the model)")
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as e:  # an unresolvable annotation
+        raise TiaoyuError(f"{where}: cannot read its type hints ({e})") from None
+    props: dict[str, dict] = {}
+    required: list[str] = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.name not in hints:
+            raise TiaoyuError(f"{where}: parameter {p.name!r} needs a type hint")
+        prop = _json_type(hints[p.name], f"{where}, parameter {p.name!r}")
+        if p.name in pdocs:
+            prop["description"] = pdocs[p.name]
+        props[p.name] = prop
+        if p.default is p.empty:
+            required.append(p.name)
+    return {"type": "function", "function": {"name": name, "description": desc,
+                                             "parameters": {"type": "object", "properties": props,
+                                                            "required": required}}}
+
+
+def tool_from_callable(fn: Callable, name: str | None = None, schema: dict | None = None) -> Tool:
+    """A Tool from a callable: its schema given, or read from its type hints and docstring."""
+    if schema is None:
+        schema = schema_from_callable(fn, name)
+    elif "function" not in schema:
+        schema = {"type": "function", "function": schema}
+    return Tool(schema["function"]["name"], fn, schema)
+
+
+# ---- built-in tools --------------------------------------------------------------------------------------
+
+def _no_index(query: str) -> str:
+    return "error: no documents to search (start the model with --retrieve DOCS.jsonl or --retrieve index/)"
+
+
+_BUILTINS: dict[str, Callable[[], Tool]] = {
+    "calculator": lambda: tool_from_callable(calculator),
+    # the search tool's schema is fixed; what it searches is set by use_search (--retrieve)
+    "search": lambda: tool_from_callable(_no_index, schema=SEARCH_SCHEMA),
+}
+
+
+def use_search(search: Callable[[str], str]) -> None:
+    """`--tools search --retrieve SRC`: the search tool answers from `search(query)` (infer/retrieval.make_search)."""
+    register_builtin("search", lambda: tool_from_callable(search, schema=SEARCH_SCHEMA))
+
+
+def register_builtin(name: str, factory: Callable[[], Tool]) -> None:
+    """Make `--tools NAME` available: `factory()` builds the Tool when asked for (e.g. loads an index)."""
+    _BUILTINS[name] = factory
+
+
+def builtin_names() -> list[str]:
+    return sorted(_BUILTINS)
+
+
+def load_tools_module(path: str | os.PathLike) -> list[Tool]:
+    """Tools from a Python file: its list `TOOLS` (callables or Tools), else every public function defined there."""
+    p = Path(path)
+    if not p.is_file():
+        raise TiaoyuError(f"--tools-module {p}: no such file")
+    mod_name = "tiaoyu_user_tools_" + re.sub(r"\W", "_", p.stem)
+    spec = importlib.util.spec_from_file_location(mod_name, p)
+    if spec is None or spec.loader is None:
+        raise TiaoyuError(f"--tools-module {p}: not a Python file")
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:
+        raise TiaoyuError(f"--tools-module {p}: importing it failed: {type(e).__name__}: {e}") from None
+    items = getattr(mod, "TOOLS", None)
+    if items is None:
+        items = [v for k, v in vars(mod).items() if inspect.isfunction(v) and not k.startswith("_")
+                 and v.__module__ == mod_name]
+    tools = []
+    for v in items:
+        if isinstance(v, Tool):
+            tools.append(v)
+        elif callable(v):
+            tools.append(Tool(v.__name__, v, schema_from_callable(v, where=f"{p}: function {v.__name__!r}")))
+        else:
+            raise TiaoyuError(f"{p}: TOOLS holds {v!r}, which is not a function")
+    if not tools:
+        raise TiaoyuError(f"--tools-module {p}: defines no public functions")
+    return tools
+
+
+class Toolbox:
+    """The tools of one session, by name."""
+
+    def __init__(self, tools: list[Tool] | None = None):
+        self.tools: dict[str, Tool] = {}
+        for t in tools or []:
+            self.add(t)
+
+    def add(self, tool: Tool) -> None:
+        if tool.name in self.tools:
+            raise TiaoyuError(f"two tools are named {tool.name!r}")
+        self.tools[tool.name] = tool
+
+    @classmethod
+    def from_names(cls, names: list[str] | str | None = None, module: str | os.PathLike | None = None) -> "Toolbox":
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",") if n.strip()]
+        box = cls()
+        for n in names or []:
+            if n not in _BUILTINS:
+                raise TiaoyuError(f"--tools: unknown tool {n!r} (built in: {', '.join(builtin_names())}; "
+                                  "your own: --tools-module FILE)")
+            box.add(_BUILTINS[n]())
+        if module is not None:
+            for t in load_tools_module(module):
+                box.add(t)
+        return box
+
+    def __len__(self) -> int:
+        return len(self.tools)
+
+    def __bool__(self) -> bool:
+        return bool(self.tools)
+
+    def schemas(self) -> list[dict]:
+        return [t.schema for t in self.tools.values()]
+
+    def run(self, name: str, arguments: dict) -> tuple[str, bool]:
+        """(result text, is an error). Never raises for anything the model wrote or the tool did."""
+        tool = self.tools.get(name)
+        if tool is None:
+            return f"error: unknown tool {name!r} (tools: {', '.join(self.tools) or 'none'})", True
+        problem = check_arguments(tool.parameters, arguments)
+        if problem:
+            return f"error: {problem}", True
+        try:
+            out = tool.fn(**arguments)
+        except Exception as e:  # the tool's own failure is the model's information, not our crash
+            return f"error: {type(e).__name__}: {e}", True
+        text = out if isinstance(out, str) else json.dumps(out, ensure_ascii=False, default=str)
+        if len(text) > MAX_RESULT_CHARS:
+            text = text[:MAX_RESULT_CHARS] + " …(cut)"
+        return text, text.startswith("error:")
+
+    def run_text(self, text: str, call_id: str = "") -> ToolCall:
+        """Parse the JSON between <tool_call> and </tool_call> and run it."""
+        try:
+            name, args = parse_call(text)
+        except ValueError as e:
+            return ToolCall(_guess_name(text), text.strip(), f"error: {e}", True, call_id)
+        result, err = self.run(name, args)
+        return ToolCall(name, json.dumps(args, ensure_ascii=False), result, err, call_id)
+
+
+_JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
+               "object": (dict,), "array": (list,)}
+
+
+def check_arguments(params: dict, args: dict) -> str | None:
+    """What is wrong with `args` for a JSON schema of type object (None when nothing)."""
+    props = params.get("properties", {}) or {}
+    missing = [k for k in params.get("required", []) if k not in args]
+    if missing:
+        return f"missing argument(s) {', '.join(missing)}"
+    unknown = [k for k in args if props and k not in props]
+    if unknown:
+        return f"unknown argument(s) {', '.join(unknown)} (expected {', '.join(props)})"
+    for k, v in args.items():
+        want = (props.get(k) or {}).get("type")
+        ok = _JSON_TYPES.get(want)
+        if ok and (not isinstance(v, ok) or (isinstance(v, bool) and want != "boolean")):
+            return f"argument {k!r} must be of type {want}, got {type(v).__name__}"
+    return None
+
+
+def parse_call(text: str) -> tuple[str, dict]:
+    """(name, arguments) of a call's JSON text; ValueError saying what is wrong."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the tool call is not valid JSON ({e.msg} at char {e.pos})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        raise ValueError('a tool call is {"name": <function-name>, "arguments": {…}}')
+    args = obj.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            raise ValueError("the arguments are not valid JSON") from None
+    if not isinstance(args, dict):
+        raise ValueError("the arguments must be a JSON object")
+    return obj["name"], args
+
+
+def _guess_name(text: str) -> str:
+    m = re.search(r'"name"\s*:\s*"([^"]{1,64})"', text)
+    return m.group(1) if m else ""

@@ -1,0 +1,51 @@
+"""Agentic RL pieces: rollouts that call tools, laid out for the PPO/GRPO update, and their reward.
+
+    ro = generate_agentic_rollout(model, tok, toolbox, prompts, max_new_tokens=64, temperature=1.0, seed=0)
+    ro.mask      1 on the tokens the policy chose, 0 on inserted tool turns and padding
+
+Sampling is `infer.tool_loop.agentic_rollout` (batched across prompts with the KV cache; each round
+pauses at </tool_call>, runs the call, appends the tool turn). The inserted tokens stay in the
+sequence — the policy conditions on them — but their mask is 0, so they count in neither the policy
+loss nor the KL (every RL loss here is a `masked_mean` over `ro.mask`).
+
+`ToolVerifiableReward` (train/rollout.py) scores the final answer only: the text of the last assistant turn (a number
+inside a tool result is not an answer), minus `call_penalty` for each call that came back as an
+error (malformed JSON, unknown tool, bad arguments).
+
+Setting `stage.toolbox` on a RolloutStage (PPO, GRPO) makes its `sample` use these rollouts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tiaoyu_cli.infer.sampling import SamplingParams
+from tiaoyu_cli.infer.tool_loop import agentic_rollout
+from tiaoyu_cli.infer.tools import Toolbox
+from tiaoyu_cli.train.rl_common import Rollout, layout
+
+
+def generate_agentic_rollout(model, tokenizer, toolbox: Toolbox, prompts: list[list[int]], max_new_tokens: int,
+                             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                             max_tool_calls: int = 5, generate=None) -> Rollout:
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    kw = {"generate": generate} if generate is not None else {}
+    ar = agentic_rollout(model, tokenizer, toolbox, prompts, max_new_tokens, params, seed, max_tool_calls, **kw)
+    device = next(model.parameters()).device if model is not None else None
+    pad = getattr(getattr(model, "config", None), "pad_token_id", 0)
+    ro = layout(prompts, ar.responses, pad, device, [f == "stop" for f in ar.finish])
+    for i, m in enumerate(ar.masks):
+        if m:
+            ro.mask[i, :len(m)] = torch.tensor(m, dtype=ro.mask.dtype, device=ro.mask.device)
+    ro.tool_calls = ar.calls  # type: ignore[attr-defined]
+    return ro
+
+
+def last_turn(tokenizer, response: list[int]) -> list[int]:
+    """The tokens of the last assistant turn of a response (after the last <|im_start|>assistant\\n)."""
+    if tokenizer.im_start_id not in response:
+        return list(response)
+    k = len(response) - 1 - response[::-1].index(tokenizer.im_start_id)
+    head = tokenizer.encode("assistant\n")
+    rest = response[k + 1:]
+    return rest[len(head):] if rest[:len(head)] == head else rest
