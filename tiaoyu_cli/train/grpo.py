@@ -37,42 +37,27 @@ from tiaoyu_cli.data.preference import PromptExample, load_prompts
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.losses_rl import group_advantages, grpo_loss
 from tiaoyu_cli.train.rl_common import Rollout, load_reference, response_logps, split_holdout
-from tiaoyu_cli.train.rollout import RolloutStage, Scores, ToolVerifiableReward, VerifiableReward, sequence_kl
+from tiaoyu_cli.train.rollout import RolloutConfig, RolloutStage, Scores, ToolVerifiableReward, VerifiableReward, sequence_kl
 from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.stage import StepOutput
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(RolloutConfig):
     group_size: int = 8  # G: answers sampled per prompt
     rollout_batch_size: int = 4  # prompts per rollout (→ rollout_batch_size × G sequences)
-    epochs: int = 1  # passes over each rollout (μ in the paper)
     beta: float = 0.04  # weight of the k3 KL to the reference (0 = no reference model at all)
     clip: float = 0.2  # ε of the clipped ratio
     scale_rewards: bool = True  # divide by the group's std (False: Dr. GRPO)
-    format_reward: float = 0.0  # added for a well-formed response (see answers.format_ok)
-    think_format: bool = False  # a well-formed response reasons in <think>…</think> first
     open_think: bool = False  # start every answer with <think> (the prompt ends with it)
     max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    gen_batch_size: int = 0  # prompts generated together (0 = the whole rollout at once)
-    eval_size: int = 100  # held-out questions per evaluation (0 = all)
-    eval_samples: int = 1  # sampled answers per held-out prompt for val_reward / val_kl
 
     def validate(self) -> None:
+        super().validate()
         if self.group_size < 2:
             raise TiaoyuError("--group-size must be at least 2 (advantages compare answers within a group)")
-        for name in ("rollout_batch_size", "epochs", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise TiaoyuError(f"--{name.replace('_', '-')} must be at least 1")
         if self.beta < 0 or not 0 < self.clip < 1:
             raise TiaoyuError("--beta must be ≥ 0 and --clip in (0, 1)")
-        if self.temperature <= 0:
-            raise TiaoyuError("--temperature must be > 0: GRPO needs different answers within a group")
-        if self.gen_batch_size < 0 or self.eval_size < 0 or self.eval_samples < 1:
-            raise TiaoyuError("--gen-batch-size and --eval-size must not be negative, --eval-samples at least 1")
 
 
 class GRPOStage(RolloutStage):

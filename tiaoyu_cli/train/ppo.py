@@ -33,15 +33,14 @@ from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.losses_rl import gae, masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss
 from tiaoyu_cli.train.rl_common import (Rollout, RunningMeanStd, load_reference, load_reward_model, response_logps,
                                         split_holdout)
-from tiaoyu_cli.train.rollout import ModelReward, RolloutStage, Scores, VerifiableReward, sequence_kl
+from tiaoyu_cli.train.rollout import ModelReward, RolloutConfig, RolloutStage, Scores, VerifiableReward, sequence_kl
 from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.stage import StepOutput
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(RolloutConfig):
     reward: str = "verifiable"  # a reward model checkpoint, or "verifiable"
-    rollout_batch_size: int = 16  # prompts per rollout
     epochs: int = 2  # PPO epochs: passes over each rollout
     kl_coef: float = 0.05  # β of the per-token KL penalty
     clip: float = 0.2  # ε of the policy ratio
@@ -52,30 +51,15 @@ class PPOConfig:
     reward_norm: bool = True  # normalise scores by a running mean/std
     reward_clip: float = 5.0  # clip normalised scores to ±this (0 = off)
     whiten_advantages: bool = True
-    format_reward: float = 0.0  # verifiable: added for a well-formed response
-    think_format: bool = False  # verifiable: a well-formed response reasons in <think>…</think> first
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    gen_batch_size: int = 0  # prompts generated together (0 = the whole rollout at once)
-    eval_size: int = 100  # held-out prompts per evaluation (0 = all)
-    eval_samples: int = 1  # sampled answers per held-out prompt for val_reward / val_kl
 
     def validate(self) -> None:
-        for name in ("rollout_batch_size", "epochs", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise TiaoyuError(f"--{name.replace('_', '-')} must be at least 1")
+        super().validate()
         if self.kl_coef < 0 or self.vf_coef < 0:
             raise TiaoyuError("--kl-coef and --vf-coef must not be negative")
         if not 0 < self.clip < 1 or self.vf_clip <= 0:
             raise TiaoyuError("--clip must be in (0, 1) and --vf-clip positive")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise TiaoyuError("--gamma and --lam must be in [0, 1]")
-        if self.temperature <= 0:
-            raise TiaoyuError("--temperature must be > 0 (PPO samples its rollouts)")
-        if self.gen_batch_size < 0 or self.eval_size < 0 or self.eval_samples < 1:
-            raise TiaoyuError("--gen-batch-size and --eval-size must not be negative, --eval-samples at least 1")
 
 
 class ValueHead(nn.Module):

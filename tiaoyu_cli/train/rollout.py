@@ -117,6 +117,32 @@ class FunctionReward:
 # ---- the stage ---------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class RolloutConfig:
+    """What every RL stage that samples its own answers (PPO, GRPO) needs: rollouts, sampling, evaluation."""
+
+    rollout_batch_size: int = 16  # prompts per rollout
+    epochs: int = 1  # passes over each rollout
+    format_reward: float = 0.0  # verifiable: added for a well-formed response (answers.format_ok)
+    think_format: bool = False  # verifiable: a well-formed response reasons in <think>…</think> first
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    gen_batch_size: int = 0  # prompts generated together (0 = the whole rollout at once)
+    eval_size: int = 100  # held-out prompts per evaluation (0 = all)
+    eval_samples: int = 1  # sampled answers per held-out prompt for val_reward / val_kl
+
+    def validate(self) -> None:
+        for name in ("rollout_batch_size", "epochs", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise TiaoyuError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.temperature <= 0:
+            raise TiaoyuError("--temperature must be > 0: the rollouts are sampled (and compared)")
+        if self.gen_batch_size < 0 or self.eval_size < 0 or self.eval_samples < 1:
+            raise TiaoyuError("--gen-batch-size and --eval-size must not be negative, --eval-samples at least 1")
+
+
 class RolloutStage(BaseStage):
     """Base of PPOStage and GRPOStage. Subclasses set `name`, implement `make_targets(ro, scores,
     examples) -> dict of tensors` (rows = sequences) and `step`, and may add extra modules."""
