@@ -31,13 +31,18 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 from tiaoyu_cli.data.preference import PairExample, collate_pairs, load_pairs
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.finetune import publish_final_adapter
 from tiaoyu_cli.train.losses_rl import dpo_loss, sequence_logps
 from tiaoyu_cli.train.reward import PairStage
-from tiaoyu_cli.train.rl_common import adapters_off, apply_lora_for_rl, load_reference, split_holdout
+from tiaoyu_cli.train.rl_common import (
+    adapters_off,
+    apply_lora_for_rl,
+    load_policy,
+    load_reference,
+    split_holdout,
+)
 from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.stage import StepOutput
 
@@ -200,10 +205,7 @@ def prepare_dpo(opts: DPORunOptions, train, cfg: DPOConfig) -> Plan:
     cfg.validate()
     if opts.method not in ("full", "lora"):
         raise TiaoyuError(f"--method {opts.method!r}: choose full or lora")
-    model, folder = load_model(opts.start)
-    if model.config.num_labels:
-        raise TiaoyuError(f"{folder} has a score head (a reward model or classifier): DPO trains a language model")
-    tok = load_tokenizer(folder)
+    model, folder, tok = load_policy(opts.start, "DPO")
     max_len = cfg.max_len or model.config.max_seq_len
     if max_len > model.config.max_seq_len:
         raise TiaoyuError(f"--max-len {max_len} exceeds the model's context of {model.config.max_seq_len}")

@@ -32,12 +32,18 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 from tiaoyu_cli.data.preference import PromptExample, load_prompts
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.losses_rl import group_advantages, grpo_loss
-from tiaoyu_cli.train.rl_common import Rollout, load_reference, response_logps, split_holdout
-from tiaoyu_cli.train.rollout import RolloutConfig, RolloutStage, Scores, ToolVerifiableReward, VerifiableReward, sequence_kl
+from tiaoyu_cli.train.rl_common import Rollout, load_policy, load_reference, prompt_room, response_logps, split_holdout
+from tiaoyu_cli.train.rollout import (
+    RolloutConfig,
+    RolloutStage,
+    Scores,
+    ToolVerifiableReward,
+    VerifiableReward,
+    sequence_kl,
+)
 from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.stage import StepOutput
 
@@ -108,14 +114,8 @@ def prepare_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_fr
     """Load policy (and reference when β > 0), read the questions. With a `toolbox` (`--tools`) the rollouts
     call tools (train/tool_rollout.py)."""
     cfg.validate()
-    model, folder = load_model(start)
-    if model.config.num_labels:
-        raise TiaoyuError(f"{folder} has a score head (a reward model or classifier): GRPO trains a language model")
-    tok = load_tokenizer(folder)
-    room = model.config.max_seq_len - cfg.max_new_tokens - (1 if cfg.open_think else 0)
-    if room < 1:
-        raise TiaoyuError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
-                          f"context of {model.config.max_seq_len} tokens")
+    model, folder, tok = load_policy(start, "GRPO")
+    room = prompt_room(model.config.max_seq_len, cfg.max_new_tokens, 1 if cfg.open_think else 0)
     hint = f" in the context of {model.config.max_seq_len} tokens with --max-new-tokens {cfg.max_new_tokens}"
     stats: dict = {}
     prompts = load_prompts(data, tok, room, need_answer=True, skip_bad=skip_bad, stats=stats, context_hint=hint)

@@ -27,12 +27,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 from tiaoyu_cli.data.preference import PromptExample, load_prompts
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.losses_rl import gae, masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss
-from tiaoyu_cli.train.rl_common import (Rollout, RunningMeanStd, load_reference, load_reward_model, response_logps,
-                                        split_holdout)
+from tiaoyu_cli.train.rl_common import (
+    Rollout,
+    RunningMeanStd,
+    load_policy,
+    load_reference,
+    load_reward_model,
+    prompt_room,
+    response_logps,
+    split_holdout,
+)
 from tiaoyu_cli.train.rollout import ModelReward, RolloutConfig, RolloutStage, Scores, VerifiableReward, sequence_kl
 from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.stage import StepOutput
@@ -147,10 +154,7 @@ def prepare_ppo(start, data, train, cfg: PPOConfig, val=None, ref=None, val_frac
     if not cfg.reward:
         raise TiaoyuError("--reward: give a reward model checkpoint (from `tiaoyu rlhf reward`) or 'verifiable'")
     notes = []
-    model, folder = load_model(start)
-    if model.config.num_labels:
-        raise TiaoyuError(f"{folder} has a score head (a reward model or classifier): PPO trains a language model")
-    tok = load_tokenizer(folder)
+    model, folder, tok = load_policy(start, "PPO")
     verifiable = cfg.reward == "verifiable"
     if verifiable:
         reward = VerifiableReward(tok, cfg.format_reward, cfg.think_format)
@@ -162,9 +166,7 @@ def prepare_ppo(start, data, train, cfg: PPOConfig, val=None, ref=None, val_frac
     ctx = model.config.max_seq_len
     if not verifiable:
         ctx = min(ctx, rm.config.max_seq_len)
-    room = ctx - cfg.max_new_tokens
-    if room < 1:
-        raise TiaoyuError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the context of {ctx} tokens")
+    room = prompt_room(ctx, cfg.max_new_tokens, what="the context")
     hint = f" in the context of {ctx} tokens with --max-new-tokens {cfg.max_new_tokens}"
     stats: dict = {}
     prompts = load_prompts(data, tok, room, need_answer=verifiable, skip_bad=skip_bad, stats=stats, context_hint=hint)

@@ -46,7 +46,7 @@ from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.train.answers import format_ok, is_correct, split_record
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.grpo import GRPOConfig, GRPOStage
-from tiaoyu_cli.train.rl_common import load_reference, split_holdout
+from tiaoyu_cli.train.rl_common import load_policy, load_reference, prompt_room, split_holdout
 from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.sft import SFTConfig, SFTStage
 
@@ -413,14 +413,8 @@ def prepare_reason_rl(o: ReasonRLOptions, train: TrainConfig) -> Plan:
                      format_reward=o.format_weight, think_format=True, open_think=o.open_think,
                      max_new_tokens=o.max_new_tokens, temperature=o.temperature, eval_size=o.eval_samples)
     cfg.validate()
-    model, folder = load_model(o.ckpt)
-    if model.config.num_labels:
-        raise TiaoyuError(f"{folder} has a score head (a reward model or classifier): reason --rl trains a language model")
-    tok = load_tokenizer(folder)
-    room = model.config.max_seq_len - o.max_new_tokens - (1 if o.open_think else 0)
-    if room < 1:
-        raise TiaoyuError(f"--max-new-tokens {o.max_new_tokens} leaves no room for a prompt in the model's context "
-                          f"of {model.config.max_seq_len} tokens")
+    model, folder, tok = load_policy(o.ckpt, "reason --rl")
+    room = prompt_room(model.config.max_seq_len, o.max_new_tokens, 1 if o.open_think else 0)
     qs, st = load_questions(o.data, skip_bad=o.skip_bad)
     train_ex, too_long = question_examples(qs, tok, room, str(o.data), o.skip_bad)
     if o.eval_data is not None:

@@ -39,6 +39,23 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def load_policy(start, stage: str):
+    """(model, folder, tokenizer) of the language model an RL stage trains; a reward model or classifier
+    (a score head) is refused."""
+    model, folder = load_model(start)
+    if model.config.num_labels:
+        raise TiaoyuError(f"{folder} has a score head (a reward model or classifier): {stage} trains a language model")
+    return model, folder, load_tokenizer(folder)
+
+
+def prompt_room(context: int, max_new_tokens: int, prefix: int = 0, what: str = "the model's context") -> int:
+    """Tokens a prompt may take so that `max_new_tokens` (and a `prefix` the prompt is given) still fit."""
+    room = context - max_new_tokens - prefix
+    if room < 1:
+        raise TiaoyuError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {what} of {context} tokens")
+    return room
+
+
 def load_reference(path: str | os.PathLike, policy_tok, device="cpu", what: str = "reference") -> nn.Module:
     """A frozen copy of a checkpoint (the DPO/PPO/GRPO reference), checked against the policy's tokenizer."""
 
