@@ -360,11 +360,13 @@ def test_tools_cli_json_prints_what_the_template_renders(tmp_path):
     import subprocess
     import sys
 
-    from tiaoyu_cli.infer.tools import Toolbox
+    from tiaoyu_cli.infer.tools import Toolbox, builtin_names
 
     out = subprocess.run([sys.executable, "-m", "tiaoyu_cli", "tools", "--json"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == Toolbox.from_names("calculator").schemas()
+    schemas = json.loads(out.stdout)
+    assert schemas == Toolbox.from_names(builtin_names()).schemas()
+    assert [s["function"]["name"] for s in schemas] == ["calculator", "search"]
     run = subprocess.run([sys.executable, "-m", "tiaoyu_cli", "tools", "--run",
                           '{"name": "calculator", "arguments": {"expression": "(2+3)*4"}}'], capture_output=True, text=True)
     assert json.loads(run.stdout)["result"] == "20"
@@ -470,3 +472,25 @@ def test_agentic_grpo_rollout_layout_and_reward(tok):
     # "5" inside the tool result is not an answer: a rollout that ends without answering scores 0
     ro.responses[0] = ro.responses[0][:-2]
     assert ToolVerifiableReward(tok)(ex[:1], ro.rows([0])).correct.tolist() == [0.0]
+
+
+def test_search_tool_answers_from_the_retrieve_index(tmp_path):
+    """`--tools search --retrieve DOCS`: the search tool returns the best passages; without --retrieve it
+    answers with an error text the model reads (never a crash)."""
+    from tiaoyu_cli.infer import tools as T
+    from tiaoyu_cli.infer.retrieval import make_search, open_retriever
+
+    no_index = T.Toolbox.from_names("search").run("search", {"query": "Lina"})[0]
+    assert no_index.startswith("error: no documents to search")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "Lina lives in Stoneford."}\n{"text": "王丽住在青石城。"}\n{"text": "Bo likes rice."}\n',
+                    encoding="utf-8")
+    old = dict(T._BUILTINS)
+    try:
+        T.use_search(make_search(open_retriever(str(docs)), 1))
+        box = T.Toolbox.from_names("search")
+        assert box.run("search", {"query": "Where does Lina live?"})[0] == "Lina lives in Stoneford."
+        assert box.run("search", {"query": "王丽住在哪里"})[0] == "王丽住在青石城。"
+    finally:
+        T._BUILTINS.clear()
+        T._BUILTINS.update(old)
