@@ -124,11 +124,14 @@ def fused_weights(model: Transformer) -> list[tuple[torch.Tensor | None, ...]]:
     step runs 2 matrix products where it ran 5; the transposed o/down views feed `torch.addmm`,
     which adds the residual in the same call. A layer whose projections are not plain bias-free
     nn.Linear (LoRA wrappers, MoE experts) gets None there and runs its modules. Kept per model
-    until a weight changes (tensor versions: an optimizer step between RL rollouts rebuilds them).
+    until a weight changes: tensor versions catch in-place edits such as load_state_dict, and
+    `model.weights_version` (bumped by the Trainer after every optimizer step: torch's fused/foreach
+    optimizer kernels leave `_version` alone) catches training, so RL rollouts always decode the
+    current policy.
     """
     layers = model.model.layers
     weights = [p for b in layers for p in b.parameters()]
-    key = tuple((id(p), p._version) for p in weights)
+    key = (getattr(model, "weights_version", 0), tuple((id(p), p._version) for p in weights))
     hit = _FUSED.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]

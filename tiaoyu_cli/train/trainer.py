@@ -269,6 +269,9 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # the weights changed in place without bumping tensor versions: caches built from them (the fused
+        # decode weights of infer/generate.py, used by RL rollouts) must know
+        self.raw_model.weights_version = getattr(self.raw_model, "weights_version", 0) + 1
         return D.local(norm) if self.fsdp and norm is not None else norm
 
     def _sync(self, pending: list, metrics: dict[str, Any], lr: float, tokens: int, seconds: float) -> dict:
