@@ -87,3 +87,25 @@ def test_lora_layers_run_their_modules():
     assert all(f[0] is None and f[2] is None for f in fused)
     fast, plain = both(m)
     assert fast.tokens == plain.tokens
+
+
+def test_fused_weights_follow_a_real_optimizer_step():
+    """torch's AdamW updates the weights without bumping their tensor versions (measured: _version stays 1),
+    so the test above is not enough: the Trainer bumps `model.weights_version` after every optimizer step
+    and the decode cache keys on it (an RL rollout after a step decodes the updated policy)."""
+    from tiaoyu_cli.train.optim import build_optimizer
+
+    m = make()
+    both(m)  # decode once: the fused copies exist
+    opt = build_optimizer(torch.nn.ModuleDict({"model": m}), 0.05, 0.0, (0.9, 0.95), torch.device("cpu"))
+    m.train()
+    m(torch.tensor([PROMPTS[0]])).logits.float().logsumexp(-1).mean().backward()
+    versions = [p._version for p in m.parameters()]
+    opt.step()
+    m.eval()
+    if [p._version for p in m.parameters()] == versions:  # the optimizer left the versions alone …
+        stale, plain = both(m)
+        assert stale.tokens != plain.tokens  # … so without the bump the cache serves the old block weights
+    m.weights_version = 1  # what Trainer._clip_and_step does
+    fast, plain = both(m)
+    assert fast.tokens == plain.tokens
