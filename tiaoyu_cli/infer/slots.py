@@ -60,7 +60,7 @@ class SlotStep(OneTokenStep):
             hidden = (cols[None, :] > pos[:, None])[:, None, None, :]  # [n, 1, 1, width]
             # additive, in the cache's dtype: made once per step, not converted by every layer's SDPA
             mask = torch.zeros(hidden.shape, dtype=cache.k.dtype, device=tokens.device).masked_fill_(hidden, float("-inf"))
-        for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, ffn) in enumerate(self.layers):
+        for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, ffn, *_fused) in enumerate(self.layers):
             h = norm(x, norm1)
             q = q_proj(h).view(B, H, hd)
             k = k_proj(h).view(B, Hkv, hd)
@@ -78,7 +78,7 @@ class SlotStep(OneTokenStep):
             x = x + o_proj(y.reshape(B, H * hd))
             h = norm(x, norm2)
             x = x + ffn(h)
-        return F.linear(norm(x, m.norm), self.model.output_weight)
+        return F.linear(norm(x, self.final_norm), self.model.output_weight)
 
 
 class SlotBatch:
