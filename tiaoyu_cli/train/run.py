@@ -94,6 +94,8 @@ def run_stage(name: str, train: TrainConfig, prepare: Callable[[], Plan], *, def
             if plan.before_drop_prefix:
                 before = {k: v for k, v in before.items() if not k.startswith(plan.before_drop_prefix)}
                 trainer.before = before
+            if isinstance(getattr(plan.stage, "extra_info", None), dict):  # recorded in trainer.json's stage_config
+                plan.stage.extra_info["eval_before"] = before
             if before and main:
                 log("before: " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
         res = trainer.fit()
