@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from tiaoyu_cli import checkpoint as ckpt_io
-from tiaoyu_cli.data.shards import ShardWriter, TokenShards
+from pattern_shards import V, pattern_shards
+from tiaoyu_cli.data.shards import TokenShards
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import Transformer, preset
 from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage
 from tiaoyu_cli.train.optim import MuonAdamW, build_optimizer
 from tiaoyu_cli.train.trainer import TrainConfig, Trainer
 
-V = 64
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,15 +28,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> TokenShards:
-    """Repeating patterns with noise: learnable in a few dozen steps."""
-    rng = np.random.default_rng(0)
-    pattern = rng.integers(8, V, 50)
-    stream = np.concatenate([np.roll(pattern, int(rng.integers(0, 50)))[: rng.integers(10, 50)] for _ in range(800)])
-    folder = tmp_path_factory.mktemp("tokens") / "train"
-    w = ShardWriter(folder, np.uint16, len(stream) // 2 + 7)
-    w.add(stream.astype(np.uint16))
-    w.close({"tokenizer_fingerprint": "test", "vocab_size": V, "split": "train"})
-    return TokenShards(folder)
+    return pattern_shards(tmp_path_factory.mktemp("tokens") / "train")
 
 
 def small_model(**kw) -> Transformer:

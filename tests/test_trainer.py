@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
-import numpy as np
 import pytest
 import torch
 
-from tiaoyu_cli.data.shards import ShardWriter, TokenShards
+from pattern_shards import V, pattern_shards
+from tiaoyu_cli.data.shards import TokenShards
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import Transformer, preset
 from tiaoyu_cli import checkpoint as ckpt_io
@@ -22,7 +21,6 @@ from tiaoyu_cli.train.optim import build_optimizer, lr_at
 from tiaoyu_cli.train.stage import StepOutput
 from tiaoyu_cli.train.trainer import TrainConfig, Trainer
 
-V = 64
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,15 +33,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> TokenShards:
-    """A learnable token stream: repeating patterns with noise, split over two shards."""
-    rng = np.random.default_rng(0)
-    pattern = rng.integers(8, V, 50)
-    stream = np.concatenate([np.roll(pattern, int(rng.integers(0, 50)))[: rng.integers(10, 50)] for _ in range(800)])
-    folder = tmp_path_factory.mktemp("tokens") / "train"
-    w = ShardWriter(folder, np.uint16, len(stream) // 2 + 7)  # windows cross the shard boundary
-    w.add(stream.astype(np.uint16))
-    w.close({"tokenizer_fingerprint": "test", "vocab_size": V, "split": "train"})
-    return TokenShards(folder)
+    return pattern_shards(tmp_path_factory.mktemp("tokens") / "train")
 
 
 def small_model(**kw) -> Transformer:
