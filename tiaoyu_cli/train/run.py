@@ -32,7 +32,7 @@ from tiaoyu_cli.train import distributed as D
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.outdir import check_output, check_writable
 from tiaoyu_cli.train.stage import BaseStage
-from tiaoyu_cli.train.trainer import Trainer, TrainingInterrupted
+from tiaoyu_cli.train.trainer import Trainer, TrainingInterrupted, check_fsdp
 
 try:  # POSIX advisory locks; where missing (Windows) runs are simply not locked
     import fcntl
@@ -72,10 +72,13 @@ def run_stage(name: str, train: TrainConfig, prepare: Callable[[], Plan], *, def
     resolve_dtype(train.dtype, device)
     if (train.nproc > 1 or train.nnodes > 1) and "RANK" not in os.environ:
         torch.manual_seed(train.seed)
-        prepare()  # every input check, once, before any process starts
+        plan = prepare()  # every input check, once, before any process starts
+        if train.fsdp:
+            check_fsdp(train, plan.model, plan.stage)
         if train.node_rank == 0:
             check_writable(train.out)
         launch_processes(train)
+    created = not Path(train.out).exists()  # a run that fails before its first save leaves no empty -o behind
     lock = RunLock(Path(train.out)) if int(os.environ.get("RANK", "0")) == 0 else None
     trainer = None
     try:
@@ -111,6 +114,7 @@ def run_stage(name: str, train: TrainConfig, prepare: Callable[[], Plan], *, def
             D.cleanup(trainer.dist)
         if lock is not None:
             lock.release()
+            remove_if_empty(Path(train.out), created)
 
 
 def summary(name: str, res: dict, before: dict, out: str) -> str:
@@ -134,6 +138,12 @@ def last_good(run: Path) -> str:
     if not steps:
         return "no checkpoint was written"
     return f"the last good checkpoint {steps[-1]} is kept; free space and continue with --resume"
+
+
+def remove_if_empty(run: Path, created: bool) -> None:
+    """The -o folder this run created, when nothing was written into it (the run failed at its start)."""
+    if created and run.is_dir() and not any(run.iterdir()):
+        run.rmdir()
 
 
 # ---- one run per folder ------------------------------------------------------------------------------

@@ -66,6 +66,20 @@ class TrainingInterrupted(TiaoyuError):
         self.exit_code = exit_code
 
 
+def check_fsdp(cfg: TrainConfig, model: nn.Module, stage: BaseStage, extras=None) -> None:
+    """--fsdp shards a plain transformer trained in full, with AdamW, by the same forward passes on every
+    process: anything else is refused here (the launcher calls this too, so the error shows once)."""
+    extras = stage.extra_modules() if extras is None else extras
+    if (len(extras) or not isinstance(getattr(model, "config", None), ModelConfig)
+            or "save_model" in vars(stage) or not stage.shardable):
+        raise TiaoyuError(f"--fsdp shards a plain transformer trained in full by the same forward passes on "
+                          f"every process; stage {stage.name} trains added weights (adapters, a soft prompt, a "
+                          f"value head) or samples rollouts per process: run it without --fsdp")
+    if cfg.optim != "adamw":
+        raise TiaoyuError(f"--fsdp runs with --optim adamw: {cfg.optim}'s update needs whole matrices, FSDP "
+                          f"keeps a shard of each")
+
+
 class Trainer:
     def __init__(self, model: nn.Module, stage: BaseStage, cfg: TrainConfig, tokenizer=None,
                  parent: str | None = None, log: Callable[[str], None] | None = None):
@@ -103,14 +117,8 @@ class Trainer:
         # FSDP2 (--fsdp, several processes): each block's parameters, gradients and optimizer state sharded
         # over the processes; checkpoints hold the gathered full tensors, the same files as without it
         self.fsdp = bool(cfg.fsdp and self.dist.enabled)
-        if cfg.fsdp and (len(self.extras) or not isinstance(getattr(self.raw_model, "config", None), ModelConfig)
-                         or "save_model" in vars(stage) or not stage.shardable):
-            raise TiaoyuError(f"--fsdp shards a plain transformer trained in full by the same forward passes on "
-                              f"every process; stage {stage.name} trains added weights (adapters, a soft prompt, a "
-                              f"value head) or samples rollouts per process: run it without --fsdp")
-        if self.fsdp and cfg.optim != "adamw":
-            raise TiaoyuError(f"--fsdp runs with --optim adamw: {cfg.optim}'s update needs whole matrices, FSDP "
-                              f"keeps a shard of each")
+        if cfg.fsdp:
+            check_fsdp(cfg, self.raw_model, stage, self.extras)
         if self.fsdp:
             D.shard_model(self.raw_model, self.device, self.amp_dtype)
         params = nn.ModuleDict({"model": self.raw_model, **({"extra": self.extras} if len(self.extras) else {})})
