@@ -220,3 +220,35 @@ def test_cli_workers_shard_merge(tmp_path):
     r = tiaoyu(*args, "--shard", "2/2")
     assert r.returncode == 2 and b"--shard" in r.stderr and not r.stdout
     assert io.BytesIO(r1.stdout).read(1) == b"{"
+
+
+def test_located_blocks_are_the_read_blocks(tmp_path):
+    """The parent of --workers finds block edges by seeking (locate_blocks): whole lines, at least `size`
+    bytes each but the last, covering exactly the lines that reading covers."""
+    from tiaoyu_cli.data.prep_io import iter_blocks, locate_blocks
+
+    rng = random.Random(3)
+    for tail in (b"", b"last line without newline"):
+        data = b"".join(b"y" * rng.choice((0, 1, 5, 40, 700)) + b"\n" for _ in range(400)) + tail
+        f = tmp_path / "b.jsonl"
+        f.write_bytes(data)
+        for size in (1, 7, 64, 1000, 1 << 20):
+            for start, end in ((0, len(data)), (0, 501), (data.index(b"\n", 900) + 1, 3000)):
+                with open(f, "rb") as fh:
+                    fh.seek(start)
+                    read = [b for b, _ in iter_blocks(fh, size, b"", 1, start, end)]
+                with open(f, "rb") as fh:
+                    located = [data[o:o + n] for o, n in locate_blocks(fh, size, start, end)]
+                assert b"".join(located) == b"".join(read), (size, start, end)
+                assert all(b.endswith(b"\n") and len(b) >= size for b in located[:-1])
+                assert located[-1].endswith(b"\n") or start + sum(map(len, located)) == len(data)
+
+
+def test_workers_number_lines_of_a_shard(tmp_path):
+    lines = [orjson.dumps({"text": f"record {i}"}) for i in range(400)]
+    lines[301] = b'{"text": 5}'
+    f = tmp_path / "x.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    for w in (1, 2):
+        with pytest.raises(DataError, match=r"x\.jsonl:302: field 'text'"):
+            run_prep([str(f)], str(tmp_path / "o.jsonl"), PrepConfig(workers=w, block_bytes=200, shard=(1, 2)))

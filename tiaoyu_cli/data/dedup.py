@@ -106,20 +106,30 @@ class U64Set:
         slot = (keys ^ (keys >> _U64(29))) & mask  # the slot `add` would start at
         new = np.zeros(len(keys), dtype=bool)
         todo = np.arange(len(keys))
-        while todo.size:
+        while todo.size > 16:  # numpy rounds while many keys probe; the last few in a plain loop
             k, s = keys[todo], slot[todo]
             v = table[s]
             empty = v == 0
-            won = np.zeros(len(todo), dtype=bool)
             e = np.nonzero(empty)[0]
-            if e.size:  # several keys may reach one empty slot: one of them takes it, the rest probe on
-                _, w = np.unique(s[e], return_index=True)
-                won[e[w]] = True
-                table[s[won]] = k[won]
+            won = np.zeros(len(todo), dtype=bool)
+            if e.size:  # several keys may reach one empty slot: one write lands, the others probe on
+                table[s[e]] = k[e]
+                won[e] = table[s[e]] == k[e]
                 new[todo[won]] = True
             move = ~empty & (v != k)  # a different key sits there: linear probing
             slot[todo[move]] = (s[move] + _U64(1)) & mask
             todo = todo[move | (empty & ~won)]
+        tab, m = self._table, self._mask
+        for j, h, i in zip(todo.tolist(), keys[todo].tolist(), slot[todo].tolist()):
+            while True:
+                v = tab[i]
+                if v == 0:
+                    tab[i] = h
+                    new[j] = True
+                    break
+                if v == h:
+                    break
+                i = (i + 1) & m
         self._n += int(new.sum())
         out[first[new]] = True
         return out

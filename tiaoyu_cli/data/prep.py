@@ -78,7 +78,7 @@ import orjson
 from tiaoyu_cli.data import formats
 from tiaoyu_cli.data.dedup import MinHashDedup, U64Set
 from tiaoyu_cli.data.prep_io import (JSONL_SUFFIXES, Source, StdoutSink, base_name, expand_inputs, is_binary,
-                                     iter_blocks, output_paths, plan_shard, seek_line_start)
+                                     iter_blocks, locate_blocks, output_paths, plan_shard, seek_line_start)
 from tiaoyu_cli.data.prep_records import BlockResult, RecordCleaner, Stop, init_worker, run_job
 from tiaoyu_cli.data.shuffle import ExternalShuffle
 from tiaoyu_cli.errors import DataError, TiaoyuError
@@ -180,6 +180,7 @@ class Prep:
         self._done_bytes = 0
         self.pool = pool
         self.pending: deque = deque()  # results (or promises of them) in input order
+        self._next_line: dict[int, int] = {}  # input number → the number of the next line to consume
         self.max_pending = 2 * pool._processes + 2 if pool is not None else 0
         self.write_train: Callable[[list[bytes]], None] = lambda lines: None  # lines in output order
         self.write_val: Callable[[list[bytes]], None] = lambda lines: None
@@ -220,6 +221,12 @@ class Prep:
         """Decide a block's records in input order: global exact dedup (one numpy pass over the
         hashes), near-dup on the band keys, then the split the worker worked out; write."""
         st = self.stats
+        if res.source is not None:  # a block a worker read itself: number its lines here
+            base = self._next_line[res.source] - 1
+            self._next_line[res.source] += res.newlines
+            if res.error is not None and res.error[2] is not None:
+                msg, path, line, fld = res.error
+                res.error = (msg, path, line + base, fld)
         st.read += res.read
         for reason, n in res.drops.items():
             st.dropped[reason] += n
@@ -278,8 +285,10 @@ class Prep:
                     st.binary.append(src.path)
                 else:
                     pos, lineno = seek_line_start(raw, src.start)
-                    self._read_jsonl(iter_blocks(raw, self.cfg.block_bytes, b"", lineno, pos, src.end), src.path, raw,
-                                     start=pos)
+                    if self.pool is not None:
+                        self._read_ranges(raw, src.path, pos, src.end, lineno)
+                        return self._finish_source(size)
+                    self._read_jsonl(iter_blocks(raw, self.cfg.block_bytes, b"", lineno, pos, src.end), src.path, raw)
             else:
                 if src.path.lower().endswith(".gz"):
                     f: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
@@ -289,7 +298,10 @@ class Prep:
                     self._read_stream(f, src.path, mode, raw=raw)
                 except (gzip.BadGzipFile, EOFError, zlib.error) as e:
                     self.fail(f"not a valid gzip file ({e})", src.path)
-        st.bytes_in += size
+        self._finish_source(size)
+
+    def _finish_source(self, size: int) -> None:
+        self.stats.bytes_in += size
         self._done_bytes += size
         self._progress(0)
 
@@ -315,23 +327,32 @@ class Prep:
                     mode = "json"
             else:
                 mode = "text"
-        if mode == "jsonl":
-            self._read_jsonl(iter_blocks(f, self.cfg.block_bytes, b"".join(head)), path, raw,
-                             start=0 if raw is not None and f is raw else None)
+        if mode == "jsonl" and raw is not None and f is raw and self.pool is not None:
+            self._read_ranges(raw, path, 0, os.fstat(raw.fileno()).st_size, 1)
+        elif mode == "jsonl":
+            self._read_jsonl(iter_blocks(f, self.cfg.block_bytes, b"".join(head)), path, raw)
         elif mode == "json":
             self._read_json(b"".join(head) + f.read(), path)
         else:
             self._read_text(_chain(head, iter(f)), path, raw)
 
-    def _read_jsonl(self, blocks: Iterable[tuple[bytes, int]], path: str, raw: BinaryIO | None,
-                    start: int | None = None) -> None:
-        """Blocks → jobs. From a plain file (`start` = the byte offset of the first block) workers get
-        only (offset, length) and read the bytes themselves: half the traffic through the pipes."""
+    def _read_ranges(self, raw: BinaryIO, path: str, start: int, end: int, lineno: int) -> None:
+        """A plain JSONL file with workers: the parent only finds where blocks of whole lines end
+        (prep_io.locate_blocks); each worker reads its block and counts its lines, and `consume`
+        numbers them — so the parent reads no byte of the data and sends none through a pipe."""
+        job = "merge" if self.cfg.merge else "jsonl"
+        key = len(self._next_line)
+        self._next_line[key] = lineno
+        for off, length in locate_blocks(raw, self.cfg.block_bytes, start, end):
+            self.submit((job, (off, length), path, None, key))
+            self._progress(off + length - start)
+
+    def _read_jsonl(self, blocks: Iterable[tuple[bytes, int]], path: str, raw: BinaryIO | None) -> None:
+        """Blocks → jobs (bytes and the number of the block's first line)."""
         job = "merge" if self.cfg.merge else "jsonl"
         counted = 0
-        by_range = start is not None and self.pool is not None
         for block, lineno in blocks:
-            self.submit((job, (start + counted, len(block)) if by_range else block, path, lineno))
+            self.submit((job, block, path, lineno))
             counted += len(block)
             self._progress(raw.tell() if raw is not None else counted)
         if raw is None and path == "-":  # stdin has no size on disk: count what passed

@@ -234,3 +234,18 @@ def iter_blocks(f: BinaryIO, size: int, head: bytes = b"", lineno: int = 1, pos:
         yield block, lineno
         lineno += block.count(b"\n")
         pos += cut
+
+
+def locate_blocks(f: BinaryIO, size: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of blocks of whole lines, about `size` bytes each, from `start` (a line start) to
+    the end of the line that holds byte end − 1 (lines that begin before `end`) — found by seeking to
+    each cut and reading on to the next newline, never reading the blocks themselves (`--workers`:
+    each worker reads its own block, so the bytes cross no pipe and the parent reads nothing twice)."""
+    pos = start
+    while pos < end:
+        cut = min(pos + size, end)
+        f.seek(cut - 1)
+        if f.read(1) != b"\n":  # byte cut − 1 is inside a line: the block runs to that line's end
+            cut += len(f.readline())
+        yield pos, cut - pos
+        pos = cut

@@ -1,8 +1,8 @@
 """The per-record half of `tiaoyu prep`: parse, convert, clean, filter, serialise and hash — work that
 needs nothing but the record itself, so it runs in worker processes (`--workers N`).
 
-A *job* is a block of JSONL lines (the bytes, or where they lie in a plain file; with the number of
-its first line), a list of plain-text documents, or a block of `--merge` lines. `RecordCleaner.run(job)` turns it into a `BlockResult`:
+A *job* is a block of JSONL lines (the bytes with the number of its first line, or — from a plain
+file with workers — where the block lies, numbered from 1 and renumbered by the parent), a list of plain-text documents, or a block of `--merge` lines. `RecordCleaner.run(job)` turns it into a `BlockResult`:
 the kept records in input order (kind, JSON line, 64-bit hash and, with --near-dup, the MinHash
 band keys), the counts of what was dropped and why, and the first error, if any, after which the
 block stops. Everything that depends on *other* records — exact and near dedup, the train/val
@@ -62,6 +62,9 @@ class BlockResult:
     drops: dict[str, int] = field(default_factory=dict)
     error: tuple | None = None  # DataError(*error): message, path, line, field
     texts: list[str] = field(default_factory=list)  # for near-dup; emptied by finish
+    # a block the worker read itself knows its lines only from 1: the parent adds the lines before it
+    source: int | None = None  # the parent's number for the input (set when the line numbers are relative)
+    newlines: int = 0  # lines in the block (relative blocks only)
 
 
 class RecordCleaner:
@@ -83,7 +86,10 @@ class RecordCleaner:
         try:
             if kind in ("jsonl", "merge"):
                 block = job[1] if isinstance(job[1], bytes) else read_range(job[2], *job[1])
-                (self.jsonl_block if kind == "jsonl" else self.merge_block)(block, job[2], job[3], res)
+                lineno = job[3]
+                if lineno is None:  # (kind, (offset, length), path, None, source): numbered by the parent
+                    res.source, res.newlines, lineno = job[4], block.count(b"\n"), 1
+                (self.jsonl_block if kind == "jsonl" else self.merge_block)(block, job[2], lineno, res)
             else:  # "text": documents already cut by the parent
                 for doc in job[1]:
                     self.add_record("text", {"text": doc}, res)
