@@ -80,14 +80,31 @@ def split_long(text: str, limit: int = MAX_PIECE_CHARS) -> list[str]:
     return out
 
 
+class Reservoir:
+    """A uniform random sample of at most `size` items of a stream of unknown length (reservoir sampling,
+    Algorithm R): the first `size` items fill it, then item n replaces a random slot with probability size/n."""
+
+    def __init__(self, size: int, rng: random.Random):
+        self.size, self.rng = size, rng
+        self.items: list = []
+        self.seen = 0
+
+    def add(self, item) -> None:
+        self.seen += 1
+        if len(self.items) < self.size:
+            self.items.append(item)
+        else:
+            j = self.rng.randrange(self.seen)
+            if j < self.size:
+                self.items[j] = item
+
+
 def sample_corpus(inputs: list[str], sample_size: int, seed: int = 0, skip_bad: bool = False,
                   report: TrainReport | None = None) -> tuple[list[str], list[str]]:
     """One streaming pass over JSONL inputs -> (training pieces, held-out pieces), both uniform
     reservoir samples of the text pieces of all records."""
-    rng = random.Random(seed)
-    train: list[str] = []
-    held: list[str] = []
-    seen_train = seen_held = 0
+    rng = random.Random(seed)  # one generator for both samples: their draws interleave in stream order
+    train, held = Reservoir(sample_size, rng), Reservoir(HELDOUT_MAX, rng)
     records = bad = 0
     for path in inputs:
         stats: dict = {}
@@ -99,33 +116,17 @@ def sample_corpus(inputs: list[str], sample_size: int, seed: int = 0, skip_bad: 
                     bad += 1
                     continue
                 raise DataError(e.message, "<stdin>" if path == "-" else path, lineno, e.field) from None
-            is_held = records % HELDOUT_EVERY == HELDOUT_EVERY - 1
+            sample = held if records % HELDOUT_EVERY == HELDOUT_EVERY - 1 else train
             records += 1
             for t in texts:
                 for piece in split_long(t):
-                    if not piece.strip():
-                        continue
-                    if is_held:
-                        seen_held += 1
-                        if len(held) < HELDOUT_MAX:
-                            held.append(piece)
-                        else:
-                            j = rng.randrange(seen_held)
-                            if j < HELDOUT_MAX:
-                                held[j] = piece
-                    else:
-                        seen_train += 1
-                        if len(train) < sample_size:
-                            train.append(piece)
-                        else:
-                            j = rng.randrange(seen_train)
-                            if j < sample_size:
-                                train[j] = piece
+                    if piece.strip():
+                        sample.add(piece)
         bad += stats.get("bad", 0)
     if report is not None:
         report.records = records
         report.skipped_bad = bad
-    return train, held
+    return train.items, held.items
 
 
 def _explain_spm_error(msg: str, vocab_size: int, algo: str, sample_chars: int, coverage: float) -> str:
