@@ -6,8 +6,9 @@ import gzip
 import io
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import orjson
 
@@ -63,6 +64,64 @@ def iter_jsonl(path: str | os.PathLike, skip_bad: bool = False, stats: dict | No
     finally:
         if path != "-":
             f.close()
+
+
+@dataclass
+class RecordCounts:
+    """What a loader made of a file's records: how many it read and kept, and the ones it skipped
+    (--skip-bad) by reason. A loader with more to say subclasses it: `what` names the kept items, `notes()`
+    adds to the summary line."""
+
+    what = "records kept"  # (a class attribute, not a field)
+    records: int = 0  # records read (malformed lines are not records)
+    kept: int = 0
+    bad: int = 0  # skipped, all reasons together
+    reasons: dict[str, int] = field(default_factory=dict)  # why records were skipped
+
+    def skip(self, why: str, n: int = 1) -> None:
+        self.bad += n
+        self.reasons[why] = self.reasons.get(why, 0) + n
+
+    def notes(self) -> list[str]:
+        return []
+
+    def summary(self) -> str:
+        """"{kept} {what} from {records} records, {notes…}, {bad} skipped ({n reason}, …)"."""
+        parts = [f"{self.kept:,} {self.what} from {self.records:,} records", *self.notes()]
+        if self.bad:
+            why = ", ".join(f"{n} {w}" for w, n in sorted(self.reasons.items(), key=lambda kv: -kv[1]))
+            parts.append(f"{self.bad:,} skipped ({why})")
+        return ", ".join(parts)
+
+
+T = TypeVar("T")
+
+
+def load_records(path: str | os.PathLike, read: Callable[[dict, str, int], T | None], skip_bad: bool = False,
+                 counts: RecordCounts | None = None,
+                 why: Callable[[DataError], str] = lambda e: "invalid") -> list[T]:
+    """`read(record, name, line)` of every record of a JSONL file, in file order: the list of what it returns
+    (None leaves a record out; `read` counts why). A DataError from `read`, or a malformed line, stops the load
+    naming file:line; with `skip_bad` it is a skip counted in `counts` (reason `why(error)`, or "malformed JSON")."""
+    counts = counts if counts is not None else RecordCounts()
+    name = str(path)
+    jstats: dict = {}
+    out = []
+    for line, rec in iter_jsonl(path, skip_bad=skip_bad, stats=jstats):
+        counts.records += 1
+        try:
+            item = read(rec, name, line)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            counts.skip(why(e))
+            continue
+        if item is not None:
+            out.append(item)
+            counts.kept += 1
+    if jstats.get("bad"):
+        counts.skip("malformed JSON", jstats["bad"])
+    return out
 
 
 def read_jsonl(path: str | os.PathLike, skip_bad: bool = False) -> list[dict]:

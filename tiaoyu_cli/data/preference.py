@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from tiaoyu_cli.data.jsonl import iter_jsonl
+from tiaoyu_cli.data.jsonl import RecordCounts, load_records
 from tiaoyu_cli.errors import DataError, TiaoyuError
 
 ROLES = ("system", "user", "assistant")
@@ -83,14 +83,19 @@ def _messages(value: Any, what: str, path: str, line: int) -> list[dict]:
     return out
 
 
-def prompt_messages(value: Any, path: str = "", line: int = 0, what: str = "prompt") -> list[dict]:
-    """A prompt field as chat messages: a string is one user message; a list must not end with the assistant."""
+def _one_message(value: str | None, role: str, what: str, path: str, line: int) -> list[dict]:
+    """A field given as a string: one `role` message (a missing or blank string is an error)."""
     if value is None:
         raise DataError("missing", path, line, what)
-    if isinstance(value, str):
-        if not value.strip():
-            raise DataError("is empty", path, line, what)
-        return [{"role": "user", "content": value}]
+    if not value.strip():
+        raise DataError("is empty", path, line, what)
+    return [{"role": role, "content": value}]
+
+
+def prompt_messages(value: Any, path: str = "", line: int = 0, what: str = "prompt") -> list[dict]:
+    """A prompt field as chat messages: a string is one user message; a list must not end with the assistant."""
+    if isinstance(value, str) or value is None:
+        return _one_message(value, "user", what, path, line)
     msgs = _messages(value, what, path, line)
     if msgs[-1]["role"] == "assistant":
         raise DataError("must end with a user (or system) message; the answer goes in chosen/rejected/response",
@@ -101,12 +106,8 @@ def prompt_messages(value: Any, path: str = "", line: int = 0, what: str = "prom
 def response_messages(value: Any, prompt: list[dict], path: str = "", line: int = 0,
                       what: str = "response") -> list[dict]:
     """A response field as the messages that follow the prompt: a string is one assistant message."""
-    if value is None:
-        raise DataError("missing", path, line, what)
-    if isinstance(value, str):
-        if not value.strip():
-            raise DataError("is empty", path, line, what)
-        return [{"role": "assistant", "content": value}]
+    if isinstance(value, str) or value is None:
+        return _one_message(value, "assistant", what, path, line)
     if isinstance(value, dict):
         value = [value]
     msgs = _messages(value, what, path, line)
@@ -143,7 +144,7 @@ def encode_pair(tokenizer, rec: dict, max_len: int, path: str = "", line: int = 
     """A preference record → PairExample, or DataError (missing/identical sides, too long)."""
     for side in ("prompt", "chosen", "rejected"):
         if side not in rec or rec[side] is None:
-            raise DataError(f"missing (a preference record needs prompt, chosen and rejected)", path, line, side)
+            raise DataError("missing (a preference record needs prompt, chosen and rejected)", path, line, side)
     prompt = prompt_messages(rec["prompt"], path, line)
     chosen = response_messages(rec["chosen"], prompt, path, line, "chosen")
     rejected = response_messages(rec["rejected"], prompt, path, line, "rejected")
@@ -158,53 +159,46 @@ def encode_pair(tokenizer, rec: dict, max_len: int, path: str = "", line: int = 
     return PairExample(c_ids, c_mask, r_ids, r_mask, p_len, line)
 
 
+def _load(path: str | os.PathLike, read, skip_bad: bool, stats: dict | None, what: str) -> list:
+    counts = RecordCounts()
+    out = load_records(path, read, skip_bad, counts)
+    if stats is not None:
+        stats.update(kept=counts.kept, skipped=counts.reasons.get("invalid", 0),
+                     bad=counts.reasons.get("malformed JSON", 0))
+    if not out:
+        raise TiaoyuError(f"{path}: no usable {what}")
+    return out
+
+
 def load_pairs(path: str | os.PathLike, tokenizer, max_len: int, skip_bad: bool = False,
                stats: dict | None = None) -> list[PairExample]:
-    """Read a preference JSONL file. stats (if given) counts 'kept' and 'skipped'."""
-    stats = stats if stats is not None else {}
-    out = []
-    for line, rec in iter_jsonl(path, skip_bad=skip_bad, stats=stats):
-        try:
-            out.append(encode_pair(tokenizer, rec, max_len, str(path), line))
-        except DataError:
-            if not skip_bad:
-                raise
-            stats["skipped"] = stats.get("skipped", 0) + 1
-    stats["kept"] = len(out)
-    if not out:
-        raise TiaoyuError(f"{path}: no usable preference pairs")
-    return out
+    """Read a preference JSONL file. stats (if given) counts 'kept', 'skipped' (invalid records) and
+    'bad' (malformed lines)."""
+    return _load(path, lambda rec, name, line: encode_pair(tokenizer, rec, max_len, name, line), skip_bad, stats,
+                 "preference pairs")
 
 
 def load_prompts(path: str | os.PathLike, tokenizer, max_prompt_len: int, need_answer: bool = False,
                  skip_bad: bool = False, stats: dict | None = None, context_hint: str = "") -> list[PromptExample]:
     """Read prompts (`{"prompt": …}`, optionally with `"answer"`) for generation. A prompt longer than
-    max_prompt_len tokens is an error (generation needs room for the answer)."""
-    stats = stats if stats is not None else {}
-    out = []
-    for line, rec in iter_jsonl(path, skip_bad=skip_bad, stats=stats):
-        try:
-            msgs = prompt_messages(rec.get("prompt"), str(path), line)
-            answer = rec.get("answer")
-            if need_answer:
-                if answer is None:
-                    raise DataError("missing (verifiable rewards need the final answer)", str(path), line, "answer")
-                if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or not str(answer).strip():
-                    raise DataError("must be a non-empty string", str(path), line, "answer")
-                answer = str(answer)
-            ids = encode_prompt(tokenizer, msgs)
-            if len(ids) > max_prompt_len:
-                raise DataError(f"prompt is {len(ids)} tokens; at most {max_prompt_len} fit{context_hint}",
-                                str(path), line, "prompt")
-            out.append(PromptExample(ids, answer if isinstance(answer, str) else None, rec, line))
-        except DataError:
-            if not skip_bad:
-                raise
-            stats["skipped"] = stats.get("skipped", 0) + 1
-    stats["kept"] = len(out)
-    if not out:
-        raise TiaoyuError(f"{path}: no usable prompts")
-    return out
+    max_prompt_len tokens is an error (generation needs room for the answer). stats: as for `load_pairs`."""
+
+    def read(rec: dict, name: str, line: int) -> PromptExample:
+        msgs = prompt_messages(rec.get("prompt"), name, line)
+        answer = rec.get("answer")
+        if need_answer:
+            if answer is None:
+                raise DataError("missing (verifiable rewards need the final answer)", name, line, "answer")
+            if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or not str(answer).strip():
+                raise DataError("must be a non-empty string", name, line, "answer")
+            answer = str(answer)
+        ids = encode_prompt(tokenizer, msgs)
+        if len(ids) > max_prompt_len:
+            raise DataError(f"prompt is {len(ids)} tokens; at most {max_prompt_len} fit{context_hint}", name, line,
+                            "prompt")
+        return PromptExample(ids, answer if isinstance(answer, str) else None, rec, line)
+
+    return _load(path, read, skip_bad, stats, "prompts")
 
 
 # ---- batches -------------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ import torch.nn as nn
 
 from tiaoyu_cli.checkpoint import load_config, load_model, load_tokenizer, load_trainer_info, resolve_checkpoint
 from tiaoyu_cli.data.chat import ChatDataset
-from tiaoyu_cli.data.jsonl import iter_jsonl, read_jsonl, write_jsonl
+from tiaoyu_cli.data.jsonl import RecordCounts, load_records, read_jsonl, write_jsonl
 from tiaoyu_cli.data.shards import check_fingerprint, open_tokens
 from tiaoyu_cli.device import resolve_device
-from tiaoyu_cli.errors import DataError, TiaoyuError
+from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.infer.sampling import SamplingParams
 from tiaoyu_cli.infer.session import ChatModel, GenerationOptions, answer_records, record_messages
 from tiaoyu_cli.model import Transformer, parse_overrides, preset
@@ -32,20 +32,8 @@ from tiaoyu_cli.train.sft import SFTConfig, SFTStage
 
 # ---- black box: the teacher answers -----------------------------------------------------------------
 
-@dataclass
-class TeacherAnswerStats:
-    prompts: int = 0
-    answered: int = 0
-    empty: int = 0  # the teacher gave no answer (nothing, or a <think> it never closed)
-    bad: int = 0  # records without a usable prompt (--skip-bad)
-
-    def summary(self) -> str:
-        s = f"{self.answered:,} of {self.prompts:,} prompts answered"
-        if self.empty:
-            s += f", {self.empty:,} empty answers skipped"
-        if self.bad:
-            s += f", {self.bad:,} bad records skipped"
-        return s
+class TeacherAnswerStats(RecordCounts):
+    what = "prompts answered"  # skipped: records without a usable prompt (--skip-bad), empty answers
 
 
 def teacher_answers(cm, path: Path, max_new_tokens: int = 256, temperature: float = 0.0, batch_size: int = 32,
@@ -58,37 +46,29 @@ def teacher_answers(cm, path: Path, max_new_tokens: int = 256, temperature: floa
 
     st = stats if stats is not None else TeacherAnswerStats()
     name = str(path)
-    jstats: dict = {}
-    good, convs = [], []
-    for line, rec in iter_jsonl(path, skip_bad=skip_bad, stats=jstats):
-        try:
-            conv = record_messages(rec, name, line, cm.tokenizer)
-        except DataError:
-            if not skip_bad:
-                raise
-            st.bad += 1
-            continue
+
+    def read(rec: dict, name: str, line: int) -> tuple[int, dict]:
+        conv = record_messages(rec, name, line, cm.tokenizer)
         conv = [{"role": "user", "content": conv}] if isinstance(conv, str) else conv
-        good.append((line, {"messages": conv}))  # only the prompt: the answer fields come from the teacher
-        convs.append(conv)
-    st.bad += int(jstats.get("bad", 0))
-    st.prompts = len(good) + st.bad
+        return line, {"messages": conv}  # only the prompt: the answer fields come from the teacher
+
+    good = load_records(path, read, skip_bad, st, why=lambda e: "without a usable prompt")
     if not good:
         raise TiaoyuError(f"{name}: no prompts for the teacher to answer")
     options = GenerationOptions(max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature=temperature),
                                 seed=seed)
     out = []
-    for conv, ans in zip(convs, answer_records(cm, good, options, batch_size=batch_size, name=name)):
+    for (_, prompt), ans in zip(good, answer_records(cm, good, options, batch_size=batch_size, name=name)):
         reasoning = ans.get("reasoning")
         content = ans["answer"] if reasoning is not None else ans["response"]
-        if not content.strip():
-            st.empty += 1
+        if not content.strip():  # nothing, or a <think> the teacher never closed
+            st.skip("with an empty answer")
             continue
         msg = {"role": "assistant", "content": content.strip()}
         if reasoning is not None:
             msg["reasoning"] = reasoning.strip()
-        out.append({"messages": conv + [msg]})
-        st.answered += 1
+        out.append({"messages": prompt["messages"] + [msg]})
+    st.kept = len(out)  # a prompt counts as kept once the teacher answered it
     if not out:
         raise TiaoyuError(f"{name}: the teacher gave no usable answer to any prompt (is it a chat model? "
                           f"try a larger --max-new-tokens)")

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from tiaoyu_cli.data.preference import PromptExample, load_prompts
+from tiaoyu_cli.data.preference import PromptExample
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.losses_rl import group_advantages, grpo_loss
-from tiaoyu_cli.train.rl_common import Rollout, load_policy, load_reference, prompt_room, response_logps, split_holdout
+from tiaoyu_cli.train.rl_common import Rollout, load_policy, load_reference, load_rl_prompts, prompt_room, response_logps
 from tiaoyu_cli.train.rollout import (
     RolloutConfig,
     RolloutStage,
@@ -117,15 +117,11 @@ def prepare_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_fr
     model, folder, tok = load_policy(start, "GRPO")
     room = prompt_room(model.config.max_seq_len, cfg.max_new_tokens, 1 if cfg.open_think else 0)
     hint = f" in the context of {model.config.max_seq_len} tokens with --max-new-tokens {cfg.max_new_tokens}"
-    stats: dict = {}
-    prompts = load_prompts(data, tok, room, need_answer=True, skip_bad=skip_bad, stats=stats, context_hint=hint)
-    if val is not None:
-        held = load_prompts(val, tok, room, need_answer=True, skip_bad=skip_bad, context_hint=hint)
-    else:
-        prompts, held = split_holdout(prompts, val_frac, train.seed)
+    prompts, held, skipped = load_rl_prompts(data, val, tok, room, need_answer=True, skip_bad=skip_bad,
+                                             context_hint=hint, val_frac=val_frac, seed=train.seed)
     ref_model = load_reference(ref or folder, tok) if cfg.beta > 0 else None
     line = (f"grpo: {len(prompts)} questions, {len(held)} held out"
-        + (f", {stats['skipped']} bad records skipped" if stats.get("skipped") else "")
+        + (f", {skipped} bad records skipped" if skipped else "")
         + f"; {cfg.rollout_batch_size} prompts × {cfg.group_size} answers per rollout, β {cfg.beta}"
         + (f", reference {ref or folder}" if ref_model is not None else ""))
     stage = GRPOStage(prompts, held, cfg, batch_size=train.batch_size, tokenizer=tok, ref_model=ref_model,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from tiaoyu_cli.data.preference import PromptExample, load_prompts
+from tiaoyu_cli.data.preference import PromptExample
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.losses_rl import gae, masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss
 from tiaoyu_cli.train.rl_common import (
@@ -36,9 +36,9 @@ from tiaoyu_cli.train.rl_common import (
     load_policy,
     load_reference,
     load_reward_model,
+    load_rl_prompts,
     prompt_room,
     response_logps,
-    split_holdout,
 )
 from tiaoyu_cli.train.rollout import ModelReward, RolloutConfig, RolloutStage, Scores, VerifiableReward, sequence_kl
 from tiaoyu_cli.train.run import Plan, run_stage
@@ -168,15 +168,11 @@ def prepare_ppo(start, data, train, cfg: PPOConfig, val=None, ref=None, val_frac
         ctx = min(ctx, rm.config.max_seq_len)
     room = prompt_room(ctx, cfg.max_new_tokens, what="the context")
     hint = f" in the context of {ctx} tokens with --max-new-tokens {cfg.max_new_tokens}"
-    stats: dict = {}
-    prompts = load_prompts(data, tok, room, need_answer=verifiable, skip_bad=skip_bad, stats=stats, context_hint=hint)
-    if val is not None:
-        held = load_prompts(val, tok, room, need_answer=verifiable, skip_bad=skip_bad, context_hint=hint)
-    else:
-        prompts, held = split_holdout(prompts, val_frac, train.seed)
+    prompts, held, skipped = load_rl_prompts(data, val, tok, room, need_answer=verifiable, skip_bad=skip_bad,
+                                             context_hint=hint, val_frac=val_frac, seed=train.seed)
     ref_model = load_reference(ref or folder, tok)
     line = (f"ppo: {len(prompts)} prompts, {len(held)} held out"
-        + (f", {stats['skipped']} bad records skipped" if stats.get("skipped") else "")
+        + (f", {skipped} bad records skipped" if skipped else "")
         + f"; reward {'verifiable answers' if verifiable else cfg.reward}; {cfg.rollout_batch_size} prompts per rollout, "
         f"{cfg.epochs} PPO epochs, kl_coef {cfg.kl_coef}")
     stage = PPOStage(prompts, held, cfg, batch_size=train.batch_size, tokenizer=tok, reward=reward,

@@ -32,7 +32,7 @@ an unclosed `<think>`, or markup inside the reasoning is an error naming file:li
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint
 from tiaoyu_cli.data.chat import ChatDataset, check_messages
-from tiaoyu_cli.data.jsonl import iter_jsonl, read_jsonl
+from tiaoyu_cli.data.jsonl import RecordCounts, load_records, read_jsonl
 from tiaoyu_cli.data.preference import PromptExample, encode_prompt
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.train.answers import format_ok, is_correct, split_record
@@ -56,28 +56,16 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # ---- traces ----------------------------------------------------------------------------------------
 
 @dataclass
-class TraceStats:
-    records: int = 0
-    kept: int = 0
+class TraceStats(RecordCounts):
+    what = "traces"
     split_markup: int = 0  # content "<think>…</think>answer" turned into reasoning + answer
     from_teacher: int = 0  # `tiaoyu chat` output records (prompt + reasoning + answer)
-    bad: int = 0  # skipped with --skip-bad
-    reasons: dict[str, int] = field(default_factory=dict)  # why records were skipped
 
-    def skip(self, why: str) -> None:
-        self.bad += 1
-        self.reasons[why] = self.reasons.get(why, 0) + 1
-
-    def summary(self) -> str:
-        s = f"{self.kept:,} traces from {self.records:,} records"
-        if self.from_teacher:
-            s += f" ({self.from_teacher:,} from a teacher's chat output)"
+    def notes(self) -> list[str]:
+        out = [f"{self.from_teacher:,} from a teacher's chat output"] if self.from_teacher else []
         if self.split_markup:
-            s += f", {self.split_markup:,} with <think> markup split into reasoning + answer"
-        if self.bad:
-            why = ", ".join(f"{n} {w}" for w, n in sorted(self.reasons.items(), key=lambda kv: -kv[1]))
-            s += f", {self.bad:,} skipped ({why})"
-        return s
+            out.append(f"{self.split_markup:,} with <think> markup split into reasoning + answer")
+        return out
 
 
 def split_think(text: str) -> tuple[str | None, str]:
@@ -184,32 +172,21 @@ def load_traces(path: str | Path, skip_bad: bool = False, direct: bool = False,
     record of a verifiable question) only when its answer matches the question's reference answer
     ("input_answer") — rejection sampling; the others are counted as "with a wrong answer"."""
 
-
-    name = str(path)
     st = TraceStats()
-    jstats: dict = {}
-    out = []
-    for line, rec in iter_jsonl(path, skip_bad=skip_bad, stats=jstats):
-        st.records += 1
-        try:
-            r = normalize_trace(rec, name, line, st)
-        except DataError as e:
-            if not skip_bad:
-                raise
-            st.skip(_short_reason(str(e)))
-            continue
+
+    def read(rec: dict, name: str, line: int) -> dict | None:
+        r = normalize_trace(rec, name, line, st)
         gold = rec.get("input_answer")
         if only_correct and gold is not None and not is_correct(r["messages"][-1]["content"], str(gold)):
             st.skip("with a wrong answer")
-            continue
+            return None
         if direct:
             r = {"messages": [{k: v for k, v in m.items() if k != "reasoning"} for m in r["messages"]]}
-        out.append(r)
-        st.kept += 1
-    for _ in range(int(jstats.get("bad", 0))):
-        st.skip("malformed JSON")
+        return r
+
+    out = load_records(path, read, skip_bad, st, why=lambda e: _short_reason(str(e)))
     if not out:
-        raise TiaoyuError(f"{name}: no usable reasoning traces ({st.summary()})")
+        raise TiaoyuError(f"{path}: no usable reasoning traces ({st.summary()})")
     return out, st
 
 
@@ -225,18 +202,8 @@ def _short_reason(msg: str) -> str:
 
 # ---- questions (stage 2) ----------------------------------------------------------------------------
 
-@dataclass
-class QuestionStats:
-    records: int = 0
-    kept: int = 0
-    bad: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        s = f"{self.kept:,} questions from {self.records:,} records"
-        if self.bad:
-            s += f", {self.bad:,} skipped (" + ", ".join(f"{n} {w}" for w, n in self.reasons.items()) + ")"
-        return s
+class QuestionStats(RecordCounts):
+    what = "questions"
 
 
 def load_questions(path: str | Path, skip_bad: bool = False) -> tuple[list[dict], QuestionStats]:
@@ -244,38 +211,27 @@ def load_questions(path: str | Path, skip_bad: bool = False) -> tuple[list[dict]
     serves as the answer) → `{"prompt": messages, "answer": str, "line": int}`. A record without an answer
     is an error naming file:line, or with `skip_bad` a counted skip."""
 
-    name = str(path)
+    def read(rec: dict, name: str, line: int) -> dict:
+        if "messages" not in rec and "answer" not in rec:
+            raise DataError("missing: a verifiable question needs its final answer ({\"prompt\", \"answer\"})",
+                            name, line, "answer")
+        if "messages" not in rec and "prompt" not in rec:
+            raise DataError("missing: a verifiable question needs a prompt", name, line, "prompt")
+        ans = rec.get("answer")
+        if "messages" not in rec and (ans is None or not str(ans).strip()):
+            raise DataError("empty answer", name, line, "answer")
+        msgs, gold = split_record(rec, name, line)
+        if not gold.strip():
+            raise DataError("empty answer", name, line, "answer")
+        if not msgs or msgs[-1].get("role") != "user":
+            raise DataError("the prompt must end with a user message", name, line, "prompt")
+        return {"prompt": msgs, "answer": gold.strip(), "line": line}
+
     st = QuestionStats()
-    jstats: dict = {}
-    out = []
-    for line, rec in iter_jsonl(path, skip_bad=skip_bad, stats=jstats):
-        st.records += 1
-        try:
-            if "messages" not in rec and "answer" not in rec:
-                raise DataError("missing: a verifiable question needs its final answer ({\"prompt\", \"answer\"})",
-                                name, line, "answer")
-            if "messages" not in rec and "prompt" not in rec:
-                raise DataError("missing: a verifiable question needs a prompt", name, line, "prompt")
-            ans = rec.get("answer")
-            if "messages" not in rec and (ans is None or not str(ans).strip()):
-                raise DataError("empty answer", name, line, "answer")
-            msgs, gold = split_record(rec, name, line)
-            if not gold.strip():
-                raise DataError("empty answer", name, line, "answer")
-            if not msgs or msgs[-1].get("role") != "user":
-                raise DataError("the prompt must end with a user message", name, line, "prompt")
-        except DataError as e:
-            if not skip_bad:
-                raise
-            st.bad += 1
-            why = "without an answer" if "answer" in str(e) else "invalid"
-            st.reasons[why] = st.reasons.get(why, 0) + 1
-            continue
-        out.append({"prompt": msgs, "answer": gold.strip(), "line": line})
-        st.kept += 1
-    st.bad += int(jstats.get("bad", 0))
+    out = load_records(path, read, skip_bad, st,
+                       why=lambda e: "without an answer" if "answer" in str(e) else "invalid")
     if not out:
-        raise TiaoyuError(f"{name}: no usable questions with answers ({st.summary()})")
+        raise TiaoyuError(f"{path}: no usable questions with answers ({st.summary()})")
     return out, st
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from tiaoyu_cli.checkpoint import load_config, load_model, load_tokenizer, write_model_folder
+from tiaoyu_cli.data.preference import load_prompts
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.infer.generate import DEFAULT_STOP_IDS, generate_detailed
 from tiaoyu_cli.infer.sampling import SamplingParams
@@ -229,6 +230,20 @@ def split_holdout(items: list, frac: float, seed: int = 0) -> tuple[list, list]:
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
     held = set(order[:n_val])
     return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+
+
+def load_rl_prompts(data, val, tok, room: int, *, need_answer: bool, skip_bad: bool, context_hint: str,
+                    val_frac: float, seed: int) -> tuple[list, list, int]:
+    """The prompts a PPO/GRPO run trains on and the ones it holds out: all of `val` when given, else a fixed
+    random `val_frac` of `data` (split_holdout). Returns (train, held out, bad records of `data` skipped)."""
+    stats: dict = {}
+    prompts = load_prompts(data, tok, room, need_answer=need_answer, skip_bad=skip_bad, stats=stats,
+                           context_hint=context_hint)
+    if val is not None:
+        held = load_prompts(val, tok, room, need_answer=need_answer, skip_bad=skip_bad, context_hint=context_hint)
+    else:
+        prompts, held = split_holdout(prompts, val_frac, seed)
+    return prompts, held, stats.get("skipped", 0)
 
 
 def fmt_metrics(d: dict, keys: list[str] | None = None) -> str:
