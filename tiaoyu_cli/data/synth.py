@@ -68,7 +68,7 @@ from typing import Callable, Iterator
 import orjson
 
 from tiaoyu_cli.data import synth_docs  # docs.jsonl + RAG records (calls back into this module)
-from tiaoyu_cli.data.synth_world import (SMALL_TALK, SYSTEM_PROMPTS, UNHELPFUL, Cycler, Fact, Problem, arith,
+from tiaoyu_cli.data.synth_world import (SMALL_TALK, STORY, SYSTEM_PROMPTS, UNHELPFUL, Cycler, Fact, Problem, arith,
                                          build_world, fact_question, fact_sentence, join_sentences, make_problem,
                                          make_review, wrong_value)
 from tiaoyu_cli.data.synth_tools import tool_records
@@ -168,32 +168,25 @@ class Generator:
             yield doc
 
     def story(self, pi: int, lang: str, rng: random.Random) -> str:
+        """Person `pi` visits another city, meets someone (their pet along, if they have one), gets a flower."""
         w = self.w
         p = w.entities[pi]
         q = rng.choice([e for e in w.of_kind("person") if e is not p])
         pets = [e for e in w.of_kind("animal") if e.attrs["owner"][0] == p.en]
         c2 = rng.choice([e for e in w.of_kind("city") if e.en != p.attrs["city"][0]])
-        a = p.attrs
-        art = "an" if a["colour"][0][0] in "aeiou" else "a"
-        if lang == "en":
-            s = [f"One day, {p.en} left {a['city'][0]} and went to {c2.en}.",
-                 f"{c2.en} is famous for its {c2.attrs['food'][0]}, but {p.en} only wanted {a['food'][0]}.",
-                 f"There {p.en} met {q.en}, who is a {q.attrs['job'][0]} from {q.attrs['city'][0]}."]
-            if pets:
-                pet = rng.choice(pets)
-                s.insert(1, f"{pet.en} the {pet.attrs['species'][0]} came along.")
-            s.append(f"{q.en} gave {p.en} {art} {a['colour'][0]} flower, because {a['colour'][0]} is the favourite colour of {p.en}.")
-            s.append(rng.choice([f"{p.en} was happy and went home to {a['city'][0]}.", "It was a good day."]))
-            return " ".join(s)
-        s = [f"有一天，{p.zh}离开{a['city'][1]}，去了{c2.zh}。",
-             f"{c2.zh}以{c2.attrs['food'][1]}闻名，可是{p.zh}只想吃{a['food'][1]}。",
-             f"在那里，{p.zh}遇到了{q.zh}，{q.zh}是来自{q.attrs['city'][1]}的{q.attrs['job'][1]}。"]
+        i = 0 if lang == "en" else 1  # the language's half of each (en, zh) attribute
+        v = {"p": p.name(lang), "q": q.name(lang), "c2": c2.name(lang), "c2_food": c2.attrs["food"][i],
+             "city": p.attrs["city"][i], "food": p.attrs["food"][i], "colour": p.attrs["colour"][i],
+             "q_job": q.attrs["job"][i], "q_city": q.attrs["city"][i],
+             "art": "an" if p.attrs["colour"][0][0] in "aeiou" else "a"}
+        t = STORY[lang]
+        s = list(t["visit"])
         if pets:
             pet = rng.choice(pets)
-            s.insert(1, f"{p.zh}的{pet.attrs['species'][1]}{pet.zh}也跟着去了。")
-        s.append(f"{q.zh}送给{p.zh}一朵{a['colour'][1]}的花，因为{p.zh}最喜欢{a['colour'][1]}。")
-        s.append(rng.choice([f"{p.zh}很高兴，回到了{a['city'][1]}。", "这是美好的一天。"]))
-        return "".join(s)
+            v.update(pet=pet.name(lang), species=pet.attrs["species"][i])
+            s.insert(1, t["pet"])
+        s += [t["flower"], rng.choice(t["endings"])]
+        return join_sentences([x.format(**v) for x in s], lang)
 
     # ----- chat --------------------------------------------------------------------------------
 

@@ -298,6 +298,22 @@ GAIN_EVENTS = {"en": ["buys {k} more", "gets {k} from {f}", "finds {k} more"],
 LOSS_EVENTS = {"en": ["gives {k} to {f}", "loses {k}"], "zh": ["送给{f}{k}{m}", "弄丢了{k}{m}"]}
 EAT_EVENT = {"en": "eats {k}", "zh": "吃了{k}{m}"}
 
+# Stories (text documents, synth.Generator.story): {p} visits {c2}, meets {q}, gets a flower of {p}'s colour
+STORY = {
+    "en": {"visit": ["One day, {p} left {city} and went to {c2}.",
+                     "{c2} is famous for its {c2_food}, but {p} only wanted {food}.",
+                     "There {p} met {q}, who is a {q_job} from {q_city}."],
+           "pet": "{pet} the {species} came along.",
+           "flower": "{q} gave {p} {art} {colour} flower, because {colour} is the favourite colour of {p}.",
+           "endings": ["{p} was happy and went home to {city}.", "It was a good day."]},
+    "zh": {"visit": ["有一天，{p}离开{city}，去了{c2}。",
+                     "{c2}以{c2_food}闻名，可是{p}只想吃{food}。",
+                     "在那里，{p}遇到了{q}，{q}是来自{q_city}的{q_job}。"],
+           "pet": "{p}的{species}{pet}也跟着去了。",
+           "flower": "{q}送给{p}一朵{colour}的花，因为{p}最喜欢{colour}。",
+           "endings": ["{p}很高兴，回到了{city}。", "这是美好的一天。"]},
+}
+
 # Reviews
 POS_EN = ["great", "wonderful", "excellent", "lovely", "amazing", "perfect", "pleasant", "nice", "fantastic", "good"]
 NEG_EN = ["terrible", "awful", "bad", "horrible", "disappointing", "poor", "dreadful", "unpleasant", "nasty", "useless"]
@@ -316,6 +332,7 @@ CLOSE_NEG = {"en": ["I will never come back.", "I want my money back.", "One sta
              "zh": ["再也不来了。", "想退钱。", "一星差评。", "我很讨厌。"]}
 DAYS = [("Monday", "星期一"), ("Tuesday", "星期二"), ("Wednesday", "星期三"), ("Thursday", "星期四"),
         ("Friday", "星期五"), ("Saturday", "星期六"), ("Sunday", "星期日")]
+REVIEW_DETAILS = {"en": ("I went there on {day}.", "We were a group of {n}."), "zh": ("我是{day}去的。", "我们一共{n}个人。")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,40 +494,41 @@ def make_problem(w: World, lang: str, rng: random.Random) -> Problem:
 # ----- reviews ------------------------------------------------------------------------------------
 
 
-def make_review(w: World, lang: str, positive: bool, rng: random.Random) -> str:
-    city = rng.choice(w.of_kind("city")).name(lang)
-    food = rng.choice(FOODS)
-    thing = rng.choice(THINGS)
-    day = rng.choice(DAYS)
-    if lang == "en":
-        adjs = rng.sample(POS_EN if positive else NEG_EN, 2)
-        subj = rng.choice(SUBJ_EN).format(food=food[0], city=city, thing=thing[0])
-        verb = "were" if subj.split(" ")[1] in ("noodles", "dumplings", "apples", "pears") else "was"
-        first = rng.choice([
-            f"{cap(subj)} {verb} {rng.choice(ADV_EN)}{adjs[0]}.",
-            f"I thought {subj} {verb} {rng.choice(ADV_EN)}{adjs[0]}.",
-            f"{cap(subj)} {verb} {adjs[0]} and {adjs[1]}.",
-        ])
-        extra = [f"I went there on {day[0]}.", f"We were a group of {rng.randint(2, 6)}."]
-        close = rng.choice(CLOSE_POS["en"] if positive else CLOSE_NEG["en"])
-        sents = [first]
-        if rng.random() < 0.5:
-            sents.insert(rng.randint(0, 1), rng.choice(extra))
-        if rng.random() < 0.7:
-            sents.append(close)
-        return " ".join(sents)
+def _review_opening_en(positive: bool, city: str, food: tuple, thing: tuple, rng: random.Random) -> str:
+    adjs = rng.sample(POS_EN if positive else NEG_EN, 2)
+    subj = rng.choice(SUBJ_EN).format(food=food[0], city=city, thing=thing[0])
+    verb = "were" if subj.split(" ")[1] in ("noodles", "dumplings", "apples", "pears") else "was"
+    return rng.choice([
+        f"{cap(subj)} {verb} {rng.choice(ADV_EN)}{adjs[0]}.",
+        f"I thought {subj} {verb} {rng.choice(ADV_EN)}{adjs[0]}.",
+        f"{cap(subj)} {verb} {adjs[0]} and {adjs[1]}.",
+    ])
+
+
+def _review_opening_zh(positive: bool, city: str, food: tuple, thing: tuple, rng: random.Random) -> str:
     adjs = rng.sample(POS_ZH if positive else NEG_ZH, 2)
     subj = rng.choice(SUBJ_ZH).format(food=food[1], city=city, thing=thing[1])
-    first = rng.choice([
+    return rng.choice([
         f"{subj}{rng.choice(DEG_ZH)}{adjs[0]}。",
         f"我觉得{subj}{rng.choice(DEG_ZH)}{adjs[0]}。",
         f"{subj}{rng.choice(DEG_ZH)}{adjs[0]}，也{rng.choice(DEG_ZH)}{adjs[1]}。",
     ])
-    extra = [f"我是{day[1]}去的。", f"我们一共{rng.randint(2, 6)}个人。"]
-    close = rng.choice(CLOSE_POS["zh"] if positive else CLOSE_NEG["zh"])
-    sents = [first]
+
+
+def make_review(w: World, lang: str, positive: bool, rng: random.Random) -> str:
+    """An opening sentence that says how it was (in the words of each language), sometimes a detail before
+    or after it, often a closing line."""
+    city = rng.choice(w.of_kind("city")).name(lang)
+    food = rng.choice(FOODS)
+    thing = rng.choice(THINGS)
+    day = rng.choice(DAYS)
+    opening = _review_opening_en if lang == "en" else _review_opening_zh
+    sents = [opening(positive, city, food, thing, rng)]
+    on_day, group = REVIEW_DETAILS[lang]
+    details = [on_day.format(day=day[0] if lang == "en" else day[1]), group.format(n=rng.randint(2, 6))]
+    close = rng.choice(CLOSE_POS[lang] if positive else CLOSE_NEG[lang])
     if rng.random() < 0.5:
-        sents.insert(rng.randint(0, 1), rng.choice(extra))
+        sents.insert(rng.randint(0, 1), rng.choice(details))
     if rng.random() < 0.7:
         sents.append(close)
-    return "".join(sents)
+    return join_sentences(sents, lang)
