@@ -129,23 +129,25 @@ def sample_corpus(inputs: list[str], sample_size: int, seed: int = 0, skip_bad: 
     return train.items, held.items
 
 
+# SentencePiece's two complaints about --vocab-size, and what to do: each names the limit (its second number)
+VOCAB_LIMITS = (
+    (re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)"),
+     "--vocab-size {vocab_size} is too large for this corpus: with --algo {algo} SentencePiece can make at most "
+     "{limit} pieces from the {sample_chars:,} sampled characters. Use --vocab-size {limit} or less, or train on "
+     "more text (more data, a larger --sample-size)."),
+    (re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)"),
+     "--vocab-size {vocab_size} is too small: the {special} special tokens, the newline, 256 byte tokens and the "
+     "characters that cover {coverage:g} of the text already need {limit}. Use --vocab-size {limit} or more (or "
+     "lower --character-coverage)."),
+)
+
+
 def _explain_spm_error(msg: str, vocab_size: int, algo: str, sample_chars: int, coverage: float) -> str:
-    m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
-    if m:
-        most = int(m.group(2))
-        return (
-            f"--vocab-size {vocab_size} is too large for this corpus: with --algo {algo} SentencePiece can make at "
-            f"most {most} pieces from the {sample_chars:,} sampled characters. Use --vocab-size {most} or less, "
-            f"or train on more text (more data, a larger --sample-size)."
-        )
-    m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg)
-    if m:
-        need = int(m.group(2))
-        return (
-            f"--vocab-size {vocab_size} is too small: the {NUM_SPECIAL} special tokens, the newline, 256 byte tokens "
-            f"and the characters that cover {coverage:g} of the text already need {need}. Use --vocab-size "
-            f"{need} or more (or lower --character-coverage)."
-        )
+    for pattern, advice in VOCAB_LIMITS:
+        m = pattern.search(msg)
+        if m:
+            return advice.format(vocab_size=vocab_size, algo=algo, sample_chars=sample_chars, coverage=coverage,
+                                 special=NUM_SPECIAL, limit=int(m.group(2)))
     return f"SentencePiece training failed (--algo {algo}, --vocab-size {vocab_size}): {msg}"
 
 
