@@ -225,3 +225,11 @@ class DefaultCommandGroup(TyperGroup):
 def defaulting_to(command: str) -> type[DefaultCommandGroup]:
     """The group class for typer.Typer(cls=…) whose default subcommand is `command`."""
     return type(f"DefaultTo{command.title()}", (DefaultCommandGroup,), {"default_command": command})
+
+
+def sub_app(name: str, help: str, default: str | None = None, **kw: Any) -> typer.Typer:
+    """The command group `tiaoyu NAME …` (its help when called bare). With `default`, the first argument may
+    also be that subcommand's own arguments: `tiaoyu eval CKPT DATA` = `tiaoyu eval run CKPT DATA`."""
+    if default is not None:
+        kw["cls"] = defaulting_to(default)
+    return typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False, rich_markup_mode="rich", **kw)

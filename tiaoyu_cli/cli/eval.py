@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tiaoyu_cli.cli.common import defaulting_to
+from tiaoyu_cli.cli.common import sub_app
 
 EXAMPLES = """
 Examples:
@@ -30,16 +30,9 @@ Examples:
 """
 
 
-eval_app = typer.Typer(
-    name="eval",
-    cls=defaulting_to("run"),
-    help="Evaluate a checkpoint on data (tiaoyu eval CKPT DATA), on a standard benchmark (tiaoyu eval bench), "
-         "or plot training curves (tiaoyu eval plot).",
-    epilog=EXAMPLES,
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode="rich",
-)
+eval_app = sub_app("eval", "Evaluate a checkpoint on data (tiaoyu eval CKPT DATA), on a standard benchmark "
+                           "(tiaoyu eval bench), or plot training curves (tiaoyu eval plot).",
+                   default="run", epilog=EXAMPLES)
 
 
 def register(app: typer.Typer) -> None:

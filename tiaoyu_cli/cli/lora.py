@@ -18,7 +18,7 @@ from pathlib import Path
 import typer
 
 from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint, save_model_files
-from tiaoyu_cli.cli.common import CHAT_HELP, config_options, defaulting_to, train_options
+from tiaoyu_cli.cli.common import CHAT_HELP, config_options, sub_app, train_options
 from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.io import atomic_dir
@@ -39,15 +39,9 @@ Examples:
 """
 
 
-lora_app = typer.Typer(
-    name="lora",
-    cls=defaulting_to("train"),
-    help="LoRA: train an adapter on chat records (`tiaoyu lora BASE DATA -o adapter/`, same as `lora train`), "
-         "or fold one into a checkpoint (`tiaoyu lora merge BASE ADAPTER -o OUT`).",
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode="rich",
-)
+lora_app = sub_app("lora", "LoRA: train an adapter on chat records (`tiaoyu lora BASE DATA -o adapter/`, same as "
+                           "`lora train`), or fold one into a checkpoint (`tiaoyu lora merge BASE ADAPTER -o OUT`).",
+                   default="train")
 
 
 def register(app: typer.Typer) -> None:

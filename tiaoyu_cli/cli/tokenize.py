@@ -10,16 +10,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from tiaoyu_cli.cli.common import sub_app
 from tiaoyu_cli.console import console
 from tiaoyu_cli.errors import TiaoyuError
 
-tokenize_app = typer.Typer(
-    name="tokenize",
-    help="Train a tokenizer, encode a corpus into token shards, show how text is cut.",
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode="rich",
-)
+tokenize_app = sub_app("tokenize", "Train a tokenizer, encode a corpus into token shards, show how text is cut.")
 
 
 def register(app: typer.Typer) -> None:
