@@ -240,6 +240,31 @@ def detect(obj: dict) -> str:
                       "conversations, instruction/output, prompt/completion, prompt/chosen/rejected, prompt/answer, text/label")
 
 
+def record_kind(rec: dict) -> str | None:
+    """Which of the five kinds (KINDS) a record already in canonical form is, by its fields; None when it
+    has the shape of none. Unlike `detect` (input formats), this reads the records the stages take:
+
+    | fields                                          | kind           |
+    |-------------------------------------------------|----------------|
+    | `chosen` and/or `rejected` (+ `prompt`)         | preference     |
+    | `answer` with `prompt`, or with `messages` (a conversation as the question) | verifiable |
+    | `messages`                                      | chat           |
+    | `text`, `label`                                 | classification |
+    | `text`                                          | text           |
+
+    A record with only one of chosen/rejected is still a preference record (its reader names the missing side).
+    """
+    if "chosen" in rec or "rejected" in rec:
+        return "preference"
+    if "answer" in rec and ("prompt" in rec or "messages" in rec):
+        return "verifiable"
+    if "messages" in rec:
+        return "chat"
+    if "text" in rec:
+        return "classification" if "label" in rec else "text"
+    return None
+
+
 def canonical(obj: dict) -> tuple[str, list[dict]]:
     """(kind, records) for one input record, in the canonical form of its kind."""
     fmt = detect(obj)

@@ -1,6 +1,7 @@
 """Which text a JSONL record contributes to tokenizer training and to pretraining shards.
 
-Record kinds (DESIGN §1): text, chat, preference, verifiable, classification.
+Record kinds (DESIGN §1): text, chat, preference, verifiable, classification — told apart by
+`tiaoyu_cli.data.formats.record_kind`.
 
 * `sample_texts(rec)`: every string a tokenizer should see (including a preference pair's rejected
   answer: the tokenizer must cut it well too).
@@ -13,6 +14,8 @@ file and line.
 """
 
 from __future__ import annotations
+
+from tiaoyu_cli.data.formats import record_kind
 
 
 class RecordError(ValueError):
@@ -55,25 +58,25 @@ def _need_str(rec: dict, field: str) -> str:
     return v
 
 
-def record_kind(rec: dict) -> str:
-    if "messages" in rec:
-        return "chat"
-    if "chosen" in rec or "rejected" in rec:
-        return "preference"
-    if "prompt" in rec and "answer" in rec:
-        return "verifiable"
-    if "text" in rec:
-        return "classification" if "label" in rec else "text"
-    raise RecordError(
-        None,
-        "no text to read: expected a record with 'text', 'messages', 'prompt'+'chosen'+'rejected' "
-        "or 'prompt'+'answer' (convert other formats with `tiaoyu prep`)",
-    )
+def _kind(rec: dict) -> str:
+    kind = record_kind(rec)
+    if kind is None:
+        raise RecordError(
+            None,
+            "no text to read: expected a record with 'text', 'messages', 'prompt'+'chosen'+'rejected' "
+            "or 'prompt'+'answer' (convert other formats with `tiaoyu prep`)",
+        )
+    return kind
+
+
+def _question(rec: dict) -> str:
+    """The question of a verifiable record: its prompt, or its conversation."""
+    return _str_or_messages(rec, "prompt" if "prompt" in rec else "messages")
 
 
 def sample_texts(rec: dict) -> list[str]:
     """All strings of a record, for tokenizer training."""
-    kind = record_kind(rec)
+    kind = _kind(rec)
     if kind in ("text", "classification"):
         return [_need_str(rec, "text")]
     if kind == "chat":
@@ -85,12 +88,12 @@ def sample_texts(rec: dict) -> list[str]:
                 raise RecordError(f, "missing (a preference record has prompt, chosen and rejected)")
             out.append(_str_or_messages(rec, f))
         return out
-    return [_str_or_messages(rec, "prompt"), _need_str(rec, "answer")]
+    return [_question(rec), _need_str(rec, "answer")]
 
 
 def document_text(rec: dict) -> str:
     """The pretraining document of a record."""
-    kind = record_kind(rec)
+    kind = _kind(rec)
     if kind in ("text", "classification"):
         return _need_str(rec, "text")
     if kind == "chat":
@@ -101,4 +104,4 @@ def document_text(rec: dict) -> str:
         prompt = _str_or_messages(rec, "prompt") if "prompt" in rec else ""
         chosen = _str_or_messages(rec, "chosen")
         return f"{prompt}\n{chosen}" if prompt else chosen
-    return f"{_str_or_messages(rec, 'prompt')}\n{_need_str(rec, 'answer')}"
+    return f"{_question(rec)}\n{_need_str(rec, 'answer')}"

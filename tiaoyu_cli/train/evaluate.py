@@ -37,6 +37,7 @@ from typing import Any, Iterator
 import torch
 
 from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+from tiaoyu_cli.data.formats import record_kind
 from tiaoyu_cli.data.jsonl import iter_jsonl
 from tiaoyu_cli.data.preference import encode_pair, pad_right
 from tiaoyu_cli.data.shards import check_fingerprint, open_tokens
@@ -65,22 +66,15 @@ class EvalConfig:
 
 # ---- what kind of data, what kind of checkpoint ------------------------------------------------
 
-def record_kind(rec: dict) -> str | None:
-    """The DESIGN §1 kind of one record, or None when it has none of the known shapes."""
-    if "chosen" in rec and "rejected" in rec:
-        return "preference"
-    if "answer" in rec and ("prompt" in rec or "messages" in rec):
-        return "verifiable"
-    if "label" in rec and "text" in rec:
-        return "classification"
-    if "messages" in rec:
+def eval_kind(rec: dict) -> str | None:
+    """The kind of one record as eval reads it: its DESIGN §1 kind (data.formats.record_kind), a chat record
+    whose assistant turns carry "reasoning" told apart as "reasoning"; None when it has no known shape."""
+    kind = record_kind(rec)
+    if kind == "chat":
         msgs = rec["messages"]
         if isinstance(msgs, list) and any(isinstance(m, dict) and m.get("reasoning") is not None for m in msgs):
             return "reasoning"
-        return "chat"
-    if "text" in rec:
-        return "text"
-    return None
+    return kind
 
 
 def detect_kind(data: str | os.PathLike) -> str:
@@ -92,7 +86,7 @@ def detect_kind(data: str | os.PathLike) -> str:
             return "tokens"
         raise TiaoyuError(f"{p}: is a folder but not a token folder (no meta.json); give a JSONL file or tokens/")
     for line, rec in iter_jsonl(p):
-        kind = record_kind(rec)
+        kind = eval_kind(rec)
         if kind is None:
             raise DataError(f"unknown record kind (keys {sorted(rec)}); expected one of: text, chat (messages), "
                             "verifiable (prompt, answer), preference (prompt, chosen, rejected), "
@@ -155,7 +149,7 @@ def _records(data: Path, kind: str, limit: int) -> list[tuple[int, dict]]:
 
     out = []
     for line, rec in iter_jsonl(data):
-        got = record_kind(rec)
+        got = eval_kind(rec)
         if got != kind and not {got, kind} <= {"chat", "reasoning"}:
             raise DataError(f"expected a {kind} record like the first one, got {got or 'an unknown kind'} "
                             f"(keys {sorted(rec)})", str(data), line)
