@@ -4,6 +4,8 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 TIAOYU  := $(BIN)/tiaoyu
+# test processes (pytest-xdist; each test file stays in one process, so its fixtures are built once)
+TEST_WORKERS ?= auto
 
 .PHONY: venv test demo bench clean
 
@@ -17,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: venv
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: venv
 	$(MAKE) -f recipes/tiny-cpu/Makefile all TIAOYU=$(abspath $(TIAOYU)) PYTHON=$(abspath $(BIN)/python) OUT=runs/demo

@@ -26,6 +26,8 @@ GRPO_STEPS     ?= 60
 DISTILL_STEPS  ?= 300
 REASON_STEPS   ?= 300
 REASON_RL_STEPS ?= 40
+TOOLS_STEPS    ?= 1000
+TOOLS_GRPO_STEPS ?= 30
 STUDENT  ?= --student-preset tiny --model dim=64 --model n_layers=2 --model n_heads=2 --model n_kv_heads=1 --model ffn_dim=192
 RECIPE   ?= $(dir $(firstword $(MAKEFILE_LIST)))
 RECIPES  := $(dir $(lastword $(MAKEFILE_LIST)))
@@ -34,7 +36,7 @@ steps     = $(shell $(PYTHON) -c "print(max(2, int($(1) * $(SCALE))))")
 EVALN     = $(shell $(PYTHON) -c "print(max(8, int(200 * min(1.0, $(SCALE) * 4))))")
 COMMON   := --device $(DEVICE) --seed 0 --keep 1
 
-.PHONY: all data prep tokenizer tokens pretrain sft lora reward dpo grpo distill reason reason-rl chat summary bench report clean
+.PHONY: all data prep tokenizer tokens pretrain sft lora reward dpo grpo distill reason reason-rl tools tools-direct tools-grpo chat summary bench report clean
 
 all: report
 
@@ -116,18 +118,39 @@ $(OUT)/reason-rl/latest/model.safetensors: $(OUT)/reason/latest/model.safetensor
 	  --eval-samples $(EVALN) --lr 0.00002 --rollout-batch-size 16 --batch-size 32 --grad-accum 4 \
 	  --max-steps $(call steps,$(REASON_RL_STEPS)) --eval-every $(call steps,$(REASON_RL_STEPS)/2)
 
-# 13. talk to the result
+# 13. tool use: SFT on calculator calls (held-out arithmetic answered with `--eval-tools calculator`), the
+# same questions answered directly by the same base fine-tuned without the tool, then agentic GRPO
+tools: $(OUT)/tools/latest/model.safetensors
+$(OUT)/tools/latest/model.safetensors: $(OUT)/base/latest/model.safetensors
+	$(TRAIN) sft $(OUT)/base $(D)/tools.train.jsonl -o $(OUT)/tools $(COMMON) --pack --max-len 256 \
+	  --eval-data $(D)/tools.val.jsonl --eval-tools calculator --eval-samples $(EVALN) --eval-max-new-tokens 64 \
+	  --lr 0.003 --batch-size 8 --max-steps $(call steps,$(TOOLS_STEPS)) --eval-every $(call steps,$(TOOLS_STEPS)/2)
+
+tools-direct: $(OUT)/tools-direct/latest/model.safetensors
+$(OUT)/tools-direct/latest/model.safetensors: $(OUT)/base/latest/model.safetensors
+	$(TRAIN) sft $(OUT)/base $(D)/tools-direct.train.jsonl -o $(OUT)/tools-direct $(COMMON) --pack --max-len 256 \
+	  --eval-data $(D)/tools.val.jsonl --eval-samples $(EVALN) --eval-max-new-tokens 64 \
+	  --lr 0.003 --batch-size 8 --max-steps $(call steps,$(TOOLS_STEPS)) --eval-every $(call steps,$(TOOLS_STEPS)/2)
+
+tools-grpo: $(OUT)/tools-grpo/latest/model.safetensors
+$(OUT)/tools-grpo/latest/model.safetensors: $(OUT)/tools/latest/model.safetensors
+	$(TRAIN) rlhf grpo $(OUT)/tools $(D)/tools.train.jsonl --val $(D)/tools.val.jsonl -o $(OUT)/tools-grpo $(COMMON) \
+	  --tools calculator --max-tool-calls 3 --max-new-tokens 64 --eval-size $(EVALN) --lr 0.0001 \
+	  --rollout-batch-size 8 --group-size 8 --batch-size 16 --grad-accum 4 \
+	  --max-steps $(call steps,$(TOOLS_GRPO_STEPS)) --eval-every $(call steps,$(TOOLS_GRPO_STEPS)/2)
+
+# 14. talk to the result
 chat: $(OUT)/chat.jsonl
 $(OUT)/chat.jsonl: $(OUT)/sft/latest/model.safetensors $(OUT)/reason-rl/latest/model.safetensors
 	$(TIAOYU) chat $(OUT)/sft --prompt "What is 3 + 4?" --temperature 0
 	head -n 5 $(D)/verifiable.val.jsonl | $(TIAOYU) chat $(OUT)/reason-rl --temperature 0 > $@.tmp && mv $@.tmp $@
 
-# 14. one table: stage, metric, before → after (also runs/demo/summary.json), and the loss curves
-summary: chat pretrain sft lora reward dpo grpo distill reason reason-rl
+# 15. one table: stage, metric, before → after ± standard error (also runs/demo/summary.json), and the loss curves
+summary: chat pretrain sft lora reward dpo grpo distill reason reason-rl tools tools-direct tools-grpo
 	$(PYTHON) $(RECIPES)summary.py $(OUT)
 	-$(TIAOYU) eval plot $(OUT)/base $(OUT)/sft $(OUT)/lora $(OUT)/student $(OUT)/reason -o $(OUT)/curves.png
 
-# 15. the benchmark of held-out facts (data/bench/, written by `tiaoyu synth`) on each language-model
+# 16. the benchmark of held-out facts (data/bench/, written by `tiaoyu synth`) on each language-model
 # checkpoint, then one report card: stages before → after, curves, scores, flagged drops
 BENCH_RUNS ?= base sft lora-merged dpo grpo student reason reason-rl
 REPORT_RUNS ?= base sft lora rm dpo grpo student reason reason-rl

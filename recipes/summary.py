@@ -5,11 +5,18 @@
 "Before" is the first evaluation a run logged (stages evaluate their starting model at step 0),
 "after" the last; for pretraining, "before" is the loss at step 1 (≈ ln(vocab) for a fresh model).
 Reads only metrics.jsonl files, so it works on any run folder a recipe produced.
+
+Noise. A rate (accuracy, format compliance) measured on n held-out items has the standard error
+√(p(1−p)/n) (p pulled off 0 and 1 by one pseudo-count each side); the evaluation logs n beside it
+(`answer_n`, `val_n`). The gain's standard error is √(SE_before² + SE_after²), and the column
+"gain / SE" says how many of them the change is: a row under 2 is within noise (marked ~). Losses and margins are averages over the same held-out set at
+both ends; their rows carry no standard error.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -31,6 +38,10 @@ ROWS = [
     ("reason", "reason", "format_rate", "think-format compliance"),
     ("reason --rl", "reason-rl", "val_accuracy", "held-out multi-step accuracy"),
     ("reason --rl", "reason-rl", "val_format_rate", "think-format compliance"),
+    ("tools (sft)", "tools", "answer_acc", "held-out arithmetic, with the calculator"),
+    ("tools (sft)", "tools", "tool_call_rate", "answers that called the calculator"),
+    ("tools direct", "tools-direct", "answer_acc", "the same questions answered directly"),
+    ("tools grpo", "tools-grpo", "val_accuracy", "held-out arithmetic, with the calculator"),
 ]
 
 
@@ -47,15 +58,58 @@ def read_metrics(run: Path) -> list[dict]:
     return out
 
 
-def before_after(lines: list[dict], key: str, stage: str) -> tuple[float | None, float | None]:
+def before_after(lines: list[dict], key: str, stage: str) -> tuple[dict | None, dict | None]:
+    """The first (step-0) and the last evaluation line that has `key`."""
     evals = sorted((m for m in lines if m.get("eval") and key in m), key=lambda m: m.get("step", 0))
-    after = evals[-1][key] if evals else None
+    after = evals[-1] if evals else None
     # "before" only from an evaluation of the starting model (step 0), never from a mid-run one
-    before = evals[0][key] if len(evals) > 1 and evals[0].get("step", 0) == 0 else None
+    before = evals[0] if len(evals) > 1 and evals[0].get("step", 0) == 0 else None
     if stage == "pretrain" and key == "val_loss":
         train = [m for m in lines if not m.get("eval") and "loss" in m]
-        before = train[0]["loss"] if train else None
+        before = {key: train[0]["loss"]} if train else None
     return before, after
+
+
+def row(stage: str, run: str, key: str, what: str, before: dict | None, after: dict) -> dict:
+    b, a = (before or {}).get(key), after[key]
+    r = {"stage": stage, "run": run, "metric": what, "key": key, "before": b, "after": a,
+         "se_before": None, "se_after": None, "gain_over_se": None}
+    if is_rate(key):
+        nk = count_key(key)
+        r["se_before"] = standard_error(b, (before or {}).get(nk))
+        r["se_after"] = standard_error(a, after.get(nk))
+        if b is not None and r["se_before"] is not None and r["se_after"] is not None:
+            se = math.hypot(r["se_before"], r["se_after"])
+            r["gain_over_se"] = (a - b) / se if se > 0 else (0.0 if a == b else math.copysign(math.inf, a - b))
+    return r
+
+
+def fmt_rate(v: float | None, se: float | None, key: str) -> str:
+    s = fmt(v, key)
+    return s if se is None or v is None else f"{s} ± {100 * se:.1f}"
+
+
+def fmt_z(z: float | None) -> str:
+    if z is None:
+        return ""
+    return f"{z:+.1f}" + ("" if abs(z) >= 2 else " ~")
+
+
+def count_key(key: str) -> str:
+    """The key the evaluation logs the number of items under, for a rate metric."""
+    return "val_n" if key.startswith("val_") else "answer_n"
+
+
+def is_rate(key: str) -> bool:
+    return any(s in key for s in ("acc", "rate"))
+
+
+def standard_error(p: float | None, n: float | None) -> float | None:
+    """√(p̃(1−p̃)/n) with p̃ = (pn + 1)/(n + 2): never 0 at 0 % or 100 % (Laplace's rule of succession)."""
+    if p is None or not n:
+        return None
+    q = (p * n + 1) / (n + 2)
+    return math.sqrt(q * (1 - q) / n)
 
 
 def fmt(v: float | None, key: str) -> str:
@@ -76,21 +130,23 @@ def main(out: str) -> int:
         b, a = before_after(lines, key, stage)
         if a is None:
             continue
-        rows.append({"stage": stage, "run": str(root / run), "metric": what, "key": key, "before": b, "after": a})
+        rows.append(row(stage, str(root / run), key, what, b, a))
     (root / "summary.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     try:
         from rich.console import Console
         from rich.table import Table
 
         t = Table(title=f"tiaoyu demo — {root}")
-        for col in ("stage", "metric", "before", "after"):
-            t.add_column(col, justify="right" if col in ("before", "after") else "left")
+        for col in ("stage", "metric", "before", "after", "gain / SE"):
+            t.add_column(col, justify="left" if col in ("stage", "metric") else "right")
         for r in rows:
-            t.add_row(r["stage"], r["metric"], fmt(r["before"], r["key"]), fmt(r["after"], r["key"]))
+            t.add_row(r["stage"], r["metric"], fmt_rate(r["before"], r["se_before"], r["key"]),
+                      fmt_rate(r["after"], r["se_after"], r["key"]), fmt_z(r["gain_over_se"]))
         Console().print(t)
     except ImportError:
         for r in rows:
-            print(f"{r['stage']:<12} {r['metric']:<34} {fmt(r['before'], r['key']):>8} → {fmt(r['after'], r['key'])}")
+            print(f"{r['stage']:<12} {r['metric']:<34} {fmt_rate(r['before'], r['se_before'], r['key']):>14} → "
+                  f"{fmt_rate(r['after'], r['se_after'], r['key'])}  {fmt_z(r['gain_over_se'])}")
     print(f"written {root / 'summary.json'}")
     return 0 if rows else 1
 

@@ -3,7 +3,8 @@ base model that every stage test (sft, lora, rlhf, distill, reason, eval …) st
 
 Built once per test session (about a minute on 2 cores). For development, set
 TIAOYU_TEST_CACHE=/some/dir to keep them between runs; the cache key covers the source files
-that determine them, so edits there rebuild it. CI does not set it.
+that determine them, so edits there rebuild it. CI does not set it. Under pytest-xdist (`make test`
+runs `pytest -n auto --dist loadfile`) the workers share one build in the session's temp folder.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def _build(root: Path) -> None:
 def assets(tmp_path_factory) -> Path:
     """Folder with synth/ (corpus), tok/, tokens/, base/ (tiny pretrained run; base/latest)."""
     cache = os.environ.get("TIAOYU_TEST_CACHE")
+    if not cache and os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: the workers build it once, together
+        cache = str(tmp_path_factory.getbasetemp().parent / "shared-assets")
     if not cache:
         root = tmp_path_factory.mktemp("assets")
         _build(root)

@@ -494,3 +494,35 @@ def test_search_tool_answers_from_the_retrieve_index(tmp_path):
     finally:
         T._BUILTINS.clear()
         T._BUILTINS.update(old)
+
+
+def test_tool_answer_accuracy_asks_the_question_and_scores_the_final_answer(tok, monkeypatch):
+    """SFT's `--eval-tools` eval: the prompt is the question alone (the calls are the model's to make), the
+    reference is the record's `answer`, the score is the final answer's; format_rate = answers that called."""
+    from tiaoyu_cli.data.chat import ChatDataset
+    from tiaoyu_cli.data.synth_tools import tool_records
+    from tiaoyu_cli.infer.generate import DecodedResponse
+    from tiaoyu_cli.infer.tool_loop import ToolAnswer, ToolRunner
+    from tiaoyu_cli.infer.tools import ToolCall, Toolbox
+    from tiaoyu_cli.train.answers import split_record, tool_answer_accuracy
+
+    recs = tool_records(0, 2, ("en",), "val", word_frac=0.0, digits=(3,))
+    msgs, gold = split_record(recs[0])
+    assert [m["role"] for m in msgs] == ["user"] and gold == str(recs[0]["answer"])
+    # without an `answer` field (e.g. read back from a chat dataset) the reference is the final turn
+    assert split_record({"messages": recs[0]["messages"]}) == (msgs, recs[0]["messages"][-1]["content"])
+    ds = ChatDataset(recs, tok, 256)
+    assert ds.answers == [str(r["answer"]) for r in recs]
+    seen = []
+
+    def scripted(self, convs, max_new_tokens, params, seed=None):
+        seen.extend(convs)
+        right = ToolAnswer(DecodedResponse(f"It is {recs[0]['answer']}.", None, None),
+                           calls=[ToolCall("calculator", '{"expression": "1+1"}', "2", id="call_1")])
+        return [right, ToolAnswer(DecodedResponse("7", None, None))]
+
+    monkeypatch.setattr(ToolRunner, "answer_batch", scripted)
+    rep = tool_answer_accuracy(None, tok, recs, Toolbox.from_names("calculator"))
+    assert seen == [split_record(r)[0] for r in recs]
+    assert (rep.correct, rep.total, rep.accuracy, rep.format_rate) == (1, 2, 0.5, 0.5)
+    assert rep.samples[0]["tool_calls"] == [{"name": "calculator", "arguments": '{"expression": "1+1"}', "result": "2"}]

@@ -64,6 +64,8 @@ CHAT_HELP = {
     "eval_data": "held-out records: val loss + answer accuracy by generation",
     "eval_samples": "questions of --eval-data answered at each evaluation (0 = none)",
     "eval_max_new_tokens": "most tokens per generated eval answer",
+    "eval_tools": "tools the eval answers may call, e.g. calculator (answer accuracy with tools; "
+                  "the tools' schemas stay out of the prompt, as in the bundled tool data)",
     "eval_before": "evaluate the starting model too",
     "max_len": "most tokens per record (0 = the model's max_seq_len)",
     "overflow": "longer records: truncate | skip",

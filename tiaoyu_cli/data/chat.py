@@ -188,6 +188,7 @@ class ChatDataset:
         self.examples: list[Example] = []
         self.messages: list[list[dict]] = []
         self.tools: list[list[dict] | None] = []
+        self.answers: list[str | None] = []  # a record's final `answer` field (tool-use data carries one), if any
         self.stats = ChatStats()
         if isinstance(source, (str, os.PathLike)):
             from tiaoyu_cli.data.jsonl import iter_jsonl
@@ -218,6 +219,8 @@ class ChatDataset:
             self.examples.append(ex)
             self.messages.append(msgs)
             self.tools.append(tools)
+            ans = obj.get("answer")
+            self.answers.append(str(ans) if isinstance(ans, (str, int, float)) and not isinstance(ans, bool) else None)
             self.stats.kept += 1
             self.stats.tokens += len(ex.ids)
             self.stats.loss_tokens += sum(ex.loss_mask)

@@ -180,10 +180,18 @@ def load_pairs(path: str | os.PathLike, tokenizer, max_len: int, skip_bad: bool 
 
 def load_prompts(path: str | os.PathLike, tokenizer, max_prompt_len: int, need_answer: bool = False,
                  skip_bad: bool = False, stats: dict | None = None, context_hint: str = "") -> list[PromptExample]:
-    """Read prompts (`{"prompt": …}`, optionally with `"answer"`) for generation. A prompt longer than
+    """Read prompts (`{"prompt": …}`, optionally with `"answer"`; or `{"messages", "answer"}`, whose turns
+    before the first assistant one are the prompt) for generation. A prompt longer than
     max_prompt_len tokens is an error (generation needs room for the answer). stats: as for `load_pairs`."""
 
     def read(rec: dict, name: str, line: int) -> PromptExample:
+        if "prompt" not in rec and isinstance(rec.get("messages"), list) and "answer" in rec:
+            # a chat record with its final answer (e.g. tool use): the question is what precedes the first
+            # assistant turn
+            turns = rec["messages"]
+            first = next((i for i, m in enumerate(turns) if isinstance(m, dict) and m.get("role") == "assistant"),
+                         len(turns))
+            rec = {**rec, "prompt": turns[:first]}
         msgs = prompt_messages(rec.get("prompt"), name, line)
         answer = rec.get("answer")
         if need_answer:

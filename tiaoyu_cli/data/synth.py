@@ -354,14 +354,18 @@ def write_corpus(out_dir: str | Path, cfg: SynthConfig, on_file: Callable[[str, 
             if on_file:
                 on_file(name, n)
     files.update(synth_docs.write_retrieval_files(out, g, on_file))
-    for split in ("train", "val"):  # tool use (data/synth_tools.py): calculator calls, own held-out problems
-        name = f"tools.{split}.jsonl"
-        recs = tool_records(cfg.seed, cfg.records if split == "train" else cfg.n_val(), cfg.langs(), split)
-        data = b"".join(orjson.dumps(r) + b"\n" for r in recs)
-        atomic_write_bytes(out / name, data)
-        files[name] = {"kind": "chat", "split": split, "records": len(recs), "bytes": len(data)}
-        if on_file:
-            on_file(name, len(recs))
+    # tool use (data/synth_tools.py): calculator calls, own held-out problems; tools-direct: problems of the
+    # same kind answered without the tool (the baseline a tool model is measured against)
+    for stem, plain in (("tools", False), ("tools-direct", True)):
+        for split in ("train", "val"):
+            name = f"{stem}.{split}.jsonl"
+            recs = tool_records(cfg.seed, cfg.records if split == "train" else cfg.n_val(), cfg.langs(), split,
+                                plain=plain)
+            data = b"".join(orjson.dumps(r) + b"\n" for r in recs)
+            atomic_write_bytes(out / name, data)
+            files[name] = {"kind": "chat", "split": split, "records": len(recs), "bytes": len(data)}
+            if on_file:
+                on_file(name, len(recs))
     atomic_write_bytes(out / "world.json", orjson.dumps(g.world_json(), option=orjson.OPT_INDENT_2) + b"\n")
     manifest = {
         "generator": "tiaoyu synth",

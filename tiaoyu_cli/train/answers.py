@@ -104,6 +104,15 @@ def split_record(rec: dict, name: str = "<records>", line: int = 0) -> tuple[lis
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict):
             raise DataError("expected a non-empty list of messages", name, line, "messages")
+        if any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in msgs):
+            # a tool-use record: the question is everything before the first assistant turn (the calls and
+            # their results are the model's to make), the reference is the record's `answer` (else the
+            # final assistant content)
+            first = next(i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "assistant")
+            a = rec.get("answer", msgs[-1]["content"])
+            if not isinstance(a, (str, int, float)) or isinstance(a, bool):
+                raise DataError(f"expected a string, got {type(a).__name__}", name, line, "answer")
+            return list(msgs[:first]), str(a)
         if msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str):
             raise DataError("the last message must be the assistant's reference answer", name, line, "messages")
         return list(msgs[:-1]), msgs[-1]["content"]
@@ -132,6 +141,38 @@ class AnswerReport:
 
     def __float__(self) -> float:
         return self.accuracy
+
+
+def tool_answer_accuracy(model, tokenizer, records: list[dict], toolbox, batch_size: int = 64,
+                         max_new_tokens: int = 64, max_tool_calls: int = 5, schemas_in_prompt: bool = False,
+                         name: str = "<records>") -> AnswerReport:
+    """Greedy answers with tools: each question runs in a ToolRunner (a call pauses generation, the tool's
+    result is appended, generation resumes); the final answer is scored with `is_correct`. `format_rate`
+    is the share of answers that made at least one well-formed call."""
+    from tiaoyu_cli.infer.tool_loop import ToolRunner
+
+    convs, golds = [], []
+    for i, rec in enumerate(records):
+        msgs, gold = split_record(rec, name, i + 1)
+        convs.append(msgs)
+        golds.append(gold)
+    if not convs:
+        return AnswerReport(0.0, 0, 0, 0.0)
+    runner = ToolRunner(model, tokenizer, toolbox, max_tool_calls, schemas_in_prompt)
+    greedy = SamplingParams(temperature=0.0)
+    answers = []
+    for b in range(0, len(convs), batch_size):
+        answers += runner.answer_batch([list(c) for c in convs[b:b + batch_size]], max_new_tokens, greedy)
+    samples, correct, called = [], 0, 0
+    for msgs, gold, a in zip(convs, golds, answers):
+        text = a.response.answer if a.response.answer is not None else a.response.response
+        ok = is_correct(text, gold)
+        correct += ok
+        called += any(not c.error for c in a.calls)
+        samples.append({"prompt": msgs, "response": text, "gold": gold, "correct": ok,
+                        "tool_calls": [{"name": c.name, "arguments": c.arguments, "result": c.result} for c in a.calls]})
+    n = len(golds)
+    return AnswerReport(correct / n, correct, n, called / n, samples)
 
 
 def answer_accuracy(model, tokenizer, records: list[dict], batch_size: int = 64, max_new_tokens: int = 32,

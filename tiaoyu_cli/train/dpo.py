@@ -182,7 +182,8 @@ def evaluate_dpo(model: nn.Module, pairs: list[PairExample], ref: torch.Tensor |
         loss, ch, rj = dpo_loss(pc, pr, ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing)
         m = ch - rj
         res.update({"val_loss": float(loss), "val_reward_margin": float(m.mean()),
-                    "val_reward_accuracy": float((m > 0).float().mean() + 0.5 * (m == 0).float().mean())})
+                    "val_reward_accuracy": float((m > 0).float().mean() + 0.5 * (m == 0).float().mean()),
+                    "val_n": len(m)})
     return res
 
 

@@ -38,6 +38,7 @@ class ChatOptions:
     eval_data: Optional[Path] = None
     eval_samples: int = 200
     eval_max_new_tokens: int = 32
+    eval_tools: str = ""
     eval_before: bool = True
     max_len: int = 0
     overflow: str = "truncate"
@@ -71,7 +72,7 @@ def prepare_chat(o: ChatOptions, train: TrainConfig, stage_name: str, save_as: s
                     method=o.method, virtual_tokens=o.virtual_tokens, adapter_dim=o.adapter_dim, lora_rank=o.rank,
                     lora_alpha=o.alpha, lora_dropout=o.lora_dropout, lora_targets=o.targets,
                     replay_ratio=o.replay_ratio if o.replay else 0.0, eval_samples=o.eval_samples,
-                    eval_max_new_tokens=o.eval_max_new_tokens)
+                    eval_max_new_tokens=o.eval_max_new_tokens, eval_tools=o.eval_tools)
     cfg.validate()
     lora_cfg = None
     if o.method == "lora":
@@ -96,7 +97,8 @@ def prepare_chat(o: ChatOptions, train: TrainConfig, stage_name: str, save_as: s
     eval_ds, eval_records = None, []
     if o.eval_data is not None:
         eval_ds = ChatDataset(o.eval_data, tok, max_len, overflow=o.overflow, skip_bad=o.skip_bad)
-        eval_records = [{"messages": m} for m in eval_ds.messages if m[-1]["role"] == "assistant"]
+        eval_records = [{"messages": m, **({"answer": a} if a is not None else {})}
+                        for m, a in zip(eval_ds.messages, eval_ds.answers) if m[-1]["role"] == "assistant"]
     replay = base_val = None
     if o.replay is not None:
         replay, base_val = shards_for(o.replay, tok, "--replay")

@@ -258,7 +258,7 @@ def think_metrics(report) -> dict[str, float]:
     """Answer accuracy plus the share of responses in the think format (<think>…</think>answer)."""
 
     n = max(1, len(report.samples))
-    return {"answer_acc": report.accuracy,
+    return {"answer_acc": report.accuracy, "answer_n": report.total,
             "format_rate": sum(format_ok(s["response"], require_think=True) for s in report.samples) / n}
 
 

@@ -145,7 +145,7 @@ def evaluate_pairs(model: nn.Module, pairs: list[PairExample], batch_size: int, 
     d = torch.cat(diffs)
     acc = (d > 0).float().mean() + 0.5 * (d == 0).float().mean()  # a tie counts as half right
     return {"val_accuracy": float(acc), "val_loss": float(sum(losses) / len(pairs)),
-            "val_margin": float(d.mean())}
+            "val_margin": float(d.mean()), "val_n": len(pairs)}
 
 
 # ---- scoring -------------------------------------------------------------------------------------------

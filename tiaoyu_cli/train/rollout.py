@@ -291,6 +291,7 @@ class RolloutStage(BaseStage):
             finally:
                 self.samples_per_prompt = old_spp
             res["val_accuracy"] = float(greedy.correct.mean())
+            res["val_n"] = len(ex)
             res["val_format_rate"] = float(greedy.format_ok.mean())
         elif isinstance(self.reward, VerifiableReward):
             recs = [{"prompt": e.record.get("prompt"), "answer": e.answer} for e in ex]
@@ -298,6 +299,7 @@ class RolloutStage(BaseStage):
                                   max_new_tokens=c.max_new_tokens, require_think=self.reward.require_think,
                                   prompt_suffix_ids=self.prompt_suffix_ids or None)
             res["val_accuracy"] = rep.accuracy
+            res["val_n"] = rep.total
             res["val_format_rate"] = rep.format_rate
         old_spp, self.samples_per_prompt = self.samples_per_prompt, max(1, c.eval_samples)
         try:

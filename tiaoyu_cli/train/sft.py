@@ -46,7 +46,8 @@ from tiaoyu_cli.model import lora as L
 from tiaoyu_cli.model.adapters import SoftPromptModel, strip_prefix
 from tiaoyu_cli.model.lora import load_lora_state_dict, lora_state_dict
 from tiaoyu_cli.model.transformer import ModelOutput, cross_entropy
-from tiaoyu_cli.train.answers import answer_accuracy
+from tiaoyu_cli.infer.tools import Toolbox
+from tiaoyu_cli.train.answers import answer_accuracy, tool_answer_accuracy
 from tiaoyu_cli.train.distributed import unwrap
 from tiaoyu_cli.train.lm import WindowSampler
 from tiaoyu_cli.train.sampler import EpochSampler
@@ -74,6 +75,7 @@ class SFTConfig:
     replay_seq_len: int = 0  # tokens per replay window (0 = max_len)
     eval_samples: int = 200  # questions answered by generation at each evaluation (0 = none)
     eval_max_new_tokens: int = 32
+    eval_tools: str = ""  # tools the eval answers may call (e.g. "calculator"): answer_acc with the tools
     eval_batch_size: int = 64
     base_val_windows: int = 32  # pretraining val windows for base_val_loss
 
@@ -92,6 +94,11 @@ class SFTConfig:
                 raise TiaoyuError(f"--{name.replace('_', '-')} must not be negative")
         if self.eval_max_new_tokens < 1 or self.eval_batch_size < 1 or self.base_val_windows < 1:
             raise TiaoyuError("--eval-max-new-tokens, --eval-batch-size and --base-val-windows must be positive")
+        if self.eval_tools:  # unknown names: a clear error now, not at the first evaluation
+            try:
+                Toolbox.from_names(self.eval_tools)
+            except TiaoyuError as e:
+                raise TiaoyuError(f"--eval-{str(e).removeprefix('--')}") from None
 
 
 # ---- which parameters train ------------------------------------------------------------------------
@@ -318,9 +325,17 @@ class SFTStage(BaseStage):
                 res["val_loss"] = total / n
         if self.eval_records and self.cfg.eval_samples:
             tok = self.trainer.tokenizer if hasattr(self, "trainer") else self.tokenizer
-            rep = answer_accuracy(self.generation_model(model), tok, self.eval_records[:self.cfg.eval_samples],
-                                  batch_size=self.cfg.eval_batch_size, max_new_tokens=self.cfg.eval_max_new_tokens)
+            records = self.eval_records[:self.cfg.eval_samples]
+            if self.cfg.eval_tools:
+                rep = tool_answer_accuracy(self.generation_model(model), tok, records,
+                                           Toolbox.from_names(self.cfg.eval_tools), batch_size=self.cfg.eval_batch_size,
+                                           max_new_tokens=self.cfg.eval_max_new_tokens)
+                res["tool_call_rate"] = rep.format_rate
+            else:
+                rep = answer_accuracy(self.generation_model(model), tok, records,
+                                      batch_size=self.cfg.eval_batch_size, max_new_tokens=self.cfg.eval_max_new_tokens)
             res["answer_acc"] = rep.accuracy
+            res["answer_n"] = rep.total  # questions asked: the standard error of answer_acc needs it
             self.last_answers = rep
         if self.base_val is not None:
             length = min(getattr(self, "replay_len", 0) or self.cfg.max_len or model.config.max_seq_len,
