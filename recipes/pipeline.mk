@@ -22,18 +22,19 @@ SFT_STEPS      ?= 400
 LORA_STEPS     ?= 400
 RM_STEPS       ?= 200
 DPO_STEPS      ?= 150
-GRPO_STEPS     ?= 60
+GRPO_STEPS     ?= 150
 DISTILL_STEPS  ?= 300
 REASON_STEPS   ?= 300
 REASON_RL_STEPS ?= 40
-TOOLS_STEPS    ?= 1000
+TOOLS_STEPS    ?= 1500
+TOOLS_DIRECT_STEPS ?= 600
 TOOLS_GRPO_STEPS ?= 30
 STUDENT  ?= --student-preset tiny --model dim=64 --model n_layers=2 --model n_heads=2 --model n_kv_heads=1 --model ffn_dim=192
 RECIPE   ?= $(dir $(firstword $(MAKEFILE_LIST)))
 RECIPES  := $(dir $(lastword $(MAKEFILE_LIST)))
 D        := $(OUT)/data
 steps     = $(shell $(PYTHON) -c "print(max(2, int($(1) * $(SCALE))))")
-EVALN     = $(shell $(PYTHON) -c "print(max(8, int(200 * min(1.0, $(SCALE) * 4))))")
+EVALN     = $(shell $(PYTHON) -c "print(max(8, int(400 * min(1.0, $(SCALE) * 4))))")
 COMMON   := --device $(DEVICE) --seed 0 --keep 1
 
 .PHONY: all data prep tokenizer tokens pretrain sft lora reward dpo grpo distill reason reason-rl tools tools-direct tools-grpo chat summary bench report clean
@@ -97,7 +98,7 @@ $(OUT)/dpo/latest/model.safetensors: $(OUT)/sft/latest/model.safetensors
 grpo: $(OUT)/grpo/latest/model.safetensors
 $(OUT)/grpo/latest/model.safetensors: $(OUT)/sft/latest/model.safetensors
 	$(TRAIN) rlhf grpo $(OUT)/sft $(D)/verifiable.train.jsonl --val $(D)/verifiable.val.jsonl -o $(OUT)/grpo $(COMMON) \
-	  --lr 0.0002 --max-steps $(call steps,$(GRPO_STEPS)) --eval-every $(call steps,$(GRPO_STEPS)/2)
+	  --group-size 16 --eval-size $(EVALN) --lr 0.0003 --max-steps $(call steps,$(GRPO_STEPS)) --eval-every $(call steps,$(GRPO_STEPS)/2)
 
 # 11. white-box distillation of the SFT model into a smaller student
 distill: $(OUT)/student/latest/model.safetensors
@@ -115,7 +116,7 @@ $(OUT)/reason/latest/model.safetensors: $(OUT)/sft/latest/model.safetensors
 reason-rl: $(OUT)/reason-rl/latest/model.safetensors
 $(OUT)/reason-rl/latest/model.safetensors: $(OUT)/reason/latest/model.safetensors
 	$(TRAIN) reason --rl $(OUT)/reason $(D)/verifiable.train.jsonl --eval-data $(D)/verifiable.val.jsonl -o $(OUT)/reason-rl $(COMMON) \
-	  --eval-samples $(EVALN) --lr 0.00002 --rollout-batch-size 16 --batch-size 32 --grad-accum 4 \
+	  --eval-samples $(EVALN) --lr 0.00005 --rollout-batch-size 16 --batch-size 32 --grad-accum 4 \
 	  --max-steps $(call steps,$(REASON_RL_STEPS)) --eval-every $(call steps,$(REASON_RL_STEPS)/2)
 
 # 13. tool use: SFT on calculator calls (held-out arithmetic answered with `--eval-tools calculator`), the
@@ -130,7 +131,7 @@ tools-direct: $(OUT)/tools-direct/latest/model.safetensors
 $(OUT)/tools-direct/latest/model.safetensors: $(OUT)/base/latest/model.safetensors
 	$(TRAIN) sft $(OUT)/base $(D)/tools-direct.train.jsonl -o $(OUT)/tools-direct $(COMMON) --pack --max-len 256 \
 	  --eval-data $(D)/tools.val.jsonl --eval-samples $(EVALN) --eval-max-new-tokens 64 \
-	  --lr 0.003 --batch-size 8 --max-steps $(call steps,$(TOOLS_STEPS)) --eval-every $(call steps,$(TOOLS_STEPS)/2)
+	  --lr 0.003 --batch-size 8 --max-steps $(call steps,$(TOOLS_DIRECT_STEPS)) --eval-every $(call steps,$(TOOLS_DIRECT_STEPS)/2)
 
 tools-grpo: $(OUT)/tools-grpo/latest/model.safetensors
 $(OUT)/tools-grpo/latest/model.safetensors: $(OUT)/tools/latest/model.safetensors

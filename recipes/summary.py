@@ -142,7 +142,7 @@ def main(out: str) -> int:
         for r in rows:
             t.add_row(r["stage"], r["metric"], fmt_rate(r["before"], r["se_before"], r["key"]),
                       fmt_rate(r["after"], r["se_after"], r["key"]), fmt_z(r["gain_over_se"]))
-        Console().print(t)
+        Console(width=max(Console().width, 110)).print(t)
     except ImportError:
         for r in rows:
             print(f"{r['stage']:<12} {r['metric']:<34} {fmt_rate(r['before'], r['se_before'], r['key']):>14} → "

@@ -178,20 +178,32 @@ def load_pairs(path: str | os.PathLike, tokenizer, max_len: int, skip_bad: bool 
                  "preference pairs")
 
 
+def chat_question(rec: dict) -> dict:
+    """A chat record as a question: `prompt` = the turns before its last assistant turn, whose content is
+    the `answer` — or, for a tool-use record or one with its own `answer`, the turns before the first
+    assistant turn (the calls and their results are the model's to make) and that answer."""
+    turns = rec["messages"]
+    is_assistant = [isinstance(m, dict) and m.get("role") == "assistant" for m in turns]
+    if not any(is_assistant):
+        return rec  # prompt_messages names what is missing
+    tools = any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in turns)
+    if "answer" in rec or tools:
+        cut = is_assistant.index(True)
+    else:
+        cut = len(turns) - 1 - is_assistant[::-1].index(True)
+    answer = rec["answer"] if "answer" in rec else turns[-1].get("content") if is_assistant[-1] else None
+    return {**rec, "prompt": turns[:cut], **({"answer": answer} if answer is not None else {})}
+
+
 def load_prompts(path: str | os.PathLike, tokenizer, max_prompt_len: int, need_answer: bool = False,
                  skip_bad: bool = False, stats: dict | None = None, context_hint: str = "") -> list[PromptExample]:
-    """Read prompts (`{"prompt": …}`, optionally with `"answer"`; or `{"messages", "answer"}`, whose turns
-    before the first assistant one are the prompt) for generation. A prompt longer than
+    """Read prompts (`{"prompt": …}`, optionally with `"answer"`; or chat records, see `chat_question`) for
+    generation. A prompt longer than
     max_prompt_len tokens is an error (generation needs room for the answer). stats: as for `load_pairs`."""
 
     def read(rec: dict, name: str, line: int) -> PromptExample:
-        if "prompt" not in rec and isinstance(rec.get("messages"), list) and "answer" in rec:
-            # a chat record with its final answer (e.g. tool use): the question is what precedes the first
-            # assistant turn
-            turns = rec["messages"]
-            first = next((i for i, m in enumerate(turns) if isinstance(m, dict) and m.get("role") == "assistant"),
-                         len(turns))
-            rec = {**rec, "prompt": turns[:first]}
+        if "prompt" not in rec and isinstance(rec.get("messages"), list):
+            rec = chat_question(rec)
         msgs = prompt_messages(rec.get("prompt"), name, line)
         answer = rec.get("answer")
         if need_answer:
