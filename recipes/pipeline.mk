@@ -26,7 +26,8 @@ GRPO_STEPS     ?= 150
 DISTILL_STEPS  ?= 300
 REASON_STEPS   ?= 300
 REASON_RL_STEPS ?= 40
-TOOLS_STEPS    ?= 1500
+TOOLS_STEPS    ?= 1200
+TOOLS_MORE_STEPS ?= 300
 TOOLS_DIRECT_STEPS ?= 600
 TOOLS_GRPO_STEPS ?= 30
 STUDENT  ?= --student-preset tiny --model dim=64 --model n_layers=2 --model n_heads=2 --model n_kv_heads=1 --model ffn_dim=192
@@ -119,13 +120,19 @@ $(OUT)/reason-rl/latest/model.safetensors: $(OUT)/reason/latest/model.safetensor
 	  --eval-samples $(EVALN) --lr 0.00005 --rollout-batch-size 16 --batch-size 32 --grad-accum 4 \
 	  --max-steps $(call steps,$(REASON_RL_STEPS)) --eval-every $(call steps,$(REASON_RL_STEPS)/2)
 
-# 13. tool use: SFT on calculator calls (held-out arithmetic answered with `--eval-tools calculator`), the
-# same questions answered directly by the same base fine-tuned without the tool, then agentic GRPO
+# 13. tool use: SFT on calculator calls (held-out arithmetic answered with `--eval-tools calculator`) in two
+# runs — 1,200 steps at lr 3e-3, then 300 more at 1e-3 (measured: a second short schedule at a lower rate
+# lifts it from ~75 % to ~92 %; one 1,500-step cosine reached 60 %) — the same questions answered
+# directly by the same base fine-tuned without the tool, then agentic GRPO
+TOOLS_SFT = --pack --max-len 256 --eval-data $(D)/tools.val.jsonl --eval-tools calculator --eval-samples $(EVALN) \
+	  --eval-max-new-tokens 64 --batch-size 8
 tools: $(OUT)/tools/latest/model.safetensors
-$(OUT)/tools/latest/model.safetensors: $(OUT)/base/latest/model.safetensors
-	$(TRAIN) sft $(OUT)/base $(D)/tools.train.jsonl -o $(OUT)/tools $(COMMON) --pack --max-len 256 \
-	  --eval-data $(D)/tools.val.jsonl --eval-tools calculator --eval-samples $(EVALN) --eval-max-new-tokens 64 \
-	  --lr 0.003 --batch-size 8 --max-steps $(call steps,$(TOOLS_STEPS)) --eval-every $(call steps,$(TOOLS_STEPS)/2)
+$(OUT)/tools-1/latest/model.safetensors: $(OUT)/base/latest/model.safetensors
+	$(TRAIN) sft $(OUT)/base $(D)/tools.train.jsonl -o $(OUT)/tools-1 $(COMMON) $(TOOLS_SFT) \
+	  --lr 0.003 --max-steps $(call steps,$(TOOLS_STEPS)) --eval-every $(call steps,$(TOOLS_STEPS)/2)
+$(OUT)/tools/latest/model.safetensors: $(OUT)/tools-1/latest/model.safetensors
+	$(TRAIN) sft $(OUT)/tools-1 $(D)/tools.train.jsonl -o $(OUT)/tools $(COMMON) $(TOOLS_SFT) \
+	  --lr 0.001 --max-steps $(call steps,$(TOOLS_MORE_STEPS)) --eval-every $(call steps,$(TOOLS_MORE_STEPS))
 
 tools-direct: $(OUT)/tools-direct/latest/model.safetensors
 $(OUT)/tools-direct/latest/model.safetensors: $(OUT)/base/latest/model.safetensors

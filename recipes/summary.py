@@ -38,8 +38,9 @@ ROWS = [
     ("reason", "reason", "format_rate", "think-format compliance"),
     ("reason --rl", "reason-rl", "val_accuracy", "held-out multi-step accuracy"),
     ("reason --rl", "reason-rl", "val_format_rate", "think-format compliance"),
-    ("tools (sft)", "tools", "answer_acc", "held-out arithmetic, with the calculator"),
-    ("tools (sft)", "tools", "tool_call_rate", "answers that called the calculator"),
+    ("tools (sft)", "tools-1", "answer_acc", "held-out arithmetic, with the calculator"),
+    ("tools (sft)", "tools-1", "tool_call_rate", "answers that called the calculator"),
+    ("tools (sft, +300)", "tools", "answer_acc", "held-out arithmetic, with the calculator"),
     ("tools direct", "tools-direct", "answer_acc", "the same questions answered directly"),
     ("tools grpo", "tools-grpo", "val_accuracy", "held-out arithmetic, with the calculator"),
 ]
