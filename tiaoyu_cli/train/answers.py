@@ -27,6 +27,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
+from tiaoyu_cli.data.preference import chat_question
 from tiaoyu_cli.errors import DataError
 from tiaoyu_cli.infer.generate import DEFAULT_STOP_IDS, decode_response, generate_detailed
 from tiaoyu_cli.infer.sampling import SamplingParams
@@ -107,12 +108,14 @@ def split_record(rec: dict, name: str = "<records>", line: int = 0) -> tuple[lis
         if any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in msgs):
             # a tool-use record: the question is everything before the first assistant turn (the calls and
             # their results are the model's to make), the reference is the record's `answer` (else the
-            # final assistant content)
-            first = next(i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "assistant")
-            a = rec.get("answer", msgs[-1]["content"])
+            # final assistant content) — data.preference.chat_question, which RL prompts use too
+            q = chat_question(rec)
+            if "prompt" not in q:
+                raise DataError("a tool-use record needs an assistant turn", name, line, "messages")
+            a = q.get("answer")
             if not isinstance(a, (str, int, float)) or isinstance(a, bool):
                 raise DataError(f"expected a string, got {type(a).__name__}", name, line, "answer")
-            return list(msgs[:first]), str(a)
+            return list(q["prompt"]), str(a)
         if msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str):
             raise DataError("the last message must be the assistant's reference answer", name, line, "messages")
         return list(msgs[:-1]), msgs[-1]["content"]
