@@ -436,6 +436,35 @@ def test_agentic_rollout_masks_tool_turns_and_matches_the_template(tok):
     assert ro.finish == ["tool_limit"] and ro.masks[0] == [1] * len(call)
 
 
+def test_agentic_rollout_stays_inside_the_context(tok):
+    """Each round gets only the room left in the context and a tool turn that would not fit ends the
+    conversation ("length"): nothing is cut from the left, so the RL forward sees what the sampler saw
+    (before, rows past the context were left-truncated for sampling only: log-probs off by up to 15 nats)."""
+    from tiaoyu_cli.infer.generate import GenerationResult
+    from tiaoyu_cli.infer.tool_loop import agentic_rollout, tool_turn_ids
+    from tiaoyu_cli.infer.tools import Toolbox
+
+    call = [tok.tool_call_id] + tok.encode('\n{"name": "calculator", "arguments": {"expression": "2+3"}}\n') + [
+        tok.end_tool_call_id]
+    seen = []
+
+    def fake_generate(model, prompts, n, params, stops, seed=None):
+        seen.append([(len(p), n) for p in prompts])
+        return GenerationResult([call[:n] for _ in prompts], ["stop" if n >= len(call) else "length"] * len(prompts),
+                                prompts)
+
+    short = tok.encode_chat([{"role": "user", "content": "2+3?"}], add_generation_prompt=True)[0]
+    long = tok.encode_chat([{"role": "user", "content": "2+3? " * 40}], add_generation_prompt=True)[0]
+    context = len(long) + len(call) + len(tool_turn_ids(tok, "5")) + 5  # room for one call and its result
+    ro = agentic_rollout(None, tok, Toolbox.from_names("calculator"), [short, long], 64, None, seed=0,
+                         max_tool_calls=10, generate=fake_generate, context=context)
+    assert all(L + n <= context for rnd in seen for L, n in rnd)
+    for p, r, f in zip([short, long], ro.responses, ro.finish):
+        assert len(p) + len(r) <= context and f == "length"
+    assert len(ro.calls[1]) == 1 and len(ro.calls[0]) > 1  # the shorter prompt had room for more rounds
+    assert [len(m) for m in ro.masks] == [len(r) for r in ro.responses]
+
+
 def test_agentic_grpo_rollout_layout_and_reward(tok):
     """The Rollout PPO/GRPO train on: inserted tool turns masked out; the reward reads only the last turn
     and charges failed calls."""

@@ -197,11 +197,19 @@ def tool_turn_ids(tokenizer, result: str) -> list[int]:
 
 
 def agentic_rollout(model, tokenizer, toolbox: Toolbox, prompts: list[list[int]], max_new_tokens: int, params,
-                    seed: int | None = None, max_tool_calls: int = 5, generate=generate_detailed) -> AgenticRollout:
+                    seed: int | None = None, max_tool_calls: int = 5, generate=generate_detailed,
+                    context: int | None = None) -> AgenticRollout:
     """Batched multi-turn sampling: all prompts still going are generated together each round; a round
     that ends in </tool_call> gets the call run and its tool turn appended (mask 0), then resumes.
-    `max_new_tokens` bounds each round."""
+    `max_new_tokens` bounds each round.
+
+    Every conversation stays inside the model's context (`context`, default `model.config.max_seq_len`):
+    a round gets at most the room that is left, and a conversation whose next tool turn would not fit
+    ends there (finish "length"). Nothing is ever cut from the left — the training forward must see
+    exactly what the sampler saw, or the log-probs the RL loss uses are not the ones that chose the tokens."""
     tokenizer.require_tool_tokens()
+    if context is None:
+        context = getattr(getattr(model, "config", None), "max_seq_len", None)
     stops = tool_stop_ids(tokenizer)
     n = len(prompts)
     seqs = [list(p) for p in prompts]
@@ -209,25 +217,34 @@ def agentic_rollout(model, tokenizer, toolbox: Toolbox, prompts: list[list[int]]
     active = list(range(n))
     rnd = 0
     while active:
-        res = generate(model, [seqs[i] for i in active], max_new_tokens, params, stops,
-                       seed=None if seed is None else seed + rnd)
-        rnd += 1
+        by_room: dict[int, list[int]] = {}  # rows with the same room generate together
+        for i in active:
+            room = max_new_tokens if context is None else min(max_new_tokens, context - len(seqs[i]))
+            if room >= 1:
+                by_room.setdefault(room, []).append(i)
         still = []
-        for i, toks, fin in zip(active, res.tokens, res.finish_reasons):
-            toks = list(toks)
-            out.responses[i] += toks
-            out.masks[i] += [1] * len(toks)
-            seqs[i] += toks
-            split = split_call(tokenizer, toks) if fin == "stop" else None
-            if split is None or len(out.calls[i]) >= max_tool_calls:
-                out.finish[i] = "tool_limit" if split is not None else fin
-                continue
-            call = toolbox.run_text(split[1], f"call_{len(out.calls[i]) + 1}")
-            out.calls[i].append(call)
-            turn = tool_turn_ids(tokenizer, call.result)
-            out.responses[i] += turn
-            out.masks[i] += [0] * len(turn)
-            seqs[i] += turn
-            still.append(i)
-        active = still
+        for room, rows in sorted(by_room.items(), reverse=True):
+            s = None if seed is None else seed + rnd + (0 if room == max_new_tokens else 1_000_003 * room)
+            res = generate(model, [seqs[i] for i in rows], room, params, stops, seed=s)
+            for i, toks, fin in zip(rows, res.tokens, res.finish_reasons):
+                toks = list(toks)
+                out.responses[i] += toks
+                out.masks[i] += [1] * len(toks)
+                seqs[i] += toks
+                split = split_call(tokenizer, toks) if fin == "stop" else None
+                if split is None or len(out.calls[i]) >= max_tool_calls:
+                    out.finish[i] = "tool_limit" if split is not None else fin
+                    continue
+                call = toolbox.run_text(split[1], f"call_{len(out.calls[i]) + 1}")
+                turn = tool_turn_ids(tokenizer, call.result)
+                if context is not None and len(seqs[i]) + len(turn) >= context:
+                    out.finish[i] = "length"  # no room left to read the result and answer
+                    continue
+                out.calls[i].append(call)
+                out.responses[i] += turn
+                out.masks[i] += [0] * len(turn)
+                seqs[i] += turn
+                still.append(i)
+        rnd += 1
+        active = sorted(still)
     return out
