@@ -181,6 +181,77 @@ def test_reason_rl_runs_grpo_with_think_format(base_ckpt, synth_dir, tmp_path):
     assert info["stage"] == "reason-rl"
 
 
+def _tool_trace(reasoning="Plan: step 1: 2 + 3."):
+    call = {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "2+3"}'}}
+    first = {"role": "assistant", "content": "", "tool_calls": [call]}
+    if reasoning is not None:
+        first["reasoning"] = reasoning
+    return {"messages": [{"role": "user", "content": "What is 2 + 3?"}, first,
+                         {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+                         {"role": "assistant", "content": "2 + 3 = 5"}], "answer": "5"}
+
+
+def test_tool_traces_think_before_the_first_call():
+    """A tool-use trace thinks in its first assistant turn (then calls); the final turn answers."""
+    out = normalize_trace(_tool_trace(), "t.jsonl", 3, TraceStats())
+    assert out["messages"][1]["reasoning"].startswith("Plan") and out["messages"][-1]["content"] == "2 + 3 = 5"
+    with pytest.raises(DataError, match="no reasoning") as e:
+        normalize_trace(_tool_trace(None), "t.jsonl", 3, TraceStats())
+    assert e.value.field == "messages[1]"
+    bad = _tool_trace()
+    bad["messages"] = bad["messages"][:3]  # ends on the tool result: no final answer
+    with pytest.raises(DataError):
+        normalize_trace(bad, "t.jsonl", 3, TraceStats())
+
+
+def test_synth_reasoning_tools_records_are_traces(synth_dir):
+    traces, st = load_traces(synth_dir / "reasoning-tools.train.jsonl")
+    assert len(traces) == st.records > 0
+    first = traces[0]["messages"][1]
+    assert first["tool_calls"] and first["reasoning"].strip()
+
+
+def test_reason_rl_with_tools_rolls_out_calls(base_ckpt, synth_dir, tmp_path):
+    """reason --rl --tools: agentic rollouts (the tool turns masked) with the think-format reward."""
+    from tiaoyu_cli.infer.tools import Toolbox
+    from tiaoyu_cli.train.reason import ReasonRLOptions, prepare_reason_rl, run_reason_rl
+    from tiaoyu_cli.train.rollout import ToolVerifiableReward
+
+    qs = _head(synth_dir / "reasoning-tools.train.jsonl", tmp_path / "q.jsonl", 8)
+    val = _head(synth_dir / "reasoning-tools.val.jsonl", tmp_path / "val.jsonl", 4)
+    o = ReasonRLOptions(ckpt=base_ckpt, data=qs, eval_data=val, eval_samples=4, group_size=2, rollout_batch_size=2,
+                        max_new_tokens=8, beta=0.04, format_weight=0.2, toolbox=Toolbox.from_names("calculator"),
+                        max_tool_calls=2)
+    plan = prepare_reason_rl(o, _train(tmp_path / "p", batch_size=4))
+    assert plan.stage.toolbox is o.toolbox and isinstance(plan.stage.reward, ToolVerifiableReward)
+    assert plan.stage.reward.require_think and "tools calculator" in plan.lines[0]
+    res = run_reason_rl(o, _train(tmp_path / "rl", batch_size=4), log=lambda m: None)
+    assert res["step"] == 2 and "val_accuracy" in res and "val_format_rate" in res
+
+
+def test_think_tool_reward_reads_the_first_turns_reasoning_and_the_last_turns_answer(base_ckpt):
+    from tiaoyu_cli.data.preference import PromptExample
+    from tiaoyu_cli.infer.tool_loop import tool_turn_ids
+    from tiaoyu_cli.tokenizer import Tokenizer
+    from tiaoyu_cli.train.rl_common import layout
+    from tiaoyu_cli.train.rollout import ToolVerifiableReward
+
+    tok = Tokenizer.load(base_ckpt)
+    call = [tok.tool_call_id] + tok.encode('{"name": "calculator", "arguments": {"expression": "2+3"}}') + [
+        tok.end_tool_call_id]
+    final = tok.encode("2 + 3 = 5") + [tok.im_end_id]
+    closed = tok.encode("plan") + [tok.end_think_id] + call + tool_turn_ids(tok, "5") + final
+    unclosed = tok.encode("plan") + call + tool_turn_ids(tok, "5") + final
+    wrong = tok.encode("plan") + [tok.end_think_id] + call + tool_turn_ids(tok, "5") + tok.encode("6") + [tok.im_end_id]
+    one_turn = tok.encode("plan") + [tok.end_think_id] + tok.encode("5") + [tok.im_end_id]
+    prompt = tok.encode_chat([{"role": "user", "content": "2+3?"}], add_generation_prompt=True)[0]
+    ro = layout([prompt] * 4, [closed, unclosed, wrong, one_turn])
+    r = ToolVerifiableReward(tok, format_weight=0.2, require_think=True, prefix_ids=[tok.think_id])
+    s = r([PromptExample(prompt, "5")] * 4, ro)
+    assert s.correct.tolist() == [1.0, 1.0, 0.0, 1.0] and s.format_ok.tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert r.texts([closed])[0] == "<think>plan</think>2 + 3 = 5"
+
+
 def test_cli_bad_input(base_ckpt, tmp_path, capfd):
     from tiaoyu_cli.cli.main import main
 
@@ -200,3 +271,9 @@ def test_cli_bad_input(base_ckpt, tmp_path, capfd):
     code, _, err = run("--rl", "--direct", base_ckpt, qs, "-o", tmp_path / "c", "--max-steps", "1")
     assert code == 2 and "--direct" in err
     assert not (tmp_path / "a" / "latest").exists() and not (tmp_path / "b" / "latest").exists()
+    code, _, err = run(base_ckpt, traces, "-o", tmp_path / "d", "--tools", "calculator", "--max-steps", "1")
+    assert code == 2 and "--tools is for --rl" in err
+    code, _, err = run("--rl", base_ckpt, qs, "-o", tmp_path / "e", "--eval-tools", "calculator", "--max-steps", "1")
+    assert code == 2 and "--eval-tools is for stage 1" in err
+    code, _, err = run("--rl", base_ckpt, qs, "-o", tmp_path / "f", "--tools", "calculatr", "--max-steps", "1")
+    assert code == 2 and "unknown tool 'calculatr'" in err

@@ -10,6 +10,7 @@ import typer
 from tiaoyu_cli.cli.common import train_options
 from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.infer.tools import Toolbox
 from tiaoyu_cli.train import reason as R
 from tiaoyu_cli.train.config import TrainConfig
 
@@ -19,6 +20,10 @@ Examples:
   tiaoyu reason ckpt/sft reasoning.train.jsonl -o ckpt/reason --eval-data verifiable.val.jsonl --epochs 3
 
   tiaoyu reason --rl ckpt/reason verifiable.train.jsonl -o ckpt/reason-rl --eval-data verifiable.val.jsonl --max-steps 100
+
+  # reasoning with a calculator: think, call, read the result, answer (traces with tool_calls for stage 1)
+  tiaoyu reason ckpt/sft reasoning-tools.train.jsonl -o ckpt/reason-tools --eval-data reasoning-tools.val.jsonl --max-steps 600
+  tiaoyu reason --rl ckpt/reason-tools reasoning-tools.train.jsonl -o ckpt/reason-tools-rl --tools calculator --max-steps 60
 
   tiaoyu reason ckpt/sft reasoning.train.jsonl -o ckpt/direct --direct --epochs 3      # baseline: answers only
 
@@ -58,9 +63,22 @@ def register(app: typer.Typer) -> None:
         open_think: bool = typer.Option(False, "--open-think/--no-open-think",
                                         help="--rl: put <think> after the generation prompt (the model then only "
                                              "has to close it)"),
+        eval_tools: str = typer.Option("", "--eval-tools", help="stage 1: the held-out answers may call these tools "
+                                       "(e.g. calculator), for traces that think and then call"),
+        tools: Optional[str] = typer.Option(None, "--tools", help="--rl: agentic rollouts with these tools (e.g. "
+                                            "calculator); tool results are masked out of the loss and the KL"),
+        tools_module: Optional[Path] = typer.Option(None, "--tools-module", help="--rl: a Python file of tool functions"),
+        max_tool_calls: int = typer.Option(5, "--max-tool-calls", help="--rl: most tool calls per sampled answer"),
+        tool_call_penalty: float = typer.Option(0.0, help="--rl: reward minus this per call that came back as an error"),
         *,
         train: TrainConfig,
     ) -> None:
+        if eval_tools and rl:
+            raise TiaoyuError("--eval-tools is for stage 1; with --rl, --tools makes the rollouts and the "
+                              "held-out evaluation call tools")
+        if (tools or tools_module) and not rl:
+            raise TiaoyuError("--tools is for --rl (agentic rollouts); stage 1 learns tool calls from the traces "
+                              "themselves (chat records with tool_calls)")
         if rl:
             if direct:
                 raise TiaoyuError("--direct is a stage-1 (SFT) baseline; it does not combine with --rl")
@@ -68,10 +86,12 @@ def register(app: typer.Typer) -> None:
                                   eval_max_new_tokens=eval_max_new_tokens, skip_bad=skip_bad, group_size=group_size,
                                   rollout_batch_size=rollout_batch_size,
                                   max_new_tokens=max_new_tokens, temperature=temperature, beta=beta,
-                                  format_weight=format_weight, open_think=open_think)
+                                  format_weight=format_weight, open_think=open_think,
+                                  toolbox=Toolbox.from_names(tools, tools_module) if tools or tools_module else None,
+                                  max_tool_calls=max_tool_calls, tool_call_penalty=tool_call_penalty)
             R.run_reason_rl(o, train, log=say)
         else:
             o = R.ReasonOptions(ckpt=ckpt, data=data, eval_data=eval_data, eval_samples=eval_samples,
                                 eval_max_new_tokens=eval_max_new_tokens, max_len=max_len, skip_bad=skip_bad,
-                                direct=direct, only_correct=only_correct)
+                                direct=direct, only_correct=only_correct, eval_tools=eval_tools)
             R.run_think_sft(o, train, log=say)

@@ -355,12 +355,14 @@ def write_corpus(out_dir: str | Path, cfg: SynthConfig, on_file: Callable[[str, 
                 on_file(name, n)
     files.update(synth_docs.write_retrieval_files(out, g, on_file))
     # tool use (data/synth_tools.py): calculator calls, own held-out problems; tools-direct: problems of the
-    # same kind answered without the tool (the baseline a tool model is measured against)
-    for stem, plain in (("tools", False), ("tools-direct", True)):
+    # same kind answered without the tool (the baseline a tool model is measured against); reasoning-tools:
+    # the same problems with a <think> plan before the first call (traces for `reason`, questions for
+    # `reason --rl --tools`)
+    for stem, plain, think in (("tools", False, False), ("tools-direct", True, False), ("reasoning-tools", False, True)):
         for split in ("train", "val"):
             name = f"{stem}.{split}.jsonl"
             recs = tool_records(cfg.seed, cfg.records if split == "train" else cfg.n_val(), cfg.langs(), split,
-                                plain=plain)
+                                plain=plain, think=think)
             data = b"".join(orjson.dumps(r) + b"\n" for r in recs)
             atomic_write_bytes(out / name, data)
             files[name] = {"kind": "chat", "split": split, "records": len(recs), "bytes": len(data)}

@@ -10,7 +10,9 @@ Two kinds of problem, each solved with the `calculator` tool in the OpenAI chat 
 Held out: a problem goes to val when a hash of its numbers says so (one in ten), and train never
 holds a problem val has, so val measures arithmetic the model has not seen solved. `plain=True`
 records answer directly instead (same questions, no tool): the baseline a tool model is measured
-against. With `schemas=True` records carry the calculator's schema in `tools` (rendered in the system
+against. `think=True` records (reasoning-tools.*.jsonl) open the first call turn with a short plan in
+`reasoning` — the traces `tiaoyu reason` learns to think and then call from (and `reason --rl --tools`
+questions). With `schemas=True` records carry the calculator's schema in `tools` (rendered in the system
 turn: ~550 tokens with the demo's 1k vocabulary, more than the tiny preset's whole context), so
 the bundled corpus leaves it out and models trained on it chat with `--no-tool-schemas`.
 """
@@ -86,10 +88,30 @@ def _operands(rng: random.Random, op: str, digits: tuple[int, int]) -> tuple[int
     return a, b
 
 
+EN_OP = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide"}
+ZH_OP = {"+": "加", "-": "减", "*": "乘", "/": "除"}
+
+
+def plan(lang: str, steps: list[tuple[str, str, str]]) -> str:
+    """The reasoning of a think-format tool record: what to compute, one expression per step, in order
+    (an earlier step's result is named, not computed: the calculator does that)."""
+    def name(x: str) -> str:
+        if x.startswith("r"):
+            return (f"result {x[1:]}" if lang == "en" else f"第{x[1:]}步的结果")
+        return x
+
+    if lang == "en":
+        parts = [f"step {j + 1}: {name(left)} {op} {name(right)}" for j, (left, op, right) in enumerate(steps)]
+        return "Too big to do in my head, so I use the calculator. " + "; ".join(parts) + "."
+    parts = [f"第{j + 1}步：{name(left)} {ZH_SYM[op]} {name(right)}" for j, (left, op, right) in enumerate(steps)]
+    return "数字太大，用计算器算。" + "；".join(parts) + "。"
+
+
 class _Calls:
-    def __init__(self):
+    def __init__(self, reasoning: str | None = None):
         self.messages: list[dict] = []
         self.n = 0
+        self.reasoning = reasoning  # the first call turn's <think> block (think-format records)
 
     def call(self, expression: str) -> str:
         self.n += 1
@@ -99,23 +121,26 @@ class _Calls:
             {"role": "assistant", "content": "", "tool_calls": [{"id": cid, "type": "function", "function": {
                 "name": "calculator", "arguments": json.dumps({"expression": expression}, ensure_ascii=False)}}]},
             {"role": "tool", "tool_call_id": cid, "content": result}]
+        if self.n == 1 and self.reasoning is not None:
+            self.messages[-2]["reasoning"] = self.reasoning
         return result
 
 
-def arithmetic_record(rng: random.Random, lang: str, op: str, a: int, b: int, plain: bool) -> dict:
+def arithmetic_record(rng: random.Random, lang: str, op: str, a: int, b: int, plain: bool, think: bool = False) -> dict:
     shown = f"{a} {op if lang == 'en' else ZH_SYM[op]} {b}"
     question = rng.choice(EN_ASK if lang == "en" else ZH_ASK).format(e=shown)
-    calls = _Calls()
+    calls = _Calls(plan(lang, [(str(a), op, str(b))]) if think else None)
     result = calculate(f"{a}{op}{b}") if plain else calls.call(f"{a}{op}{b}")
     answer = f"{shown} = {result}" + ("。" if lang == "zh" else "")
     return {"messages": [{"role": "user", "content": question}] + calls.messages
             + [{"role": "assistant", "content": answer}], "answer": result}
 
 
-def word_record(rng: random.Random, lang: str, k: int, nums: dict[str, int], plain: bool) -> dict:
+def word_record(rng: random.Random, lang: str, k: int, nums: dict[str, int], plain: bool, think: bool = False) -> dict:
     en_q, zh_q, steps, en_a, zh_a = WORD[k]
     name = rng.choice(EN_NAMES if lang == "en" else ZH_NAMES)
-    calls = _Calls()
+    shown = [(str(nums.get(x, x)), op, str(nums.get(y, y))) for x, op, y in steps]
+    calls = _Calls(plan(lang, shown) if think else None)
     vals: dict[str, str] = {key: str(v) for key, v in nums.items()}
     for j, (left, op, right) in enumerate(steps):
         expr = f"{vals[left]}{op}{vals[right]}"
@@ -128,7 +153,8 @@ def word_record(rng: random.Random, lang: str, k: int, nums: dict[str, int], pla
 
 
 def tool_records(seed: int, n: int, langs: tuple[str, ...], split: str, plain: bool = False,
-                 schemas: bool = False, word_frac: float = 0.3, digits: tuple[int, ...] = (3, 4)) -> list[dict]:
+                 schemas: bool = False, word_frac: float = 0.3, digits: tuple[int, ...] = (3, 4),
+                 think: bool = False) -> list[dict]:
     """`n` records of `split` ("train" or "val"); see the module docstring. Each record also keeps the
     final `answer` (a string) for grading; chat training ignores fields it does not know."""
     if split not in ("train", "val"):
@@ -149,13 +175,13 @@ def tool_records(seed: int, n: int, langs: tuple[str, ...], split: str, plain: b
             key = f"w{k}:" + ",".join(str(nums[x]) for x in "abcd")
             if _held_out(key, seed) != want_val:
                 continue
-            rec = word_record(rng, lang, k, nums, plain)
+            rec = word_record(rng, lang, k, nums, plain, think)
         else:
             op = rng.choice(OPS)
             a, b = _operands(rng, op, tuple(digits))
             if _held_out(f"{a}{op}{b}", seed) != want_val:
                 continue
-            rec = arithmetic_record(rng, lang, op, a, b, plain)
+            rec = arithmetic_record(rng, lang, op, a, b, plain, think)
         if schemas and not plain:
             rec["tools"] = [calculator_schema()]
         out.append(rec)

@@ -105,6 +105,20 @@ class GRPOStage(RolloutStage):
         return StepOutput(loss, metrics, tokens=int(ro.attention_mask.sum()))
 
 
+def use_tools(stage: GRPOStage, tok, toolbox, max_tool_calls: int = 5, call_penalty: float = 0.0) -> None:
+    """Agentic rollouts for `stage` (`--tools`): generation pauses at </tool_call>, the call runs, its result
+    joins the sequence (masked out of the loss and the KL); the verifiable reward reads the final turn
+    (and, in the think format, the first turn's reasoning)."""
+    tok.require_tool_tokens()
+    if max_tool_calls < 0:
+        raise TiaoyuError(f"--max-tool-calls must be >= 0, got {max_tool_calls}")
+    if call_penalty < 0:
+        raise TiaoyuError("--tool-call-penalty must not be negative")
+    stage.toolbox, stage.max_tool_calls = toolbox, max_tool_calls
+    stage.reward = ToolVerifiableReward(tok, stage.cfg.format_reward, call_penalty, stage.cfg.think_format,
+                                        prefix_ids=stage.prompt_suffix_ids)
+
+
 # ---- the run -------------------------------------------------------------------------------------------
 
 
@@ -126,10 +140,8 @@ def prepare_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_fr
         + (f", reference {ref or folder}" if ref_model is not None else ""))
     stage = GRPOStage(prompts, held, cfg, batch_size=train.batch_size, tokenizer=tok, ref_model=ref_model,
                       seed=train.seed)
-    if toolbox:  # agentic rollouts: tool turns masked out of the loss and the KL
-        tok.require_tool_tokens()
-        stage.toolbox, stage.max_tool_calls = toolbox, max_tool_calls
-        stage.reward = ToolVerifiableReward(tok, cfg.format_reward, tool_call_penalty)
+    if toolbox:
+        use_tools(stage, tok, toolbox, max_tool_calls, tool_call_penalty)
     return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held) and eval_before)
 
 

@@ -45,7 +45,7 @@ from tiaoyu_cli.data.preference import PromptExample, encode_prompt
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.train.answers import format_ok, is_correct, split_record
 from tiaoyu_cli.train.config import TrainConfig
-from tiaoyu_cli.train.grpo import GRPOConfig, GRPOStage
+from tiaoyu_cli.train.grpo import GRPOConfig, GRPOStage, use_tools
 from tiaoyu_cli.train.rl_common import load_policy, load_reference, prompt_room, split_holdout
 from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.sft import SFTConfig, SFTStage
@@ -120,12 +120,18 @@ def normalize_trace(rec: dict, name: str, line: int, stats: TraceStats) -> dict:
         if reasoning is not None:
             m["reasoning"], m["content"] = reasoning, answer
             stats.split_markup += 1
-    turn = msgs[last]
-    if not (turn.get("reasoning") or "").strip():
+    # the turn that thinks: the last assistant turn, or in a tool-use trace the first assistant turn after the
+    # last user message (think, then call; the turns after the tool results carry on from there)
+    users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+    start = users[-1] + 1 if users else 0
+    answer_turns = [i for i in range(start, len(msgs)) if msgs[i]["role"] == "assistant"]
+    tool_trace = any(msgs[i].get("tool_calls") for i in answer_turns)
+    think_at = answer_turns[0] if tool_trace and answer_turns else last
+    if not (msgs[think_at].get("reasoning") or "").strip():
         raise DataError("the assistant turn has no reasoning (a \"reasoning\" field, or content written as "
                         "<think>steps</think>answer): nothing to learn to think with", name, line,
-                        f"messages[{last}]")
-    if not turn["content"].strip():
+                        f"messages[{think_at}]")
+    if not (msgs[last]["content"] or "").strip() or msgs[last].get("tool_calls"):
         raise DataError("the assistant turn has reasoning but no final answer after it", name, line,
                         f"messages[{last}].content")
     return {"messages": msgs}
@@ -272,8 +278,8 @@ def make_reason_sft_stage(rows, cfg, batch_size: int, seed: int, eval_data, eval
         def evaluate(self, model: nn.Module) -> dict[str, float]:
             res = super().evaluate(model)
             rep = getattr(self, "last_answers", None)
-            if rep is not None and self.eval_records and self.cfg.eval_samples:
-                res.update(think_metrics(rep))
+            if rep is not None and self.eval_records and self.cfg.eval_samples and not self.cfg.eval_tools:
+                res.update(think_metrics(rep))  # (with --eval-tools the answers are final turns: no think block)
             return res
 
     return ReasonSFTStage(rows, cfg, batch_size, seed=seed, eval_data=eval_data, eval_records=eval_records,
@@ -291,6 +297,7 @@ class ReasonOptions:
     skip_bad: bool = False
     direct: bool = False
     only_correct: bool = False
+    eval_tools: str = ""  # tools the eval answers may call (think, call, answer): answer_acc with the tools
 
 
 def prepare_think_sft(o: ReasonOptions, train: TrainConfig) -> Plan:
@@ -310,7 +317,7 @@ def prepare_think_sft(o: ReasonOptions, train: TrainConfig) -> Plan:
     if o.eval_data is not None:
         eval_ds, eval_records = read_eval_records(o.eval_data, tok, max_len)
     cfg = SFTConfig(max_len=max_len, eval_samples=o.eval_samples if eval_records else 0,
-                    eval_max_new_tokens=o.eval_max_new_tokens)
+                    eval_max_new_tokens=o.eval_max_new_tokens, eval_tools=o.eval_tools)
     stage = make_reason_sft_stage(ds.examples, cfg, train.batch_size, train.seed, eval_ds, eval_records,
                                   info={"step": "think-sft" if not o.direct else "direct-sft", "data": str(o.data),
                                         "eval_data": str(o.eval_data) if o.eval_data else None,
@@ -342,6 +349,9 @@ class ReasonRLOptions:
     beta: float = 0.04
     format_weight: float = 0.2
     open_think: bool = False
+    toolbox: object | None = None  # infer.tools.Toolbox: agentic rollouts (--tools)
+    max_tool_calls: int = 5
+    tool_call_penalty: float = 0.0
 
 
 def question_examples(records: list[dict], tok, room: int, name: str, skip_bad: bool) -> tuple[list, int]:
@@ -387,6 +397,9 @@ def prepare_reason_rl(o: ReasonRLOptions, train: TrainConfig) -> Plan:
             f"{o.format_weight} × format; β {o.beta}")
     stage = GRPOStage(train_ex, held, cfg, batch_size=train.batch_size, tokenizer=tok, ref_model=ref, seed=train.seed)
     stage.name = "reason-rl"
+    if o.toolbox:
+        use_tools(stage, tok, o.toolbox, o.max_tool_calls, o.tool_call_penalty)
+        line += f"; tools {', '.join(o.toolbox.tools)} (at most {o.max_tool_calls} calls per answer)"
     return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held))
 
 

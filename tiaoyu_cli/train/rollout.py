@@ -71,17 +71,45 @@ class VerifiableReward:
 
 
 class ToolVerifiableReward(VerifiableReward):
-    """VerifiableReward on the final answer of an agentic rollout, minus `call_penalty` per failed call."""
+    """VerifiableReward on an agentic rollout, minus `call_penalty` per failed call. The answer is the last
+    assistant turn (a number inside a tool result is not an answer); with a think format (`reason --rl
+    --tools`) the reasoning is the first turn's <think>…</think> (opened by `prefix_ids` when the prompt
+    did), so the text scored is that block followed by the final answer."""
 
-    def __init__(self, tokenizer, format_weight: float = 0.0, call_penalty: float = 0.0):
-        super().__init__(tokenizer, format_weight)
+    def __init__(self, tokenizer, format_weight: float = 0.0, call_penalty: float = 0.0, require_think: bool = False,
+                 prefix_ids: list[int] | None = None):
+        super().__init__(tokenizer, format_weight, require_think, prefix_ids)
         self.call_penalty = call_penalty
 
+    def parts(self, responses: list[list[int]]) -> tuple[list[str], list[str]]:
+        """(text whose answer is scored, text whose format is checked) per response: both the plain reward's
+        text for a one-turn answer; after tool calls, the last turn, and the first turn's <think> block + it."""
+        scored, shaped = [], []
+        for r in responses:
+            last = last_turn(self.tok, r)
+            if len(last) == len(r):  # one turn
+                t = super().texts([r])[0]
+                scored.append(t)
+                shaped.append(t)
+                continue
+            end = self.tok.end_tool_call_id
+            first = decode_response(self.tok, self.prefix_ids + (r[:r.index(end)] if end in r else list(r)))
+            final = decode_response(self.tok, last)
+            answer = final.answer if final.answer is not None else final.response
+            think = "" if first.reasoning is None else (  # an unclosed block stays unclosed (a format failure)
+                "<think>" + first.reasoning + ("</think>" if "</think>" in first.response else ""))
+            scored.append(answer)
+            shaped.append(think + answer)
+        return scored, shaped
+
     def texts(self, responses: list[list[int]]) -> list[str]:
-        return super().texts([last_turn(self.tok, r) for r in responses])
+        return self.parts(responses)[1]
 
     def __call__(self, examples, ro: Rollout) -> Scores:
-        s = super().__call__(examples, ro)
+        scored, shaped = self.parts(ro.responses)
+        correct = torch.tensor([float(is_correct(t, ex.answer)) for t, ex in zip(scored, examples)])
+        fmt = torch.tensor([float(format_ok(t, self.require_think)) for t in shaped])
+        s = Scores(correct + self.format_weight * fmt, correct, fmt)
         calls = getattr(ro, "tool_calls", None)
         if calls is not None and self.call_penalty:
             bad = torch.tensor([float(sum(c.error for c in cs)) for cs in calls])
