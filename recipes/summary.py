@@ -96,6 +96,14 @@ def fmt_z(z: float | None) -> str:
     return f"{z:+.1f}" + ("" if abs(z) >= 2 else " ~")
 
 
+def fmt_paired(r: dict) -> str:
+    """The paired comparison of a row that has one: z of the difference on the same questions, flips each way."""
+    p = r.get("paired")
+    if not p or p.get("paired_z") is None:
+        return ""
+    return f"paired {fmt_z(p['paired_z'])} ({p['wrong_to_right']}↑ {p['right_to_wrong']}↓ of {p['n']})"
+
+
 def count_key(key: str) -> str:
     """The key the evaluation logs the number of items under, for a rate metric."""
     return "val_n" if key.startswith("val_") else "answer_n"
@@ -131,7 +139,11 @@ def main(out: str) -> int:
         b, a = before_after(lines, key, stage)
         if a is None:
             continue
-        rows.append(row(stage, str(root / run), key, what, b, a))
+        r = row(stage, str(root / run), key, what, b, a)
+        paired = root / run / "paired.json"  # recipes/paired.py: the same questions before and after, pair by pair
+        if paired.is_file():
+            r["paired"] = json.loads(paired.read_text(encoding="utf-8"))
+        rows.append(r)
     (root / "summary.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     try:
         from rich.console import Console
@@ -142,12 +154,12 @@ def main(out: str) -> int:
             t.add_column(col, justify="left" if col in ("stage", "metric") else "right")
         for r in rows:
             t.add_row(r["stage"], r["metric"], fmt_rate(r["before"], r["se_before"], r["key"]),
-                      fmt_rate(r["after"], r["se_after"], r["key"]), fmt_z(r["gain_over_se"]))
+                      fmt_rate(r["after"], r["se_after"], r["key"]), "; ".join(x for x in (fmt_z(r["gain_over_se"]), fmt_paired(r)) if x))
         Console(width=max(Console().width, 110)).print(t)
     except ImportError:
         for r in rows:
             print(f"{r['stage']:<12} {r['metric']:<34} {fmt_rate(r['before'], r['se_before'], r['key']):>14} → "
-                  f"{fmt_rate(r['after'], r['se_after'], r['key'])}  {fmt_z(r['gain_over_se'])}")
+                  f"{fmt_rate(r['after'], r['se_after'], r['key'])}  {'; '.join(x for x in (fmt_z(r['gain_over_se']), fmt_paired(r)) if x)}")
     print(f"written {root / 'summary.json'}")
     return 0 if rows else 1
 

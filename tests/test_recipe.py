@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None or not TIAOYU.exist
 def make(out: Path, *targets: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = ["make", "-f", str(RECIPE), *targets, f"OUT={out}", f"SCALE={SCALE}", f"TIAOYU={TIAOYU}",
-           f"PYTHON={sys.executable}", f"EVALN={EVALN}"]
+           f"PYTHON={sys.executable}", f"EVALN={EVALN}", "TOOLS_GRPO_PROMPTS=8"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
 
 
@@ -110,6 +110,9 @@ def test_every_metric_moves_the_right_way(demo):
     assert b == 0 and a >= 0.9, (b, a)
     assert rows[("tools direct", "answer_acc")]["after"] <= 0.10
     assert last_eval("tools-grpo")["val_kl"] > 1e-3  # agentic GRPO moved the policy
+    paired = json.loads((out / "tools-grpo" / "paired.json").read_text())
+    assert paired["n"] == EVALN and paired["wrong_to_right"] + paired["right_to_wrong"] <= EVALN
+    assert rows[("tools grpo", "val_accuracy")]["paired"]["n"] == EVALN
 
 
 @pytest.mark.slow
@@ -120,3 +123,18 @@ def test_make_skips_what_is_done(demo):
     assert p.returncode == 0, p.stderr
     assert not [line for line in p.stdout.splitlines() if line.startswith(str(TIAOYU))], p.stdout  # no command ran
     assert (out / "sft" / "latest" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_paired_comparison_by_hand():
+    """recipes/paired.py: McNemar's difference and SE, computed by hand."""
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        from paired import paired
+    finally:
+        sys.path.pop(0)
+    r = paired([True, True, False, False, True], [True, False, True, True, True])
+    assert (r["wrong_to_right"], r["right_to_wrong"], r["n"]) == (2, 1, 5)
+    assert r["diff"] == pytest.approx(0.2) and r["paired_se"] == pytest.approx((3 - 1 / 5) ** 0.5 / 5)
+    assert r["paired_z"] == pytest.approx(0.2 / ((3 - 1 / 5) ** 0.5 / 5))
+    assert r["before"] == pytest.approx(0.6) and r["after"] == pytest.approx(0.8)
+    assert paired([True, False], [True, False])["paired_z"] is None  # nothing changed: no z
