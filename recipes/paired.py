@@ -2,8 +2,9 @@
 
     python recipes/paired.py BEFORE AFTER questions.jsonl -o AFTER_RUN/paired.json [--n 400]
 
-Both checkpoints answer every question greedily through the tool loop (`sft --eval-tools`'s scorer,
-`train.answers.tool_answer_accuracy`); since the questions are the same, the noise of the difference
+Both checkpoints answer every question greedily — through the tool loop with `--tools calculator`
+(`sft --eval-tools`'s scorer, `train.answers.tool_answer_accuracy`), or plainly with `--tools none`
+(`train.answers.answer_accuracy`, the text after </think> when there is one); since the questions are the same, the noise of the difference
 is that of the questions whose outcome changed (McNemar): with w = wrong → right and r = right → wrong
 out of n, diff = (w − r)/n and its SE = √(w + r − (w − r)²/n)/n — far tighter than two independent
 standard errors when most answers stay the same. Writes one JSON object (also printed).
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("questions")
     ap.add_argument("-o", "--out")
     ap.add_argument("--n", type=int, default=400, help="first N questions")
-    ap.add_argument("--tools", default="calculator")
+    ap.add_argument("--tools", default="calculator", help="tools the answers may call, or none")
     ap.add_argument("--max-tool-calls", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args(argv)
@@ -43,16 +44,20 @@ def main(argv=None) -> int:
     from tiaoyu_cli.checkpoint import load_model, load_tokenizer
     from tiaoyu_cli.data.jsonl import read_jsonl
     from tiaoyu_cli.infer.tools import Toolbox
-    from tiaoyu_cli.train.answers import tool_answer_accuracy
+    from tiaoyu_cli.train.answers import answer_accuracy, tool_answer_accuracy
 
     recs = read_jsonl(args.questions)[: args.n]
     outcomes = []
     for ck in (args.before, args.after):
         model, folder = load_model(ck)
         model.eval()
-        rep = tool_answer_accuracy(model, load_tokenizer(folder), recs, Toolbox.from_names(args.tools),
-                                   max_new_tokens=args.max_new_tokens, max_tool_calls=args.max_tool_calls,
-                                   name=args.questions)
+        tok = load_tokenizer(folder)
+        if args.tools == "none":
+            rep = answer_accuracy(model, tok, recs, max_new_tokens=args.max_new_tokens, name=args.questions)
+        else:
+            rep = tool_answer_accuracy(model, tok, recs, Toolbox.from_names(args.tools),
+                                       max_new_tokens=args.max_new_tokens, max_tool_calls=args.max_tool_calls,
+                                       name=args.questions)
         outcomes.append([bool(s["correct"]) for s in rep.samples])
     res = {"before_ckpt": str(args.before), "after_ckpt": str(args.after), **paired(*outcomes)}
     text = json.dumps(res)

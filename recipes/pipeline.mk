@@ -97,10 +97,14 @@ $(OUT)/dpo/latest/model.safetensors: $(OUT)/sft/latest/model.safetensors
 	  --lr 0.0002 --batch-size $(BATCH) --max-steps $(call steps,$(DPO_STEPS)) --eval-every $(call steps,$(DPO_STEPS)/2)
 
 # 10. GRPO on verifiable arithmetic (held-out answer accuracy)
-grpo: $(OUT)/grpo/latest/model.safetensors
+grpo: $(OUT)/grpo/paired.json
 $(OUT)/grpo/latest/model.safetensors: $(OUT)/sft/latest/model.safetensors
 	$(TRAIN) rlhf grpo $(OUT)/sft $(D)/verifiable.train.jsonl --val $(D)/verifiable.val.jsonl -o $(OUT)/grpo $(COMMON) \
 	  --group-size 16 --eval-size $(EVALN) --lr 0.0003 --max-steps $(call steps,$(GRPO_STEPS)) --eval-every $(call steps,$(GRPO_STEPS)/2)
+
+# the same held-out questions answered greedily before and after, compared pair by pair (recipes/paired.py)
+$(OUT)/grpo/paired.json: $(OUT)/grpo/latest/model.safetensors
+	$(PYTHON) $(RECIPES)paired.py $(OUT)/sft $(OUT)/grpo $(D)/verifiable.val.jsonl --tools none --n $(EVALN) -o $@.tmp && mv $@.tmp $@
 
 # 11. white-box distillation of the SFT model into a smaller student
 distill: $(OUT)/student/latest/model.safetensors
@@ -115,11 +119,14 @@ $(OUT)/reason/latest/model.safetensors: $(OUT)/sft/latest/model.safetensors
 	$(TRAIN) reason $(OUT)/sft $(D)/reasoning.train.jsonl --eval-data $(D)/reasoning.val.jsonl -o $(OUT)/reason $(COMMON) \
 	  --eval-samples $(EVALN) --lr 0.001 --batch-size $(BATCH) --max-steps $(call steps,$(REASON_STEPS)) --eval-every $(call steps,$(REASON_STEPS)/2)
 
-reason-rl: $(OUT)/reason-rl/latest/model.safetensors
+reason-rl: $(OUT)/reason-rl/paired.json
 $(OUT)/reason-rl/latest/model.safetensors: $(OUT)/reason/latest/model.safetensors
 	$(TRAIN) reason --rl $(OUT)/reason $(D)/verifiable.train.jsonl --eval-data $(D)/verifiable.val.jsonl -o $(OUT)/reason-rl $(COMMON) \
 	  --eval-samples $(EVALN) --lr 0.00005 --rollout-batch-size 16 --batch-size 32 --grad-accum 4 \
 	  --max-steps $(call steps,$(REASON_RL_STEPS)) --eval-every $(call steps,$(REASON_RL_STEPS)/2)
+
+$(OUT)/reason-rl/paired.json: $(OUT)/reason-rl/latest/model.safetensors
+	$(PYTHON) $(RECIPES)paired.py $(OUT)/reason $(OUT)/reason-rl $(D)/verifiable.val.jsonl --tools none --n $(EVALN) -o $@.tmp && mv $@.tmp $@
 
 # 13. tool use: SFT on calculator calls (held-out arithmetic answered with `--eval-tools calculator`) in two
 # runs — 1,200 steps at lr 3e-3, then 300 more at 1e-3 (measured: a second short schedule at a lower rate

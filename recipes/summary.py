@@ -141,7 +141,7 @@ def main(out: str) -> int:
             continue
         r = row(stage, str(root / run), key, what, b, a)
         paired = root / run / "paired.json"  # recipes/paired.py: the same questions before and after, pair by pair
-        if paired.is_file():
+        if paired.is_file() and "acc" in key:  # it compares answers: only the accuracy row
             r["paired"] = json.loads(paired.read_text(encoding="utf-8"))
         rows.append(r)
     (root / "summary.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")

@@ -110,9 +110,11 @@ def test_every_metric_moves_the_right_way(demo):
     assert b == 0 and a >= 0.9, (b, a)
     assert rows[("tools direct", "answer_acc")]["after"] <= 0.10
     assert last_eval("tools-grpo")["val_kl"] > 1e-3  # agentic GRPO moved the policy
-    paired = json.loads((out / "tools-grpo" / "paired.json").read_text())
-    assert paired["n"] == EVALN and paired["wrong_to_right"] + paired["right_to_wrong"] <= EVALN
-    assert rows[("tools grpo", "val_accuracy")]["paired"]["n"] == EVALN
+    for run, stage, key in (("tools-grpo", "tools grpo", "val_accuracy"), ("grpo", "rlhf grpo", "val_accuracy"),
+                            ("reason-rl", "reason --rl", "val_accuracy")):
+        paired = json.loads((out / run / "paired.json").read_text())
+        assert paired["n"] == EVALN and paired["wrong_to_right"] + paired["right_to_wrong"] <= EVALN, run
+        assert rows[(stage, key)]["paired"]["n"] == EVALN, run
 
 
 @pytest.mark.slow
