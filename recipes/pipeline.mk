@@ -22,7 +22,7 @@ SFT_STEPS      ?= 400
 LORA_STEPS     ?= 400
 RM_STEPS       ?= 200
 DPO_STEPS      ?= 150
-GRPO_STEPS     ?= 150
+GRPO_STEPS     ?= 60
 DISTILL_STEPS  ?= 300
 REASON_STEPS   ?= 300
 REASON_RL_STEPS ?= 40
@@ -96,11 +96,14 @@ $(OUT)/dpo/latest/model.safetensors: $(OUT)/sft/latest/model.safetensors
 	$(TRAIN) rlhf dpo $(OUT)/sft $(D)/preference.train.jsonl --val $(D)/preference.val.jsonl -o $(OUT)/dpo --beta 0.1 $(COMMON) \
 	  --lr 0.0002 --batch-size $(BATCH) --max-steps $(call steps,$(DPO_STEPS)) --eval-every $(call steps,$(DPO_STEPS)/2)
 
-# 10. GRPO on verifiable arithmetic (held-out answer accuracy)
+# 10. GRPO on verifiable arithmetic (held-out answer accuracy): 16 questions × 16 answers per optimizer step
+# (measured: 4 × 16 split into four micro-steps of one group each moved 1.8 → 3.5 % in 150 steps, within
+# noise; one step per 256 answers reached 10.8 % in 60)
 grpo: $(OUT)/grpo/paired.json
 $(OUT)/grpo/latest/model.safetensors: $(OUT)/sft/latest/model.safetensors
 	$(TRAIN) rlhf grpo $(OUT)/sft $(D)/verifiable.train.jsonl --val $(D)/verifiable.val.jsonl -o $(OUT)/grpo $(COMMON) \
-	  --group-size 16 --eval-size $(EVALN) --lr 0.0003 --max-steps $(call steps,$(GRPO_STEPS)) --eval-every $(call steps,$(GRPO_STEPS)/2)
+	  --group-size 16 --rollout-batch-size 16 --batch-size 16 --grad-accum 16 --eval-size $(EVALN) --lr 0.0003 \
+	  --max-steps $(call steps,$(GRPO_STEPS)) --eval-every $(call steps,$(GRPO_STEPS)/2)
 
 # the same held-out questions answered greedily before and after, compared pair by pair (recipes/paired.py)
 $(OUT)/grpo/paired.json: $(OUT)/grpo/latest/model.safetensors
