@@ -63,10 +63,15 @@ class VerifiableReward:
     def texts(self, responses: list[list[int]]) -> list[str]:
         return [decode_response(self.tok, self.prefix_ids + list(r)).response for r in responses]
 
+    def parts(self, responses: list[list[int]]) -> tuple[list[str], list[str]]:
+        """(text whose answer is scored, text whose format is checked) per response: here both the response."""
+        texts = self.texts(responses)
+        return texts, texts
+
     def __call__(self, examples: list[PromptExample], ro: Rollout) -> Scores:
-        texts = self.texts(ro.responses)
-        correct = torch.tensor([float(is_correct(t, ex.answer)) for t, ex in zip(texts, examples)])
-        fmt = torch.tensor([float(format_ok(t, self.require_think)) for t in texts])
+        scored, shaped = self.parts(ro.responses)
+        correct = torch.tensor([float(is_correct(t, ex.answer)) for t, ex in zip(scored, examples)])
+        fmt = torch.tensor([float(format_ok(t, self.require_think)) for t in shaped])
         return Scores(correct + self.format_weight * fmt, correct, fmt)
 
 
@@ -82,8 +87,8 @@ class ToolVerifiableReward(VerifiableReward):
         self.call_penalty = call_penalty
 
     def parts(self, responses: list[list[int]]) -> tuple[list[str], list[str]]:
-        """(text whose answer is scored, text whose format is checked) per response: both the plain reward's
-        text for a one-turn answer; after tool calls, the last turn, and the first turn's <think> block + it."""
+        """One-turn answers as the plain reward reads them; after tool calls, the last turn is scored and the
+        first turn's <think> block + that answer is what the format check reads."""
         scored, shaped = [], []
         for r in responses:
             last = last_turn(self.tok, r)
@@ -106,10 +111,7 @@ class ToolVerifiableReward(VerifiableReward):
         return self.parts(responses)[1]
 
     def __call__(self, examples, ro: Rollout) -> Scores:
-        scored, shaped = self.parts(ro.responses)
-        correct = torch.tensor([float(is_correct(t, ex.answer)) for t, ex in zip(scored, examples)])
-        fmt = torch.tensor([float(format_ok(t, self.require_think)) for t in shaped])
-        s = Scores(correct + self.format_weight * fmt, correct, fmt)
+        s = super().__call__(examples, ro)
         calls = getattr(ro, "tool_calls", None)
         if calls is not None and self.call_penalty:
             bad = torch.tensor([float(sum(c.error for c in cs)) for cs in calls])
