@@ -41,30 +41,43 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args(argv)
 
-    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.errors import TiaoyuError
+
+    try:
+        res = compare(args)
+    except TiaoyuError as e:  # a wrong path, a malformed line: one line on stderr, no traceback, no file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(res)
+    print(text)
+    if args.out:
+        from tiaoyu_cli.io import atomic_write_text
+
+        atomic_write_text(Path(args.out), text + "\n")
+    return 0
+
+
+def compare(args) -> dict:
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint
     from tiaoyu_cli.data.jsonl import read_jsonl
     from tiaoyu_cli.infer.tools import Toolbox
     from tiaoyu_cli.train.answers import answer_accuracy, tool_answer_accuracy
 
+    ckpts = [resolve_checkpoint(c) for c in (args.before, args.after)]  # both exist before the slow part
+    toolbox = None if args.tools == "none" else Toolbox.from_names(args.tools)
     recs = read_jsonl(args.questions)[: args.n]
     outcomes = []
-    for ck in (args.before, args.after):
+    for ck in ckpts:
         model, folder = load_model(ck)
         model.eval()
         tok = load_tokenizer(folder)
-        if args.tools == "none":
+        if toolbox is None:
             rep = answer_accuracy(model, tok, recs, max_new_tokens=args.max_new_tokens, name=args.questions)
         else:
-            rep = tool_answer_accuracy(model, tok, recs, Toolbox.from_names(args.tools),
-                                       max_new_tokens=args.max_new_tokens, max_tool_calls=args.max_tool_calls,
-                                       name=args.questions)
+            rep = tool_answer_accuracy(model, tok, recs, toolbox, max_new_tokens=args.max_new_tokens,
+                                       max_tool_calls=args.max_tool_calls, name=args.questions)
         outcomes.append([bool(s["correct"]) for s in rep.samples])
-    res = {"before_ckpt": str(args.before), "after_ckpt": str(args.after), **paired(*outcomes)}
-    text = json.dumps(res)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    return 0
+    return {"before_ckpt": str(args.before), "after_ckpt": str(args.after), **paired(*outcomes)}
 
 
 if __name__ == "__main__":

@@ -127,13 +127,17 @@ def test_make_skips_what_is_done(demo):
     assert (out / "sft" / "latest" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_paired_comparison_by_hand():
-    """recipes/paired.py: McNemar's difference and SE, computed by hand."""
+def test_paired_comparison_by_hand(tmp_path, capsys):
+    """recipes/paired.py: McNemar's difference and SE, computed by hand; a wrong path is one error line."""
     sys.path.insert(0, str(ROOT / "recipes"))
     try:
-        from paired import paired
+        from paired import main, paired
     finally:
         sys.path.pop(0)
+    out = tmp_path / "p.json"
+    assert main([str(tmp_path / "nope"), str(tmp_path / "nope"), str(tmp_path / "q.jsonl"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "no such checkpoint" in err and "Traceback" not in err and not out.exists()
     r = paired([True, True, False, False, True], [True, False, True, True, True])
     assert (r["wrong_to_right"], r["right_to_wrong"], r["n"]) == (2, 1, 5)
     assert r["diff"] == pytest.approx(0.2) and r["paired_se"] == pytest.approx((3 - 1 / 5) ** 0.5 / 5)
