@@ -104,6 +104,11 @@ def fmt_paired(r: dict) -> str:
     return f"paired {fmt_z(p['paired_z'])} ({p['wrong_to_right']}↑ {p['right_to_wrong']}↓ of {p['n']})"
 
 
+def fmt_gain(r: dict) -> str:
+    """The "gain / SE" cell: the unpaired z, then the paired comparison where the run has one."""
+    return "; ".join(x for x in (fmt_z(r["gain_over_se"]), fmt_paired(r)) if x)
+
+
 def count_key(key: str) -> str:
     """The key the evaluation logs the number of items under, for a rate metric."""
     return "val_n" if key.startswith("val_") else "answer_n"
@@ -154,12 +159,12 @@ def main(out: str) -> int:
             t.add_column(col, justify="left" if col in ("stage", "metric") else "right")
         for r in rows:
             t.add_row(r["stage"], r["metric"], fmt_rate(r["before"], r["se_before"], r["key"]),
-                      fmt_rate(r["after"], r["se_after"], r["key"]), "; ".join(x for x in (fmt_z(r["gain_over_se"]), fmt_paired(r)) if x))
+                      fmt_rate(r["after"], r["se_after"], r["key"]), fmt_gain(r))
         Console(width=max(Console().width, 110)).print(t)
     except ImportError:
         for r in rows:
             print(f"{r['stage']:<12} {r['metric']:<34} {fmt_rate(r['before'], r['se_before'], r['key']):>14} → "
-                  f"{fmt_rate(r['after'], r['se_after'], r['key'])}  {'; '.join(x for x in (fmt_z(r['gain_over_se']), fmt_paired(r)) if x)}")
+                  f"{fmt_rate(r['after'], r['se_after'], r['key'])}  {fmt_gain(r)}")
     print(f"written {root / 'summary.json'}")
     return 0 if rows else 1
 

@@ -21,8 +21,8 @@ Examples:
 
   tiaoyu reason --rl ckpt/reason verifiable.train.jsonl -o ckpt/reason-rl --eval-data verifiable.val.jsonl --max-steps 100
 
-  # reasoning with a calculator: think, call, read the result, answer (traces with tool_calls for stage 1)
-  tiaoyu reason ckpt/sft reasoning-tools.train.jsonl -o ckpt/reason-tools --eval-data reasoning-tools.val.jsonl --max-steps 600
+  # reasoning with a calculator: think, call, read the result, answer (from a tool-SFT model; traces with tool_calls)
+  tiaoyu reason ckpt/tools reasoning-tools.train.jsonl -o ckpt/reason-tools --eval-data reasoning-tools.val.jsonl --eval-tools calculator --max-steps 300
   tiaoyu reason --rl ckpt/reason-tools reasoning-tools.train.jsonl -o ckpt/reason-tools-rl --tools calculator --max-steps 60
 
   tiaoyu reason ckpt/sft reasoning.train.jsonl -o ckpt/direct --direct --epochs 3      # baseline: answers only
