@@ -1,5 +1,8 @@
 """The decode step's inference-only transforms (fused Q/K/V and gate/up, residual inside addmm) give
-the same tokens as the model's own forward pass; they follow weight changes; LoRA falls back."""
+the same tokens as the model's own forward pass; they follow weight changes; LoRA falls back.
+
+Every test runs twice: with the numpy step (numpy_step.py, what plain fp32 models get on CPU) and with
+it switched off (`OneTokenStep`, what LoRA, MoE, autocast and GPUs get)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,15 @@ from tiaoyu_cli.infer.generate import fused_weights, generate_detailed
 from tiaoyu_cli.infer.sampling import SamplingParams
 from tiaoyu_cli.model import Transformer
 from tiaoyu_cli.model.config import ModelConfig
+from tiaoyu_cli.infer.numpy_step import NumpyStep
 from tiaoyu_cli.model.lora import LoraConfig, apply_lora
+
+
+@pytest.fixture(autouse=True, params=["numpy", "torch"])
+def step_kind(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setattr(NumpyStep, "prepare", staticmethod(lambda *a, **k: None))
+    return request.param
 
 V = 96
 PROMPTS = [[2, 10, 11, 12, 13], [2, 40], [2, 50, 60, 70, 80, 90, 9], [2, 33, 34]]

@@ -46,6 +46,7 @@ from tiaoyu_cli.infer.sampling import SamplingParams, choose, make_generator, pr
 from tiaoyu_cli.model.kv_cache import KVCache
 from tiaoyu_cli.model.moe import SwiGLU
 from tiaoyu_cli.model.transformer import Attention, Block, RMSNorm, Transformer, rope_tables
+from tiaoyu_cli.infer.numpy_step import NumpyStep  # noqa: E402  (after transformer: no cycle)
 
 EOS_ID, IM_END_ID, THINK_ID, END_THINK_ID = 3, 5, 6, 7
 DEFAULT_STOP_IDS = frozenset({EOS_ID, IM_END_ID})
@@ -297,14 +298,21 @@ def decode_steps(model, prompts: list[list[int]], max_new_tokens: int, params: S
         seen = torch.zeros(B, V, dtype=torch.bool, device=device)
         seen.scatter_(1, ids.clamp(max=V - 1), mask.bool())
     was_training = model.training
-    model.eval()
+    if was_training:  # (train()/eval() walk every module: skipped when there is nothing to change)
+        model.eval()
     try:
         with torch.inference_mode(), amp_context(device, dtype):
             cache = KVCache.for_model(model, B, L + max_new_tokens) if use_cache else None
-            logits = model(ids, attention_mask=mask, kv_cache=cache, last_only=True).logits[:, -1]  # [B, V]
             step_fn = None
-            if cache is not None and fast_decode and OneTokenStep.supports(model):
-                step_fn = OneTokenStep(model, cache, mask.sum(-1))
+            prepared = NumpyStep.prepare(model, device, not torch.is_autocast_enabled(device.type)) \
+                if cache is not None and fast_decode else None
+            if prepared is not None:  # small fp32 models on CPU: the numpy step (numpy_step.py), prompt included
+                step_fn = NumpyStep(model, cache, mask.sum(-1), prepared)
+                logits = step_fn.prefill(ids, mask)  # [B, V]
+            else:
+                logits = model(ids, attention_mask=mask, kv_cache=cache, last_only=True).logits[:, -1]  # [B, V]
+                if cache is not None and fast_decode and OneTokenStep.supports(model):
+                    step_fn = OneTokenStep(model, cache, mask.sum(-1))
             for step in range(max_new_tokens):
                 if logits.dtype != torch.float32:
                     logits = logits.float()
@@ -343,7 +351,8 @@ def decode_steps(model, prompts: list[list[int]], max_new_tokens: int, params: S
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                     logits = model(ids, attention_mask=mask, last_only=True).logits[:, -1]
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
 
 
 def generate_detailed(model, prompts: list[list[int]], max_new_tokens: int = 256, params: SamplingParams | None = None,

@@ -1,0 +1,134 @@
+"""The numpy decode step (infer/numpy_step.py) computes what the model's forward pass computes.
+
+Reference: `Transformer.forward` with the KV cache (and without it), on the same weights — logits of
+the prompt (left-padded batch) and of every decode step, tokens and log-probs of whole generations.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiaoyu_cli.infer.generate import generate_detailed
+from tiaoyu_cli.infer.numpy_step import NumpyStep, prepared_weights
+from tiaoyu_cli.infer.sampling import SamplingParams
+from tiaoyu_cli.model import Transformer
+from tiaoyu_cli.model.config import ModelConfig
+from tiaoyu_cli.model.kv_cache import KVCache
+from tiaoyu_cli.model.lora import LoraConfig, apply_lora
+
+V = 96
+CPU = torch.device("cpu")
+
+
+def make(seed: int = 0, std: float = 0.25, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = {"vocab_size": V, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 48, "max_seq_len": 64}
+    m = Transformer(ModelConfig(**{**cfg, **kw})).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if not n.endswith("norm.weight"):
+                p.normal_(0.0, std)
+            else:
+                p.uniform_(0.5, 1.5)  # norm weights that are not all ones: their folding into the products is checked
+    return m
+
+
+def reference_logits(m: Transformer, rows: list[list[int]]) -> list[torch.Tensor]:
+    """Logits [T, V] of each row alone through the model's forward pass (no cache)."""
+    with torch.no_grad():
+        return [m(torch.tensor([r])).logits[0] for r in rows]
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 1}, {"n_kv_heads": 4}, {"tie_embeddings": False}])
+def test_prefill_and_steps_equal_the_forward_pass(kw):
+    m = make(**kw)
+    prompts = [[2, 10, 11, 12, 13], [2, 40], [2, 50, 60, 70, 80, 90, 9]]
+    follow = [[7, 8, 9, 21], [33, 34, 35, 36], [44, 45, 46, 47]]  # tokens fed one step at a time
+    L = max(len(p) for p in prompts)
+    ids = torch.zeros(3, L, dtype=torch.long)
+    mask = torch.zeros(3, L, dtype=torch.long)
+    for b, p in enumerate(prompts):  # left padding, as generate does
+        ids[b, L - len(p):] = torch.tensor(p)
+        mask[b, L - len(p):] = 1
+    prep = NumpyStep.prepare(m, CPU, True)
+    assert prep is not None
+    with torch.inference_mode():
+        cache = KVCache.for_model(m, 3, L + 4)
+        step = NumpyStep(m, cache, mask.sum(-1), prep)
+        got = [step.prefill(ids, mask)]
+        for t in range(4):
+            got.append(step(torch.tensor([f[t] for f in follow])))
+    refs = reference_logits(m, [p + f for p, f in zip(prompts, follow)])
+    for b, p in enumerate(prompts):
+        for t in range(5):
+            want = refs[b][len(p) - 1 + t]
+            assert torch.allclose(got[t][b], want, atol=2e-5, rtol=1e-4), (b, t, (got[t][b] - want).abs().max())
+
+
+def test_rows_dropping_out_keep_their_cache():
+    m = make()
+    prompts = [[2, 10, 11, 12, 13], [2, 40], [2, 50, 60, 70, 80, 90, 9], [2, 33, 34]]
+    stops = (3, 5, 17, 29)  # frequent stops: rows leave the batch at different steps (KVCache.select)
+    fast = generate_detailed(m, prompts, 24, SamplingParams(0), stops, logprobs="model")
+    plain = generate_detailed(m, prompts, 24, SamplingParams(0), stops, logprobs="model", fast_decode=False)
+    assert fast.tokens == plain.tokens
+    assert len({len(t) for t in fast.tokens}) > 1  # rows did stop at different steps
+    assert max(abs(a - b) for x, y in zip(fast.logprobs, plain.logprobs) for a, b in zip(x, y)) < 1e-4
+
+
+def test_huge_attention_scores_fall_back_to_the_row_max():
+    """The step shifts scores by the query's own key score (one call less than the row max); a key scoring
+    > 88 above it overflows exp to inf — the step sees the non-finite logits and redoes itself with the max."""
+    m = make(std=0.25)
+    with torch.no_grad():
+        for b in m.model.layers:
+            b.self_attn.q_proj.weight.mul_(60.0)
+            b.self_attn.k_proj.weight.mul_(60.0)  # scores in the thousands
+    prompt = [2, 10, 11, 12, 13, 14, 15]
+    with torch.inference_mode():
+        cache = KVCache.for_model(m, 1, 12)
+        step = NumpyStep(m, cache, torch.tensor([len(prompt)]))
+        step.prefill(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long))
+        feed = [20, 21, 22, 23]
+        got = [step(torch.tensor([t])) for t in feed]
+    ref = reference_logits(m, [prompt + feed])[0]
+    for t in range(4):
+        assert torch.isfinite(got[t]).all()
+        assert torch.allclose(got[t][0], ref[len(prompt) + t], atol=1e-3, rtol=1e-3)
+
+
+def test_only_plain_fp32_rope_models_on_cpu():
+    assert NumpyStep.prepare(make(), CPU, True) is not None
+    assert NumpyStep.prepare(make(), CPU, False) is None  # autocast
+    assert NumpyStep.prepare(make(), torch.device("meta"), True) is None  # not a CPU
+    assert NumpyStep.prepare(make(position="learned"), CPU, True) is None
+    assert NumpyStep.prepare(make(n_experts=4, n_experts_per_tok=2), CPU, True) is None
+    assert NumpyStep.prepare(make().to(torch.bfloat16), CPU, True) is None
+    lora = make()
+    apply_lora(lora, LoraConfig(rank=4, targets=["q", "v"], dropout=0.0))
+    assert NumpyStep.prepare(lora, CPU, True) is None
+
+
+def test_prepared_weights_follow_the_model():
+    m = make()
+    a = prepared_weights(m)
+    assert prepared_weights(m) is a  # cached
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.weight.mul_(2.0)
+    b = prepared_weights(m)
+    assert b is not a
+    m.weights_version = 7  # the Trainer's bump after an optimizer step
+    assert prepared_weights(m) is not b
+
+
+def test_numpy_blas_follows_torch_threads():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        generate_detailed(make(), [[2, 10, 11]], 3, SamplingParams(0), [])
+        blas = [i for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
+        assert blas and all(i["num_threads"] == 1 for i in blas)
+    finally:
+        torch.set_num_threads(before)

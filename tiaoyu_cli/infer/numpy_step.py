@@ -1,0 +1,260 @@
+"""The decode step of a small fp32 model on CPU, in numpy: tokens [B] → next-token logits [B, V].
+
+Why a second implementation: on a CPU a decode step of a small model is not arithmetic but the
+cost of calling ~25 operators per layer. A torch CPU operator costs 2–50 µs to dispatch on one
+token (`F.rms_norm` alone is six operators, ~50 µs), a numpy one ~1 µs, so on the `tiny` preset
+this step runs about twice as fast as `OneTokenStep` (benchmarks/bench_decode.py measures both
+and llama.cpp). It computes the same function as `Transformer.forward` with the cache (checked in
+tests/test_numpy_step.py), on numpy views of the same KVCache tensors, so prefill (torch), this
+step and `KVCache.select` share one cache.
+
+Weights are rearranged once per model version (cached like `fused_weights`), the files never see it:
+
+    A  = [Wq/√hd ; Wk ; Wv] · diag(g1)     the attention scale folded into Wq, the norm weights g
+    GU = [−Wgate ; Wup] · diag(g2)         into the product that follows the norm; the gate's sign
+    D  = −Wdown                            lets silu(g)·u = (−g)·u / (1 + exp(−g)) take four calls
+    per layer:  x̂ = x / rms(x)
+                q‖k‖v = x̂ Aᵀ;  q‖k = q‖k·cos + swap_halves(q‖k)·(±sin)   (RoPE at the row's position)
+                cache[:, :, L] = k, v;  a = softmax(q Kᵀ + mask) V          (GQA: q grouped per KV head)
+                x = x + a Woᵀ;  x̂ = x / rms(x);  −g‖u = x̂ GUᵀ;  x = x + ((−g)·u / (1 + exp(−g))) Dᵀ
+    logits = (x / rms(x) · g_final) Wembᵀ
+
+Used by `decode_steps` for the stock dense Transformer with RoPE in fp32 on CPU (`usable`); LoRA
+wrappers, MoE layers, autocast and GPUs keep `OneTokenStep`.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from tiaoyu_cli.model.kv_cache import KVCache
+from tiaoyu_cli.model.transformer import Transformer, rope_tables
+
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BLAS_THREADS: list[int | None] = [None]
+
+
+def match_blas_threads() -> None:
+    """numpy's BLAS (OpenBLAS) gets torch's thread count — the one knob tiaoyu sets (`--threads`,
+    OMP_NUM_THREADS) — so the numpy step runs on as many cores as the torch one would. Through
+    threadpoolctl, once per change; without it numpy keeps its default."""
+    n = torch.get_num_threads()
+    if _BLAS_THREADS[0] == n:
+        return
+    _BLAS_THREADS[0] = n
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(limits=n, user_api="blas")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().contiguous().numpy()
+
+
+class Prepared(NamedTuple):
+    layers: list  # per layer (A, Woᵀ, GU, D), C-contiguous float32 [in, out]
+    final_norm: np.ndarray  # [d]
+    rot: np.ndarray  # [P, (H + Hkv)·hd/2] complex64: e^{i·pos·θ_j} for every q and k head at once
+
+
+def _rope(cfg, positions: int) -> np.ndarray:
+    cos, sin = rope_tables(cfg.head_dim, torch.arange(positions)[None], cfg.rope_theta)  # [1, P, hd], halves equal
+    half = cfg.head_dim // 2
+    rot = (cos[0, :, :half].double() + 1j * sin[0, :, :half].double()).numpy().astype(np.complex64)
+    return np.tile(rot, (1, cfg.n_heads + cfg.n_kv_heads))
+
+
+def prepared_weights(model: Transformer) -> Prepared | None:
+    """The weights rearranged for `NumpyStep` (see the module's docstring) and the rotary tables; None
+    when a weight is not fp32 or a layer is not plain (LoRA wrappers, MoE experts: `fused_weights`).
+
+    Cached per model until a weight changes (the key of `fused_weights`: tensor versions and the
+    Trainer's `weights_version`), so RL rollouts after an optimizer step decode the current policy.
+    """
+    from tiaoyu_cli.infer.generate import fused_weights
+
+    params = list(model.parameters())
+    key = (getattr(model, "weights_version", 0), tuple((id(p), p._version) for p in params))
+    hit = _PREPARED.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    out = None
+    fused = fused_weights(model)
+    if all(p.dtype == torch.float32 for p in params) and all(w is not None for ws in fused for w in ws):
+        cfg = model.config
+        H, hd = cfg.n_heads, cfg.head_dim
+        nqk = (H + cfg.n_kv_heads) * hd
+        layers = []
+        with torch.no_grad():
+            for b, (qkv, o_t, gu, down_t) in zip(model.model.layers, fused):
+                w = _np(qkv).copy()  # [(H + 2·Hkv)·hd, d]: q, k, v rows
+                w[: H * hd] *= hd ** -0.5  # the attention scale, folded into q (RoPE is linear: before it is fine)
+                w[: nqk] = w[: nqk].reshape(-1, 2, hd // 2, w.shape[1]).swapaxes(1, 2).reshape(nqk, -1)  # pairs
+                gu = _np(gu).copy()  # [2·ffn, d]: gate, up rows
+                gu[: cfg.ffn_dim] *= -1  # −gate: silu(g)·u = −(−g)·u / (1 + exp(−g)), the sign goes into D
+                layers.append((np.ascontiguousarray((w * _np(b.input_layernorm.weight)).T),
+                               np.ascontiguousarray(_np(o_t)),
+                               np.ascontiguousarray((gu * _np(b.post_attention_layernorm.weight)).T),
+                               np.ascontiguousarray(-_np(down_t))))
+        # one buffer in the order a step reads them (4 KiB-aligned): the weights stream from memory every
+        # token, and one run of addresses is what the hardware prefetcher follows best
+        sizes = [(m.size + 1023) // 1024 * 1024 for ws in layers for m in ws]
+        buf = np.empty(sum(sizes), np.float32)
+        packed, at = [], 0
+        for ws in layers:
+            views = []
+            for m in ws:
+                v = buf[at:at + m.size].reshape(m.shape)
+                v[...] = m
+                views.append(v)
+                at += (m.size + 1023) // 1024 * 1024
+            packed.append(tuple(views))
+        out = Prepared(packed, _np(model.model.norm.weight), _rope(cfg, cfg.max_seq_len))
+    _PREPARED[model] = (key, out)
+    return out
+
+
+class NumpyStep:
+    """Drop-in for `OneTokenStep` (same constructor, `select`, `__call__`) on CPU in fp32."""
+
+    def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor, prepared: Prepared | None = None):
+        cfg = model.config
+        self.model, self.cache, self.cfg = model, cache, cfg
+        self.positions = positions.cpu().numpy().astype(np.int64)  # [B] position of the next token per row
+        w = prepared or prepared_weights(model)
+        self.layers, self.final_norm = w.layers, w.final_norm
+        self.rot = w.rot if len(w.rot) >= cache.max_len else _rope(cfg, cache.max_len)
+        self.emb = model.model.embed_tokens.weight.detach().numpy()  # [V, d]
+        self.out = model.output_weight.detach().numpy()  # [V, d] (the embedding when tied)
+        self.eps = float(model.model.norm.eps)
+        self.nq, self.nv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.ones = np.ones((cache.max_len, 1), np.float32)
+        match_blas_threads()
+        self._views()
+
+    @staticmethod
+    def prepare(model, device: torch.device, exact: bool) -> Prepared | None:
+        """The prepared weights when this step can run the model — the stock dense RoPE Transformer, fp32
+        weights, plain layers, on CPU without autocast — else None."""
+        from tiaoyu_cli.infer.generate import OneTokenStep
+
+        if device.type == "cpu" and exact and OneTokenStep.supports(model) and model.config.position == "rope":
+            return prepared_weights(model)
+        return None
+
+    def _views(self) -> None:
+        cache = self.cache
+        # per layer (K, V) [B, Hkv, P, hd]: numpy views of the cache's tensors (K holds this step's pair order)
+        self.kv = list(zip(cache.k.numpy(), cache.v.numpy()))
+        km = cache.key_mask.cpu().numpy()
+        self.padded = not km[:, :cache.length].all()
+        self.neg = np.where(km, np.float32(0), np.float32(-np.inf))[:, None, None, :]  # [B, 1, 1, P]
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.cache.select(keep)
+        self.positions = self.positions[keep.cpu().numpy()]
+        self._views()
+
+    def _rms(self, x: np.ndarray) -> np.ndarray:
+        """x / rms(x) per row (the norm weight is folded into the next product)."""
+        if x.shape[0] == 1:  # one row: the scale as a Python float (two numpy calls instead of five)
+            return x * (1.0 / math.sqrt(float(np.dot(x[0], x[0])) / x.shape[1] + self.eps))
+        ms = np.einsum("bd,bd->b", x, x) / x.shape[1]
+        return x * (1.0 / np.sqrt(ms + self.eps))[:, None]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One new token per row: tokens [B] → logits [B, V]."""
+        B = tokens.shape[0]
+        pos = self.positions
+        neg = self.neg[:, :, :, :self.cache.length + 1] if self.padded else None
+        ids = tokens.numpy()
+        logits = self._forward(self.emb[ids], self.rot[pos], neg, B, 1)  # (x: a fresh copy)
+        if not math.isfinite(float(np.add.reduce(logits, axis=None))):  # inf/NaN: redo with the row max (see _layers)
+            self.cache.length -= 1
+            logits = self._forward(self.emb[ids], self.rot[pos], neg, B, 1, shift_own=False)
+        self.positions = pos + 1
+        return torch.from_numpy(logits)
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The prompt into an empty cache: ids, mask [B, T] (1 = token, left padding 0) → last logits [B, V].
+
+        What `Transformer.forward(ids, attention_mask=mask, kv_cache=cache, last_only=True)` computes:
+        padding does not advance positions, a query sees the earlier non-padding keys and itself.
+        """
+        cache = self.cache
+        if cache.length:
+            raise ValueError("NumpyStep.prefill needs an empty cache")
+        B, T = ids.shape
+        km = mask.bool().cpu().numpy()
+        cache.key_mask[:, :T] = mask.bool()
+        pos = np.maximum(km.cumsum(-1) - 1, 0)  # [B, T]
+        j = np.arange(T)
+        see = (j[None, :] <= j[:, None])[None] & km[:, None, :] | np.eye(T, dtype=bool)[None]  # [B, T(query), T(key)]
+        neg = np.where(see, np.float32(0), np.float32(-np.inf))  # [B, T, T]
+        g = self.cfg.n_heads // self.cfg.n_kv_heads
+        neg = np.tile(neg[:, None], (1, 1, g, 1)) if g > 1 else neg[:, None]  # [B, 1, g·T, T]: query rows (head, t)
+        x = self.emb[ids.cpu().numpy().reshape(-1)]  # [B·T, d]
+        flat = pos.reshape(-1)
+        logits = torch.from_numpy(self._forward(x, self.rot[flat], neg, B, T, shift_own=False))
+        self.positions = km.sum(-1).astype(np.int64)
+        self._views()
+        return logits
+
+    def _forward(self, x: np.ndarray, rot: np.ndarray, neg: np.ndarray | None, B: int, T: int,
+                 shift_own: bool = True) -> np.ndarray:
+        """x [B·T, d] (row b·T + t) at cache columns L … L+T−1 → logits [B, V] of each row's last position."""
+        cache = self.cache
+        L = cache.length
+        with np.errstate(over="ignore", invalid="ignore"):  # exp(−gate) may overflow: silu is then −0; an
+            # overflow in attention gives NaN, which __call__ catches
+            x = self._layers(x, rot, neg, B, T, L, shift_own)
+        cache.length = L + T
+        if T > 1:
+            x = x[T - 1::T]  # the last position of every row
+        return (self._rms(x) * self.final_norm) @ self.out.T
+
+    def _layers(self, x, rot, neg, B: int, T: int, L: int, shift_own: bool = True) -> np.ndarray:
+        cfg = self.cfg
+        hd, Hkv = cfg.head_dim, cfg.n_kv_heads
+        g = cfg.n_heads // Hkv
+        nq, nv = self.nq, self.nv
+        nqk, F, N, S = nq + nv, cfg.ffn_dim, B * T, L + T
+        for (A, Wo, GU, Wd), (K, V) in zip(self.layers, self.kv):
+            y = self._rms(x) @ A  # [N, q‖k‖v], q and k with each head's pairs (x_j, x_j+hd/2) side by side
+            qk = (y[:, :nqk].view(np.complex64) * rot).view(np.float32)  # RoPE: x_j + i·x_j+hd/2 times e^{i·pos·θ_j}
+            if T == 1:
+                K[:, :, L] = qk[:, nq:].reshape(B, Hkv, hd)
+                V[:, :, L] = y[:, nqk:].reshape(B, Hkv, hd)
+                q = qk[:, :nq].reshape(B, Hkv, g, hd)
+            else:
+                K[:, :, L:S] = qk[:, nq:].reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3)
+                V[:, :, L:S] = y[:, nqk:].reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3)
+                q = qk[:, :nq].reshape(B, T, Hkv, g, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, g * T, hd)
+            s = q @ K[:, :, :S].swapaxes(-1, -2)  # [B, Hkv, g·T, S] (scale already in q)
+            if neg is not None:
+                s += neg
+            if T == 1 and shift_own:  # softmax is shift-invariant: the query's own (newest) key scores 0, so
+                s -= s[..., -1:]  # the sum is ≥ 1 (no underflow) and one call is saved; a key > 88 above
+            else:  # the own key overflows to inf → NaN, which `__call__` catches and redoes with the row max
+                s -= np.maximum.reduce(s, axis=-1, keepdims=True)  # (ufunc methods skip ndarray.max's wrapper)
+            np.exp(s, out=s)
+            a = s @ V[:, :, :S]  # [B, Hkv, g·T, hd]
+            a /= s @ self.ones[:S]  # the row sums as a product (cheaper than a reduction here)
+            if T > 1:
+                a = a.reshape(B, Hkv, g, T, hd).transpose(0, 3, 1, 2, 4)
+            x += a.reshape(N, nq) @ Wo
+            gu = self._rms(x) @ GU  # [N, 2·ffn]
+            ng, up = gu[:, :F], gu[:, F:]  # −gate, up
+            act = ng * up
+            np.exp(ng, out=ng)
+            ng += 1.0
+            act /= ng
+            x += act @ Wd  # Wd = −Wdown
+        return x
