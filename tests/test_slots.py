@@ -1,6 +1,7 @@
 """Continuous-batching slots (infer/slots.py): rows that join, decode and leave at different times
 compute exactly what each sequence computes alone (the model's full forward pass), for every
-position scheme and for grouped-query attention."""
+position scheme and for grouped-query attention — with the numpy step (plain fp32 RoPE models on CPU)
+and with the torch one (`SlotStep`: everything else)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,13 @@ def model_for(position: str, moe: bool = False) -> Transformer:
     return Transformer(cfg).eval()
 
 
-@pytest.mark.parametrize("position,moe", [("rope", False), ("learned", False), ("sinusoidal", False), ("rope", True)])
-def test_rows_joining_and_leaving_match_the_full_forward(position, moe):
+@pytest.mark.parametrize("position,moe,kind", [("rope", False, "numpy"), ("rope", False, "torch"), ("learned", False, "torch"),
+                                               ("sinusoidal", False, "torch"), ("rope", True, "torch")])
+def test_rows_joining_and_leaving_match_the_full_forward(position, moe, kind, monkeypatch):
+    from tiaoyu_cli.infer.numpy_step import NumpyStep
+
+    if kind == "torch":
+        monkeypatch.setattr(NumpyStep, "prepare", staticmethod(lambda *a, **k: None))
     model = model_for(position, moe)
     rng = random.Random(0)
     seqs: dict[int, list[int]] = {}  # sequence id → its tokens so far
@@ -29,6 +35,7 @@ def test_rows_joining_and_leaving_match_the_full_forward(position, moe):
     last: dict[int, torch.Tensor] = {}
     with torch.inference_mode():
         slots = SlotBatch(model, capacity=4, max_len=64)
+        assert (slots.prepared is not None) == (kind == "numpy")
         next_id = 0
         for step in range(40):
             # sometimes a new sequence joins (if a slot is free)

@@ -1,26 +1,29 @@
-"""The decode step of a small fp32 model on CPU, in numpy: tokens [B] → next-token logits [B, V].
+"""The forward pass of a small fp32 model on CPU for generation, in numpy: the prompt into the KV cache,
+then one token per step (tokens [B] → next-token logits [B, V]).
 
-Why a second implementation: on a CPU a decode step of a small model is not arithmetic but the
-cost of calling ~25 operators per layer. A torch CPU operator costs 2–50 µs to dispatch on one
-token (`F.rms_norm` alone is six operators, ~50 µs), a numpy one ~1 µs, so on the `tiny` preset
-this step runs about twice as fast as `OneTokenStep` (benchmarks/bench_decode.py measures both
-and llama.cpp). It computes the same function as `Transformer.forward` with the cache (checked in
-tests/test_numpy_step.py), on numpy views of the same KVCache tensors, so prefill (torch), this
-step and `KVCache.select` share one cache.
+Why a second implementation: on a CPU a decode step of a small model is not arithmetic but the cost
+of calling ~25 operators per layer plus reading the weights. A torch CPU operator costs 2–50 µs to
+dispatch on one token (`F.rms_norm` alone is six operators, ~50 µs), a numpy one 1–3 µs, so on the
+`tiny` preset this runs ~1.5–2× `OneTokenStep` (benchmarks/bench_decode.py measures both, transformers
+and llama.cpp). It computes what `Transformer.forward` computes with the cache (tests/test_numpy_step.py
+compares logits, tokens and log-probs), on numpy views of the KVCache tensors, so `KVCache.select`
+(rows that finished leave the batch) works unchanged; the cached keys hold this step's pair order, so
+a cache filled here is read here.
 
-Weights are rearranged once per model version (cached like `fused_weights`), the files never see it:
+The weights are rearranged once per model version (cached like `fused_weights`; files never see it):
 
-    A  = [Wq/√hd ; Wk ; Wv] · diag(g1)     the attention scale folded into Wq, the norm weights g
-    GU = [−Wgate ; Wup] · diag(g2)         into the product that follows the norm; the gate's sign
-    D  = −Wdown                            lets silu(g)·u = (−g)·u / (1 + exp(−g)) take four calls
+    A  = [P·Wq/√hd ; P·Wk ; Wv] · diag(g1)   P puts each head's rotary pairs (x_j, x_j+hd/2) side by side,
+    GU = [−Wgate ; Wup] · diag(g2)           the attention scale goes into Wq, the norm weights g into
+    D  = −Wdown                              the product after the norm, the gate's sign into D
     per layer:  x̂ = x / rms(x)
-                q‖k‖v = x̂ Aᵀ;  q‖k = q‖k·cos + swap_halves(q‖k)·(±sin)   (RoPE at the row's position)
-                cache[:, :, L] = k, v;  a = softmax(q Kᵀ + mask) V          (GQA: q grouped per KV head)
+                q‖k‖v = x̂ Aᵀ
+                q‖k as complex numbers z_j = x_j + i·x_j+hd/2, times e^{i·pos·θ_j}   (RoPE: one product)
+                cache[:, :, L] = k, v;  a = softmax(q Kᵀ + mask) V           (GQA: q grouped per KV head)
                 x = x + a Woᵀ;  x̂ = x / rms(x);  −g‖u = x̂ GUᵀ;  x = x + ((−g)·u / (1 + exp(−g))) Dᵀ
     logits = (x / rms(x) · g_final) Wembᵀ
 
-Used by `decode_steps` for the stock dense Transformer with RoPE in fp32 on CPU (`usable`); LoRA
-wrappers, MoE layers, autocast and GPUs keep `OneTokenStep`.
+Used by `decode_steps` for the stock dense RoPE Transformer with fp32 weights on CPU without autocast
+(`NumpyStep.prepare`); LoRA wrappers, MoE layers, autocast and GPUs keep `OneTokenStep`.
 """
 
 from __future__ import annotations
@@ -182,11 +185,12 @@ class NumpyStep:
         self.positions = pos + 1
         return torch.from_numpy(logits)
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The prompt into an empty cache: ids, mask [B, T] (1 = token, left padding 0) → last logits [B, V].
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, last: list[int] | None = None) -> torch.Tensor:
+        """The prompt into an empty cache: ids, mask [B, T] (1 = token, 0 = padding) → logits [B, V] at column
+        `last[b]` of each row (default T − 1: left padding, as generate pads; slots pad on the right).
 
-        What `Transformer.forward(ids, attention_mask=mask, kv_cache=cache, last_only=True)` computes:
-        padding does not advance positions, a query sees the earlier non-padding keys and itself.
+        What `Transformer.forward(ids, attention_mask=mask, kv_cache=cache)` computes: padding does not
+        advance positions, a query sees the earlier non-padding keys and itself.
         """
         cache = self.cache
         if cache.length:
@@ -202,34 +206,56 @@ class NumpyStep:
         neg = np.tile(neg[:, None], (1, 1, g, 1)) if g > 1 else neg[:, None]  # [B, 1, g·T, T]: query rows (head, t)
         x = self.emb[ids.cpu().numpy().reshape(-1)]  # [B·T, d]
         flat = pos.reshape(-1)
-        logits = torch.from_numpy(self._forward(x, self.rot[flat], neg, B, T, shift_own=False))
+        logits = torch.from_numpy(self._forward(x, self.rot[flat], neg, B, T, shift_own=False, last=last))
         self.positions = km.sum(-1).astype(np.int64)
         self._views()
         return logits
 
     def _forward(self, x: np.ndarray, rot: np.ndarray, neg: np.ndarray | None, B: int, T: int,
-                 shift_own: bool = True) -> np.ndarray:
+                 shift_own: bool = True, last: list[int] | None = None) -> np.ndarray:
         """x [B·T, d] (row b·T + t) at cache columns L … L+T−1 → logits [B, V] of each row's last position."""
         cache = self.cache
         L = cache.length
         with np.errstate(over="ignore", invalid="ignore"):  # exp(−gate) may overflow: silu is then −0; an
             # overflow in attention gives NaN, which __call__ catches
-            x = self._layers(x, rot, neg, B, T, L, shift_own)
+            x = self._layers(x, rot, neg, B, T, L, self.kv, shift_own)
         cache.length = L + T
-        if T > 1:
-            x = x[T - 1::T]  # the last position of every row
+        if T > 1:  # the last position of every row
+            x = x[T - 1::T] if last is None else x[np.arange(B) * T + np.asarray(last)]
+        return self._head(x)
+
+    def _head(self, x: np.ndarray) -> np.ndarray:
         return (self._rms(x) * self.final_norm) @ self.out.T
 
-    def _layers(self, x, rot, neg, B: int, T: int, L: int, shift_own: bool = True) -> np.ndarray:
+    def slot_step(self, tokens: np.ndarray, pos: np.ndarray, width: int) -> torch.Tensor:
+        """Continuous batching (infer/slots.py): rows 0 … n−1 of the cache, each at its own length — token
+        [n] goes to column pos[r] of row r, which sees columns 0 … pos[r]; width = max(pos) + 1."""
+        B = len(tokens)
+        neg = None
+        if B > 1 and (pos != width - 1).any():
+            neg = np.where(np.arange(width)[None, :] > pos[:, None], np.float32(-np.inf), np.float32(0))[:, None, None]
+        kv = [(K[:B], V[:B]) for K, V in self.kv]
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = self._layers(self.emb[tokens], self.rot[pos], neg, B, 1, width - 1, kv, False, cols=pos)
+        return torch.from_numpy(self._head(x))
+
+    def _layers(self, x, rot, neg, B: int, T: int, L: int, kv: list, shift_own: bool = True,
+                cols: np.ndarray | None = None) -> np.ndarray:
+        """The blocks on x [B·T, d]: T new columns L … L+T−1 of every row, or (T = 1, `cols`) column cols[r] of row r."""
         cfg = self.cfg
         hd, Hkv = cfg.head_dim, cfg.n_kv_heads
         g = cfg.n_heads // Hkv
         nq, nv = self.nq, self.nv
         nqk, F, N, S = nq + nv, cfg.ffn_dim, B * T, L + T
-        for (A, Wo, GU, Wd), (K, V) in zip(self.layers, self.kv):
+        rows = np.arange(B) if cols is not None else None
+        for (A, Wo, GU, Wd), (K, V) in zip(self.layers, kv):
             y = self._rms(x) @ A  # [N, q‖k‖v], q and k with each head's pairs (x_j, x_j+hd/2) side by side
             qk = (y[:, :nqk].view(np.complex64) * rot).view(np.float32)  # RoPE: x_j + i·x_j+hd/2 times e^{i·pos·θ_j}
-            if T == 1:
+            if cols is not None:  # each row at its own column
+                K[rows, :, cols] = qk[:, nq:].reshape(B, Hkv, hd)
+                V[rows, :, cols] = y[:, nqk:].reshape(B, Hkv, hd)
+                q = qk[:, :nq].reshape(B, Hkv, g, hd)
+            elif T == 1:
                 K[:, :, L] = qk[:, nq:].reshape(B, Hkv, hd)
                 V[:, :, L] = y[:, nqk:].reshape(B, Hkv, hd)
                 q = qk[:, :nq].reshape(B, Hkv, g, hd)

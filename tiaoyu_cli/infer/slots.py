@@ -24,10 +24,12 @@ model's full forward pass).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tiaoyu_cli.infer.generate import OneTokenStep
+from tiaoyu_cli.infer.numpy_step import NumpyStep
 from tiaoyu_cli.model.kv_cache import KVCache
 
 
@@ -92,7 +94,12 @@ class SlotBatch:
         self.cache = KVCache.for_model(model, capacity, max_len)
         self.device = self.cache.k.device
         self.lengths: list[int] = []  # tokens stored in each active row
-        self.step_fn = SlotStep(model, self.cache)
+        # plain fp32 models on CPU: prompts and steps in numpy (numpy_step.py); else the torch step
+        self.prepared = NumpyStep.prepare(model, self.device, not torch.is_autocast_enabled(self.device.type))
+        if self.prepared is not None:
+            self.np_step = NumpyStep(model, self.cache, torch.zeros(capacity, dtype=torch.long), self.prepared)
+        else:
+            self.step_fn = SlotStep(model, self.cache)
 
     @property
     def n(self) -> int:
@@ -124,7 +131,10 @@ class SlotBatch:
         view.key_mask = torch.ones(k, self.max_len, dtype=torch.bool, device=self.device)
         view.length, view.max_len = 0, self.max_len
         ids, mask = ids.to(self.device), mask.to(self.device)
-        if k == 1:  # no padding: the logits of the last position only
+        if self.prepared is not None:  # (its cached keys are in the numpy step's order: both sides use it)
+            step = NumpyStep(self.model, view, mask.sum(-1), self.prepared)
+            logits = step.prefill(ids, mask, last=[len(p) - 1 for p in prompts])
+        elif k == 1:  # no padding: the logits of the last position only
             logits = self.model(ids, kv_cache=view, last_only=True).logits[:, -1]
         else:  # the final hidden state at each row's last real token, then the LM head on those alone
             h = self.model(ids, attention_mask=mask, kv_cache=view, compute_logits=False).hidden
@@ -140,9 +150,13 @@ class SlotBatch:
             raise ValueError(f"{len(tokens)} tokens for {n} active rows")
         if max(self.lengths) >= self.max_len:
             raise ValueError("a row is full")
-        t = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
-        pos = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
-        logits = self.step_fn(t, pos, max(self.lengths) + 1)
+        width = max(self.lengths) + 1
+        if self.prepared is not None:
+            logits = self.np_step.slot_step(np.asarray(tokens, dtype=np.int64), np.asarray(self.lengths), width)
+        else:
+            t = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+            pos = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
+            logits = self.step_fn(t, pos, width)
         self.lengths = [x + 1 for x in self.lengths]
         return logits
 
