@@ -122,13 +122,28 @@ def test_prepared_weights_follow_the_model():
     assert prepared_weights(m) is not b
 
 
-def test_numpy_blas_follows_torch_threads():
+def test_when_the_numpy_step_runs_and_on_how_many_blas_threads():
+    """One row: numpy, BLAS on torch's threads; several: numpy on one BLAS thread only for narrow models at
+    one torch thread or ≤ 4 rows (the measured crossovers), else torch."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads() -> set[int]:
+        return {i["num_threads"] for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"}
+
     before = torch.get_num_threads()
+    narrow, wide = make(), make(dim=320, n_heads=4, n_kv_heads=2)
     try:
+        torch.set_num_threads(2)
+        generate_detailed(narrow, [[2, 10, 11]], 3, SamplingParams(0), [])
+        assert blas_threads() == {2}
+        generate_detailed(narrow, [[2, 10, 11], [2, 12]], 3, SamplingParams(0), [])
+        assert blas_threads() == {1}
+        assert NumpyStep.prepare(wide, CPU, True, 1) is not None
+        assert NumpyStep.prepare(wide, CPU, True, 2) is None
+        assert NumpyStep.prepare(narrow, CPU, True, 4) is not None
+        assert NumpyStep.prepare(narrow, CPU, True, 16) is None  # torch's two threads win there
         torch.set_num_threads(1)
-        generate_detailed(make(), [[2, 10, 11]], 3, SamplingParams(0), [])
-        blas = [i for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
-        assert blas and all(i["num_threads"] == 1 for i in blas)
+        assert NumpyStep.prepare(narrow, CPU, True, 64) is not None
+        assert NumpyStep.prepare(wide, CPU, True, 4) is None
     finally:
         torch.set_num_threads(before)

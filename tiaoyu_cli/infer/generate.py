@@ -304,7 +304,7 @@ def decode_steps(model, prompts: list[list[int]], max_new_tokens: int, params: S
         with torch.inference_mode(), amp_context(device, dtype):
             cache = KVCache.for_model(model, B, L + max_new_tokens) if use_cache else None
             step_fn = None
-            prepared = NumpyStep.prepare(model, device, not torch.is_autocast_enabled(device.type)) \
+            prepared = NumpyStep.prepare(model, device, not torch.is_autocast_enabled(device.type), B) \
                 if cache is not None and fast_decode else None
             if prepared is not None:  # small fp32 models on CPU: the numpy step (numpy_step.py), prompt included
                 step_fn = NumpyStep(model, cache, mask.sum(-1), prepared)

@@ -39,22 +39,24 @@ from tiaoyu_cli.model.kv_cache import KVCache
 from tiaoyu_cli.model.transformer import Transformer, rope_tables
 
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_BLAS_THREADS: list[int | None] = [None]
+_BLAS: dict = {"libs": None, "threads": None}
 
 
-def match_blas_threads() -> None:
-    """numpy's BLAS (OpenBLAS) gets torch's thread count — the one knob tiaoyu sets (`--threads`,
-    OMP_NUM_THREADS) — so the numpy step runs on as many cores as the torch one would. Through
-    threadpoolctl, once per change; without it numpy keeps its default."""
-    n = torch.get_num_threads()
-    if _BLAS_THREADS[0] == n:
+def set_blas_threads(n: int) -> None:
+    """Threads of numpy's BLAS (OpenBLAS), through threadpoolctl's handle on the loaded library (found
+    once per process; setting is one C call). Without threadpoolctl numpy keeps its default."""
+    if _BLAS["threads"] == n:
         return
-    _BLAS_THREADS[0] = n
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return
-    threadpool_limits(limits=n, user_api="blas")
+    _BLAS["threads"] = n
+    if _BLAS["libs"] is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _BLAS["libs"] = []
+            return
+        _BLAS["libs"] = ThreadpoolController().select(user_api="blas").lib_controllers
+    for lib in _BLAS["libs"]:
+        lib.set_num_threads(n)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -139,18 +141,29 @@ class NumpyStep:
         self.eps = float(model.model.norm.eps)
         self.nq, self.nv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.ones = np.ones((cache.max_len, 1), np.float32)
-        match_blas_threads()
+        # one row: matrix-vector products, which read the weights faster on torch's thread count (small:
+        # 1.8× with 2 threads); several rows: one thread — OpenBLAS splitting a [4, 128] × [128, 448]
+        # product over 2 threads was measured 4× slower than one
+        set_blas_threads(torch.get_num_threads() if cache.k.shape[1] == 1 else 1)
         self._views()
 
     @staticmethod
-    def prepare(model, device: torch.device, exact: bool) -> Prepared | None:
-        """The prepared weights when this step can run the model — the stock dense RoPE Transformer, fp32
-        weights, plain layers, on CPU without autocast — else None."""
+    def prepare(model, device: torch.device, exact: bool, batch: int = 1) -> Prepared | None:
+        """The prepared weights when this step should run the model, else None (`OneTokenStep` runs it).
+
+        It can run the stock dense RoPE Transformer with fp32 weights and plain layers on CPU without
+        autocast. It should where it was measured faster (benchmarks/RESULTS.md, "decode: the numpy
+        step"): one row always (tiny 1.7×, small 1.1× at one thread, 1.8× at two); several
+        rows only for a narrow model (dim ≤ 256) and at one torch thread or ≤ 4 rows — a wide model's
+        batched products, or torch's second thread on 16 rows, are faster in torch.
+        """
         from tiaoyu_cli.infer.generate import OneTokenStep
 
-        if device.type == "cpu" and exact and OneTokenStep.supports(model) and model.config.position == "rope":
-            return prepared_weights(model)
-        return None
+        if device.type != "cpu" or not exact or not OneTokenStep.supports(model) or model.config.position != "rope":
+            return None
+        if batch > 1 and not (model.config.dim <= 256 and (torch.get_num_threads() == 1 or batch <= 4)):
+            return None
+        return prepared_weights(model)
 
     def _views(self) -> None:
         cache = self.cache

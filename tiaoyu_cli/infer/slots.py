@@ -95,7 +95,7 @@ class SlotBatch:
         self.device = self.cache.k.device
         self.lengths: list[int] = []  # tokens stored in each active row
         # plain fp32 models on CPU: prompts and steps in numpy (numpy_step.py); else the torch step
-        self.prepared = NumpyStep.prepare(model, self.device, not torch.is_autocast_enabled(self.device.type))
+        self.prepared = NumpyStep.prepare(model, self.device, not torch.is_autocast_enabled(self.device.type), capacity)
         if self.prepared is not None:
             self.np_step = NumpyStep(model, self.cache, torch.zeros(capacity, dtype=torch.long), self.prepared)
         else:
