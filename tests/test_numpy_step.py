@@ -40,21 +40,22 @@ def reference_logits(m: Transformer, rows: list[list[int]]) -> list[torch.Tensor
         return [m(torch.tensor([r])).logits[0] for r in rows]
 
 
+@pytest.mark.parametrize("rows", [3, 1])  # a padded batch; one row (its own loop: `_one_row`)
 @pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 1}, {"n_kv_heads": 4}, {"tie_embeddings": False}])
-def test_prefill_and_steps_equal_the_forward_pass(kw):
+def test_prefill_and_steps_equal_the_forward_pass(kw, rows):
     m = make(**kw)
-    prompts = [[2, 10, 11, 12, 13], [2, 40], [2, 50, 60, 70, 80, 90, 9]]
-    follow = [[7, 8, 9, 21], [33, 34, 35, 36], [44, 45, 46, 47]]  # tokens fed one step at a time
-    L = max(len(p) for p in prompts)
-    ids = torch.zeros(3, L, dtype=torch.long)
-    mask = torch.zeros(3, L, dtype=torch.long)
+    prompts = [[2, 50, 60, 70, 80, 90, 9], [2, 10, 11, 12, 13], [2, 40]][:rows]
+    follow = [[44, 45, 46, 47], [7, 8, 9, 21], [33, 34, 35, 36]][:rows]  # tokens fed one step at a time
+    B, L = rows, max(len(p) for p in prompts)
+    ids = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.long)
     for b, p in enumerate(prompts):  # left padding, as generate does
         ids[b, L - len(p):] = torch.tensor(p)
         mask[b, L - len(p):] = 1
     prep = NumpyStep.prepare(m, CPU, True)
     assert prep is not None
     with torch.inference_mode():
-        cache = KVCache.for_model(m, 3, L + 4)
+        cache = KVCache.for_model(m, B, L + 4)
         step = NumpyStep(m, cache, mask.sum(-1), prep)
         got = [step.prefill(ids, mask)]
         for t in range(4):

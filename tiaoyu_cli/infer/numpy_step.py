@@ -191,7 +191,10 @@ class NumpyStep:
         pos = self.positions
         neg = self.neg[:, :, :, :self.cache.length + 1] if self.padded else None
         ids = tokens.numpy()
-        logits = self._forward(self.emb[ids], self.rot[pos], neg, B, 1)  # (x: a fresh copy)
+        if B == 1 and neg is None:  # chat, batch-1 benchmarks: the same loop without the batch axis (~12 % less time)
+            logits = self._one_row(int(ids[0]), int(pos[0]))
+        else:
+            logits = self._forward(self.emb[ids], self.rot[pos], neg, B, 1)  # (x: a fresh copy)
         if not math.isfinite(float(np.add.reduce(logits, axis=None))):  # inf/NaN: redo with the row max (see _layers)
             self.cache.length -= 1
             logits = self._forward(self.emb[ids], self.rot[pos], neg, B, 1, shift_own=False)
@@ -236,6 +239,38 @@ class NumpyStep:
         if T > 1:  # the last position of every row
             x = x[T - 1::T] if last is None else x[np.arange(B) * T + np.asarray(last)]
         return self._head(x)
+
+    def _one_row(self, token: int, pos: int) -> np.ndarray:
+        """`_forward` for one row and one token, on vectors: a third fewer numpy calls per layer (no batch
+        axis to reshape around), which is most of what a step of a small model costs. Logits [1, V]."""
+        cfg, cache, eps = self.cfg, self.cache, self.eps
+        hd, Hkv = cfg.head_dim, cfg.n_kv_heads
+        g, nq, nv, F = cfg.n_heads // Hkv, self.nq, self.nv, cfg.ffn_dim
+        nqk, L = nq + nv, cache.length
+        S, rot, x = L + 1, self.rot[pos], self.emb[token].copy()  # x [d]
+        d, ones = x.shape[0], self.ones[:S]
+        with np.errstate(over="ignore", invalid="ignore"):  # see _forward
+            for (A, Wo, GU, Wd), (K, V) in zip(self.layers, self.kv):
+                K, V = K[0], V[0]  # [Hkv, P, hd]
+                y = (x * (1.0 / math.sqrt(float(x @ x) / d + eps))) @ A
+                qk = (y[:nqk].view(np.complex64) * rot).view(np.float32)  # RoPE
+                K[:, L] = qk[nq:].reshape(Hkv, hd)
+                V[:, L] = y[nqk:].reshape(Hkv, hd)
+                s = qk[:nq].reshape(Hkv, g, hd) @ K[:, :S].transpose(0, 2, 1)  # [Hkv, g, S]
+                s -= s[:, :, -1:]  # the own key's score (see _layers)
+                np.exp(s, out=s)
+                a = s @ V[:, :S]
+                a /= s @ ones
+                x += a.reshape(nq) @ Wo
+                gu = (x * (1.0 / math.sqrt(float(x @ x) / d + eps))) @ GU
+                ng = gu[:F]  # −gate
+                act = ng * gu[F:]
+                np.exp(ng, out=ng)
+                ng += 1.0
+                act /= ng
+                x += act @ Wd
+        cache.length = S
+        return self._head(x[None])
 
     def _head(self, x: np.ndarray) -> np.ndarray:
         return (self._rms(x) * self.final_norm) @ self.out.T
