@@ -3,7 +3,9 @@
     python benchmarks/bench_decode.py                       # tiny preset, 1 thread, 128 new tokens
     python benchmarks/bench_decode.py --preset small --threads 2
 
-A random model of the chosen preset is saved with `save_model_files` and loaded by
+Ours is `tiaoyu_cli.infer.generate` as users get it: on CPU in fp32 that is the numpy step
+(infer/numpy_step.py) for the prompt and every new token. A random model of the chosen preset is
+saved with `save_model_files` and loaded by
 transformers' LlamaForCausalLM (or MixtralForCausalLM for moe-* presets) from that folder, so
 both sides run the very same weights in fp32. Both decode greedily with a KV cache
 (`use_cache=True`), batch 1, a fixed number of new tokens (stop tokens are ignored on both
