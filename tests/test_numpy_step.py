@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tiaoyu_cli.infer.generate import generate_detailed
-from tiaoyu_cli.infer.numpy_step import NumpyStep, prepared_weights
+from tiaoyu_cli.infer import numpy_step
+from tiaoyu_cli.infer.numpy_step import NumpyStep, c_kernel, prepared_weights
 from tiaoyu_cli.infer.sampling import SamplingParams
 from tiaoyu_cli.model import Transformer
 from tiaoyu_cli.model.config import ModelConfig
@@ -40,9 +41,21 @@ def reference_logits(m: Transformer, rows: list[list[int]]) -> list[torch.Tensor
         return [m(torch.tensor([r])).logits[0] for r in rows]
 
 
-@pytest.mark.parametrize("rows", [3, 1])  # a padded batch; one row (its own loop: `_one_row`)
+@pytest.fixture(params=["c", "numpy"])
+def one_row(request, monkeypatch):
+    """One row runs the compiled step (decode_kernel.c) when a C compiler built it, else `_one_row`."""
+    if request.param == "c":
+        if c_kernel() is None:
+            pytest.skip("no C compiler here: the compiled step is not built")
+    else:
+        monkeypatch.setitem(numpy_step._C, "fn", None)
+        monkeypatch.setitem(numpy_step._C, "tried", True)
+    return request.param
+
+
+@pytest.mark.parametrize("rows", [3, 1])  # a padded batch; one row (its own loop, or the compiled step)
 @pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 1}, {"n_kv_heads": 4}, {"tie_embeddings": False}])
-def test_prefill_and_steps_equal_the_forward_pass(kw, rows):
+def test_prefill_and_steps_equal_the_forward_pass(kw, rows, one_row):
     m = make(**kw)
     prompts = [[2, 50, 60, 70, 80, 90, 9], [2, 10, 11, 12, 13], [2, 40]][:rows]
     follow = [[44, 45, 46, 47], [7, 8, 9, 21], [33, 34, 35, 36]][:rows]  # tokens fed one step at a time
@@ -78,7 +91,7 @@ def test_rows_dropping_out_keep_their_cache():
     assert max(abs(a - b) for x, y in zip(fast.logprobs, plain.logprobs) for a, b in zip(x, y)) < 1e-4
 
 
-def test_huge_attention_scores_fall_back_to_the_row_max():
+def test_huge_attention_scores_fall_back_to_the_row_max(one_row):
     """The step shifts scores by the query's own key score (one call less than the row max); a key scoring
     > 88 above it overflows exp to inf — the step sees the non-finite logits and redoes itself with the max."""
     m = make(std=0.25)
@@ -148,3 +161,39 @@ def test_when_the_numpy_step_runs_and_on_how_many_blas_threads():
         assert NumpyStep.prepare(wide, CPU, True, 4) is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_compiled_step_matches_and_a_missing_compiler_falls_back(tmp_path, monkeypatch):
+    """With the C step: the same tokens and log-probs as the forward pass over a long answer. Without a
+    compiler (CC pointing nowhere, nothing cached): c_kernel() is None and generation still works."""
+    m = make()
+    plain = generate_detailed(m, [[2, 10, 11, 12]], 40, SamplingParams(0), [], logprobs="model", fast_decode=False)
+    if c_kernel() is not None:
+        got = generate_detailed(m, [[2, 10, 11, 12]], 40, SamplingParams(0), [], logprobs="model")
+        assert got.tokens == plain.tokens
+        assert max(abs(a - b) for a, b in zip(got.logprobs[0], plain.logprobs[0])) < 1e-4
+    monkeypatch.setitem(numpy_step._C, "tried", False)
+    monkeypatch.setitem(numpy_step._C, "fn", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(numpy_step.shutil, "which", lambda name: None)
+    assert c_kernel() is None
+    assert not any(tmp_path.rglob("*.so"))
+    again = generate_detailed(m, [[2, 10, 11, 12]], 40, SamplingParams(0), [], logprobs="model")
+    assert again.tokens == plain.tokens
+
+
+def test_a_failed_build_leaves_no_file_and_falls_back(tmp_path, monkeypatch):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'cc: error' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setitem(numpy_step._C, "tried", False)
+    monkeypatch.setitem(numpy_step._C, "fn", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(fake))
+    assert c_kernel() is None
+    assert list((tmp_path / "cache" / "tiaoyu").iterdir()) == []  # the half-built file is gone
+    monkeypatch.setitem(numpy_step._C, "tried", False)
+    monkeypatch.setenv("TIAOYU_C_KERNEL", "0")
+    monkeypatch.delenv("CC")
+    assert c_kernel() is None  # switched off
