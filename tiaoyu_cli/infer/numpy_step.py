@@ -231,10 +231,10 @@ class NumpyStep:
         # one row: the compiled step (1.3–1.45× the numpy loop on tiny; on a wide model level with it at one
         # thread, while numpy's BLAS on two threads is 1.7× faster there)
         one_thread_enough = self.cfg.dim <= 256 or torch.get_num_threads() == 1
-        self.c_args = self._c_args() if cache.k.shape[1] == 1 and one_thread_enough and c_kernel() is not None else None
+        self.c_args = self._c_args() if one_thread_enough and c_kernel() is not None else None  # (row 0 of the cache)
 
-    def _c_args(self) -> tuple:
-        """The compiled step's constant arguments for this cache (one row): dims and a pointer table."""
+    def _c_args(self) -> tuple | None:
+        """The compiled step's constant arguments for row 0 of this cache: dims and a pointer table."""
         cfg, (K0, V0) = self.cfg, self.kv[0]
         if not (self.emb.flags.c_contiguous and self.out.flags.c_contiguous and K0.flags.c_contiguous):
             return None
@@ -269,10 +269,7 @@ class NumpyStep:
         neg = self.neg[:, :, :, :self.cache.length + 1] if self.padded else None
         ids = tokens.numpy()
         if B == 1 and neg is None and self.c_args is not None:  # one row: the compiled step, if built
-            dims, ptrs, _keep, rot, rot_stride, emb, emb_stride = self.c_args
-            logits = np.empty((1, self.cfg.vocab_size), np.float32)
-            c_kernel()(dims, ptrs, self.eps, self.cache.length, rot + int(pos[0]) * rot_stride,
-                       emb + int(ids[0]) * emb_stride, logits.ctypes.data)
+            logits = self._c_step(int(ids[0]), int(pos[0]), self.cache.length)
             self.cache.length += 1
         elif B == 1 and neg is None:  # else the same loop as _layers without the batch axis (~12 % less time)
             logits = self._one_row(int(ids[0]), int(pos[0]))
@@ -323,6 +320,14 @@ class NumpyStep:
             x = x[T - 1::T] if last is None else x[np.arange(B) * T + np.asarray(last)]
         return self._head(x)
 
+    def _c_step(self, token: int, pos: int, column: int) -> np.ndarray:
+        """decode_kernel.c on row 0: the token at rotary position `pos`, its key/value into cache column
+        `column` (attending to columns 0 … column). Logits [1, V]."""
+        dims, ptrs, _keep, rot, rot_stride, emb, emb_stride = self.c_args
+        logits = np.empty((1, self.cfg.vocab_size), np.float32)
+        c_kernel()(dims, ptrs, self.eps, column, rot + pos * rot_stride, emb + token * emb_stride, logits.ctypes.data)
+        return logits
+
     def _one_row(self, token: int, pos: int) -> np.ndarray:
         """`_forward` for one row and one token, on vectors: a third fewer numpy calls per layer (no batch
         axis to reshape around), which is most of what a step of a small model costs. Logits [1, V]."""
@@ -362,6 +367,8 @@ class NumpyStep:
         """Continuous batching (infer/slots.py): rows 0 … n−1 of the cache, each at its own length — token
         [n] goes to column pos[r] of row r, which sees columns 0 … pos[r]; width = max(pos) + 1."""
         B = len(tokens)
+        if B == 1 and self.c_args is not None:  # one request running: the compiled step on row 0
+            return torch.from_numpy(self._c_step(int(tokens[0]), int(pos[0]), int(pos[0])))
         neg = None
         if B > 1 and (pos != width - 1).any():
             neg = np.where(np.arange(width)[None, :] > pos[:, None], np.float32(-np.inf), np.float32(0))[:, None, None]
