@@ -23,7 +23,9 @@ The weights are rearranged once per model version (cached like `fused_weights`; 
     logits = (x / rms(x) · g_final) Wembᵀ
 
 Used by `decode_steps` for the stock dense RoPE Transformer with fp32 weights on CPU without autocast
-(`NumpyStep.prepare`); LoRA wrappers, MoE layers, autocast and GPUs keep `OneTokenStep`.
+(`NumpyStep.prepare`); LoRA wrappers, MoE layers, autocast and GPUs keep `OneTokenStep`. One row runs
+the same loop compiled (decode_kernel.c, built on first use by the system C compiler; `c_kernel`),
+and the numpy loop where there is no compiler.
 """
 
 from __future__ import annotations
