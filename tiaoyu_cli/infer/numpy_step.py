@@ -237,7 +237,7 @@ class NumpyStep:
 
     def _c_args(self) -> tuple | None:
         """The compiled step's constant arguments for row 0 of this cache: dims and a pointer table."""
-        cfg, (K0, V0) = self.cfg, self.kv[0]
+        cfg, K0 = self.cfg, self.kv[0][0]
         if not (self.emb.flags.c_contiguous and self.out.flags.c_contiguous and K0.flags.c_contiguous):
             return None
         P = K0.shape[2]
