@@ -210,7 +210,7 @@ class NumpyStep:
         """The prepared weights when this step should run the model, else None (`OneTokenStep` runs it).
 
         It can run the stock dense RoPE Transformer with fp32 weights and plain layers on CPU without
-        autocast. It should where it was measured faster (benchmarks/RESULTS.md, "decode: the numpy
+        autocast. It should where it was measured faster (benchmarks/RESULTS.md, "Issue 17: the numpy
         step"): one row always (tiny 1.7×, small 1.1× at one thread, 1.8× at two); several
         rows only for a narrow model (dim ≤ 256) and at one torch thread or ≤ 4 rows — a wide model's
         batched products, or torch's second thread on 16 rows, are faster in torch.
