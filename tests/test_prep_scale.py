@@ -252,3 +252,51 @@ def test_workers_number_lines_of_a_shard(tmp_path):
     for w in (1, 2):
         with pytest.raises(DataError, match=r"x\.jsonl:302: field 'text'"):
             run_prep([str(f)], str(tmp_path / "o.jsonl"), PrepConfig(workers=w, block_bytes=200, shard=(1, 2)))
+
+
+_BIG_JOBS = r"""
+import orjson, sys
+from tiaoyu_cli.data.prep import PrepConfig
+from tiaoyu_cli.data.prep_records import Workers
+jobs = [("jsonl", orjson.dumps({"text": "word " * 400 + str(i)}, option=orjson.OPT_APPEND_NEWLINE) * 1500, "x.jsonl", 1)
+        for i in range(12)]  # ~3 MB each
+w = Workers(PrepConfig(), 2)
+try:
+    tickets = [w.submit(j) for j in jobs]  # all sent before any result is read
+    res = [t.get() for t in tickets]
+finally:
+    w.close()
+assert [r.read for r in res] == [1500] * 12
+assert [bytes(r.blob[r.offsets[0]:r.offsets[1]]).rstrip().endswith(b'%d"}' % i) for i, r in enumerate(res)] == [True] * 12
+print("ok")
+"""
+
+
+def test_workers_take_big_jobs_and_results_without_blocking(tmp_path):
+    """Jobs and results larger than a socket's buffer, all jobs sent before any result is read: each
+    worker keeps reading jobs while it waits to send, so nothing blocks; results come back in order."""
+    r = subprocess.run([sys.executable, "-c", _BIG_JOBS], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_worker_errors_and_deaths_reach_the_parent(tmp_path):
+    import os
+    import signal
+
+    from tiaoyu_cli.data.prep_records import Workers
+    f = tmp_path / "a.jsonl"
+    f.write_bytes(b'{"text": "hello there"}\n')
+    w = Workers(PrepConfig(), 2)
+    try:
+        bad = w.submit(("jsonl", (0, 10), str(tmp_path / "gone.jsonl"), None, 0))
+        good = w.submit(("jsonl", (0, f.stat().st_size), str(f), None, 0))
+        with pytest.raises(FileNotFoundError):
+            bad.get()
+        assert good.get().read == 1  # the pool goes on after an exception
+        for p in w.procs:
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(5)
+        with pytest.raises(RuntimeError, match=r"prep worker process died \(exit code -9\)"):
+            w.submit(("jsonl", (0, f.stat().st_size), str(f), None, 0)).get()
+    finally:
+        w.close()

@@ -62,7 +62,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
-import multiprocessing
 import os
 import sys
 import time
@@ -79,7 +78,7 @@ from tiaoyu_cli.data import formats
 from tiaoyu_cli.data.dedup import MinHashDedup, U64Set
 from tiaoyu_cli.data.prep_io import (JSONL_SUFFIXES, Source, StdoutSink, base_name, expand_inputs, is_binary,
                                      iter_blocks, locate_blocks, output_paths, plan_shard, seek_line_start)
-from tiaoyu_cli.data.prep_records import BlockResult, RecordCleaner, Stop, init_worker, run_job
+from tiaoyu_cli.data.prep_records import BlockResult, RecordCleaner, Stop, Workers
 from tiaoyu_cli.data.shuffle import ExternalShuffle
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.io import atomic_open
@@ -163,6 +162,9 @@ class _Done:
     def get(self) -> BlockResult:
         return self.res
 
+    def ready(self) -> bool:
+        return True
+
 
 class Prep:
     """One run of `tiaoyu prep`. Use `run_prep()`; this class holds the state of the stream: it reads
@@ -181,7 +183,7 @@ class Prep:
         self.pool = pool
         self.pending: deque = deque()  # results (or promises of them) in input order
         self._next_line: dict[int, int] = {}  # input number → the number of the next line to consume
-        self.max_pending = 2 * pool._processes + 2 if pool is not None else 0
+        self.max_pending = 2 * pool.n + 8 if pool is not None else 0  # results held at most (~1–2 MB each)
         self.write_train: Callable[[list[bytes]], None] = lambda lines: None  # lines in output order
         self.write_val: Callable[[list[bytes]], None] = lambda lines: None
 
@@ -191,7 +193,7 @@ class Prep:
         if self.pool is None:
             self.pending.append(_Done(self.cleaner.run(job)))
         else:
-            self.pending.append(self.pool.apply_async(run_job, (job,)))
+            self.pending.append(self.pool.submit(job))
         self._bound()
 
     def local(self, fn: Callable[[BlockResult], None]) -> None:
@@ -205,8 +207,20 @@ class Prep:
         self._bound()
 
     def _bound(self) -> None:
-        while len(self.pending) > self.max_pending:
-            self.consume(self.pending.popleft().get())
+        """Consume what is ready, in order. Without workers, at once; with workers, block only while
+        every worker has its next job queued (or too many results wait for an earlier one), so that a
+        worker whose jobs are done never waits for the slowest worker's oldest block."""
+        pending, pool = self.pending, self.pool
+        if pool is None:
+            while pending:
+                self.consume(pending.popleft().get())
+            return
+        while True:
+            while pending and pending[0].ready():
+                self.consume(pending.popleft().get())
+            if not pending or (len(pending) <= self.max_pending and pool.has_room()):
+                return
+            pool.wait_any()
 
     def drain(self) -> None:
         while self.pending:
@@ -505,13 +519,6 @@ def _each(add: Callable[[bytes], None]) -> Callable[[list[memoryview]], None]:
     return put
 
 
-def _pool(cfg: PrepConfig, workers: int):
-    """Worker processes: forked where the platform can (nothing re-imported), else spawned. Made
-    before any progress-bar thread exists."""
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method).Pool(workers, initializer=init_worker, initargs=(cfg,))
-
-
 def run_prep(inputs: list[str], out: str | None, cfg: PrepConfig,
              on_progress: Callable[[int], None] | None = None,
              on_start: Callable[[int], None] | None = None) -> PrepStats:
@@ -531,8 +538,8 @@ def run_prep(inputs: list[str], out: str | None, cfg: PrepConfig,
         with contextlib.ExitStack() as stack:
             pool = None
             if workers > 1:
-                pool = _pool(cfg, workers)
-                stack.callback(pool.terminate)
+                pool = Workers(cfg, workers)  # before any progress-bar thread exists (fork)
+                stack.callback(pool.close)
             if on_start is not None:
                 on_start(sum((s.end - s.start) if s.end is not None else (s.size or 0) for s in sources))
             prep = Prep(cfg, on_progress, pool)

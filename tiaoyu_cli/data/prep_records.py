@@ -17,8 +17,12 @@ the orjson round trip measures). No single hot spot: hence processes.
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
 import os
+import pickle
 from array import array
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -252,13 +256,128 @@ def read_range(path: str, offset: int, length: int) -> bytes:
         raise OSError(f"{path}: the file changed while prep was reading it")
     return data
 
-_WORKER: RecordCleaner | None = None
+class Workers:
+    """N worker processes, each with its own socket pair. The parent sends a job to the worker with
+    the fewest jobs not yet done (so a worker sharing its core with the parent, or with another
+    program, gets fewer), and takes the results in submission order: each ticket knows its worker,
+    and a worker's results come back in the order it got its jobs. multiprocessing.Pool does the
+    same through shared queues, cross-process locks and three handler threads in the parent, whose
+    GIL hand-offs and wake-ups cost the parent about a third of its CPU (benchmarks/RESULTS.md).
+
+    A worker never stops reading jobs (a thread drains its socket into a queue), so a parent sending a
+    large job (a block of a gzip file or of stdin) cannot block against a worker that is blocked
+    sending its result back. A worker that raises sends the exception (raised again here, in input
+    order); one that dies is reported with its exit code."""
+
+    def __init__(self, cfg, n: int):
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        ctx = multiprocessing.get_context(method)
+        self.n = n
+        self.procs, self.conns = [], []
+        self.waiting: list[deque] = [deque() for _ in range(n)]  # per worker: tickets without a result, in order
+        for _ in range(n):
+            mine, theirs = ctx.Pipe(duplex=True)
+            proc = ctx.Process(target=_worker_main, args=(theirs, cfg), daemon=True, name="tiaoyu-prep-worker")
+            proc.start()
+            theirs.close()
+            self.procs.append(proc)
+            self.conns.append(mine)
+
+    def submit(self, job: tuple) -> _Ticket:
+        for i in range(self.n):  # take what is ready, so that the counts below are jobs not yet done
+            while self.waiting[i] and self.conns[i].poll():
+                self._receive(i)
+        i = min(range(self.n), key=lambda k: len(self.waiting[k]))
+        ticket = _Ticket(self, i)
+        self.waiting[i].append(ticket)
+        try:
+            self.conns[i].send(job)
+        except OSError:
+            pass  # the worker died: the ticket's get() says so
+        return ticket
+
+    def has_room(self, depth: int = 2) -> bool:
+        """Is some worker left with fewer than `depth` jobs to do (so it could go idle)?"""
+        return min(len(w) for w in self.waiting) < depth
+
+    def wait_any(self) -> None:
+        """Block until some worker sends a result; take it (and any other that came)."""
+        busy = [self.conns[i] for i in range(self.n) if self.waiting[i]]
+        if not busy:
+            return
+        ready = set(map(id, multiprocessing.connection.wait(busy)))
+        for i in range(self.n):
+            if id(self.conns[i]) in ready:
+                self._receive(i)
+
+    def _receive(self, i: int) -> None:
+        ticket = self.waiting[i].popleft()
+        try:
+            ticket.result = self.conns[i].recv()
+        except (EOFError, OSError):
+            proc = self.procs[i]
+            proc.join(timeout=5)
+            ticket.result = ("error", RuntimeError(
+                f"a prep worker process died (exit code {proc.exitcode}); if it ran out of memory, use fewer --workers"))
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.procs:
+            proc.join(timeout=5)
 
 
-def init_worker(cfg) -> None:
-    global _WORKER
-    _WORKER = RecordCleaner(cfg)
+class _Ticket:
+    """The promise of one job's result."""
+
+    __slots__ = ("i", "result", "workers")
+
+    def __init__(self, workers: Workers, i: int):
+        self.workers, self.i, self.result = workers, i, None
+
+    def ready(self) -> bool:
+        return self.result is not None
+
+    def get(self) -> BlockResult:
+        while self.result is None:
+            self.workers._receive(self.i)
+        status, value = self.result
+        self.result = None  # let the result go once it is consumed
+        if status == "error":
+            raise value
+        return value
 
 
-def run_job(job: tuple) -> BlockResult:
-    return _WORKER.run(job)  # type: ignore[union-attr]
+def _worker_main(conn, cfg) -> None:
+    import queue
+    import signal
+    import threading
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends us
+    cleaner = RecordCleaner(cfg)
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+
+    def reader() -> None:
+        try:
+            while True:
+                jobs.put(conn.recv())
+        except (EOFError, OSError):
+            jobs.put(None)
+
+    threading.Thread(target=reader, daemon=True).start()
+    while (job := jobs.get()) is not None:
+        try:
+            msg = ("ok", cleaner.run(job))
+        except Exception as e:  # noqa: BLE001 - the parent raises it where the block's result was due
+            try:
+                pickle.loads(pickle.dumps(e))
+            except Exception:  # an exception that does not survive pickling: its text does
+                e = RuntimeError(f"{type(e).__name__}: {e}")
+            msg = ("error", e)
+        try:
+            conn.send(msg)
+        except (EOFError, OSError):  # the parent has gone
+            return
