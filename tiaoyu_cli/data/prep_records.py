@@ -283,10 +283,14 @@ class Workers:
             self.procs.append(proc)
             self.conns.append(mine)
 
-    def submit(self, job: tuple) -> _Ticket:
-        for i in range(self.n):  # take what is ready, so that the counts below are jobs not yet done
+    def collect(self) -> None:
+        """Take the results that are ready, so that `waiting` counts jobs not yet done."""
+        for i in range(self.n):
             while self.waiting[i] and self.conns[i].poll():
                 self._receive(i)
+
+    def submit(self, job: tuple) -> _Ticket:
+        self.collect()
         i = min(range(self.n), key=lambda k: len(self.waiting[k]))
         ticket = _Ticket(self, i)
         self.waiting[i].append(ticket)
@@ -298,6 +302,7 @@ class Workers:
 
     def has_room(self, depth: int = 2) -> bool:
         """Is some worker left with fewer than `depth` jobs to do (so it could go idle)?"""
+        self.collect()
         return min(len(w) for w in self.waiting) < depth
 
     def wait_any(self) -> None:
@@ -352,13 +357,18 @@ class _Ticket:
 
 
 def _worker_main(conn, cfg) -> None:
+    """A worker: one thread reads jobs, one sends results, the main thread cleans. Neither direction
+    waits for the other, and the cleaning never waits for the parent to read a result (a result is
+    larger than a socket's buffer)."""
     import queue
     import signal
     import threading
+    from multiprocessing.reduction import ForkingPickler
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends us
     cleaner = RecordCleaner(cfg)
     jobs: queue.SimpleQueue = queue.SimpleQueue()
+    results: queue.SimpleQueue = queue.SimpleQueue()
 
     def reader() -> None:
         try:
@@ -367,7 +377,16 @@ def _worker_main(conn, cfg) -> None:
         except (EOFError, OSError):
             jobs.put(None)
 
+    def sender() -> None:
+        try:
+            while (data := results.get()) is not None:
+                conn.send_bytes(data)
+        except (EOFError, OSError):  # the parent has gone
+            jobs.put(None)
+
     threading.Thread(target=reader, daemon=True).start()
+    out = threading.Thread(target=sender, daemon=True)
+    out.start()
     while (job := jobs.get()) is not None:
         try:
             msg = ("ok", cleaner.run(job))
@@ -377,7 +396,6 @@ def _worker_main(conn, cfg) -> None:
             except Exception:  # an exception that does not survive pickling: its text does
                 e = RuntimeError(f"{type(e).__name__}: {e}")
             msg = ("error", e)
-        try:
-            conn.send(msg)
-        except (EOFError, OSError):  # the parent has gone
-            return
+        results.put(ForkingPickler.dumps(msg))
+    results.put(None)
+    out.join()
