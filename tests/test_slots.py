@@ -10,7 +10,8 @@ import random
 import pytest
 import torch
 
-from tiaoyu_cli.infer.slots import SlotBatch
+from tiaoyu_cli.infer import slots as slots_module
+from tiaoyu_cli.infer.slots import SlotBatch, _packs
 from tiaoyu_cli.model import Transformer, preset
 
 
@@ -21,13 +22,16 @@ def model_for(position: str, moe: bool = False) -> Transformer:
     return Transformer(cfg).eval()
 
 
-@pytest.mark.parametrize("position,moe,kind", [("rope", False, "numpy"), ("rope", False, "torch"), ("learned", False, "torch"),
+@pytest.mark.parametrize("position,moe,kind", [("rope", False, "numpy"), ("rope", False, "numpy-packs"),
+                                               ("rope", False, "torch"), ("learned", False, "torch"),
                                                ("sinusoidal", False, "torch"), ("rope", True, "torch")])
 def test_rows_joining_and_leaving_match_the_full_forward(position, moe, kind, monkeypatch):
     from tiaoyu_cli.infer.numpy_step import NumpyStep
 
     if kind == "torch":
         monkeypatch.setattr(NumpyStep, "prepare", staticmethod(lambda *a, **k: None))
+    if kind == "numpy-packs":  # joining prompts in several packed groups (and a prompt longer than a group alone)
+        monkeypatch.setattr(slots_module, "PACK_TOKENS", 10)
     model = model_for(position, moe)
     rng = random.Random(0)
     seqs: dict[int, list[int]] = {}  # sequence id → its tokens so far
@@ -35,11 +39,11 @@ def test_rows_joining_and_leaving_match_the_full_forward(position, moe, kind, mo
     last: dict[int, torch.Tensor] = {}
     with torch.inference_mode():
         slots = SlotBatch(model, capacity=4, max_len=64)
-        assert (slots.prepared is not None) == (kind == "numpy")
+        assert (slots.prepared is not None) == kind.startswith("numpy")
         next_id = 0
         for step in range(40):
             # sometimes a new sequence joins (if a slot is free)
-            if slots.n < 4 and rng.random() < 0.4:  # one or several at once (one padded forward pass)
+            if slots.n < 4 and rng.random() < 0.4:  # one or several at once (one forward pass, or packed groups)
                 k = rng.randint(1, 4 - slots.n)
                 prompts = [[rng.randrange(8, 300) for _ in range(rng.randint(1, 12))] for _ in range(k)]
                 out = slots.prefill_many(prompts) if k > 1 or rng.random() < 0.5 else slots.prefill(prompts[0])[None]
@@ -66,3 +70,10 @@ def test_rows_joining_and_leaving_match_the_full_forward(position, moe, kind, mo
             rows = [s for r, s in enumerate(rows) if r < slots.n]
             assert slots.lengths == [len(seqs[s]) for s in rows]
         assert next_id >= 8  # rows came and went
+
+
+def test_packs_are_consecutive_groups_within_the_budget(monkeypatch):
+    monkeypatch.setattr(slots_module, "PACK_TOKENS", 10)
+    prompts = [[1] * n for n in (3, 4, 3, 12, 1, 9, 2)]
+    groups = _packs(prompts)
+    assert [(i, [len(p) for p in g]) for i, g in groups] == [(0, [3, 4, 3]), (3, [12]), (4, [1, 9]), (6, [2])]

@@ -309,6 +309,34 @@ class NumpyStep:
         self._views()
         return logits
 
+    def prefill_rows(self, prompts: list[list[int]], first: int) -> torch.Tensor:
+        """Continuous batching (infer/slots.py): prompts into rows first … first+k−1 of the cache (each from
+        column 0); logits [k, V] at each prompt's last token. The prompts run packed, one after another in
+        one sequence with a block-diagonal causal mask — no padding, so a join of short and long prompts
+        costs its real tokens (on `bench_serve.py`'s prompts, 3–30 words, padding to the longest was about
+        half the work); their keys and values go to a scratch cache and then to each row."""
+        lens = [len(p) for p in prompts]
+        N, k = sum(lens), len(prompts)
+        starts = np.cumsum([0] + lens[:-1])
+        pos = np.concatenate([np.arange(n) for n in lens])
+        seg = np.repeat(np.arange(k), lens)
+        see = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])  # [N (query), N (key)]
+        g = self.cfg.n_heads // self.cfg.n_kv_heads
+        neg = np.where(see, np.float32(0), np.float32(-np.inf))
+        neg = (np.tile(neg, (g, 1)) if g > 1 else neg)[None, None]  # [1, 1, g·N, N]: query rows (head, t)
+        Hkv, hd = self.cfg.n_kv_heads, self.cfg.head_dim
+        scratch = [(np.empty((1, Hkv, N, hd), np.float32), np.empty((1, Hkv, N, hd), np.float32)) for _ in self.kv]
+        if N > len(self.ones):
+            self.ones = np.ones((N, 1), np.float32)
+        x = self.emb[np.concatenate(prompts)]
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = self._layers(x, self.rot[pos], neg, 1, N, 0, scratch, shift_own=False)
+        for (K, V), (Ks, Vs) in zip(self.kv, scratch):
+            for i, (a, n) in enumerate(zip(starts.tolist(), lens)):
+                K[first + i, :, :n] = Ks[0, :, a:a + n]
+                V[first + i, :, :n] = Vs[0, :, a:a + n]
+        return torch.from_numpy(self._head(x[starts + np.asarray(lens) - 1]))
+
     def _forward(self, x: np.ndarray, rot: np.ndarray, neg: np.ndarray | None, B: int, T: int,
                  shift_own: bool = True, last: list[int] | None = None) -> np.ndarray:
         """x [B·T, d] (row b·T + t) at cache columns L … L+T−1 → logits [B, V] of each row's last position."""
