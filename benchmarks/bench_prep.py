@@ -20,7 +20,10 @@ With --workers W1,W2,…: `tiaoyu prep --workers W` for each W, interleaved with
 reference in every round (ref, W1, W2, … per round) so that load from other processes on a
 shared machine hits them alike; the figure per side is the best round (MB/s) and the median.
 Besides wall-clock MB/s each run reports CPU seconds (the child and its worker processes,
-from os.wait4) — on a busy machine wall-clock speedups understate what free cores give.
+from os.wait4) — on a busy machine wall-clock speedups understate what free cores give. Each round
+also times a pure-Python loop in W1, W2, … processes at once: `machine_scaling_wW` is what W
+processes gain over W1 on this machine in that round (a shared VM's two vCPUs do not always give
+2×), the ceiling to read prep's `speedup_wW` against.
 
 Prints one JSON line.
 """
@@ -113,9 +116,28 @@ def measure(cmd: list[str]) -> dict:
             "cpu_s": round(ru.ru_utime + ru.ru_stime, 2)}
 
 
+SPIN = """
+d = {}
+for i in range(6_000_000):
+    d[i & 1023] = str(i)
+"""
+
+
+def spin(k: int) -> float:
+    """Seconds for k processes each running the same pure-Python loop at once: k × t(1) / t(k) is
+    what k processes can gain on this machine at this moment (the ceiling for prep's speedup)."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(k)]
+    for p in procs:
+        p.wait()
+    return time.perf_counter() - t0
+
+
 def scaling(src: Path, tmp: Path, mb: float, workers: list[int], rounds: int) -> dict:
-    """ref, prep -j W1, prep -j W2, … in each round; outputs checked byte-identical."""
+    """ref, prep -j W1, prep -j W2, … in each round, and the pure-Python loop in W1, W2, … processes
+    (the machine's own scaling, same round); outputs checked byte-identical."""
     runs: dict[str, list[dict]] = {"ref": [], **{f"w{w}": [] for w in workers}}
+    spins: dict[int, list[float]] = {w: [] for w in workers}
     digests = set()
     for _ in range(rounds):
         runs["ref"].append(measure([sys.executable, "-c", REFERENCE, str(src), str(tmp / "ref.jsonl")]))
@@ -124,6 +146,7 @@ def scaling(src: Path, tmp: Path, mb: float, workers: list[int], rounds: int) ->
             runs[f"w{w}"].append(measure([TIAOYU, "prep", str(src), "-o", str(out), "-q", "--workers", str(w)]))
             digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
             out.unlink()
+            spins[w].append(spin(w))
     import statistics
 
     res: dict = {"rounds": rounds, "identical_outputs": len(digests) == 1, "load_avg_1min": round(os.getloadavg()[0], 2)}
@@ -133,9 +156,15 @@ def scaling(src: Path, tmp: Path, mb: float, workers: list[int], rounds: int) ->
                   "mb_per_cpu_s": round(mb / statistics.median(r["cpu_s"] for r in rs), 1),
                   "runs_s": [r["seconds"] for r in rs], "cpu_s": [r["cpu_s"] for r in rs]}
     base = res[f"w{workers[0]}"]
+    w0 = workers[0]
     for w in workers[1:]:
         res[f"speedup_w{w}_best"] = round(res[f"w{w}"]["best_mb_s"] / base["best_mb_s"], 2)
         res[f"speedup_w{w}_median"] = round(res[f"w{w}"]["median_mb_s"] / base["median_mb_s"], 2)
+        res[f"speedup_w{w}_per_round"] = [round(a["seconds"] / b["seconds"], 2)
+                                          for a, b in zip(runs[f"w{w0}"], runs[f"w{w}"])]
+        machine = [round(w / w0 * a / b, 2) for a, b in zip(spins[w0], spins[w])]
+        res[f"machine_scaling_w{w}_per_round"] = machine  # the same pure-Python loop in w vs w0 processes
+        res[f"machine_scaling_w{w}_median"] = statistics.median(machine)
     return res
 
 
