@@ -12,9 +12,10 @@ import torch
 from tiaoyu_cli.infer.generate import fused_weights, generate_detailed
 from tiaoyu_cli.infer.sampling import SamplingParams
 from tiaoyu_cli.model import Transformer
-from tiaoyu_cli.model.config import ModelConfig
 from tiaoyu_cli.infer.numpy_step import NumpyStep
 from tiaoyu_cli.model.lora import LoraConfig, apply_lora
+
+from decode_models import V, small_model
 
 
 @pytest.fixture(autouse=True, params=["numpy", "torch"])
@@ -23,19 +24,11 @@ def step_kind(request, monkeypatch):
         monkeypatch.setattr(NumpyStep, "prepare", staticmethod(lambda *a, **k: None))
     return request.param
 
-V = 96
 PROMPTS = [[2, 10, 11, 12, 13], [2, 40], [2, 50, 60, 70, 80, 90, 9], [2, 33, 34]]
 
 
 def make(seed: int = 0, **kw) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = {"vocab_size": V, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 48, "max_seq_len": 64}
-    m = Transformer(ModelConfig(**{**cfg, **kw})).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if not n.endswith("norm.weight"):
-                p.normal_(0.0, 0.25)  # spread-out logits: greedy choices are not near-ties
-    return m
+    return small_model(seed, **kw)
 
 
 def both(m, prompts=PROMPTS, n=20, stops=(3, 5), **kw):

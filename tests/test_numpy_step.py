@@ -14,25 +14,16 @@ from tiaoyu_cli.infer import numpy_step
 from tiaoyu_cli.infer.numpy_step import NumpyStep, c_kernel, prepared_weights
 from tiaoyu_cli.infer.sampling import SamplingParams
 from tiaoyu_cli.model import Transformer
-from tiaoyu_cli.model.config import ModelConfig
 from tiaoyu_cli.model.kv_cache import KVCache
 from tiaoyu_cli.model.lora import LoraConfig, apply_lora
 
-V = 96
+from decode_models import V, small_model
+
 CPU = torch.device("cpu")
 
 
 def make(seed: int = 0, std: float = 0.25, **kw) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = {"vocab_size": V, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 48, "max_seq_len": 64}
-    m = Transformer(ModelConfig(**{**cfg, **kw})).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if not n.endswith("norm.weight"):
-                p.normal_(0.0, std)
-            else:
-                p.uniform_(0.5, 1.5)  # norm weights that are not all ones: their folding into the products is checked
-    return m
+    return small_model(seed, std, norms=True, **kw)  # norm weights not all ones: their folding is checked
 
 
 def reference_logits(m: Transformer, rows: list[list[int]]) -> list[torch.Tensor]:
