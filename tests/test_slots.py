@@ -77,3 +77,25 @@ def test_packs_are_consecutive_groups_within_the_budget(monkeypatch):
     prompts = [[1] * n for n in (3, 4, 3, 12, 1, 9, 2)]
     groups = _packs(prompts)
     assert [(i, [len(p) for p in g]) for i, g in groups] == [(0, [3, 4, 3]), (3, [12]), (4, [1, 9]), (6, [2])]
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 4])
+def test_packed_prefill_with_one_kv_head_and_with_one_per_head(n_kv_heads, monkeypatch):
+    """Multi-query and plain multi-head attention through the packed prefill (the join/leave test above
+    runs grouped-query attention): logits after the prompts and after one step equal the forward pass."""
+    monkeypatch.setattr(slots_module, "PACK_TOKENS", 12)
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, ffn_dim=96, max_seq_len=64)
+    model = Transformer(cfg).eval()
+    rng = random.Random(n_kv_heads)
+    prompts = [[rng.randrange(8, 300) for _ in range(rng.randint(1, 20))] for _ in range(4)]
+    with torch.inference_mode():
+        slots = SlotBatch(model, capacity=4, max_len=64)
+        assert slots.prepared is not None
+        out = slots.prefill_many(prompts)
+        toks = [int(o.argmax()) for o in out]
+        step = slots.step(toks)
+        for i, (p, t) in enumerate(zip(prompts, toks)):
+            full = model(torch.tensor([p + [t]])).logits[0]
+            torch.testing.assert_close(out[i], full[-2], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(step[i], full[-1], atol=1e-4, rtol=1e-4)
