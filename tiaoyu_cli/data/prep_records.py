@@ -310,9 +310,9 @@ class Workers:
         busy = [self.conns[i] for i in range(self.n) if self.waiting[i]]
         if not busy:
             return
-        ready = set(map(id, multiprocessing.connection.wait(busy)))
-        for i in range(self.n):
-            if id(self.conns[i]) in ready:
+        ready = multiprocessing.connection.wait(busy)
+        for i, conn in enumerate(self.conns):
+            if conn in ready:
                 self._receive(i)
 
     def _receive(self, i: int) -> None:

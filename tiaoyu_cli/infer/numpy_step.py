@@ -283,9 +283,9 @@ class NumpyStep:
         self.positions = pos + 1
         return torch.from_numpy(logits)
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, last: list[int] | None = None) -> torch.Tensor:
-        """The prompt into an empty cache: ids, mask [B, T] (1 = token, 0 = padding) → logits [B, V] at column
-        `last[b]` of each row (default T − 1: left padding, as generate pads; slots pad on the right).
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The prompt into an empty cache: ids, mask [B, T] (1 = token, 0 = padding; left padding, as generate
+        pads) → logits [B, V] at the last column (continuous batching packs instead: prefill_rows).
 
         What `Transformer.forward(ids, attention_mask=mask, kv_cache=cache)` computes: padding does not
         advance positions, a query sees the earlier non-padding keys and itself.
@@ -304,7 +304,7 @@ class NumpyStep:
         neg = np.tile(neg[:, None], (1, 1, g, 1)) if g > 1 else neg[:, None]  # [B, 1, g·T, T]: query rows (head, t)
         x = self.emb[ids.cpu().numpy().reshape(-1)]  # [B·T, d]
         flat = pos.reshape(-1)
-        logits = torch.from_numpy(self._forward(x, self.rot[flat], neg, B, T, shift_own=False, last=last))
+        logits = torch.from_numpy(self._forward(x, self.rot[flat], neg, B, T, shift_own=False))
         self.positions = km.sum(-1).astype(np.int64)
         self._views()
         return logits
@@ -338,7 +338,7 @@ class NumpyStep:
         return torch.from_numpy(self._head(x[starts + np.asarray(lens) - 1]))
 
     def _forward(self, x: np.ndarray, rot: np.ndarray, neg: np.ndarray | None, B: int, T: int,
-                 shift_own: bool = True, last: list[int] | None = None) -> np.ndarray:
+                 shift_own: bool = True) -> np.ndarray:
         """x [B·T, d] (row b·T + t) at cache columns L … L+T−1 → logits [B, V] of each row's last position."""
         cache = self.cache
         L = cache.length
@@ -347,7 +347,7 @@ class NumpyStep:
             x = self._layers(x, rot, neg, B, T, L, self.kv, shift_own)
         cache.length = L + T
         if T > 1:  # the last position of every row
-            x = x[T - 1::T] if last is None else x[np.arange(B) * T + np.asarray(last)]
+            x = x[T - 1::T]
         return self._head(x)
 
     def _c_step(self, token: int, pos: int, column: int) -> np.ndarray:
