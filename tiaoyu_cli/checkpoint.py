@@ -7,6 +7,11 @@
 
 Every save goes to a temp folder that is fsynced and renamed, so a crash mid-save leaves the
 previous checkpoint intact. Only safetensors and JSON are read — never pickle.
+
+A Hugging Face model folder is read as it is (DESIGN §4): its config.json (model/config.py reads
+the open families), its weights in `model.safetensors` or in shards `model-0000K-of-0000N.safetensors`
+listed by `model.safetensors.index.json`, in bf16, fp16 or fp32 (cast to fp32 unless asked), and its
+tokenizer (`tokenizer.json`, tokenizer/hf.py, or `tokenizer.model`).
 """
 
 from __future__ import annotations
@@ -27,29 +32,38 @@ from tiaoyu_cli.model import ModelConfig, Transformer
 from tiaoyu_cli.tokenizer import Tokenizer
 
 STEP_RE = re.compile(r"^step-(\d+)$")
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded weights: {"weight_map": {tensor name: shard file}}
+
+
+def has_weights(folder: Path) -> bool:
+    """True when `folder` holds model weights: model.safetensors, or a shard index."""
+    return (folder / WEIGHTS).exists() or (folder / WEIGHTS_INDEX).exists()
 
 
 def step_dirs(run: Path) -> list[Path]:
     out = [p for p in run.iterdir() if p.is_dir() and STEP_RE.match(p.name)
-           and ((p / "model.safetensors").exists() or (p / "adapter_model.safetensors").exists())]  # LoRA runs: adapters
+           and (has_weights(p) or (p / "adapter_model.safetensors").exists())]  # LoRA runs: adapters
     return sorted(out, key=lambda p: int(STEP_RE.match(p.name).group(1)))
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder from: a step folder, any folder with config.json + model.safetensors
-    (e.g. an HF export or a merged model), or a run folder (its `latest`, else its newest step)."""
+    """A checkpoint folder from: a step folder, any folder with config.json + model.safetensors (or sharded
+    weights and their index: e.g. an HF model folder or a merged model), or a run folder (its `latest`,
+    else its newest step)."""
     p = Path(path)
     if not p.exists():
         raise TiaoyuError(f"{p}: no such checkpoint folder")
     if not p.is_dir():
         raise TiaoyuError(f"{p}: is a file; a checkpoint is a folder with config.json and model.safetensors")
-    if (p / "model.safetensors").exists() or (p / "config.json").exists():
-        for need in ("config.json", "model.safetensors"):
-            if not (p / need).exists():
-                raise TiaoyuError(f"{p}: checkpoint is missing {need}")
+    if has_weights(p) or (p / "config.json").exists():
+        if not (p / "config.json").exists():
+            raise TiaoyuError(f"{p}: checkpoint is missing config.json")
+        if not has_weights(p):
+            raise TiaoyuError(f"{p}: checkpoint is missing model.safetensors (or {WEIGHTS_INDEX} and its shards)")
         return p
     latest = p / "latest"
-    if latest.exists() and (latest / "model.safetensors").exists():
+    if latest.exists() and has_weights(latest):
         return latest.resolve()
     steps = step_dirs(p)
     if steps:
@@ -62,15 +76,58 @@ def load_config(ckpt: str | os.PathLike) -> ModelConfig:
 
 
 def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", config_overrides: dict | None = None,
-               strict: bool = True) -> tuple[Transformer, Path]:
-    """Build the model from config.json and load model.safetensors. Returns (model, checkpoint folder)."""
+               strict: bool = True, dtype: torch.dtype | None = torch.float32) -> tuple[Transformer, Path]:
+    """Build the model from config.json and load its weights (cast to `dtype`; None keeps the file's).
+    Returns (model, checkpoint folder)."""
     d = resolve_checkpoint(ckpt)
     cfg = load_config(d)
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
     model = Transformer(cfg)
-    load_weights(model, load_tensors(d / "model.safetensors"), d / "model.safetensors", strict=strict)
+    sd = load_model_tensors(d, dtype)
+    if dtype is None:  # the file's dtype: the model takes it before the weights go in
+        model.to(next(iter(sd.values())).dtype if sd else torch.float32)
+    load_weights(model, sd, weights_source(d), strict=strict)
     return model.to(device), d
+
+
+def weights_source(folder: Path) -> Path:
+    """The file that names a folder's weights in messages: model.safetensors or the shard index."""
+    return folder / WEIGHTS if (folder / WEIGHTS).exists() else folder / WEIGHTS_INDEX
+
+
+def load_model_tensors(folder: str | os.PathLike, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    """The weights of a model folder: model.safetensors, or every shard its index lists. Floating tensors
+    are cast to `dtype` (None: as stored); rotary tables some old files carry are left out (computed here)."""
+    folder = Path(folder)
+    if (folder / WEIGHTS).exists():
+        sd = load_tensors(folder / WEIGHTS)
+    elif (folder / WEIGHTS_INDEX).exists():
+        index = read_json(folder / WEIGHTS_INDEX)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise TiaoyuError(f"{folder / WEIGHTS_INDEX}: no weight_map (tensor name → shard file)")
+        shards = sorted(set(weight_map.values()))
+        missing = [f for f in shards if not (folder / f).is_file()]
+        if missing:
+            raise TiaoyuError(f"{folder}: shard(s) {', '.join(missing)} listed in {WEIGHTS_INDEX} are missing")
+        sd = {}
+        for f in shards:
+            part = load_tensors(folder / f)
+            if dtype is not None:  # one shard at a time: the whole model is never held twice
+                part = _cast(part, dtype)
+            sd.update(part)
+        absent = sorted(set(weight_map) - set(sd))
+        if absent:
+            raise TiaoyuError(f"{folder / WEIGHTS_INDEX} lists {absent[:3]} but no shard holds them")
+    else:
+        raise TiaoyuError(f"{folder}: no model.safetensors and no {WEIGHTS_INDEX}")
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    return _cast(sd, dtype) if dtype is not None else sd
+
+
+def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in sd.items()}
 
 
 def load_weights(model: Transformer, sd: dict[str, torch.Tensor], source, strict: bool = True,

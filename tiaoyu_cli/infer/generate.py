@@ -177,7 +177,8 @@ class OneTokenStep:
         self.padded = not bool(cache.key_mask[:, :cache.length].all())
         hd = cfg.head_dim
         if cfg.position == "rope":
-            cos, sin = rope_tables(hd, torch.arange(cache.max_len, device=positions.device)[None], cfg.rope_theta)
+            cos, sin = rope_tables(hd, torch.arange(cache.max_len, device=positions.device)[None], cfg.rope_theta,
+                                   cfg.rope_scaling)
             sign = torch.ones(hd, device=positions.device)
             sign[: hd // 2] = -1  # rotate_half(x) = roll(x, hd/2) · [-1 … -1, 1 … 1]
             self.cos, self.sin = cos[0], sin[0] * sign  # [P, hd]
@@ -207,9 +208,12 @@ class OneTokenStep:
 
     @staticmethod
     def supports(model) -> bool:
-        """True for the stock tiaoyu Transformer (anything else uses model.forward)."""
-        return (type(model) is Transformer and all(type(b) is Block and type(b.self_attn) is Attention
-                                                   and type(b.input_layernorm) is RMSNorm for b in model.model.layers))
+        """True for the stock tiaoyu Transformer (anything else uses model.forward). Biased projections run
+        as modules and scaled RoPE through the same tables; q/k norms (qwen3) and a sliding window (mistral)
+        are not here: such models decode through model.forward."""
+        return (type(model) is Transformer and model.config.plain_attention
+                and all(type(b) is Block and type(b.self_attn) is Attention
+                        and type(b.input_layernorm) is RMSNorm for b in model.model.layers))
 
     @staticmethod
     def _norm_args(norm: RMSNorm) -> tuple:

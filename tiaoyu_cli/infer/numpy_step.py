@@ -128,7 +128,8 @@ class Prepared(NamedTuple):
 
 
 def _rope(cfg, positions: int) -> np.ndarray:
-    cos, sin = rope_tables(cfg.head_dim, torch.arange(positions)[None], cfg.rope_theta)  # [1, P, hd], halves equal
+    cos, sin = rope_tables(cfg.head_dim, torch.arange(positions)[None], cfg.rope_theta,
+                           cfg.rope_scaling)  # [1, P, hd], halves equal
     half = cfg.head_dim // 2
     rot = (cos[0, :, :half].double() + 1j * sin[0, :, :half].double()).numpy().astype(np.complex64)
     return np.tile(rot, (1, cfg.n_heads + cfg.n_kv_heads))

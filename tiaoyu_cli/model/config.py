@@ -4,6 +4,13 @@
 checkpoint of the default architecture loads in transformers' LlamaForCausalLM / MixtralForCausalLM.
 Options HF has no key for (learned/sinusoidal positions, dropout, shared experts) live under
 the "tiaoyu" key, which HF ignores.
+
+Open families: a Hugging Face `config.json` of llama, mistral, qwen2 or qwen3 is read as it is
+(transformers 4.x keys `rope_theta`/`rope_scaling`, 5.x `rope_parameters`); `family` remembers the
+`model_type` and `hf_config` the file, so writing the model back keeps its family. The switches
+the families need: explicit `head_size` (qwen3), q/k/v(/o) biases (qwen2, llama `attention_bias`),
+MLP biases (llama `mlp_bias`), a per-head RMSNorm on queries and keys (qwen3), RoPE scaling
+(linear, llama3, yarn) and a sliding attention window (mistral).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from typing import Any
 from tiaoyu_cli.errors import TiaoyuError
 
 POSITIONS = ("rope", "learned", "sinusoidal")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # Hugging Face model_type values read as open families
 
 
 @dataclass
@@ -43,13 +52,28 @@ class ModelConfig:
     bos_token_id: int = 2
     eos_token_id: int = 3
     pad_token_id: int = 0
+    # open model families (module docstring); the defaults are tiaoyu's own architecture
+    family: str = ""  # "" = tiaoyu's own; else the Hugging Face model_type it was read from
+    head_size: int = 0  # per-head size when it is not dim // n_heads (0 = dim // n_heads)
+    qkv_bias: bool = False  # biases on q_proj, k_proj, v_proj
+    o_bias: bool = False  # a bias on o_proj
+    mlp_bias: bool = False  # biases on gate_proj, up_proj, down_proj
+    qk_norm: bool = False  # RMSNorm over every query and key head before RoPE (q_norm, k_norm)
+    rope_scaling: dict = field(default_factory=dict)  # {"rope_type": linear|llama3|yarn, …}; {} = plain RoPE
+    sliding_window: int = 0  # a query sees the keys of at most this many positions, itself included (0 = all)
+    hf_config: dict = field(default_factory=dict, compare=False, repr=False)  # the family's config.json as read (kept when written back)
 
     def __post_init__(self) -> None:
         self.validate()
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size or self.dim // self.n_heads
+
+    @property
+    def plain_attention(self) -> bool:
+        """Attention the one-token decode steps compute: no q/k norms and no sliding window."""
+        return not self.qk_norm and not self.sliding_window
 
     @property
     def is_moe(self) -> bool:
@@ -62,7 +86,9 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             if int(getattr(self, name)) <= 0:
                 bad(f"{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
+        if self.head_size < 0:
+            bad(f"head_size must be positive (or 0: dim // n_heads), got {self.head_size}")
+        if not self.head_size and self.dim % self.n_heads:
             bad(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             bad(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
@@ -74,6 +100,13 @@ class ModelConfig:
             bad(f"n_experts_per_tok must be in 1..{self.n_experts}, got {self.n_experts_per_tok}")
         if not 0.0 <= self.dropout < 1.0:
             bad(f"dropout must be in [0, 1), got {self.dropout}")
+        kind = (self.rope_scaling or {}).get("rope_type", "default")
+        if kind not in ROPE_TYPES:
+            bad(f"rope type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+        if kind != "default" and self.position != "rope":
+            bad(f"rope scaling {kind!r} needs position=rope")
+        if self.sliding_window < 0:
+            bad(f"sliding_window must be >= 0, got {self.sliding_window}")
 
     def replace(self, **overrides: Any) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(self)}
@@ -89,6 +122,8 @@ class ModelConfig:
         return self.position == "rope" and self.n_shared_experts == 0
 
     def to_hf_dict(self) -> dict[str, Any]:
+        if self.family:
+            return self._family_hf_dict()
         moe = self.is_moe
         if self.num_labels:
             arch = ("Mixtral" if moe else "Llama") + "ForSequenceClassification"
@@ -141,8 +176,31 @@ class ModelConfig:
             d["label2id"] = {v: int(k) for k, v in d["id2label"].items()}
         return d
 
+    def _family_hf_dict(self) -> dict[str, Any]:
+        """An open family's config.json: the file it was read from, with the sizes and ids of this config."""
+        d = json.loads(json.dumps(self.hf_config))  # a deep copy
+        d.update({
+            "model_type": self.family,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "intermediate_size": self.ffn_dim,
+            "rms_norm_eps": self.norm_eps,
+            "tie_word_embeddings": self.tie_embeddings,
+        })
+        if self.head_size or "head_dim" in d:
+            d["head_dim"] = self.head_dim
+        if not d.get("architectures"):
+            d["architectures"] = [_HF_CLASS[self.family] + "ForCausalLM"]
+        return d
+
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        model_type = d.get("model_type")
+        if "tiaoyu" not in d and model_type not in (None, "mixtral"):  # tiaoyu's own files carry "tiaoyu"
+            return cls._from_family(d)
         try:
             extra = d.get("tiaoyu", {}) or {}
             rope_theta = d.get("rope_theta")
@@ -178,6 +236,109 @@ class ModelConfig:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TiaoyuError(f"config.json: missing or invalid key ({e})") from None
+
+
+    @classmethod
+    def _from_family(cls, d: dict[str, Any]) -> "ModelConfig":
+        """An open family's config.json (module docstring), with transformers' defaults for absent keys."""
+        family = d.get("model_type")
+        if family not in FAMILIES:
+            raise TiaoyuError(f"config.json: model_type {family!r} is not supported; supported: "
+                              f"{', '.join(FAMILIES)} (and tiaoyu's own llama/mixtral checkpoints)")
+        arch = (d.get("architectures") or [""])[0]
+        if arch and not arch.endswith("ForCausalLM"):
+            raise TiaoyuError(f"config.json: architecture {arch} is not a causal language model "
+                              f"(supported: {', '.join(_HF_CLASS[f] + 'ForCausalLM' for f in FAMILIES)})")
+        act = d.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise TiaoyuError(f"config.json: hidden_act {act!r} is not supported (only silu)")
+        defaults = _FAMILY_DEFAULTS[family]
+
+        def get(key: str, default: Any = None) -> Any:
+            v = d.get(key)
+            return defaults.get(key, default) if v is None else v
+
+        try:
+            n_heads = int(d["num_attention_heads"])
+            dim = int(d["hidden_size"])
+            head_dim = int(get("head_dim") or dim // n_heads)
+            max_pos = int(get("max_position_embeddings", 2048))
+            theta, scaling = _rope_settings(d, max_pos)
+            window = 0
+            if family == "mistral":
+                window = int(get("sliding_window") or 0)
+            elif family in ("qwen2", "qwen3"):
+                sliding = [t for t in (d.get("layer_types") or []) if t == "sliding_attention"]
+                if sliding or (d.get("use_sliding_window") and not d.get("layer_types")):
+                    raise TiaoyuError(f"config.json: {family} with sliding-window layers (use_sliding_window) "
+                                      "is not supported")
+            bias = bool(d.get("attention_bias", False))
+            return cls(
+                vocab_size=int(d["vocab_size"]),
+                dim=dim,
+                n_layers=int(d["num_hidden_layers"]),
+                n_heads=n_heads,
+                n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
+                ffn_dim=int(d["intermediate_size"]),
+                max_seq_len=max_pos,
+                rope_theta=float(theta),
+                norm_eps=float(get("rms_norm_eps", 1e-6)),
+                tie_embeddings=bool(get("tie_word_embeddings", False)),
+                bos_token_id=_first_int(d.get("bos_token_id"), 0),
+                eos_token_id=_first_int(d.get("eos_token_id"), 0),
+                pad_token_id=_first_int(d.get("pad_token_id"), 0),
+                family=family,
+                head_size=head_dim if head_dim != dim // n_heads or dim % n_heads else 0,
+                qkv_bias=True if family == "qwen2" else bias,
+                o_bias=bias and family in ("llama", "qwen3"),
+                mlp_bias=bool(d.get("mlp_bias", False)) and family == "llama",
+                qk_norm=family == "qwen3",
+                rope_scaling=scaling,
+                sliding_window=window if 0 < window < max_pos else 0,
+                hf_config=dict(d),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise TiaoyuError(f"config.json: missing or invalid key ({e})") from None
+
+
+_HF_CLASS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+# transformers' defaults for keys a config.json may leave out
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"max_position_embeddings": 2048},
+    "mistral": {"max_position_embeddings": 32768, "sliding_window": 4096},
+    "qwen2": {"max_position_embeddings": 32768},
+    "qwen3": {"max_position_embeddings": 32768, "head_dim": 128},
+}
+
+
+def _rope_settings(d: dict[str, Any], max_pos: int) -> tuple[float, dict]:
+    """(theta, scaling) from transformers 4.x keys (`rope_theta`, `rope_scaling` with `type` or `rope_type`)
+    or 5.x `rope_parameters`; scaling is {} for plain RoPE, else {"rope_type": …, factor and the type's keys}."""
+    params = d.get("rope_parameters") or {}
+    if params and all(isinstance(v, dict) for v in params.values()):  # per layer type (5.x)
+        kinds = list(params.values())
+        if any(k != kinds[0] for k in kinds):
+            raise TiaoyuError("config.json: different RoPE settings per layer type are not supported")
+        params = kinds[0]
+    merged = {**(d.get("rope_scaling") or {}), **params}
+    theta = merged.get("rope_theta", d.get("rope_theta"))
+    theta = 10000.0 if theta is None else float(theta)
+    kind = merged.get("rope_type", merged.get("type", "default")) or "default"
+    if kind not in ROPE_TYPES:
+        raise TiaoyuError(f"config.json: rope type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if float(merged.get("partial_rotary_factor", d.get("partial_rotary_factor") or 1.0)) != 1.0:
+        raise TiaoyuError("config.json: partial_rotary_factor is not supported")
+    if kind == "default":
+        return theta, {}
+    scaling = {k: v for k, v in merged.items() if k not in ("rope_theta", "type", "rope_type") and v is not None}
+    scaling["rope_type"] = kind
+    if kind in ("llama3", "yarn"):
+        scaling.setdefault("original_max_position_embeddings", max_pos)
+    if kind in ("linear", "llama3") and "factor" not in scaling:
+        raise TiaoyuError(f"config.json: rope type {kind!r} needs a factor")
+    if kind == "llama3" and not {"low_freq_factor", "high_freq_factor"} <= set(scaling):
+        raise TiaoyuError("config.json: rope type 'llama3' needs low_freq_factor and high_freq_factor")
+    return theta, scaling
 
 
 def _first_int(v: Any, default: int) -> int:

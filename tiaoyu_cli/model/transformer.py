@@ -9,6 +9,11 @@
 Module names are exactly the Hugging Face Llama names (`model.layers.0.self_attn.q_proj`, …, and
 Mixtral's `block_sparse_moe.experts.E.w1/w3/w2` for MoE), so `model.state_dict()` *is* the
 `model.safetensors` transformers loads.
+
+Open families (model/config.py) switch on what they add: q/k/v(/o) and MLP biases (qwen2, llama's
+attention_bias/mlp_bias), `self_attn.q_norm`/`k_norm` RMSNorm over each head before RoPE (qwen3),
+an explicit head size, scaled RoPE frequencies (`rope_frequencies`: linear, llama3, yarn) and a
+sliding attention window (mistral).
 """
 
 from __future__ import annotations
@@ -40,15 +45,72 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, positions: torch.Tensor, theta: float,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin for rotary embeddings at integer `positions` [B, T] → each [B, T, head_dim].
 
     Frequencies θ_i = theta^(-2i/hd); the two halves of a head share them (Llama's "rotate_half" layout).
+    `scaling` (a config's `rope_scaling`) changes the frequencies and, for yarn, the size of cos and sin.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # [B, T, hd/2]
+    inv_freq, attention_factor = rope_frequencies(head_dim, theta, scaling)
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)  # [B, T, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, hd]
+    if attention_factor != 1.0:
+        return emb.cos() * attention_factor, emb.sin() * attention_factor
     return emb.cos(), emb.sin()
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, float]:
+    """The rotary frequencies [hd/2] (fp32) and the factor on cos/sin, for plain RoPE or a scaled one:
+
+    linear   every frequency divided by `factor` (positions interpolated)
+    llama3   wavelengths longer than original_max/low_freq_factor divided by `factor`, shorter than
+             original_max/high_freq_factor kept, a smooth blend between
+    yarn     per dimension a blend of the plain and the divided frequency: kept where a dimension turns
+             more than beta_fast times over the original context, divided where less than beta_slow times,
+             a linear ramp between; cos/sin scaled by 0.1·ln(factor) + 1 (or `attention_factor`)
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = float(scaling.get("factor") or 1.0)
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    original = float(scaling["original_max_position_embeddings"])
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        middle = (wavelen >= original / high) & (wavelen <= original / low)
+        return torch.where(middle, blended, scaled), 1.0
+    if kind == "yarn":
+        attention_factor = scaling.get("attention_factor")
+        mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+
+        def log_scale(m: float) -> float:
+            return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+        if attention_factor is None:
+            attention_factor = log_scale(mscale) / log_scale(mscale_all) if mscale and mscale_all else log_scale(1.0)
+        fast, slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+
+        def turns_dim(turns: float) -> float:  # the dimension whose frequency turns `turns` times over `original`
+            return head_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo, hi = turns_dim(fast), turns_dim(slow)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, head_dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        keep = 1 - ramp  # 1: the plain frequency, 0: divided by factor
+        pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep, float(attention_factor)
+    raise ValueError(f"rope type {kind!r} is not supported")
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -79,16 +141,23 @@ class Attention(nn.Module):
         self.use_rope = cfg.position == "rope"
         self.rope_theta = cfg.rope_theta
         self.dropout = cfg.dropout
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        if cfg.qk_norm:  # qwen3: every query and key head normalised before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, kv_cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)  # [B, H, T, hd]
+        k = k.transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -118,7 +187,7 @@ class Block(nn.Module):
         if cfg.is_moe:
             self.block_sparse_moe = MoE(cfg)  # Mixtral's name for the expert layer
         else:
-            self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+            self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, kv_cache):
@@ -173,6 +242,8 @@ class Transformer(nn.Module):
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
@@ -228,9 +299,12 @@ class Transformer(nn.Module):
                 if past > 0:
                     mask = self._attention_mask(None, past, T, device=input_ids.device)
 
+        if cfg.sliding_window and past + T > cfg.sliding_window:
+            mask = self._window_mask(mask, past, T, cfg.sliding_window, input_ids.device)
+
         rope = None
         if cfg.position == "rope":
-            rope = rope_tables(cfg.head_dim, positions, cfg.rope_theta)
+            rope = rope_tables(cfg.head_dim, positions, cfg.rope_theta, cfg.rope_scaling)
         elif cfg.position == "learned":
             x = x + self.model.embed_positions(positions)
         else:
@@ -254,6 +328,18 @@ class Transformer(nn.Module):
         if aux_total is not None:
             aux_total = aux_total * (cfg.moe_aux_loss_coef / cfg.n_layers)
         return ModelOutput(logits=logits, hidden=h, aux_loss=aux_total, scores=scores)
+
+    @staticmethod
+    def _window_mask(mask: torch.Tensor | None, past: int, T: int, window: int, device) -> torch.Tensor:
+        """`mask` (None: plain causal) narrowed to a sliding window: query column i sees key column j only
+        when i − j < window (columns of the cache, padding included, as transformers counts them)."""
+        S = past + T
+        q_col = torch.arange(past, S, device=device)[:, None]
+        k_col = torch.arange(S, device=device)[None, :]
+        near = (q_col - k_col) < window  # [T, S]
+        if mask is None:
+            mask = (k_col <= q_col)[None, None]
+        return mask & near[None, None]
 
     @staticmethod
     def _packed_mask(seq_ids: torch.Tensor) -> torch.Tensor:
