@@ -19,7 +19,13 @@ Examples:
   tiaoyu serve ckpt/reason --quantize int8 --max-batch 16   # int8 weights on CPU
 
   tiaoyu serve ckpt/sft --host 0.0.0.0 --port 8080          # reachable from other machines (no auth!)
+
+  tiaoyu serve ckpt/sft --allow-origin http://localhost:3000   # a web app on another origin may call the API
 """
+
+
+def _names(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
 def register(app: typer.Typer) -> None:
@@ -41,6 +47,12 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
         quantize: Annotated[str, typer.Option(help="none | int8 (weight-only int8 Linear layers, CPU)")] = "none",
         quiet: Annotated[bool, typer.Option("--quiet", help="do not log every request")] = False,
+        allowed_hosts: Annotated[Optional[str], typer.Option(
+            help="comma-separated Host names to answer besides the bound address (refused otherwise: DNS "
+                 "rebinding); '*' any")] = None,
+        allow_origin: Annotated[Optional[str], typer.Option(
+            help="comma-separated web origins whose pages may call the API (CORS), e.g. http://localhost:3000; "
+                 "'*' any. Other pages' requests are refused")] = None,
         tool_schemas: Annotated[bool, typer.Option("--tool-schemas/--no-tool-schemas",
                                                    help="render a request's tools in the system turn (off: for "
                                                    "models trained on tool records without them)")] = True,
@@ -64,7 +76,8 @@ def register(app: typer.Typer) -> None:
         cfg = ServeConfig(host=host, port=port, model_name=model_name or "", max_tokens_limit=max_tokens,
                           default_max_tokens=default_max_tokens, max_request_bytes=max_request_bytes,
                           max_batch=max_batch, max_queue=max_queue, request_timeout_s=request_timeout,
-                          tool_schemas=tool_schemas)
+                          tool_schemas=tool_schemas, allowed_hosts=_names(allowed_hosts),
+                          allow_origins=_names(allow_origin))
         with console.status(f"loading {ckpt} …"):
             engine, name = load_engine(ckpt, device=device, mode=mode, quantize=quantize, config=cfg)
         # the scheduler thread and uvicorn's event loop share the GIL; at the default 5 ms switch interval

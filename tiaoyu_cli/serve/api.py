@@ -13,11 +13,12 @@ Errors are `APIError`s: an HTTP status and OpenAI's {"error": {message, type, pa
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.infer.sampling import SamplingParams
+from tiaoyu_cli.infer.sampling import SamplingParams, make_generator
 from tiaoyu_cli.infer.session import stop_ids_for
 from tiaoyu_cli.serve import tools_api
 from tiaoyu_cli.serve.engine import APIError, Engine, Job
@@ -25,16 +26,51 @@ from tiaoyu_cli.serve.engine import APIError, Engine, Job
 
 # ---- request parsing -------------------------------------------------------------------------------------
 
+SEED_MAX = 2**64 - 1  # torch generators take seeds in 0 … 2**64 - 1
+
+
 def _num(body: dict, key: str, default, kind=float, lo=None, hi=None):
+    """`body[key]` checked: a finite number (an integer where `kind` is int) within [lo, hi]. JSON bodies are
+    read by orjson, which refuses NaN and Infinity; a body built another way is checked here all the same."""
     v = body.get(key, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
-        raise APIError(400, f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {json.dumps(v)}", key)
-    v = kind(v)
+    what = "an integer" if kind is int else "a number"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise APIError(400, f"'{key}' must be {what}, got {_short(v)}", key)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise APIError(400, f"'{key}' must be a finite number, got {v}", key)
+    if kind is int and isinstance(v, float) and not v.is_integer():
+        raise APIError(400, f"'{key}' must be an integer, got {v}", key)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise APIError(400, f"'{key}' must be between {lo} and {hi}, got {v}", key)
-    return v
+        raise APIError(400, f"'{key}' must be between {lo} and {hi}, got {_short(v)}", key)
+    return kind(v)
+
+
+MAX_NESTING = 32  # a chat request needs about 8 levels (tools' schemas a few more)
+
+
+def check_nesting(obj: Any, limit: int = MAX_NESTING) -> None:
+    """Refuse a body nested deeper than `limit` (walked without recursion): deeper bodies serve no request
+    and could exhaust the recursion of code that walks them later (templates, JSON encoders)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if d > limit:
+            raise APIError(400, f"the request body is nested more than {limit} levels deep")
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    """A value as JSON for an error message, cut to `limit` characters."""
+    try:
+        text = json.dumps(v)
+    except (TypeError, ValueError, RecursionError):
+        text = type(v).__name__
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _text_content(content: Any, where: str) -> str:
@@ -153,7 +189,7 @@ class API:
             top_p = 1e-6
         top_k = _num(body, "top_k", 0, int, 0, 10_000_000)
         penalty = _num(body, "repetition_penalty", 1.0, float, 0.01, 10.0)
-        seed = _num(body, "seed", None, int)
+        seed = _num(body, "seed", None, int, 0, SEED_MAX)
         stop = body.get("stop")
         if stop is None:
             stop = []
@@ -197,7 +233,13 @@ class API:
                 raise APIError(400, f"the prompt ({len(prompt)} tokens) plus {key} ({max_tokens}) exceeds this "
                                     f"model's context of {ctx} tokens", key, "context_length_exceeded")
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
-        return Job(prompt, max_tokens, params, frozenset(stop_ids), stop=list(stop), seed=seed, tools=tool_job)
+        job = Job(prompt, max_tokens, params, frozenset(stop_ids), stop=list(stop), seed=seed, tools=tool_job)
+        if not params.greedy and seed is not None:  # built here, so a seed the generator refuses is this request's 400
+            try:
+                job.gen = make_generator(seed, self.engine.device)
+            except (RuntimeError, ValueError, OverflowError) as e:
+                raise APIError(400, f"'seed' {seed} cannot seed a generator ({e})", "seed") from None
+        return job
 
     # responses ---------------------------------------------------------------------------------------
     def response(self, job: Job, chat: bool, result: tuple[str, str, str, int]) -> dict:

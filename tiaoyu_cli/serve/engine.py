@@ -57,6 +57,8 @@ class ServeConfig:
     batch_wait_s: float = 0.01  # an idle batch: after the first request, wait at most this long for more to start with it
     batch_gap_s: float = 0.002  # … and only while they keep coming: start once none came for this long
     request_timeout_s: float = 120.0  # a request's deadline, from arrival to its last token (504 after)
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides the bound address (serve/guard.py)
+    allow_origins: tuple[str, ...] = ()  # web origins whose pages may call the API (CORS); "*" any
     tool_schemas: bool = True  # render a request's `tools` in the system turn (serve/tools_api.py)
 
 
@@ -82,6 +84,7 @@ class Job:
     stop_ids: frozenset[int]
     stop: list[str] = field(default_factory=list)  # stop strings (answer text only)
     seed: int | None = None
+    gen: "torch.Generator | None" = None  # a seeded request's generator, built when the request is checked
     events: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
@@ -262,6 +265,7 @@ class Engine:
         self._stop = threading.Event()
         self._gen = make_generator(None, self.device)
         self._outbox: list[tuple[Job, tuple]] = []
+        self._held: list[Running] = []  # the rows of the running batch, failed if the scheduler dies
         self._thread = threading.Thread(target=self._run, name="tiaoyu-generate", daemon=True)
         self._thread.start()
 
@@ -277,6 +281,17 @@ class Engine:
                            type_="server_error", code="overloaded") from None
         with self._lock:
             self.stats["requests"] += 1
+        if self.failed:  # the scheduler died while this job went in: nobody would take it
+            self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            job.outbox = None
+            job.put(("error", f"generation failed: {self.failed}", 500))
 
     def close(self) -> None:
         self._stop.set()
@@ -302,26 +317,26 @@ class Engine:
                     self._run_scripted()
             else:
                 self._run_continuous()
-        except Exception as e:  # the scheduler itself failed: fail what waits, answer 503 from now on
+        except BaseException as e:  # the scheduler itself failed: fail what it holds and what waits, 503 from now on
             traceback.print_exc()
             self.failed = f"{type(e).__name__}: {e}"
-            while True:
-                try:
-                    self.jobs.get_nowait().put(("error", f"generation failed: {self.failed}", 500))
-                except queue.Empty:
-                    break
+            for r in self._held:
+                r.job.outbox = None
+                r.fail(f"generation failed: {self.failed}", 500)
+            self._fail_waiting()
 
     # ---- continuous batching --------------------------------------------------------------------------
     def _run_continuous(self) -> None:
         cfg = self.config
         with torch.inference_mode(), amp_context(self.device, None):
             slots = SlotBatch(self.model, cfg.max_batch, self.context)
-            rows: list[Running] = []
+            rows: list[Running] = self._held
             try:
                 self._loop(slots, rows)
             finally:
-                for r in rows:
-                    r.fail("the server is stopping", 503)
+                if self._stop.is_set():
+                    for r in rows:
+                        r.fail("the server is stopping", 503)
                 self._flush()
 
     def _loop(self, slots: SlotBatch, rows: list[Running]) -> None:
@@ -387,12 +402,13 @@ class Engine:
                 self._count("timeouts")
                 continue
             job.outbox = self._outbox
-            r = Running(job, self.tokenizer)
-            if not job.params.greedy:
-                r.gen = make_generator(job.seed, self.device) if job.seed is not None else self._gen
-            if job.params.repetition_penalty != 1.0:
-                r.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
-                r.seen[0, torch.tensor(job.prompt, device=self.device).clamp(max=r.seen.shape[1] - 1)] = True
+            try:
+                r = self._running(job)
+            except Exception as e:  # this request fails alone; the engine goes on
+                traceback.print_exc()
+                job.put(("error", f"generation failed: {type(e).__name__}: {e}", 500))
+                self._count("errors")
+                continue
             width = max(width, len(job.prompt))
             new.append(r)
             if width * len(new) >= PREFILL_TOKENS:
@@ -411,13 +427,29 @@ class Engine:
         if not rows:
             self._count("batches")
         rows.extend(new)
-        self._choose(new, logits)
+        try:
+            self._choose(new, logits)
+        except Exception as e:  # the joining requests fail (their rows are retired below), the running ones go on
+            traceback.print_exc()
+            for r in new:
+                r.fail(f"generation failed: {type(e).__name__}: {e}", 500)
         with self._lock:
             self.stats["prefill_tokens"] += sum(len(r.job.prompt) for r in new)
             self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
             self.stats["running"] = len(rows)
         self._retire(slots, rows)
         self._flush()
+
+    def _running(self, job: Job) -> Running:
+        """A waiting job made ready to join the batch: its decoder, generator and repetition-penalty state."""
+        r = Running(job, self.tokenizer)
+        if not job.params.greedy:
+            r.gen = job.gen if job.gen is not None else (
+                make_generator(job.seed, self.device) if job.seed is not None else self._gen)
+        if job.params.repetition_penalty != 1.0:
+            r.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+            r.seen[0, torch.tensor(job.prompt, device=self.device).clamp(min=0, max=r.seen.shape[1] - 1)] = True
+        return r
 
     def _choose(self, rows: list[Running], logits: torch.Tensor) -> None:
         """Each row's next token with its own sampling settings; push it."""
@@ -481,7 +513,7 @@ class Engine:
                 self.stats["batches"] += 1
                 self.stats["largest_batch"] = max(self.stats["largest_batch"], len(group))
             params = group[0].params
-            gen = None if params.greedy else make_generator(group[0].seed, self.device)
+            gen = None if params.greedy else (group[0].gen or make_generator(group[0].seed, self.device))
             n_new = max(j.max_tokens for j in group)
             try:
                 for step in self._steps(self.model, [j.prompt for j in group], n_new, params,  # type: ignore[misc]

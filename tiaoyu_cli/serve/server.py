@@ -9,6 +9,7 @@ The parts:
                       (infer/slots.py), per-request deadlines, cancellation when a client leaves
     serve/api.py      request bodies → jobs, events → OpenAI response objects and stream chunks
     serve/app.py      the ASGI app (Starlette): routes, body limits, SSE, /health, /metrics
+    serve/guard.py    Host and Origin checks (DNS rebinding, other web pages), CORS for allowed origins
     serve/server.py   this file: load a checkpoint into an Engine, run the app on uvicorn
 
 Reasoning checkpoints think between <think> and </think>: the thinking is returned separately as
@@ -33,6 +34,7 @@ from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.serve.api import API, Collector, StreamBuilder, parse_messages
 from tiaoyu_cli.serve.app import make_app, page_html
 from tiaoyu_cli.serve.engine import APIError, Engine, Job, ServeConfig, StopStrings
+from tiaoyu_cli.serve.guard import Guard
 
 __all__ = ["API", "APIError", "Collector", "Engine", "Job", "ServeConfig", "Server", "StopStrings", "StreamBuilder",
            "default_model_name", "load_engine", "make_server", "page_html", "parse_messages"]
@@ -41,10 +43,12 @@ __all__ = ["API", "APIError", "Collector", "Engine", "Job", "ServeConfig", "Serv
 class Server:
     """uvicorn serving the app on an already bound socket."""
 
-    def __init__(self, api: API, sock: socket.socket, quiet: bool = False):
+    def __init__(self, api: API, sock: socket.socket, quiet: bool = False, host: str = "127.0.0.1"):
         self.api, self.socket = api, sock
         self.server_address = sock.getsockname()
-        config = uvicorn.Config(make_app(api), lifespan="off", access_log=not quiet,
+        cfg = api.engine.config
+        app = Guard(make_app(api), host, cfg.allowed_hosts, cfg.allow_origins)
+        config = uvicorn.Config(app, lifespan="off", access_log=not quiet,
                                 log_level="warning" if quiet else "info", timeout_graceful_shutdown=3,
                                 timeout_keep_alive=30)
         self.uvicorn = uvicorn.Server(config)
@@ -77,7 +81,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, model
         sock.listen(2048)
     except OSError as e:
         raise TiaoyuError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
-    return Server(API(engine, model_name), sock, quiet=quiet)
+    return Server(API(engine, model_name), sock, quiet=quiet, host=host)
 
 
 def default_model_name(path) -> str:
