@@ -69,3 +69,37 @@ def test_prep_pipes_into_tokenize_train(tmp_path):
     r = sh(f"{t} prep syn/text.train.jsonl -q | {t} tokenize train - -o tok/ --vocab-size 800", tmp_path)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     assert (tmp_path / "tok" / "tokenizer.model").exists()
+
+
+def test_a_failed_run_appending_to_stdout_keeps_every_byte_that_was_there(tmp_path):
+    """`prep … >> corpus.jsonl` that fails (empty input, a bad record, an interrupt) leaves the corpus as it
+    was; a run that succeeds appends after it."""
+    import os
+    import signal
+    import time
+
+    corpus = tmp_path / "corpus.jsonl"
+    before = b'{"text": "an earlier run"}\n' * 1000
+    corpus.write_bytes(before)
+    (tmp_path / "empty.txt").write_text("", "utf-8")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "fine"}\n{"text": \n')
+    for cmd in ("prep empty.txt >> corpus.jsonl", "prep bad.jsonl >> corpus.jsonl",
+                "prep bad.jsonl 1<> corpus.jsonl"):
+        r = sh(f"{shlex.quote(TIAOYU)} {cmd}", tmp_path)
+        assert r.returncode != 0, cmd
+        assert corpus.read_bytes() == before, (cmd, r.stderr.decode())
+    # an interrupt: a slow reader (stdin that stays open) is stopped by SIGINT while the output is held back
+    with open(corpus, "ab") as out:
+        proc = subprocess.Popen([TIAOYU, "prep", "-"], cwd=tmp_path, stdin=subprocess.PIPE, stdout=out,
+                                stderr=subprocess.PIPE)
+        proc.stdin.write(b'{"text": "half way"}\n' * 50_000)
+        proc.stdin.flush()
+        time.sleep(1.0)
+        os.kill(proc.pid, signal.SIGINT)
+        proc.stdin.close()
+        assert proc.wait(timeout=60) != 0
+    assert corpus.read_bytes() == before
+    r = sh(f"{shlex.quote(TIAOYU)} prep - >> corpus.jsonl", tmp_path, stdin=b'{"text": "a new record"}\n')
+    assert r.returncode == 0, r.stderr.decode()
+    data = corpus.read_bytes()
+    assert data.startswith(before) and records(data[len(before):]) == [{"text": "a new record"}]

@@ -112,19 +112,33 @@ def base_name(path: str) -> str:
     return name[:-3] if name.endswith(".gz") else name
 
 
+def stdout_start(fd: int = 1) -> int | None:
+    """Where this run's output begins in `fd` when it is a regular file, else None (a pipe or a terminal).
+
+    Opened for appending (`>> data.jsonl`) the position reads 0 until the first write, yet every write
+    lands at the end: the start is the file's size. Opened read-write at some position (`1<> f`), writes
+    overwrite from there: the start is never below the size, so taking the output back never cuts bytes
+    that were there before."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        pos = os.lseek(fd, 0, os.SEEK_CUR)
+    except OSError:
+        return None
+    return max(pos, st.st_size)
+
+
 class StdoutSink:
     """Writes to fd 1 through our own buffer, so a failed run can discard what is not yet written
-    and, when stdout is a regular file (`> data.jsonl`), truncate it back to where it started."""
+    and, when stdout is a regular file (`> data.jsonl`, `>> data.jsonl`), truncate it back to where this
+    run's output started (`stdout_start`): what was in the file before is kept byte for byte."""
 
     def __init__(self, fd: int = 1):
         self.fd = fd
         self.buf: list[bytes] = []
         self.size = 0
-        try:
-            st = os.fstat(fd)
-            self.start = os.lseek(fd, 0, os.SEEK_CUR) if stat.S_ISREG(st.st_mode) else None
-        except OSError:
-            self.start = None
+        self.start = stdout_start(fd)
 
     def write(self, b: bytes) -> None:
         self.buf.append(b)
