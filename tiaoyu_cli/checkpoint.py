@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.io import atomic_dir, atomic_write_text, fsync_dir, load_tensors, read_json  # noqa: F401 (used as ckpt_io.*)
 from tiaoyu_cli.model import ModelConfig, Transformer
-from tiaoyu_cli.tokenizer import Tokenizer
+from tiaoyu_cli.tokenizer import open_tokenizer
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 WEIGHTS = "model.safetensors"
@@ -153,7 +153,8 @@ def load_weights(model: Transformer, sd: dict[str, torch.Tensor], source, strict
 
 
 def load_tokenizer(ckpt: str | os.PathLike):
-    return Tokenizer.load(resolve_checkpoint(ckpt))
+    """The checkpoint's tokenizer: tokenizer.json (an open model's) or tokenizer.model (tiaoyu's own)."""
+    return open_tokenizer(resolve_checkpoint(ckpt))
 
 
 def load_trainer_info(ckpt: str | os.PathLike) -> dict:

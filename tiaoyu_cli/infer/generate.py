@@ -422,6 +422,17 @@ class Piece(NamedTuple):
     reasoning: bool  # True inside <think> … </think>
 
 
+def think_ids(tokenizer) -> tuple[int | None, int | None]:
+    """The tokenizer's <think> and </think> ids (an open model's may have none: None)."""
+    return getattr(tokenizer, "think_id", THINK_ID), getattr(tokenizer, "end_think_id", END_THINK_ID)
+
+
+def special_test(tokenizer):
+    """is_special(id) of the tokenizer: tiaoyu's control ids 0..7(11), or an open model's special added tokens."""
+    test = getattr(tokenizer, "is_special", None)
+    return test if test is not None else (lambda i: i < NUM_SPECIAL)
+
+
 class IncrementalDecoder:
     """Turn a stream of token ids into text pieces as soon as they are complete characters.
 
@@ -436,6 +447,8 @@ class IncrementalDecoder:
         self.ids: list[int] = []
         self.emitted = 0
         self.reasoning = False
+        self.think, self.end_think = think_ids(tokenizer)
+        self.special = special_test(tokenizer)
 
     def _new_text(self, final: bool) -> str:
         if not self.ids:
@@ -454,11 +467,11 @@ class IncrementalDecoder:
 
     def push(self, token: int) -> list[Piece]:
         token = int(token)
-        if token == THINK_ID:
+        if token == self.think:
             return self._switch(True)
-        if token == END_THINK_ID:
+        if token == self.end_think:
             return self._switch(False)
-        if token < NUM_SPECIAL:
+        if self.special(token):
             return []
         self.ids.append(token)
         new = self._new_text(final=False)
@@ -501,12 +514,13 @@ def decode_response(tokenizer, tokens: list[int], stop_ids: Iterable[int] = DEFA
     stops = set(stop_ids)
     if toks and toks[-1] in stops:
         toks = toks[:-1]
-    if THINK_ID not in toks and END_THINK_ID not in toks:
+    think, end_think = think_ids(tokenizer)
+    if (think is None or think not in toks) and (end_think is None or end_think not in toks):
         return DecodedResponse(tokenizer.decode(toks), None, None)
-    closed = END_THINK_ID in toks
-    head, tail = (toks[:toks.index(END_THINK_ID)], toks[toks.index(END_THINK_ID) + 1:]) if closed else (toks, [])
-    if THINK_ID in head:  # the model opened <think> itself
-        i = head.index(THINK_ID)
+    closed = end_think is not None and end_think in toks
+    head, tail = (toks[:toks.index(end_think)], toks[toks.index(end_think) + 1:]) if closed else (toks, [])
+    if think is not None and think in head:  # the model opened <think> itself
+        i = head.index(think)
         prefix, think = head[:i], head[i + 1:]
     else:  # the prompt opened it
         prefix, think = [], head

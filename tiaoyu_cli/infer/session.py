@@ -69,9 +69,12 @@ def load_chat_model(ckpt: str | os.PathLike, device: str = "auto", mode: str = "
     if (Path(ckpt) / "adapter_config.json").exists() and not (Path(ckpt) / "model.safetensors").exists():
         raise TiaoyuError(f"{ckpt} is a LoRA adapter, not a checkpoint: tiaoyu chat BASE --adapter {ckpt}")
     path = resolve_checkpoint(ckpt)
-    for need in ("tokenizer.model", "tokenizer_config.json"):
-        if not (path / need).exists():
-            raise TiaoyuError(f"{path}: checkpoint is missing {need} (a checkpoint folder holds its tokenizer)")
+    from tiaoyu_cli.tokenizer import has_tokenizer
+
+    if not has_tokenizer(path):
+        missing = [f for f in ("tokenizer.model", "tokenizer_config.json") if not (path / f).exists()]
+        raise TiaoyuError(f"{path}: checkpoint is missing {' and '.join(missing)} (a checkpoint folder holds its "
+                          "tokenizer: tokenizer.model and tokenizer_config.json, or an open model's tokenizer.json)")
     tok = load_tokenizer(path)
     model, path = load_model(path, device=dev)
     if model.config.vocab_size < tok.vocab_size:
@@ -109,8 +112,15 @@ def completion_prompt_ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, bos=True)
 
 
-def stop_ids_for(mode: str) -> frozenset[int]:
-    return DEFAULT_STOP_IDS if mode == "chat" else frozenset({EOS_ID})
+def stop_ids_for(mode: str, tokenizer=None) -> frozenset[int]:
+    """Where an answer ends: chat — the tokenizer's end-of-turn ids (tiaoyu's </s> and <|im_end|>, an open
+    model's eos and generation_config.json `eos_token_id`s); complete — its eos."""
+    if tokenizer is None or not hasattr(tokenizer, "stop_ids"):
+        return DEFAULT_STOP_IDS if mode == "chat" else frozenset({EOS_ID})
+    if mode == "chat":
+        return frozenset(tokenizer.stop_ids)
+    eos = getattr(tokenizer, "eos_id", EOS_ID)
+    return frozenset({eos}) if eos is not None else frozenset(tokenizer.stop_ids)
 
 
 def context_budget(max_seq_len: int, max_new_tokens: int) -> int:
@@ -215,10 +225,10 @@ class ChatSession:
         o = self.options
         seed = None if o.seed is None else o.seed + self.turns
         new: list[int] = []
-        yield from stream(self.cm.model, self.tok, ids, o.max_new_tokens, o.sampling, stop_ids_for(self.mode),
-                          seed=seed, tokens_out=new)
+        stops = stop_ids_for(self.mode, self.tok)
+        yield from stream(self.cm.model, self.tok, ids, o.max_new_tokens, o.sampling, stops, seed=seed, tokens_out=new)
         self.turns += 1
-        self.last = decode_response(self.tok, new, stop_ids_for(self.mode))
+        self.last = decode_response(self.tok, new, stops)
         if self.mode == "chat":
             answer = self.last.answer if self.last.answer is not None else self.last.response
             self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
@@ -313,7 +323,7 @@ def answer_records(cm: ChatModel, records: list[tuple[int, dict]], options: Gene
     items = [PromptRecord(line, rec, build_prompt(cm.tokenizer, cm.mode,
                                                   record_messages(rec, name, line, cm.tokenizer), system))
              for line, rec in records]
-    stops = stop_ids_for(cm.mode)
+    stops = stop_ids_for(cm.mode, cm.tokenizer)
     window = batch_size * 8
     batch_no = 0
     for w in range(0, len(items), window):

@@ -112,6 +112,8 @@ class Tokenizer:
     end_tool_call_id = 9
     tool_response_id = 10
     end_tool_response_id = 11
+    backend = "sentencepiece"
+    stop_ids = frozenset({3, 5})  # a chat answer ends at </s> or <|im_end|>
 
     def __init__(self, model_proto: bytes, config: dict, path: Path | None = None):
         self.path = path
@@ -232,6 +234,14 @@ class Tokenizer:
         # "▁" stands for a space; SentencePiece leaves it in place when it arrives through byte
         # fallback (the `word` algorithm does this for unknown words), so finish the job here.
         return self.sp.decode(ids).replace("\u2581", " ")
+
+    def is_special(self, i: int) -> bool:
+        """True for the control tokens (ids below num_special): they never decode to text."""
+        return 0 <= int(i) < self.num_special
+
+    @property
+    def chat_template(self) -> str:
+        return self.config.get("chat_template") or CHAT_TEMPLATE
 
     def id_to_piece(self, i: int) -> str:
         if not 0 <= int(i) < self.vocab_size:
