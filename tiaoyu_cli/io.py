@@ -1,6 +1,11 @@
 """Atomic file and folder writes: write to a temp name, fsync, rename.
 
 A crash half-way leaves either the old file or no file — never a half-written one.
+
+Also the guard for JSON text nobody vetted (a model's tool call, a request, a record): `check_json_nesting`
+says when text is too long or too deeply nested to parse (Python's json recurses once per bracket, so a
+long run of `[` is a RecursionError, not a JSONDecodeError), and `loads_limited` parses after that check
+with every failure a `json.JSONDecodeError`.
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -97,6 +103,48 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+MAX_JSON_DEPTH = 64  # deeper than any tool call or record needs; far from Python's recursion limit
+# a string (closed or running to the end: truncated text) or a bracket; everything else is skipped unseen
+_JSON_SCAN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', re.S)
+_JSON_SCAN_BYTES = re.compile(_JSON_SCAN.pattern.encode(), re.S)
+
+
+def check_json_nesting(text: str | bytes, max_depth: int = MAX_JSON_DEPTH, max_len: int | None = None) -> str | None:
+    """What makes `text` too costly to parse as JSON, or None: more than `max_len` characters (bytes for
+    bytes), or brackets nested deeper than `max_depth`, counted outside strings. One linear scan that
+    looks only at strings and brackets; it does not check that `text` is JSON (the parser does)."""
+    if max_len is not None and len(text) > max_len:
+        return f"longer than {max_len:,} characters"
+    opens = (b"[", b"{") if isinstance(text, bytes) else ("[", "{")
+    closes = (b"]", b"}") if isinstance(text, bytes) else ("]", "}")
+    depth = 0
+    for m in (_JSON_SCAN_BYTES if isinstance(text, bytes) else _JSON_SCAN).finditer(text):
+        tok = m.group()
+        if tok in opens:
+            depth += 1
+            if depth > max_depth:
+                return f"nested more than {max_depth} levels deep"
+        elif tok in closes:
+            depth = max(depth - 1, 0)
+    return None
+
+
+def loads_limited(text: str | bytes, max_depth: int = MAX_JSON_DEPTH, max_len: int | None = None) -> Any:
+    """`json.loads` for text nobody vetted: too long, too deeply nested (`check_json_nesting`), an integer
+    past Python's digit limit or anything else the parser chokes on is a `json.JSONDecodeError` (a ValueError)."""
+    problem = check_json_nesting(text, max_depth, max_len)
+    if problem is not None:
+        raise json.JSONDecodeError(f"the JSON is {problem}", text if isinstance(text, str) else "", 0)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise json.JSONDecodeError("the JSON is nested too deeply", text if isinstance(text, str) else "", 0) from None
+    except (ValueError, TypeError) as e:  # e.g. an integer of more than 4,300 digits, bytes that are not UTF-8
+        raise json.JSONDecodeError(str(e), text if isinstance(text, str) else "", 0) from None
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -104,6 +152,8 @@ def read_json(path: Path) -> dict:
         raise TiaoyuError(f"{path}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TiaoyuError(f"{path}: corrupt JSON ({e})") from None
+    except RecursionError:
+        raise TiaoyuError(f"{path}: corrupt JSON (nested too deeply)") from None
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -64,8 +64,13 @@ def register(app: typer.Typer) -> None:
         tools: Optional[str] = typer.Option(None, "--tools", help="tools the model may call, comma-separated "
                                             "(`tiaoyu tools` lists them), e.g. calculator"),
         tools_module: Optional[Path] = typer.Option(None, "--tools-module",
-                                                    help="a Python file whose typed, documented functions are tools"),
+                                                    help="a Python file whose typed, documented functions are tools. "
+                                                    "Loading it runs its top-level code, and its functions run in "
+                                                    "this process with arguments the model chooses (under "
+                                                    "--tool-timeout): use only a file you trust"),
         max_tool_calls: int = typer.Option(5, "--max-tool-calls", help="most tool calls per answer"),
+        tool_timeout: float = typer.Option(10.0, "--tool-timeout", help="seconds each tool call may run; past "
+                                           "that the model reads an error"),
         tool_schemas: bool = typer.Option(True, "--tool-schemas/--no-tool-schemas",
                                           help="render the tools' schemas in the system turn (off: for models "
                                           "trained on tool records without them)"),
@@ -103,7 +108,7 @@ def register(app: typer.Typer) -> None:
             warn("--system is ignored in complete mode (plain text continuation; --mode chat to use it)")
         if tools or tools_module:
             return tools_chat(cm, tools, tools_module, max_tool_calls, tool_schemas, prompt, system, options,
-                              batch_size)
+                              batch_size, tool_timeout)
         try:
             if prompt is not None:
                 answer_once(cm, prompt, system, options, hide_thinking, rewrite)
@@ -267,7 +272,7 @@ def classify_cli(ckpt: Path, text: Optional[str], device: str, batch_size: int, 
 
 
 def tools_chat(cm, tools, tools_module, max_tool_calls: int, schemas: bool, prompt, system, options,
-               batch_size: int) -> None:
+               batch_size: int, tool_timeout: float = 10.0) -> None:
     """chat with tools: --prompt, REPL or JSONL, the calls shown (REPL, --prompt: on stderr) or listed."""
     from tiaoyu_cli.console import console
     from tiaoyu_cli.infer.tool_loop import ToolRunner
@@ -275,7 +280,8 @@ def tools_chat(cm, tools, tools_module, max_tool_calls: int, schemas: bool, prom
 
     if cm.mode != "chat":
         raise TiaoyuError("--tools needs chat mode (a checkpoint trained on conversations; or --mode chat)")
-    runner = ToolRunner(cm.model, cm.tokenizer, Toolbox.from_names(tools, tools_module), max_tool_calls, schemas)
+    runner = ToolRunner(cm.model, cm.tokenizer, Toolbox.from_names(tools, tools_module, timeout=tool_timeout),
+                        max_tool_calls, schemas)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
 
     def turn(text: str, out) -> None:

@@ -67,8 +67,13 @@ def register(app: typer.Typer) -> None:
                                        "(e.g. calculator), for traces that think and then call"),
         tools: Optional[str] = typer.Option(None, "--tools", help="--rl: agentic rollouts with these tools (e.g. "
                                             "calculator); tool results are masked out of the loss and the KL"),
-        tools_module: Optional[Path] = typer.Option(None, "--tools-module", help="--rl: a Python file of tool functions"),
+        tools_module: Optional[Path] = typer.Option(None, "--tools-module", help="--rl: a Python file of tool "
+                                                    "functions. Loading it runs its top-level code, and its functions "
+                                                    "run in this process with arguments the policy chooses (under "
+                                                    "--tool-timeout): use only a file you trust"),
         max_tool_calls: int = typer.Option(5, "--max-tool-calls", help="--rl: most tool calls per sampled answer"),
+        tool_timeout: float = typer.Option(10.0, "--tool-timeout", help="--rl: seconds each tool call may run; past "
+                                           "that the policy reads an error"),
         tool_call_penalty: float = typer.Option(0.0, help="--rl: reward minus this per call that came back as an error"),
         *,
         train: TrainConfig,
@@ -87,7 +92,8 @@ def register(app: typer.Typer) -> None:
                                   rollout_batch_size=rollout_batch_size,
                                   max_new_tokens=max_new_tokens, temperature=temperature, beta=beta,
                                   format_weight=format_weight, open_think=open_think,
-                                  toolbox=Toolbox.from_names(tools, tools_module) if tools or tools_module else None,
+                                  toolbox=Toolbox.from_names(tools, tools_module, timeout=tool_timeout)
+                                  if tools or tools_module else None,
                                   max_tool_calls=max_tool_calls, tool_call_penalty=tool_call_penalty)
             R.run_reason_rl(o, train, log=say)
         else:

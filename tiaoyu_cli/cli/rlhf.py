@@ -185,14 +185,19 @@ def grpo_cmd(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
     tools: Optional[str] = typer.Option(None, "--tools", help="agentic rollouts: tools the policy may call "
                                         "(e.g. calculator); tool results are masked out of the loss and KL"),
-    tools_module: Optional[Path] = typer.Option(None, "--tools-module", help="a Python file of tool functions"),
+    tools_module: Optional[Path] = typer.Option(None, "--tools-module", help="a Python file of tool functions. "
+                                                "Loading it runs its top-level code, and its functions run in this "
+                                                "process with arguments the policy chooses (under --tool-timeout): "
+                                                "use only a file you trust"),
     max_tool_calls: int = typer.Option(5, "--max-tool-calls", help="most tool calls per sampled answer"),
+    tool_timeout: float = typer.Option(10.0, "--tool-timeout", help="seconds each tool call may run; past that the "
+                                       "policy reads an error"),
     tool_call_penalty: float = typer.Option(0.0, help="reward minus this per call that came back as an error"),
     *,
     cfg: GRPOConfig,
     train: TrainConfig,
 ) -> None:
-    toolbox = Toolbox.from_names(tools, tools_module) if tools or tools_module else None
+    toolbox = Toolbox.from_names(tools, tools_module, timeout=tool_timeout) if tools or tools_module else None
     run_grpo(start, data, train, cfg, val=val, ref=ref, val_frac=val_frac, skip_bad=skip_bad,
              eval_before=eval_before, log=say, toolbox=toolbox, max_tool_calls=max_tool_calls,
              tool_call_penalty=tool_call_penalty)

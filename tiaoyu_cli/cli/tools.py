@@ -34,13 +34,18 @@ def register(app: typer.Typer) -> None:
         names: Optional[str] = typer.Option(None, "--tools", help="only these built-in tools, comma-separated "
                                             "(default: all built in)"),
         tools_module: Optional[Path] = typer.Option(None, "--tools-module",
-                                                    help="a Python file whose typed, documented functions are tools"),
+                                                    help="a Python file whose typed, documented functions are tools. "
+                                                    "Loading it runs its top-level code, and its functions run in "
+                                                    "this process with the arguments of the call (under "
+                                                    "--tool-timeout): use only a file you trust"),
         as_json: bool = typer.Option(False, "--json", help="print the OpenAI function schemas as a JSON list"),
         run: Optional[str] = typer.Option(None, "--run", help='run one call: {"name": …, "arguments": {…}}'),
+        tool_timeout: float = typer.Option(10.0, "--tool-timeout", help="--run: seconds the call may run before it "
+                                           "returns an error"),
     ) -> None:
         from tiaoyu_cli.infer.tools import Toolbox, builtin_names
 
-        box = Toolbox.from_names(names if names is not None else builtin_names(), tools_module)
+        box = Toolbox.from_names(names if names is not None else builtin_names(), tools_module, timeout=tool_timeout)
         if run is not None:
             call = box.run_text(run)
             sys.stdout.write(json.dumps(call.to_dict(), ensure_ascii=False) + "\n")

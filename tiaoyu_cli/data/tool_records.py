@@ -14,6 +14,8 @@ Rules (each break is an error naming the field; prep and the chat dataset add fi
   * every `tool` message answers a call made before it, by `tool_call_id`; a tool message with no
     call before it, or an id no earlier call has, is an error. Formats without ids (ShareGPT
     `function_call`/`observation` turns, Hermes text) get ids `call_N` and answer calls in order.
+  * JSON in a record (arguments, a call's text, `tools`) is nested at most 64 levels deep
+    (`io.MAX_JSON_DEPTH`, checked before parsing: deeper text is a RecordError, not a RecursionError).
   * `tools` holds OpenAI function schemas `{"type": "function", "function": {"name", "description",
     "parameters"}}` (a bare `{"name", …}` is wrapped; a JSON string of that list is read).
 
@@ -25,6 +27,8 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+
+from tiaoyu_cli.io import MAX_JSON_DEPTH, check_json_nesting, loads_limited
 
 TOOL_ROLES = {"tool": "tool", "function": "tool", "observation": "tool", "ipython": "tool"}
 CALL_ROLES = ("function_call", "tool_call", "tool_calls")  # ShareGPT turns whose value is the call JSON
@@ -43,18 +47,42 @@ def _kind(v: Any) -> str:
     return "null" if v is None else type(v).__name__
 
 
+def _loads(text: str, what: str, field: str, invalid: str) -> Any:
+    """json.loads of record text, the nesting checked first: a RecordError "{what} is nested …" when too
+    deep, `invalid` (formatted with e and text) when not JSON."""
+    problem = check_json_nesting(text, MAX_JSON_DEPTH)
+    if problem is not None:
+        raise RecordError(f"{what} is {problem}", field)
+    try:
+        return loads_limited(text, MAX_JSON_DEPTH)
+    except json.JSONDecodeError as e:
+        raise RecordError(invalid.format(e=e, text=text[:80]), field) from None
+
+
+def _dumps(obj: Any, what: str, field: str) -> str:
+    """Compact JSON of an already-parsed object, nested at most MAX_JSON_DEPTH deep (as parsed text would be)."""
+    try:
+        text = json.dumps(obj, ensure_ascii=False)
+    except RecursionError:
+        raise RecordError(f"{what} is nested too deeply", field) from None
+    except (TypeError, ValueError) as e:
+        raise RecordError(f"{what} is not JSON ({e})", field) from None
+    problem = check_json_nesting(text, MAX_JSON_DEPTH)
+    if problem is not None:
+        raise RecordError(f"{what} is {problem}", field)
+    return text
+
+
 def canonical_arguments(v: Any, field: str) -> str:
     """The compact JSON string of a call's arguments (a JSON string or an object)."""
     if isinstance(v, str):
-        try:
-            obj = json.loads(v) if v.strip() else {}
-        except json.JSONDecodeError as e:
-            raise RecordError(f"arguments are not valid JSON ({e.msg} at char {e.pos}): {v[:80]!r}", field) from None
+        obj = _loads(v, "the arguments text", field,
+                     "arguments are not valid JSON ({e.msg} at char {e.pos}): {text!r}") if v.strip() else {}
     else:
         obj = v
     if not isinstance(obj, dict):
         raise RecordError(f"arguments must be a JSON object, got {_kind(obj)}", field)
-    return json.dumps(obj, ensure_ascii=False)
+    return _dumps(obj, "the arguments object", field)
 
 
 def check_name(name: Any, field: str) -> str:
@@ -96,10 +124,7 @@ def normalise_calls(calls: Any, field: str, counter: list[int]) -> list[dict]:
 
 def calls_from_json_text(text: str, field: str, counter: list[int]) -> list[dict]:
     """A ShareGPT `function_call` turn: its value is the call (or a list of calls) as JSON."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RecordError(f"the function call is not valid JSON ({e.msg}): {text[:80]!r}", field) from None
+    obj = _loads(text, "the function call", field, "the function call is not valid JSON ({e.msg}): {text!r}")
     return normalise_calls(obj, field, counter)
 
 
@@ -107,10 +132,8 @@ def split_hermes_calls(text: str, field: str, counter: list[int]) -> tuple[str, 
     """Hermes/Qwen assistant text: (the text outside the <tool_call>…</tool_call> blocks, the calls)."""
     calls = []
     for j, m in enumerate(_HERMES_CALL.finditer(text)):
-        try:
-            obj = json.loads(m.group(1))
-        except json.JSONDecodeError as e:
-            raise RecordError(f"<tool_call> {j} does not hold valid JSON ({e.msg}): {m.group(1)[:80]!r}", field) from None
+        obj = _loads(m.group(1), f"<tool_call> {j}", field,
+                     f"<tool_call> {j} does not hold valid JSON ({{e.msg}}): {{text!r}}")
         counter[0] += 1
         calls.append(normalise_call(obj, f"{field} <tool_call> {j}", f"call_{counter[0]}"))
     rest = _HERMES_CALL.sub("", text).strip()
@@ -152,10 +175,7 @@ def link_tool_messages(msgs: list[dict], field: str) -> None:
 def check_tools(tools: Any, field: str = "tools") -> list[dict]:
     """OpenAI function schemas, normalised to {"type": "function", "function": {name, [description], parameters}}."""
     if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as e:
-            raise RecordError(f"not valid JSON ({e.msg})", field) from None
+        tools = _loads(tools, "the text", field, "not valid JSON ({e.msg})")
     if not isinstance(tools, list):
         raise RecordError(f"expected a list of function schemas, got {_kind(tools)}", field)
     out, names = [], set()
@@ -188,6 +208,7 @@ def check_tools(tools: Any, field: str = "tools") -> list[dict]:
             norm["description"] = desc
         norm["parameters"] = params
         norm.update({k: v for k, v in fn.items() if k not in norm})
+        _dumps(norm, "the schema", fp)  # the template renders it as JSON
         out.append({"type": "function", "function": norm})
     return out
 

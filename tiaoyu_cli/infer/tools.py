@@ -10,20 +10,31 @@ function's type hints and docstring (first paragraph = description, an `Args:` s
 `:param x:` lines = parameter descriptions); `tool_from_callable(fn, schema=...)` takes a given one.
 `register_builtin(name, factory)` adds a tool `--tools NAME` can name (the retrieval issue's
 `search(query: str) -> str` plugs in this way). `--tools-module FILE` loads every public function
-defined in FILE (or the list `TOOLS` when FILE defines one).
+defined in FILE (or the list `TOOLS` when FILE defines one). Loading it runs the file's top-level code,
+and its functions run in this process with arguments the model chose: use only a file you trust, and
+write its functions for hostile arguments.
 
-Nothing the model writes can crash the caller: a call that is not JSON, names no known tool, has
-missing, unknown or mistyped arguments, or whose tool raises becomes an error *result*
-("error: …") that the model reads in its next turn.
+Nothing the model writes can crash or stall the caller: a call that is not JSON, is longer than
+`MAX_CALL_CHARS` or nested deeper than `MAX_CALL_DEPTH`, names no known tool, has missing, unknown or
+mistyped arguments, whose tool raises, or that runs past the toolbox's time limit (`timeout`,
+`--tool-timeout`) becomes an error *result* ("error: …") that the model reads in its next turn.
+
+The time limit: every call runs in a daemon worker thread and the caller waits at most `timeout`
+seconds. Python cannot stop a thread, so a call past the limit keeps running in the background (a daemon
+thread does not keep the process alive); while `MAX_RUNAWAY` such calls of one toolbox are still running,
+its further calls are refused (an error result) rather than started.
 """
 
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 import inspect
 import json
 import os
 import re
+import sys
+import threading
 import types
 import typing
 from dataclasses import dataclass
@@ -33,8 +44,13 @@ from typing import Any, Callable
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.infer.calculator import calculator
 from tiaoyu_cli.infer.retrieval import SEARCH_SCHEMA
+from tiaoyu_cli.io import MAX_JSON_DEPTH, check_json_nesting, loads_limited
 
 MAX_RESULT_CHARS = 4000
+MAX_CALL_CHARS = 100_000  # a tool call's JSON text
+MAX_CALL_DEPTH = MAX_JSON_DEPTH  # brackets nested in it
+DEFAULT_TIMEOUT = 10.0  # seconds one tool call may run (--tool-timeout)
+MAX_RUNAWAY = 4  # calls past their time limit still running, after which a toolbox starts no more
 
 
 @dataclass
@@ -60,8 +76,8 @@ class ToolCall:
 
     def to_dict(self) -> dict:
         try:
-            args: Any = json.loads(self.arguments)
-        except json.JSONDecodeError:
+            args: Any = loads_limited(self.arguments, MAX_CALL_DEPTH, MAX_CALL_CHARS)
+        except ValueError:
             args = self.arguments
         return {"name": self.name, "arguments": args, "result": self.result, **({"error": True} if self.error else {})}
 
@@ -201,11 +217,19 @@ def load_tools_module(path: str | os.PathLike) -> list[Tool]:
     return tools
 
 
-class Toolbox:
-    """The tools of one session, by name."""
+def check_timeout(timeout: float | None) -> float | None:
+    if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+        raise TiaoyuError(f"--tool-timeout must be a number of seconds > 0, got {timeout!r}")
+    return None if timeout is None else float(timeout)
 
-    def __init__(self, tools: list[Tool] | None = None):
+
+class Toolbox:
+    """The tools of one session, by name. `timeout`: seconds each call may run (None: no limit)."""
+
+    def __init__(self, tools: list[Tool] | None = None, timeout: float | None = DEFAULT_TIMEOUT):
         self.tools: dict[str, Tool] = {}
+        self.timeout = check_timeout(timeout)
+        self._runaway: list[threading.Thread] = []  # calls past their time limit, maybe still running
         for t in tools or []:
             self.add(t)
 
@@ -215,10 +239,11 @@ class Toolbox:
         self.tools[tool.name] = tool
 
     @classmethod
-    def from_names(cls, names: list[str] | str | None = None, module: str | os.PathLike | None = None) -> "Toolbox":
+    def from_names(cls, names: list[str] | str | None = None, module: str | os.PathLike | None = None,
+                   timeout: float | None = DEFAULT_TIMEOUT) -> "Toolbox":
         if isinstance(names, str):
             names = [n.strip() for n in names.split(",") if n.strip()]
-        box = cls()
+        box = cls(timeout=timeout)
         for n in names or []:
             if n not in _BUILTINS:
                 raise TiaoyuError(f"--tools: unknown tool {n!r} (built in: {', '.join(builtin_names())}; "
@@ -246,14 +271,23 @@ class Toolbox:
         problem = check_arguments(tool.parameters, arguments)
         if problem:
             return f"error: {problem}", True
-        try:
-            out = tool.fn(**arguments)
-        except Exception as e:  # the tool's own failure is the model's information, not our crash
-            return f"error: {type(e).__name__}: {e}", True
-        text = out if isinstance(out, str) else json.dumps(out, ensure_ascii=False, default=str)
-        if len(text) > MAX_RESULT_CHARS:
-            text = text[:MAX_RESULT_CHARS] + " …(cut)"
-        return text, text.startswith("error:")
+        if self.timeout is None:
+            return _call(tool, arguments)
+        self._runaway = [t for t in self._runaway if t.is_alive()]
+        if len(self._runaway) >= MAX_RUNAWAY:
+            return (f"error: {len(self._runaway)} earlier tool calls ran past the {self.timeout:g} s limit and are "
+                    "still running; no new call is started", True)
+        box: list[tuple[str, bool]] = []
+        grad = _grad_mode()
+        ctx = contextvars.copy_context()
+        worker = threading.Thread(target=ctx.run, args=(_call_into, box, tool, arguments, grad), daemon=True,
+                                  name=f"tiaoyu tool {name}")
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():
+            self._runaway.append(worker)
+            return f"error: the tool call took longer than {self.timeout:g} s", True
+        return box[0] if box else ("error: the tool call failed", True)
 
     def run_text(self, text: str, call_id: str = "") -> ToolCall:
         """Parse the JSON between <tool_call> and </tool_call> and run it."""
@@ -263,6 +297,35 @@ class Toolbox:
             return ToolCall(_guess_name(text), text.strip(), f"error: {e}", True, call_id)
         result, err = self.run(name, args)
         return ToolCall(name, json.dumps(args, ensure_ascii=False), result, err, call_id)
+
+
+def _grad_mode() -> bool | None:
+    """torch's grad mode is per thread: a worker starts with the caller's (None: torch not loaded)."""
+    torch = sys.modules.get("torch")
+    return None if torch is None else torch.is_grad_enabled()
+
+
+def _call_into(box: list, tool: Tool, arguments: dict, grad: bool | None) -> None:
+    if grad is not None:
+        sys.modules["torch"].set_grad_enabled(grad)
+    box.append(_call(tool, arguments))
+
+
+def _call(tool: Tool, arguments: dict) -> tuple[str, bool]:
+    """Run one call and turn whatever comes back, or goes wrong, into (text, is an error)."""
+    try:
+        out = tool.fn(**arguments)
+        text = out if isinstance(out, str) else json.dumps(out, ensure_ascii=False, default=str)
+    except RecursionError:
+        return "error: RecursionError: the tool recursed too deeply (or returned too deeply nested data)", True
+    except BaseException as e:  # the tool's own failure (even SystemExit) is the model's information, not our crash
+        try:
+            return f"error: {type(e).__name__}: {e}"[:MAX_RESULT_CHARS], True
+        except Exception:
+            return f"error: {type(e).__name__}", True
+    if len(text) > MAX_RESULT_CHARS:
+        text = text[:MAX_RESULT_CHARS] + " …(cut)"
+    return text, text.startswith("error:")
 
 
 _JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
@@ -287,9 +350,15 @@ def check_arguments(params: dict, args: dict) -> str | None:
 
 
 def parse_call(text: str) -> tuple[str, dict]:
-    """(name, arguments) of a call's JSON text; ValueError saying what is wrong."""
+    """(name, arguments) of a call's JSON text; ValueError saying what is wrong (also for text longer than
+    MAX_CALL_CHARS or nested deeper than MAX_CALL_DEPTH, checked before parsing)."""
+    if not isinstance(text, str):
+        raise ValueError("the tool call is not text")
+    problem = check_json_nesting(text, MAX_CALL_DEPTH, MAX_CALL_CHARS)
+    if problem is not None:
+        raise ValueError(f"the tool call is {problem}")
     try:
-        obj = json.loads(text)
+        obj = loads_limited(text, MAX_CALL_DEPTH, MAX_CALL_CHARS)
     except json.JSONDecodeError as e:
         raise ValueError(f"the tool call is not valid JSON ({e.msg} at char {e.pos})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
@@ -297,7 +366,7 @@ def parse_call(text: str) -> tuple[str, dict]:
     args = obj.get("arguments", {})
     if isinstance(args, str):
         try:
-            args = json.loads(args) if args.strip() else {}
+            args = loads_limited(args, MAX_CALL_DEPTH, MAX_CALL_CHARS) if args.strip() else {}
         except json.JSONDecodeError:
             raise ValueError("the arguments are not valid JSON") from None
     if not isinstance(args, dict):
