@@ -311,3 +311,21 @@ def test_fuzz_tool_call_parsing_and_the_calculator():
         worst = max(worst, time.perf_counter() - t)
         n += 1
     assert worst < 2, worst
+
+
+def test_other_json_readers_turn_deep_nesting_into_errors(tmp_path):
+    """Config files, JSON files and metrics lines nested past Python's recursion limit: a clear error, no
+    RecursionError traceback."""
+    from tiaoyu_cli.cli.common import load_config_file
+    from tiaoyu_cli.errors import TiaoyuError
+    from tiaoyu_cli.io import read_json
+    from tiaoyu_cli.train.plots import read_metrics
+
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "c.json").write_text(deep)
+    with pytest.raises(TiaoyuError, match="nested too deeply"):
+        load_config_file(tmp_path / "c.json")
+    with pytest.raises(TiaoyuError, match="nested too deeply"):
+        read_json(tmp_path / "c.json")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n' + deep + "\n")  # a torn last line
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]

@@ -162,12 +162,17 @@ def load_config_file(path: Path | None) -> dict[str, Any]:
             import yaml  # optional
         except ImportError:
             raise TiaoyuError(f"--config {p}: YAML needs PyYAML (pip install pyyaml), or use a .json file") from None
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except RecursionError:
+            raise TiaoyuError(f"--config {p}: nested too deeply") from None
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise TiaoyuError(f"--config {p}: invalid JSON ({e})") from None
+        except RecursionError:
+            raise TiaoyuError(f"--config {p}: nested too deeply") from None
     if not isinstance(data, dict):
         raise TiaoyuError(f"--config {p}: expected an object of option: value")
     return {k.replace("-", "_"): v for k, v in data.items()}

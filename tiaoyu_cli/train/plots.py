@@ -43,7 +43,7 @@ def read_metrics(run: str | os.PathLike) -> list[dict]:
             continue
         try:
             obj = json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             if n == len(lines):  # a torn last line (a crash mid-write): ignore it
                 break
             raise TiaoyuError(f"{path}:{n}: malformed JSON") from None

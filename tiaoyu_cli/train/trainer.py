@@ -512,7 +512,7 @@ class Trainer:
             try:
                 if json.loads(raw).get("step", 0) <= step:
                     keep.append(raw)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError, AttributeError):
                 continue
         ckpt_io.atomic_write_text(p, "".join(k + "\n" for k in keep))
 
