@@ -21,6 +21,11 @@ from typing import IO, Any, Iterator
 
 from tiaoyu_cli.errors import TiaoyuError
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: outputs are not locked there
+    fcntl = None  # type: ignore[assignment]
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -72,35 +77,103 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the output `path` (a file or a folder) for this process while it is written: an flock on a hidden
+    `.NAME.lock` beside it, released however the process ends. A second tiaoyu process writing the same
+    output fails at once with a clear error instead of racing the first one's replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    lock = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise TiaoyuError(f"{path} is being written by another running tiaoyu process; wait for it to finish "
+                              "or choose another output") from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(p: Path) -> None:
+    with open(p, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Put the complete folder `tmp` at `path`; an old `path` moves to a unique name first, then goes."""
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, old)  # over the empty folder mkdtemp made: the name is this process's alone
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp folder beside `path`; on clean exit fsync its files and rename it to `path`.
 
-    If `path` exists it is replaced only after the new folder is complete.
+    If `path` exists it is replaced only after the new folder is complete. The output is locked
+    (`output_lock`) while it is written, and every temporary name is unique to this process.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-                os.chmod(p, 0o666 & ~_umask())
-        os.chmod(tmp, 0o777 & ~_umask())
-        fsync_dir(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_lock(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            yield tmp
+            for p in tmp.rglob("*"):
+                if p.is_file():
+                    _fsync_file(p)
+                    os.chmod(p, 0o666 & ~_umask())
+            os.chmod(tmp, 0o777 & ~_umask())
+            fsync_dir(tmp)
+            _replace_dir(tmp, path)
+            fsync_dir(path.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def atomic_files(paths: list[str | os.PathLike], mode: str = "wb") -> Iterator[list[IO]]:
+    """`atomic_open` for a set of files that belong together (a train and a val split): each is written to
+    a temp name and, only once every one of them is complete and fsynced, all are renamed into place, one
+    after the other with nothing in between. On any error none of them is replaced."""
+    paths = [Path(p) for p in paths]
+    with contextlib.ExitStack() as stack:
+        for p in paths:
+            stack.enter_context(output_lock(p))
+        tmps: list[str] = []
+        files: list[IO] = []
+        try:
+            for p in paths:
+                fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+                tmps.append(tmp)
+                files.append(stack.enter_context(os.fdopen(fd, mode)))
+            yield files
+            for f, tmp in zip(files, tmps):
+                f.flush()
+                os.fsync(f.fileno())
+                os.chmod(tmp, 0o666 & ~_umask())
+            for p, tmp in zip(paths, tmps):
+                os.replace(tmp, p)
+            for parent in {p.parent for p in paths}:
+                fsync_dir(parent)
+        except BaseException:
+            for tmp in tmps:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise
 
 
 MAX_JSON_DEPTH = 64  # deeper than any tool call or record needs; far from Python's recursion limit

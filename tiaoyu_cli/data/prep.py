@@ -81,7 +81,7 @@ from tiaoyu_cli.data.prep_io import (JSONL_SUFFIXES, Source, StdoutSink, base_na
 from tiaoyu_cli.data.prep_records import BlockResult, RecordCleaner, Stop, Workers
 from tiaoyu_cli.data.shuffle import ExternalShuffle
 from tiaoyu_cli.errors import DataError, TiaoyuError
-from tiaoyu_cli.io import atomic_open
+from tiaoyu_cli.io import atomic_files
 
 __all__ = ["PrepConfig", "PrepStats", "Prep", "run_prep", "output_paths", "expand_inputs"]
 
@@ -545,8 +545,9 @@ def run_prep(inputs: list[str], out: str | None, cfg: PrepConfig,
             prep = Prep(cfg, on_progress, pool)
             st = prep.stats
             st.workers = workers
-            train_f = stack.enter_context(atomic_open(train_path, "wb")) if train_path else None
-            val_f = stack.enter_context(atomic_open(val_path, "wb")) if val_path else None
+            outs = stack.enter_context(atomic_files([p for p in (train_path, val_path) if p])) if train_path else []
+            train_f = outs[0] if outs else None
+            val_f = outs[1] if len(outs) > 1 else None
             write_train = stdout.write if stdout is not None else train_f.write  # type: ignore[union-attr]
             write_val = val_f.write if val_f is not None else write_train
             if cfg.shuffle:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tiaoyu_cli.checkpoint import STEP_RE, load_trainer_info, read_json
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.io import atomic_write_text
+from tiaoyu_cli.io import atomic_files
 from tiaoyu_cli.train.plots import read_metrics
 
 SKIP_KEYS = {"step", "eval", "lr", "grad_norm", "tokens", "tokens_per_s", "time_s", "epoch"}
@@ -228,11 +228,11 @@ def write_report(run_dirs: list[str | os.PathLike], bench_files: list[str | os.P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     curves = {r.name: svg for r in runs if (svg := svg_curves(r)) is not None}
-    for name, svg in curves.items():
-        atomic_write_text(out / f"curves-{name}.svg", svg)
     md, page = render(runs, results, curves)
-    atomic_write_text(out / "report.md", md)
-    atomic_write_text(out / "report.html", page)
+    texts = {**{f"curves-{name}.svg": svg for name, svg in curves.items()}, "report.md": md, "report.html": page}
+    with atomic_files([out / name for name in texts]) as files:  # the report's files are replaced as one set
+        for f, text in zip(files, texts.values()):
+            f.write(text.encode("utf-8"))
     _, _, flags = bench_table(runs, results)
     return {"markdown": str(out / "report.md"), "html": str(out / "report.html"), "runs": len(runs),
             "benchmarks": len(results), "flags": flags}
