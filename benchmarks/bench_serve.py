@@ -20,6 +20,16 @@ batch finishes together (the best case for whole-batch generation). A request co
 to the last byte; one that gets no answer (connection refused or reset, non-200) is listed under
 "errors" and not counted in tokens/s. Also checks that a bad request still gets a 4xx.
 Prints one JSON line (and one line per level on stderr).
+
+    .venv/bin/python benchmarks/bench_serve.py --soak 600            # 10 minutes of mixed hostile traffic
+
+`--soak SECONDS`: only the current server, for that long, under --clients (default 8) clients that each
+pick at random: a good request (chat or completion, streamed or not), a bad one (NaN, a huge seed, a
+body nested thousands deep, broken JSON, an unknown model, a prompt past the context, a cross-origin
+page, a rebound Host), or one that goes away mid-answer. Reports the requests served, the answers by
+kind and status, anything unexpected (a 5xx, a good request not answered, a bad one not refused), p50/p99
+latency of the good ones, and the server's RSS at the start (after a warm-up) and the end, with its
+samples every 30 s.
 """
 
 from __future__ import annotations
@@ -137,6 +147,132 @@ def load_level(port: int, clients: int, total: int, bodies: list[dict]) -> dict:
             "tokens": tokens[0], "wall_s": round(wall, 2)}
 
 
+BAD_BODIES = [
+    b'{"prompt": "x", "max_tokens": 4, "temperature": NaN}',
+    b'{"prompt": "x", "max_tokens": 4, "seed": 18446744073709551616, "temperature": 1}',
+    b'{"prompt": "x", "max_tokens": 4, "seed": 1e300, "temperature": 1}',
+    b'{"prompt": "x", "max_tokens": 4, "repetition_penalty": NaN}',
+    b'{"prompt": "x", "max_tokens": 4, "top_p": NaN, "temperature": 1}',
+    b'{"prompt": "x", "deep": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b'{"prompt": "x", "max_tokens": ',
+    b'{"model": "not-this-one", "prompt": "x"}',
+    b'{"prompt": "' + b"word " * 3000 + b'", "max_tokens": 4}',
+    b'{"prompt": "x", "max_tokens": 1e400}',
+]
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def soak(proc: subprocess.Popen, port: int, seconds: float, clients: int, bodies: list[dict]) -> dict:
+    """Mixed good, bad and disconnecting clients against one server for `seconds` (see the module docstring)."""
+    import socket
+
+    lock = threading.Lock()
+    counts: dict[str, int] = {}
+    unexpected: list[str] = []
+    lat: list[float] = []
+    stop_at = time.monotonic() + seconds
+
+    def note(key: str, problem: str | None = None) -> None:
+        with lock:
+            counts[key] = counts.get(key, 0) + 1
+            if problem and len(unexpected) < 50:
+                unexpected.append(problem)
+
+    def raw(body: bytes, path: str = "/v1/completions", headers: dict | None = None) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        try:
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+            r = conn.getresponse()
+            return r.status, r.read()
+        finally:
+            conn.close()
+
+    def good(rng: random.Random) -> None:
+        b = dict(rng.choice(bodies), max_tokens=rng.randint(2, 24))
+        chat = rng.random() < 0.5
+        if chat:
+            b = {"messages": [{"role": "user", "content": b["prompt"]}], "max_tokens": b["max_tokens"],
+                 "temperature": rng.choice([0, 0.8]), "seed": rng.randint(0, 2**64 - 1)}
+        stream = rng.random() < 0.3
+        if stream:
+            b["stream"] = True
+        t = time.perf_counter()
+        status, data = raw(json.dumps(b).encode(), "/v1/chat/completions" if chat else "/v1/completions")
+        ok = status == 200 and (data.rstrip().endswith(b"[DONE]") if stream else b'"usage"' in data)
+        if ok:
+            with lock:
+                lat.append(time.perf_counter() - t)
+        note(f"good {status}", None if ok else f"good request answered {status}: {data[:200]!r}")
+
+    def bad(rng: random.Random) -> None:
+        kind = rng.random()
+        headers = None
+        body = rng.choice(BAD_BODIES)
+        if kind < 0.15:
+            body, headers = json.dumps(bodies[0]).encode(), {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+        elif kind < 0.25:
+            body, headers = json.dumps(bodies[0]).encode(), {"Host": "evil.example"}
+        status, data = raw(body, headers=headers)
+        note(f"bad {status}", None if 400 <= status < 500 else f"bad request answered {status}: {data[:200]!r}")
+
+    def leave(rng: random.Random) -> None:
+        """A streamed answer read for a moment, or a request sent and the socket closed at once."""
+        b = dict(rng.choice(bodies), max_tokens=64, stream=rng.random() < 0.7)
+        data = json.dumps(b).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+            if b["stream"]:
+                sock.recv(256)
+        note("left")
+
+    def client(i: int) -> None:
+        rng = random.Random(i)
+        while time.monotonic() < stop_at:
+            r = rng.random()
+            try:
+                (good if r < 0.6 else bad if r < 0.9 else leave)(rng)
+            except OSError as e:
+                note(f"connection {type(e).__name__}", f"connection failed: {type(e).__name__}: {e}")
+
+    raw(json.dumps(bodies[0]).encode())  # warm up
+    samples = [rss_kb(proc.pid)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    t0 = time.monotonic()
+    for th in threads:
+        th.start()
+    while any(th.is_alive() for th in threads):
+        time.sleep(1.0)
+        if time.monotonic() - t0 >= 30 * len(samples):
+            samples.append(rss_kb(proc.pid))
+    status, data = raw(json.dumps(bodies[0]).encode())  # still serving after it all
+    health = _get(port, "/health")
+    samples.append(rss_kb(proc.pid))
+    lat.sort()
+    return {"seconds": round(time.monotonic() - t0, 1), "clients": clients, "requests": sum(counts.values()),
+            "served_good": len(lat), "by_kind": dict(sorted(counts.items())), "unexpected": unexpected,
+            "p50_s": percentile(lat, 0.5), "p99_s": percentile(lat, 0.99),
+            "rss_mb_start": round(samples[0] / 1024, 1), "rss_mb_end": round(samples[-1] / 1024, 1),
+            "rss_mb_samples": [round(x / 1024, 1) for x in samples], "final_request_status": status,
+            "engine": {k: health.get(k) for k in ("status", "requests", "completed", "cancelled", "errors", "timeouts")}}
+
+
+def _get(port: int, path: str) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
 def percentile(sorted_values: list[float], p: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -155,7 +291,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds per level; tokens/s = the median round, "
                     "latency percentiles over all rounds' requests")
     ap.add_argument("--old-rev", default="", help="git revision of the previous server (default: the last with http.server)")
+    ap.add_argument("--soak", type=float, default=0, help="SECONDS of mixed good, bad and disconnecting clients "
+                    "against the current server only (see above)")
     args = ap.parse_args()
+    if args.soak:
+        return soak_main(args)
 
     rev = args.old_rev
     if not rev:
@@ -216,6 +356,28 @@ def main() -> None:
                       "max_tokens": args.max_tokens, "lengths": args.lengths, "max_batch": args.max_batch, "old_rev": rev,
                       "bad_request_status": checks, "load_avg_1min": round(os.getloadavg()[0], 2),
                       "machine": f"{os.cpu_count()}-core CPU, shared, one torch thread per server", "results": results}))
+
+
+def soak_main(args) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    clients = int(args.clients) if args.clients.isdigit() else 8
+    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
+        ckpt = Path(args.ckpt) if args.ckpt else make_checkpoint(Path(tmp), args.preset)
+        proc, port = start_server([sys.executable, "-m", "tiaoyu_cli", "serve", str(ckpt), "--port", "0", "--quiet",
+                                   "--device", "cpu", "--mode", "complete", "--max-batch", str(args.max_batch),
+                                   "--max-queue", "256"], env)
+        try:
+            rng = random.Random(0)
+            words = "Tosi has a pet named Vinay who lives in the city of Mara and likes the colour".split()
+            bodies = [{"prompt": " ".join(rng.choice(words) for _ in range(rng.randint(3, 30))), "max_tokens": 8,
+                       "temperature": 0} for _ in range(64)]
+            out = soak(proc, port, args.soak, clients, bodies)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(json.dumps({"bench": "serve-soak", "preset": args.preset if not args.ckpt else str(args.ckpt),
+                      "load_avg_1min": round(os.getloadavg()[0], 2),
+                      "machine": f"{os.cpu_count()}-core CPU, shared, one torch thread", **out}))
 
 
 if __name__ == "__main__":
