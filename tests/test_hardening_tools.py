@@ -329,3 +329,131 @@ def test_other_json_readers_turn_deep_nesting_into_errors(tmp_path):
         read_json(tmp_path / "c.json")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n' + deep + "\n")  # a torn last line
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+
+
+# ---------------------------------------------------------------------------- the compiled decode step's cache
+FAKE_CC = """#!/bin/sh
+if [ "$1" = "--version" ]; then echo "fakecc $FAKE_CC_VERSION"; exit 0; fi
+while [ $# -gt 0 ]; do
+  if [ "$1" = "-o" ]; then cp "$REAL_SO" "$2"; exit 0; fi
+  shift
+done
+exit 1
+"""
+
+
+@pytest.fixture(scope="module")
+def real_so(tmp_path_factory):
+    """A decode kernel built by the real compiler, once, into a cache of its own."""
+    import os
+
+    from tiaoyu_cli.infer import numpy_step
+
+    cache = tmp_path_factory.mktemp("kernel-cache")
+    saved, env = dict(numpy_step._C), os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    numpy_step._C.update(tried=False, fn=None)
+    try:
+        fn = numpy_step.c_kernel()
+    finally:
+        numpy_step._C.update(saved)
+        if env is None:
+            os.environ.pop("XDG_CACHE_HOME")
+        else:
+            os.environ["XDG_CACHE_HOME"] = env
+    if fn is None:
+        pytest.skip("no C compiler here")
+    return next((cache / "tiaoyu").glob("decode_kernel-*.so"))
+
+
+@pytest.fixture
+def kernel_env(tmp_path, monkeypatch, real_so):
+    """A fresh cache and a fake compiler that 'builds' by copying the real kernel (fast); c_kernel() untried."""
+    from tiaoyu_cli.infer import numpy_step
+
+    cc = tmp_path / "fakecc"
+    cc.write_text(FAKE_CC)
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("REAL_SO", str(real_so))
+    monkeypatch.setenv("FAKE_CC_VERSION", "1.0")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("TIAOYU_C_KERNEL", raising=False)
+    monkeypatch.setitem(numpy_step._C, "tried", False)
+    monkeypatch.setitem(numpy_step._C, "fn", None)
+    return tmp_path / "cache" / "tiaoyu"
+
+
+def _retry():
+    from tiaoyu_cli.infer import numpy_step
+
+    numpy_step._C.update(tried=False, fn=None)
+    return numpy_step.c_kernel()
+
+
+def test_kernel_cache_folder_is_private_and_the_compiler_version_is_in_the_key(kernel_env):
+    import stat
+
+    assert _retry() is not None
+    assert stat.S_IMODE(kernel_env.stat().st_mode) == 0o700
+    (first,) = kernel_env.glob("decode_kernel-*.so")
+    assert not first.stat().st_mode & 0o022
+    import os
+
+    os.environ["FAKE_CC_VERSION"] = "2.0"  # a new compiler: a new build, not the old one's library
+    assert _retry() is not None
+    assert len(list(kernel_env.glob("decode_kernel-*.so"))) == 2
+    assert not list(kernel_env.glob(".decode_kernel-*"))  # no temp file left
+
+
+@pytest.mark.parametrize("plant", ["group-writable", "symlink", "other-owner"])
+def test_a_planted_kernel_is_refused_and_rebuilt(kernel_env, tmp_path, plant):
+    import os
+
+    assert _retry() is not None
+    (so,) = kernel_env.glob("decode_kernel-*.so")
+    evil = tmp_path / "evil.so"
+    evil.write_bytes(b"\x7fELF not a library")  # loading it would fail: a load shows as None
+    so.unlink()
+    if plant == "group-writable":
+        so.write_bytes(evil.read_bytes())
+        so.chmod(0o777)
+    elif plant == "symlink":
+        so.symlink_to(evil)
+    else:
+        if os.getuid() != 0:
+            pytest.skip("making a file another user's needs root")
+        so.write_bytes(evil.read_bytes())
+        os.chown(so, 65534, 65534)
+    assert _retry() is not None  # refused, deleted, rebuilt, loaded
+    assert not so.is_symlink() and so.stat().st_uid == os.getuid() and not so.stat().st_mode & 0o022
+    assert so.read_bytes() != evil.read_bytes()
+
+
+def test_an_unsafe_cache_folder_is_refused_with_one_warning(kernel_env, capsys):
+    kernel_env.mkdir(parents=True)
+    kernel_env.chmod(0o777)
+    assert _retry() is None
+    from tiaoyu_cli.infer import numpy_step
+
+    assert numpy_step.c_kernel() is None  # tried once per process: no second warning
+    err = capsys.readouterr().err
+    assert err.count("the compiled decode step is unavailable") == 1 and "writable by group or others" in err
+    assert not list(kernel_env.iterdir())
+
+
+def test_a_missing_compiler_is_said_once(tmp_path, monkeypatch, capsys):
+    from tiaoyu_cli.infer import numpy_step
+
+    monkeypatch.setitem(numpy_step._C, "tried", False)
+    monkeypatch.setitem(numpy_step._C, "fn", None)
+    monkeypatch.delenv("TIAOYU_C_KERNEL", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(numpy_step.shutil, "which", lambda name: None)
+    assert numpy_step.c_kernel() is None and numpy_step.c_kernel() is None
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("the compiled decode step is unavailable: no C compiler found") == 1
+    monkeypatch.setitem(numpy_step._C, "tried", False)
+    monkeypatch.setenv("TIAOYU_C_KERNEL", "0")
+    assert numpy_step.c_kernel() is None
+    assert capsys.readouterr().err == ""  # switched off on purpose: nothing said
