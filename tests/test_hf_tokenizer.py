@@ -63,7 +63,10 @@ def test_decode_matches_auto_tokenizer(pair):
         assert tok.decode(ids) == at.decode(ids, skip_special_tokens=True)
         assert tok.decode(ids, skip_special=False) == at.decode(ids, skip_special_tokens=False)
     with pytest.raises(TiaoyuError, match="outside the vocabulary"):
-        tok.decode([tok.vocab_size])
+        tok.decode([-1])
+    ids = at("hello world")["input_ids"]
+    padded = ids + [tok.vocab_size + 3]  # an embedding row past the tokenizer's vocabulary: no text
+    assert tok.decode(padded) == at.decode(padded, skip_special_tokens=True) == at.decode(ids, skip_special_tokens=True)
 
 
 def test_special_tokens_by_role(pair):

@@ -296,3 +296,27 @@ def test_one_token_step_with_scaled_rope_and_biases(tmp_path):
         got = torch.stack([step(ids[:, t]) for t in range(8, 12)], 1)
         want = ours(ids).logits[:, 8:12]
     assert (got - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama-bias", "llama3", "qwen3"])
+def test_continuous_batching_slots(family, tmp_path):
+    """The serve path's slot cache: biases (torch slot step) and llama3 RoPE (numpy step) decode like the full
+    forward; q/k-normed models are refused by SlotBatch (the server then decodes through model.forward)."""
+    from tiaoyu_cli.infer.slots import SlotBatch
+
+    ours, _ = load_model(save_hf(family, tmp_path / family))
+    ours.eval()
+    if ours.config.qk_norm:
+        with pytest.raises(TypeError):
+            SlotBatch(ours, 2, 32)
+        return
+    rows = [[1, 17, 33, 8, 99], [1, 140, 8]]
+    nxt = [[120, 45, 61], [7, 12, 150]]
+    with torch.inference_mode():
+        slots = SlotBatch(ours, 2, 32)
+        first = slots.prefill_many(rows)
+        steps = [slots.step([nxt[0][t], nxt[1][t]]) for t in range(3)]
+        for b in range(2):
+            full = ours(torch.tensor([rows[b] + nxt[b]])).logits[0]
+            got = torch.stack([first[b]] + [s[b] for s in steps])
+            assert (got - full[len(rows[b]) - 1:]).abs().max() < 1e-4

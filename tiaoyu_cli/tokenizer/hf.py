@@ -224,9 +224,11 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
         for i in ids:
-            if not 0 <= i < self.vocab_size:
+            if i < 0:
                 raise TiaoyuError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
-        text = self.tk.decode(ids, skip_special_tokens=skip_special)
+        # an open model's embedding often has rows past the tokenizer's vocabulary (Qwen: 151936 rows, 151665
+        # tokens); a model that emits one gets no text for it, as in transformers
+        text = self.tk.decode([i for i in ids if i < self.vocab_size], skip_special_tokens=skip_special)
         if self.config.get("clean_up_tokenization_spaces"):
             text = clean_up_spaces(text)
         return text
