@@ -12,8 +12,9 @@ One round, for every conversation still going (batched, KV cache, left padding �
     otherwise               ->  the answer; the conversation is done
 
 At most `max_tool_calls` calls per answer: a call past the limit is not run and the answer ends
-there (finish reason "tool_limit"). A malformed call, an unknown tool or a tool that raises gives
-an "error: …" result the model reads; nothing here raises for what the model wrote.
+there (finish reason "tool_limit"). A malformed call (too long or too deeply nested included), an
+unknown tool, or a tool that raises or runs past the toolbox's time limit (`Toolbox(timeout=…)`,
+`--tool-timeout`) gives an "error: …" result the model reads; nothing here raises for what the model wrote.
 """
 
 from __future__ import annotations

@@ -19,10 +19,11 @@ Nothing the model writes can crash or stall the caller: a call that is not JSON,
 mistyped arguments, whose tool raises, or that runs past the toolbox's time limit (`timeout`,
 `--tool-timeout`) becomes an error *result* ("error: …") that the model reads in its next turn.
 
-The time limit: every call runs in a daemon worker thread and the caller waits at most `timeout`
-seconds. Python cannot stop a thread, so a call past the limit keeps running in the background (a daemon
-thread does not keep the process alive); while `MAX_RUNAWAY` such calls of one toolbox are still running,
-its further calls are refused (an error result) rather than started.
+The time limit: every call runs on the toolbox's daemon worker thread (one, reused) and the caller
+waits at most `timeout` seconds. Python cannot stop a thread, so a call past the limit keeps running
+in the background on its worker, which is then abandoned (it ends after that call; a daemon thread does
+not keep the process alive) and the next call gets a new one; while `MAX_RUNAWAY` such calls of one
+toolbox are still running, its further calls are refused (an error result) rather than started.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ import importlib.util
 import inspect
 import json
 import os
+import queue
 import re
 import sys
 import threading
 import types
 import typing
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -229,7 +232,9 @@ class Toolbox:
     def __init__(self, tools: list[Tool] | None = None, timeout: float | None = DEFAULT_TIMEOUT):
         self.tools: dict[str, Tool] = {}
         self.timeout = check_timeout(timeout)
-        self._runaway: list[threading.Thread] = []  # calls past their time limit, maybe still running
+        self._runaway: list[threading.Thread] = []  # workers abandoned with a call past its time limit
+        self._worker: _Worker | None = None
+        self._lock = threading.Lock()  # one call at a time: a queued call's wait must not count another's time
         for t in tools or []:
             self.add(t)
 
@@ -273,21 +278,32 @@ class Toolbox:
             return f"error: {problem}", True
         if self.timeout is None:
             return _call(tool, arguments)
-        self._runaway = [t for t in self._runaway if t.is_alive()]
-        if len(self._runaway) >= MAX_RUNAWAY:
-            return (f"error: {len(self._runaway)} earlier tool calls ran past the {self.timeout:g} s limit and are "
-                    "still running; no new call is started", True)
-        box: list[tuple[str, bool]] = []
-        grad = _grad_mode()
-        ctx = contextvars.copy_context()
-        worker = threading.Thread(target=ctx.run, args=(_call_into, box, tool, arguments, grad), daemon=True,
-                                  name=f"tiaoyu tool {name}")
-        worker.start()
-        worker.join(self.timeout)
-        if worker.is_alive():
-            self._runaway.append(worker)
-            return f"error: the tool call took longer than {self.timeout:g} s", True
-        return box[0] if box else ("error: the tool call failed", True)
+        with self._lock:
+            self._runaway = [t for t in self._runaway if t.is_alive()]
+            if len(self._runaway) >= MAX_RUNAWAY:
+                return (f"error: {len(self._runaway)} earlier tool calls ran past the {self.timeout:g} s limit and "
+                        "are still running; no new call is started", True)
+            if self._worker is None:
+                self._worker = _Worker()
+                weakref.finalize(self, self._worker.jobs.put, None)  # the idle worker ends with its toolbox
+            box: list[tuple[str, bool]] = []
+            done = threading.Event()
+            grad = _grad_mode()
+            ctx = contextvars.copy_context()
+
+            def job() -> None:
+                try:
+                    ctx.run(_call_into, box, tool, arguments, grad)
+                finally:
+                    done.set()
+
+            self._worker.jobs.put(job)
+            if not done.wait(self.timeout):
+                self._runaway.append(self._worker.thread)
+                self._worker.jobs.put(None)  # it ends once the late call returns
+                self._worker = None
+                return f"error: the tool call took longer than {self.timeout:g} s", True
+            return box[0] if box else ("error: the tool call failed", True)
 
     def run_text(self, text: str, call_id: str = "") -> ToolCall:
         """Parse the JSON between <tool_call> and </tool_call> and run it."""
@@ -297,6 +313,19 @@ class Toolbox:
             return ToolCall(_guess_name(text), text.strip(), f"error: {e}", True, call_id)
         result, err = self.run(name, args)
         return ToolCall(name, json.dumps(args, ensure_ascii=False), result, err, call_id)
+
+
+class _Worker:
+    """A daemon thread running a toolbox's calls one after another (None on its queue ends it)."""
+
+    def __init__(self):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="tiaoyu tool worker")
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            job()
 
 
 def _grad_mode() -> bool | None:

@@ -10,7 +10,8 @@ loss nor the KL (every RL loss here is a `masked_mean` over `ro.mask`).
 
 `ToolVerifiableReward` (train/rollout.py) scores the final answer only: the text of the last assistant turn (a number
 inside a tool result is not an answer), minus `call_penalty` for each call that came back as an
-error (malformed JSON, unknown tool, bad arguments).
+error (malformed, too long or too deeply nested JSON, unknown tool, bad arguments, a tool that raised
+or ran past the toolbox's time limit, `--tool-timeout`).
 
 Setting `stage.toolbox` on a RolloutStage (PPO, GRPO) makes its `sample` use these rollouts.
 """
