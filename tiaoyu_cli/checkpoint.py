@@ -162,7 +162,15 @@ def load_trainer_info(ckpt: str | os.PathLike) -> dict:
     return read_json(p) if p.exists() else {}
 
 
-def generation_config(cfg: ModelConfig) -> dict[str, Any]:
+def generation_config(cfg: ModelConfig, tokenizer=None) -> dict[str, Any]:
+    """generation_config.json: an open family's own (as its folder had it, kept by its tokenizer), else
+    tiaoyu's sampling defaults with </s> and <|im_end|> as end ids."""
+    if cfg.family:
+        own = getattr(tokenizer, "generation_config", None)
+        if own:
+            return dict(own)
+        d = cfg.hf_config
+        return {k: d[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if d.get(k) is not None}
     return {
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": [cfg.eos_token_id, 5],  # </s> and <|im_end|>
@@ -182,14 +190,17 @@ def save_model_files(folder: Path, model: Transformer, tokenizer, extra_tensors:
 
 def write_model_folder(folder: Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer) -> None:
     """The one writer of a model folder: config.json (HF keys), model.safetensors (these tensors; a tied
-    head's copy left out), generation_config.json, tokenizer files."""
+    head's copy left out), generation_config.json, tokenizer files. An open family's folder keeps its
+    config.json (model/config.py), generation_config.json and tokenizer files: transformers loads it as
+    the class it came from."""
     folder = Path(folder)
     (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
     sd = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2), encoding="utf-8")
+    (folder / "generation_config.json").write_text(json.dumps(generation_config(cfg, tokenizer), indent=2),
+                                                   encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save(folder)
 

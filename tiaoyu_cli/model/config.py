@@ -192,6 +192,9 @@ class ModelConfig:
         })
         if self.head_size or "head_dim" in d:
             d["head_dim"] = self.head_dim
+        for key in ("torch_dtype", "dtype"):  # the weights tiaoyu writes are fp32
+            if key in d or key == "dtype":
+                d[key] = "float32"
         if not d.get("architectures"):
             d["architectures"] = [_HF_CLASS[self.family] + "ForCausalLM"]
         return d

@@ -192,6 +192,11 @@ class HFTokenizer:
         return int(n) if isinstance(n, (int, float)) and n < 10 ** 9 else 1 << 20
 
     @property
+    def generation_config(self) -> dict:
+        """The folder's generation_config.json (written back unchanged with the model)."""
+        return dict(self._generation)
+
+    @property
     def num_special(self) -> int:  # no fixed block of special ids here: see is_special
         return 0
 

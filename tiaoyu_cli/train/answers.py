@@ -200,13 +200,14 @@ def answer_accuracy(model, tokenizer, records: list[dict], batch_size: int = 64,
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     responses: dict[int, str] = {}
     greedy = SamplingParams(temperature=0.0)
+    stops = getattr(tokenizer, "stop_ids", DEFAULT_STOP_IDS)  # an open model's end-of-turn ids
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        res = generate_detailed(model, [prompts[i] for i in idx], max_new_tokens, greedy, DEFAULT_STOP_IDS)
+        res = generate_detailed(model, [prompts[i] for i in idx], max_new_tokens, greedy, stops)
         for i, toks in zip(idx, res.tokens):
             if prompt_suffix_ids:
                 toks = list(prompt_suffix_ids) + list(toks)
-            responses[i] = decode_response(tokenizer, toks).response
+            responses[i] = decode_response(tokenizer, toks, stops).response
     samples, correct, fmt = [], 0, 0
     for i, gold in enumerate(golds):
         ok = is_correct(responses[i], gold)

@@ -1,0 +1,81 @@
+"""`tiaoyu sft` on a Hugging Face model folder: the loss mask comes from the folder's own template (the
+assistant's answers and their end-of-turn token), and the output folder keeps the family — config.json
+with the same architectures/model_type/fields, tokenizer files and generation_config.json unchanged — so
+transformers loads the fine-tuned model as the same class with the same logits as ours."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import warnings
+
+import pytest
+import torch
+
+from test_open_chat import make_folder
+from tiaoyu_cli.checkpoint import load_model, load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+RECORDS = [
+    {"messages": [{"role": "user", "content": "What is 12 + 7?"}, {"role": "assistant", "content": "It is 19."}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"},
+                  {"role": "assistant", "content": "你好！"}]},
+] * 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_loss_mask_of_chat_records(tmp_path):
+    from tiaoyu_cli.data.chat import ChatDataset
+
+    for kind, end in (("qwen3", "<|im_end|>"), ("llama3", "<|eot_id|>")):
+        folder = make_folder(kind, tmp_path / kind)
+        tok = load_tokenizer(folder)
+        data = ChatDataset(RECORDS[:2], tok, 128)
+        learned = [tok.decode([i for i, m in zip(ex.ids, ex.loss_mask) if m], skip_special=False)
+                   for ex in data.examples]
+        assert learned == ["It is 19." + end, "你好！" + end]
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama3"])
+def test_sft_output_keeps_the_family(kind, tmp_path, monkeypatch, capfd):
+    from tiaoyu_cli.cli.main import main
+
+    src = make_folder(kind, tmp_path / "src")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RECORDS), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    with pytest.raises(SystemExit) as e:
+        main(["sft", str(src), str(data), "-o", str(tmp_path / "out"), "--max-steps", "2", "--batch-size", "2",
+              "--lr", "1e-2", "--device", "cpu"])
+    out_, err = capfd.readouterr()
+    assert e.value.code in (0, None), err
+    out = tmp_path / "out" / "latest"
+    a, b = json.loads((src / "config.json").read_text()), json.loads((out / "config.json").read_text())
+    for d in (a, b):
+        d.pop("dtype", None), d.pop("torch_dtype", None)
+    assert a == b  # architectures, model_type and every field as the source had them
+    for f in src.iterdir():
+        if f.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            assert (out / f.name).read_bytes() == f.read_bytes(), f.name  # tokenizer files and template unchanged
+    gen = "generation_config.json"
+    assert json.loads((out / gen).read_text()) == json.loads((src / gen).read_text())
+    ours, _ = load_model(out)
+    before, _ = load_model(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(theirs).__name__ == a["architectures"][0]
+    ids = torch.tensor([load_tokenizer(out).encode("What is 12 + 7? It is 19.")])
+    with torch.no_grad():
+        mine, hf, old = ours.eval()(ids).logits, theirs(ids).logits, before.eval()(ids).logits
+    assert (mine - hf).abs().max() < 1e-4
+    assert (mine - old).abs().max() > 1e-3  # it trained
