@@ -71,9 +71,9 @@ def register(app: typer.Typer) -> None:
         max_tool_calls: int = typer.Option(5, "--max-tool-calls", help="most tool calls per answer"),
         tool_timeout: float = typer.Option(10.0, "--tool-timeout", help="seconds each tool call may run; past "
                                            "that the model reads an error"),
-        tool_schemas: bool = typer.Option(True, "--tool-schemas/--no-tool-schemas",
-                                          help="render the tools' schemas in the system turn (off: for models "
-                                          "trained on tool records without them)"),
+        tool_schemas: Optional[bool] = typer.Option(None, "--tool-schemas/--no-tool-schemas",
+                                                    help="render the tools' schemas in the system turn. Default: "
+                                                    "as the checkpoint was trained (trainer.json), else on"),
     ) -> None:
         from tiaoyu_cli.infer.sampling import SamplingParams
         from tiaoyu_cli.infer.session import GenerationOptions, load_chat_model
@@ -107,7 +107,8 @@ def register(app: typer.Typer) -> None:
 
             warn("--system is ignored in complete mode (plain text continuation; --mode chat to use it)")
         if tools or tools_module:
-            return tools_chat(cm, tools, tools_module, max_tool_calls, tool_schemas, prompt, system, options,
+            schemas = tool_schemas if tool_schemas is not None else cm.tool_schemas is not False
+            return tools_chat(cm, tools, tools_module, max_tool_calls, schemas, prompt, system, options,
                               batch_size, tool_timeout)
         try:
             if prompt is not None:
@@ -275,6 +276,7 @@ def tools_chat(cm, tools, tools_module, max_tool_calls: int, schemas: bool, prom
                batch_size: int, tool_timeout: float = 10.0) -> None:
     """chat with tools: --prompt, REPL or JSONL, the calls shown (REPL, --prompt: on stderr) or listed."""
     from tiaoyu_cli.console import console
+    from tiaoyu_cli.infer.session import ContextError, context_budget
     from tiaoyu_cli.infer.tool_loop import ToolRunner
     from tiaoyu_cli.infer.tools import ToolCall, Toolbox
 
@@ -286,6 +288,14 @@ def tools_chat(cm, tools, tools_module, max_tool_calls: int, schemas: bool, prom
 
     def turn(text: str, out) -> None:
         history.append({"role": "user", "content": text})
+        n, context = len(runner.prompt(history)), cm.model.config.max_seq_len
+        if n > context_budget(context, options.max_new_tokens):  # an error, never a silent cut
+            note = ""
+            if runner.schemas:
+                bare = len(cm.tokenizer.encode_chat(history, add_generation_prompt=True)[0])
+                note = f" (the tools' schemas take {n - bare} of them; --no-tool-schemas leaves them out)"
+            del history[-1]
+            raise ContextError(n, context, options.max_new_tokens, note)
         for ev in runner.stream(history, options.max_new_tokens, options.sampling, options.seed):
             if isinstance(ev, ToolCall):
                 console.print(f"[dim]→ {ev.name}({ev.arguments}) = {ev.result}[/]", highlight=False, markup=True)

@@ -64,8 +64,9 @@ CHAT_HELP = {
     "eval_data": "held-out records: val loss + answer accuracy by generation",
     "eval_samples": "questions of --eval-data answered at each evaluation (0 = none)",
     "eval_max_new_tokens": "most tokens per generated eval answer",
-    "eval_tools": "tools the eval answers may call, e.g. calculator (answer accuracy with tools; "
-                  "the tools' schemas stay out of the prompt, as in the bundled tool data)",
+    "eval_tools": "tools the eval answers may call, e.g. calculator (answer accuracy with tools)",
+    "tool_schemas": "render the tools' schemas in tool prompts (eval answers; recorded for chat and serve). "
+                    "Default: as the training records do (the bundled tool data leaves them out)",
     "eval_before": "evaluate the starting model too",
     "max_len": "most tokens per record (0 = the model's max_seq_len)",
     "overflow": "longer records: truncate | skip",
@@ -197,7 +198,7 @@ def config_options(cls: type, help: dict[str, str], rename: dict[str, str] | Non
             flag = _flag(rename.get(fld.name, fld.name))
             default = ... if fld.name in required else fld.default
             decls = [flag]
-            if hints[fld.name] is bool:
+            if hints[fld.name] in (bool, typing.Optional[bool]):
                 decls = [f"{flag}/--no-{flag[2:]}"]
             opt = typer.Option(default, *decls, help=help.get(fld.name, ""), rich_help_panel=panel, show_default=True)
             extra.append(inspect.Parameter(f"cfg__{fld.name}", inspect.Parameter.KEYWORD_ONLY, default=opt,

@@ -53,9 +53,9 @@ def register(app: typer.Typer) -> None:
         allow_origin: Annotated[Optional[str], typer.Option(
             help="comma-separated web origins whose pages may call the API (CORS), e.g. http://localhost:3000; "
                  "'*' any. Other pages' requests are refused")] = None,
-        tool_schemas: Annotated[bool, typer.Option("--tool-schemas/--no-tool-schemas",
-                                                   help="render a request's tools in the system turn (off: for "
-                                                   "models trained on tool records without them)")] = True,
+        tool_schemas: Annotated[Optional[bool], typer.Option("--tool-schemas/--no-tool-schemas",
+                                                   help="render a request's tools in the system turn. Default: as "
+                                                   "the checkpoint was trained (trainer.json), else on")] = None,
     ) -> None:
         from tiaoyu_cli.console import console
         from tiaoyu_cli.errors import TiaoyuError

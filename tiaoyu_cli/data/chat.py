@@ -232,6 +232,14 @@ class ChatDataset:
     def __len__(self) -> int:
         return len(self.examples)
 
+    def tool_schemas(self) -> bool | None:
+        """Whether the records that call tools carry the tools' schemas (rendered in the system turn): True
+        when at least half of them do, None when no record calls a tool."""
+        calling = [t for m, t in zip(self.messages, self.tools) if any(x.get("tool_calls") for x in m)]
+        if not calling:
+            return None
+        return 2 * sum(t is not None for t in calling) >= len(calling)
+
     def __getitem__(self, i: int) -> Example:
         return self.examples[i]
 

@@ -40,6 +40,7 @@ class ChatModel:
     path: Path
     stage: str | None  # trainer.json "stage" (None when the folder has no trainer.json)
     mode: str  # "chat" or "complete"
+    tool_schemas: bool | None = None  # trained with the tools' schemas in the prompt (None: not known)
 
     @property
     def device(self) -> torch.device:
@@ -92,7 +93,31 @@ def load_chat_model(ckpt: str | os.PathLike, device: str = "auto", mode: str = "
                 on_warning(w)
         model.eval()
         stage = "lora"
-    return ChatModel(model, tok, path, stage if isinstance(stage, str) else None, resolve_mode(mode, stage))
+    return ChatModel(model, tok, path, stage if isinstance(stage, str) else None, resolve_mode(mode, stage),
+                     trained_with_tool_schemas(path))
+
+
+def trained_with_tool_schemas(path: Path, hops: int = 16) -> bool | None:
+    """Whether the checkpoint learned tool calls with the tools' schemas rendered in its prompts: the
+    `tool_schemas` its fine-tuning stage recorded in trainer.json, else its parent's (a GRPO run from a
+    tool-SFT checkpoint inherits it), else None (nobody recorded it)."""
+    from tiaoyu_cli.checkpoint import load_trainer_info
+
+    seen = set()
+    for _ in range(hops):
+        try:
+            info = load_trainer_info(path)
+        except (TiaoyuError, ValueError):  # a parent folder moved, changed or unreadable: not known
+            return None
+        value = (info.get("stage_config") or {}).get("tool_schemas")
+        if isinstance(value, bool):
+            return value
+        parent = info.get("parent")
+        if not isinstance(parent, str) or not parent or parent in seen or not Path(parent).is_dir():
+            return None
+        seen.add(parent)
+        path = Path(parent)
+    return None
 
 
 # ---- prompts -------------------------------------------------------------------------------------
@@ -121,6 +146,16 @@ def stop_ids_for(mode: str, tokenizer=None) -> frozenset[int]:
         return frozenset(tokenizer.stop_ids)
     eos = getattr(tokenizer, "eos_id", EOS_ID)
     return frozenset({eos}) if eos is not None else frozenset(tokenizer.stop_ids)
+
+
+class ContextError(TiaoyuError):
+    """A prompt that does not fit the model's context with room to answer: an error, never a silent cut."""
+
+    def __init__(self, n: int, context: int, max_new_tokens: int, note: str = ""):
+        room = context_budget(context, max_new_tokens)
+        super().__init__(f"the prompt is {n} tokens{note}; this model's context is {context} tokens, which leaves "
+                         f"{room} for the prompt with --max-new-tokens {max_new_tokens}: shorten the prompt"
+                         + (" or lower --max-new-tokens" if room < context - 1 else ""))
 
 
 def context_budget(max_seq_len: int, max_new_tokens: int) -> int:
@@ -217,6 +252,8 @@ class ChatSession:
             self.dropped_turns += 1
         if self.dropped_turns:
             self.history = history
+        if len(ids) > budget:
+            raise ContextError(len(ids), self.cm.model.config.max_seq_len, self.options.max_new_tokens)
         return ids
 
     def send(self, user_text: str) -> Iterator[Piece]:

@@ -204,7 +204,7 @@ class API:
             try:
                 schemas, choice = tools_api.parse_request(body)
                 prompt, tool_job = tools_api.chat_prompt(tok, self.engine.mode, msgs, schemas, choice,
-                                                          cfg.tool_schemas)
+                                                          cfg.tool_schemas is not False)
             except tools_api.RequestError as e:
                 raise APIError(400, str(e), e.param) from None
             except TiaoyuError as e:

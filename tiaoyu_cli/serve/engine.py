@@ -59,7 +59,8 @@ class ServeConfig:
     request_timeout_s: float = 120.0  # a request's deadline, from arrival to its last token (504 after)
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides the bound address (serve/guard.py)
     allow_origins: tuple[str, ...] = ()  # web origins whose pages may call the API (CORS); "*" any
-    tool_schemas: bool = True  # render a request's `tools` in the system turn (serve/tools_api.py)
+    tool_schemas: bool | None = None  # render a request's `tools` in the system turn (serve/tools_api.py);
+    # None: as the checkpoint was trained (load_engine), else on
 
 
 class APIError(Exception):

@@ -110,4 +110,5 @@ def load_engine(ckpt: str | os.PathLike, device: str = "auto", mode: str = "auto
 
         quantize_model(cm.model, quantize)
     name = config.model_name or default_model_name(cm.path)
-    return Engine(cm.model, cm.tokenizer, cm.mode, dataclasses.replace(config, model_name=name)), name
+    schemas = config.tool_schemas if config.tool_schemas is not None else cm.tool_schemas is not False
+    return Engine(cm.model, cm.tokenizer, cm.mode, dataclasses.replace(config, model_name=name, tool_schemas=schemas)), name

@@ -39,6 +39,7 @@ class ChatOptions:
     eval_samples: int = 200
     eval_max_new_tokens: int = 32
     eval_tools: str = ""
+    tool_schemas: Optional[bool] = None
     eval_before: bool = True
     max_len: int = 0
     overflow: str = "truncate"
@@ -93,6 +94,7 @@ def prepare_chat(o: ChatOptions, train: TrainConfig, stage_name: str, save_as: s
     cfg.max_len = max_len
 
     data = ChatDataset(o.data, tok, max_len, overflow=o.overflow, skip_bad=o.skip_bad)
+    cfg.tool_schemas = o.tool_schemas if o.tool_schemas is not None else data.tool_schemas()
     rows = pack_examples(data.examples, max_len, seed=train.seed) if o.pack else data.examples
     eval_ds, eval_records = None, []
     if o.eval_data is not None:

@@ -76,6 +76,8 @@ class SFTConfig:
     eval_samples: int = 200  # questions answered by generation at each evaluation (0 = none)
     eval_max_new_tokens: int = 32
     eval_tools: str = ""  # tools the eval answers may call (e.g. "calculator"): answer_acc with the tools
+    tool_schemas: bool | None = None  # the tools' schemas in tool prompts (None: as the training records do);
+    # recorded in trainer.json, where chat and serve read their default
     eval_batch_size: int = 64
     base_val_windows: int = 32  # pretraining val windows for base_val_loss
 
@@ -329,7 +331,8 @@ class SFTStage(BaseStage):
             if self.cfg.eval_tools:
                 rep = tool_answer_accuracy(self.generation_model(model), tok, records,
                                            Toolbox.from_names(self.cfg.eval_tools), batch_size=self.cfg.eval_batch_size,
-                                           max_new_tokens=self.cfg.eval_max_new_tokens)
+                                           max_new_tokens=self.cfg.eval_max_new_tokens,
+                                           schemas_in_prompt=bool(self.cfg.tool_schemas))
                 res["tool_call_rate"] = rep.format_rate
             else:
                 rep = answer_accuracy(self.generation_model(model), tok, records,
