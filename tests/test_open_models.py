@@ -320,3 +320,42 @@ def test_continuous_batching_slots(family, tmp_path):
             full = ours(torch.tensor([rows[b] + nxt[b]])).logits[0]
             got = torch.stack([first[b]] + [s[b] for s in steps])
             assert (got - full[len(rows[b]) - 1:]).abs().max() < 1e-4
+
+
+def test_mixtral_folder_reads_as_tiaoyus_moe(tmp_path):
+    """A transformers Mixtral folder is tiaoyu's own MoE layout: it loads as it is, with the same logits."""
+    cfg = transformers.MixtralConfig(**SIZES, num_local_experts=4, num_experts_per_tok=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = spread(transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)).eval()
+    model.save_pretrained(tmp_path / "mixtral")
+    ours, _ = assert_same_logits(tmp_path / "mixtral")
+    assert ours.config.n_experts == 4 and ours.config.n_experts_per_tok == 2
+
+
+def test_sequence_classification_on_a_family(tmp_path):
+    """A reward model / classifier made from an open family writes transformers' XForSequenceClassification
+    config, which transformers loads with the same scores."""
+    from tiaoyu_cli.checkpoint import write_model_folder
+    from tiaoyu_cli.model import Transformer
+
+    ours, _ = load_model(save_hf("qwen3", tmp_path / "q3"))
+    cfg = ours.config.replace(num_labels=2, id2label={"0": "bad", "1": "good"})
+    clf = Transformer(cfg).eval()
+    sd = ours.state_dict()
+    clf.load_state_dict(sd, strict=False)
+    torch.nn.init.normal_(clf.score.weight, std=0.5)
+    (tmp_path / "clf").mkdir()
+    write_model_folder(tmp_path / "clf", cfg, clf.state_dict(), None)
+    d = json.loads((tmp_path / "clf" / "config.json").read_text())
+    assert d["architectures"] == ["Qwen3ForSequenceClassification"] and d["id2label"] == {"0": "bad", "1": "good"}
+    back, _ = load_model(tmp_path / "clf")
+    assert back.config.num_labels == 2 and back.config.family == "qwen3"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf", dtype=torch.float32)
+    ids = IDS[:, :9]
+    with torch.no_grad():
+        mine = back(ids).scores[:, -1]
+        theirs = hf.eval()(ids).logits
+    assert (mine - theirs).abs().max() < 1e-4

@@ -79,3 +79,33 @@ def test_sft_output_keeps_the_family(kind, tmp_path, monkeypatch, capfd):
         mine, hf, old = ours.eval()(ids).logits, theirs(ids).logits, before.eval()(ids).logits
     assert (mine - hf).abs().max() < 1e-4
     assert (mine - old).abs().max() > 1e-3  # it trained
+
+
+def test_lora_and_merge_keep_the_family(tmp_path, monkeypatch, capfd):
+    """`tiaoyu lora` on an open folder, then `lora merge`: the merged folder loads in transformers as the same class
+    and gives our logits."""
+    from tiaoyu_cli.cli.main import main
+
+    src = make_folder("qwen2", tmp_path / "src")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RECORDS), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    for args in (["lora", str(src), str(data), "-o", str(tmp_path / "ad"), "--max-steps", "2", "--batch-size", "2",
+                  "--lr", "1e-2", "--device", "cpu"],
+                 ["lora", "merge", str(src), str(tmp_path / "ad"), "-o", str(tmp_path / "merged")]):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code in (0, None), capfd.readouterr()[1]
+    merged = tmp_path / "merged"
+    assert json.loads((merged / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    assert (merged / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    ours, _ = load_model(merged)
+    base, _ = load_model(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    ids = torch.tensor([load_tokenizer(merged).encode("What is 12 + 7?")])
+    with torch.no_grad():
+        mine = ours.eval()(ids).logits
+        assert (mine - theirs(ids).logits).abs().max() < 1e-4
+        assert (mine - base.eval()(ids).logits).abs().max() > 1e-4  # the adapter changed something

@@ -195,8 +195,13 @@ class ModelConfig:
         for key in ("torch_dtype", "dtype"):  # the weights tiaoyu writes are fp32
             if key in d or key == "dtype":
                 d[key] = "float32"
-        if not d.get("architectures"):
-            d["architectures"] = [_HF_CLASS[self.family] + "ForCausalLM"]
+        head = "ForSequenceClassification" if self.num_labels else "ForCausalLM"
+        d["architectures"] = [_HF_CLASS[self.family] + head]
+        for k in ("num_labels", "id2label", "label2id"):
+            d.pop(k, None)
+        if self.num_labels:  # a reward model or classifier on an open family: transformers' *ForSequenceClassification
+            d["id2label"] = dict(self.id2label) or {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+            d["label2id"] = {v: int(k) for k, v in d["id2label"].items()}
         return d
 
     @classmethod
@@ -249,9 +254,12 @@ class ModelConfig:
             raise TiaoyuError(f"config.json: model_type {family!r} is not supported; supported: "
                               f"{', '.join(FAMILIES)} (and tiaoyu's own llama/mixtral checkpoints)")
         arch = (d.get("architectures") or [""])[0]
-        if arch and not arch.endswith("ForCausalLM"):
+        if arch and not arch.endswith(("ForCausalLM", "ForSequenceClassification")):
             raise TiaoyuError(f"config.json: architecture {arch} is not a causal language model "
                               f"(supported: {', '.join(_HF_CLASS[f] + 'ForCausalLM' for f in FAMILIES)})")
+        num_labels = 0
+        if arch.endswith("ForSequenceClassification"):
+            num_labels = int(d.get("num_labels") or len(d.get("id2label") or {}) or 1)
         act = d.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise TiaoyuError(f"config.json: hidden_act {act!r} is not supported (only silu)")
@@ -290,6 +298,8 @@ class ModelConfig:
                 bos_token_id=_first_int(d.get("bos_token_id"), 0),
                 eos_token_id=_first_int(d.get("eos_token_id"), 0),
                 pad_token_id=_first_int(d.get("pad_token_id"), 0),
+                num_labels=num_labels,
+                id2label={str(k): str(v) for k, v in (d.get("id2label") or {}).items()} if num_labels else {},
                 family=family,
                 head_size=head_dim if head_dim != dim // n_heads or dim % n_heads else 0,
                 qkv_bias=True if family == "qwen2" else bias,

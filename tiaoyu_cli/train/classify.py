@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tiaoyu_cli.checkpoint import load_config, load_tensors, load_weights, resolve_checkpoint
+from tiaoyu_cli.checkpoint import load_config, load_model_tensors, load_weights, resolve_checkpoint, weights_source
 from tiaoyu_cli.data.chat import collate_classification, encode_classification
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import Transformer
@@ -68,7 +68,7 @@ def build_classifier(base_dir, labels: list[str], device="cpu"):
                           f"start from a language-model checkpoint")
     cfg = cfg.replace(num_labels=len(labels), id2label=id2label)
     model = Transformer(cfg)
-    load_weights(model, load_tensors(d / "model.safetensors"), d / "model.safetensors", may_miss=("score.weight",))
+    load_weights(model, load_model_tensors(d), weights_source(d), may_miss=("score.weight",))
     return model.to(device), d
 
 

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from tiaoyu_cli.checkpoint import load_config, load_tensors, load_tokenizer, load_weights, resolve_checkpoint
+from tiaoyu_cli.checkpoint import (load_config, load_model_tensors, load_tokenizer, load_weights, resolve_checkpoint,
+                                  weights_source)
 from tiaoyu_cli.data.preference import (
     PairExample,
     collate_pairs,
@@ -61,11 +62,11 @@ def reward_model_from(ckpt: str | os.PathLike, device="cpu") -> tuple[nn.Module,
     fresh = cfg.num_labels != 1
     cfg = cfg.replace(num_labels=1, id2label={"0": "reward"})
     model = Transformer(cfg)
-    sd = load_tensors(folder / "model.safetensors")
+    sd = load_model_tensors(folder)
     if fresh:
         sd.pop("score.weight", None)
         nn.init.zeros_(model.score.weight)  # every response starts at reward 0
-    load_weights(model, sd, folder / "model.safetensors", may_miss=("score.weight",) if fresh else ())
+    load_weights(model, sd, weights_source(folder), may_miss=("score.weight",) if fresh else ())
     return model.to(device), folder
 
 
