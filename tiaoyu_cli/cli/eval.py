@@ -76,7 +76,15 @@ def run_cmd(
     sys.stdout.flush()
 
 
-@eval_app.command("plot")
+PLOT_EXAMPLES = """
+Examples:
+
+  tiaoyu eval plot runs/demo/base runs/demo/sft -o curves.png      # loss, val loss, lr, tokens/s; runs overlaid
+  tiaoyu eval plot ckpt/sft --metrics val_loss,answer_acc --log-loss -o sft.svg
+"""
+
+
+@eval_app.command("plot", epilog=PLOT_EXAMPLES)
 def plot_cmd(
     runs: Annotated[list[Path], typer.Argument(help="run folders (with metrics.jsonl), overlaid in one figure")],
     out: Annotated[Path, typer.Option("-o", "--out", help="image to write (.png, .svg, .pdf)")] = Path("curves.png"),

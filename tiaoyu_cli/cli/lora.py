@@ -41,7 +41,7 @@ Examples:
 
 lora_app = sub_app("lora", "LoRA: train an adapter on chat records (`tiaoyu lora BASE DATA -o adapter/`, same as "
                            "`lora train`), or fold one into a checkpoint (`tiaoyu lora merge BASE ADAPTER -o OUT`).",
-                   default="train")
+                   default="train", epilog=EXAMPLES)
 
 
 def register(app: typer.Typer) -> None:
@@ -66,7 +66,15 @@ def train_cmd(
     run_chat(cfg, train, stage_name="lora", save_as="adapter", log=say)
 
 
-@lora_app.command("merge", help="Fold a LoRA adapter into its base: W ← W + (α/r)·B·A, written as a full checkpoint.")
+MERGE_EXAMPLES = """
+Examples:
+
+  tiaoyu lora merge ckpt/base adapter/ -o ckpt/merged
+  tiaoyu lora merge ckpt/sft adapter/ -o ckpt/sft-merged --force    # adapter trained on other weights
+"""
+
+
+@lora_app.command("merge", epilog=MERGE_EXAMPLES, help="Fold a LoRA adapter into its base: W ← W + (α/r)·B·A, written as a full checkpoint.")
 def merge_cmd(
     base: Path = typer.Argument(..., help="the base checkpoint the adapter was trained on"),
     adapter: Path = typer.Argument(..., help="adapter folder (with adapter_config.json), or a lora run folder"),

@@ -9,8 +9,21 @@ import typer
 from tiaoyu_cli.errors import TiaoyuError
 
 
+EXAMPLES = """
+Examples:
+
+  tiaoyu prep raw/ > data.jsonl
+  tiaoyu prep 'corpus/**/*.txt' --separator % --near-dup -o text.jsonl
+  tiaoyu prep alpaca.json sharegpt.jsonl.gz --to chat --shuffle --split val=0.01 -o sft/
+  tiaoyu prep raw/ | tiaoyu tokenize train - -o tok/
+  tiaoyu prep big/ --workers 8 -o data.jsonl
+  tiaoyu prep big/ --shard $SLURM_ARRAY_TASK_ID/16 -o parts/$SLURM_ARRAY_TASK_ID.jsonl
+  tiaoyu prep --merge parts/*.jsonl --near-dup -o data.jsonl
+"""
+
+
 def register(app: typer.Typer) -> None:
-    app.command("prep", no_args_is_help=True)(prep)
+    app.command("prep", epilog=EXAMPLES, no_args_is_help=True)(prep)
 
 
 def parse_split(spec: str | None) -> float:
@@ -70,16 +83,6 @@ def prep(
     """Clean raw files into JSONL records: text, chat, preference, verifiable or classification.
 
     Reads .txt/.md/.jsonl/.json (and .gz of them; anything else as plain text, binary files are skipped), auto-detects the record format (Alpaca, ShareGPT, messages, prompt/completion, prompt/response, reasoning records, preference pairs, seed-style <s>…</s> text), normalises Unicode, strips control characters and ANSI escapes, collapses whitespace, filters by length and removes duplicates. Data goes to stdout (or -o, written atomically); the summary goes to stderr.
-
-    [b]Examples[/b]
-
-      tiaoyu prep raw/ > data.jsonl
-      tiaoyu prep 'corpus/**/*.txt' --separator % --near-dup -o text.jsonl
-      tiaoyu prep alpaca.json sharegpt.jsonl.gz --to chat --shuffle --split val=0.01 -o sft/
-      tiaoyu prep raw/ | tiaoyu tokenize train - -o tok/
-      tiaoyu prep big/ --workers 8 -o data.jsonl
-      tiaoyu prep big/ --shard $SLURM_ARRAY_TASK_ID/16 -o parts/$SLURM_ARRAY_TASK_ID.jsonl
-      tiaoyu prep --merge parts/*.jsonl --near-dup -o data.jsonl
     """
     from tiaoyu_cli.console import console, warn
     from tiaoyu_cli.data.prep import PrepConfig, run_prep

@@ -11,6 +11,14 @@ from tiaoyu_cli.console import console
 from tiaoyu_cli.data.synth import SynthConfig, write_corpus
 from tiaoyu_cli.data.synth_bench import write_fact_bench
 
+EXAMPLES = """
+Examples:
+
+  tiaoyu synth data/                                   # ~6 MB, about a second
+  tiaoyu synth data/ --seed 1 --text-mb 8 --records 8000 --val-records 500
+  tiaoyu synth data-en/ --lang en                      # English only (or zh)
+"""
+
 
 def register(app: typer.Typer) -> None:
     app.command(
@@ -18,9 +26,6 @@ def register(app: typer.Typer) -> None:
         help="Write the bundled synthetic corpus (Chinese + English): a small fictional world whose "
         "facts the text states, with chat, preference, verifiable, reasoning and classification "
         "records and a held-out val split of each.\n\n"
-        "Examples:\n\n"
-        "  tiaoyu synth data/\n\n"
-        "  tiaoyu synth data/ --seed 1 --text-mb 8 --records 8000\n\n"
         "Writes OUT/<kind>.train.jsonl and OUT/<kind>.val.jsonl for kind in text, chat, preference, "
         "verifiable, reasoning, classification, plus OUT/docs.jsonl (the world's documents, for tiaoyu index), "
         "OUT/rag.train.jsonl / OUT/rag.val.jsonl (questions with a retrieved passage), OUT/facts.val.jsonl "
@@ -28,6 +33,7 @@ def register(app: typer.Typer) -> None:
         "OUT/bench/ (a 4-choice benchmark of the held-out facts in the C-Eval CSV layout, for "
         "`tiaoyu eval bench --task ceval --style cloze`). "
         "The same seed writes byte-identical files.",
+        epilog=EXAMPLES,
         no_args_is_help=True,
     )(synth)
 

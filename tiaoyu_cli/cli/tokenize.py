@@ -14,14 +14,40 @@ from tiaoyu_cli.cli.common import sub_app
 from tiaoyu_cli.console import console
 from tiaoyu_cli.errors import TiaoyuError
 
-tokenize_app = sub_app("tokenize", "Train a tokenizer, encode a corpus into token shards, show how text is cut.")
+EXAMPLES = """
+Examples:
+
+  tiaoyu tokenize train data.jsonl -o tok/ --vocab-size 4096
+  tiaoyu tokenize encode data.jsonl --tokenizer tok/ -o tokens/ --workers 2
+  tiaoyu tokenize show tok/ "文本 text 12345 😀"
+"""
+TRAIN_EXAMPLES = """
+Examples:
+
+  tiaoyu tokenize train data.jsonl -o tok/ --vocab-size 4096
+  tiaoyu prep raw/ | tiaoyu tokenize train - -o tok/ --algo unigram --vocab-size 8000
+"""
+ENCODE_EXAMPLES = """
+Examples:
+
+  tiaoyu tokenize encode data.jsonl --tokenizer tok/ -o tokens/ --workers 2
+  tiaoyu tokenize encode train.jsonl --val val.jsonl -t tok/ -o tokens/
+"""
+SHOW_EXAMPLES = """
+Examples:
+
+  tiaoyu tokenize show tok/ "文本 text 12345 😀"
+"""
+
+tokenize_app = sub_app("tokenize", "Train a tokenizer, encode a corpus into token shards, show how text is cut.",
+                       epilog=EXAMPLES)
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(tokenize_app, name="tokenize")
 
 
-@tokenize_app.command("train")
+@tokenize_app.command("train", epilog=TRAIN_EXAMPLES)
 def train_cmd(
     data: Annotated[list[str], typer.Argument(help="JSONL files ('-' for stdin, .gz works); any record kind.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Tokenizer folder to write (new, empty, or an old tokenizer).")],
@@ -35,11 +61,6 @@ def train_cmd(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed records instead of stopping.")] = False,
 ) -> None:
     """Train a SentencePiece tokenizer (byte fallback, split digits, ChatML special tokens).
-
-    [b]Examples[/b]
-
-      tiaoyu tokenize train data.jsonl -o tok/ --vocab-size 4096
-      tiaoyu prep raw/ | tiaoyu tokenize train - -o tok/ --algo unigram --vocab-size 8000
     """
     from rich.table import Table
 
@@ -66,7 +87,7 @@ def train_cmd(
     console.print(t)
 
 
-@tokenize_app.command("encode")
+@tokenize_app.command("encode", epilog=ENCODE_EXAMPLES)
 def encode_cmd(
     data: Annotated[list[str], typer.Argument(help="JSONL files ('-' for stdin, .gz works).")],
     tokenizer: Annotated[Path, typer.Option("-t", "--tokenizer", help="Tokenizer folder (or checkpoint folder).")],
@@ -78,11 +99,6 @@ def encode_cmd(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed records instead of stopping.")] = False,
 ) -> None:
     """Encode JSONL into memory-mappable safetensors shards: <s> doc </s> <s> doc </s> …
-
-    [b]Examples[/b]
-
-      tiaoyu tokenize encode data.jsonl --tokenizer tok/ -o tokens/ --workers 2
-      tiaoyu tokenize encode train.jsonl --val val.jsonl -t tok/ -o tokens/
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
     from rich.table import Table
@@ -131,16 +147,12 @@ def _printable(piece: str) -> str:
     return piece.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
 
 
-@tokenize_app.command("show")
+@tokenize_app.command("show", epilog=SHOW_EXAMPLES)
 def show_cmd(
     tokenizer: Annotated[Path, typer.Argument(help="Tokenizer folder (or checkpoint folder).")],
     text: Annotated[list[str], typer.Argument(help="Text to cut ('-' reads stdin). Several arguments are joined by spaces.")],
 ) -> None:
     """Show how a tokenizer cuts text: one row per token (a table on stderr, `id<TAB>piece` on stdout).
-
-    [b]Example[/b]
-
-      tiaoyu tokenize show tok/ "文本 text 12345 😀"
     """
     from rich.markup import escape
     from rich.table import Table

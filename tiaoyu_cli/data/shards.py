@@ -143,9 +143,10 @@ def memmap_tokens(path: str | os.PathLike) -> np.memmap:
 def _load_meta(folder: Path) -> dict:
     p = folder / META_FILE
     if not folder.is_dir():
-        raise TiaoyuError(f"token folder {folder} does not exist (make one with `tiaoyu tokenize encode`)")
+        raise TiaoyuError(f"token folder {folder} does not exist — run `tiaoyu tokenize encode` first")
     if not p.is_file():
-        raise TiaoyuError(f"{folder} has no {META_FILE}: not a token folder made by `tiaoyu tokenize encode`")
+        raise TiaoyuError(f"{folder} has no {META_FILE}: not a token folder (no token shards) — "
+                          "run `tiaoyu tokenize encode` first")
     try:
         meta = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -227,7 +228,7 @@ def open_tokens(path: str | os.PathLike) -> tuple[TokenShards, TokenShards | Non
     """tokens/ -> (train, val or None). A folder that holds shards directly -> (it, None)."""
     p = Path(path)
     if not p.is_dir():
-        raise TiaoyuError(f"token folder {p} does not exist (make one with `tiaoyu tokenize encode`)")
+        raise TiaoyuError(f"token folder {p} does not exist — run `tiaoyu tokenize encode` first")
     if (p / "train").is_dir():
         meta = _load_meta(p)  # the top-level meta must be sound too
         train = TokenShards(p / "train")
