@@ -45,6 +45,12 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", {}),
     "qwen2-tied": ("Qwen2Config", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {"head_dim": 32}),  # head_dim ≠ hidden / heads (16)
+    # experts in mlp.*: a gated shared expert, plain top-k weights, a dense layer; and renormalised top-k with q/k norms
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                     "shared_expert_intermediate_size": 48, "norm_topk_prob": False,
+                                     "mlp_only_layers": [1]}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                     "head_dim": 16, "norm_topk_prob": True}),
 }
 
 
@@ -125,6 +131,21 @@ def test_switches_read_from_config(tmp_path):
     assert "model.layers.0.self_attn.q_proj.bias" not in names  # llama3: none
     qwen3, _ = load_model(tmp_path / "qwen3")
     assert qwen3.model.layers[0].self_attn.q_norm.weight.shape == (32,)
+
+
+def test_qwen_moe_layout(tmp_path):
+    """Which layers hold experts, and under which names, follow the config (mlp_only_layers, shared expert)."""
+    from tiaoyu_cli.model.moe import SparseMoE, SwiGLU
+
+    ours, _ = load_model(save_hf("qwen2_moe", tmp_path / "q2m"))
+    blocks = ours.model.layers
+    assert isinstance(blocks[0].mlp, SparseMoE) and type(blocks[1].mlp) is SwiGLU
+    assert blocks[0].mlp.shared_expert.gate_proj.weight.shape == (48, 64)
+    assert blocks[0].mlp.experts[3].down_proj.weight.shape == (64, 32)
+    assert ours.config.norm_topk_prob is False and ours.config.dense_layers == [1]
+    ours.train()
+    out = ours(IDS)
+    assert out.aux_loss is not None and out.aux_loss.item() > 0  # the load-balancing loss trains the router
 
 
 def test_bf16_weights_load_as_fp32(tmp_path):
@@ -240,7 +261,7 @@ def test_own_configs_unchanged():
 
 # ---- generation: the fast decode steps where they apply, the model's own forward where they do not ----
 
-DECODE = ["llama3", "llama-yarn", "llama-bias", "qwen2", "qwen3", "mistral"]
+DECODE = ["llama3", "llama-yarn", "llama-bias", "qwen2", "qwen3", "mistral", "qwen2_moe"]
 PROMPTS = [[1, 17, 33, 8, 99, 120, 45, 61, 7, 12], [1, 140, 8], [1, 55, 66, 77, 88, 10]]
 
 
@@ -277,7 +298,8 @@ def test_greedy_generate_matches_transformers(family, tmp_path):
     # which step decoded: q/k norms and sliding windows use the model's forward; biases skip the numpy step
     assert OneTokenStep.supports(ours) == (not cfg.qk_norm and not cfg.sliding_window)
     numpy_ok = NumpyStep.prepare(ours, torch.device("cpu"), True) is not None
-    assert numpy_ok == (OneTokenStep.supports(ours) and not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias))
+    assert numpy_ok == (OneTokenStep.supports(ours) and not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias
+                                                             or cfg.is_moe))
 
 
 def test_one_token_step_with_scaled_rope_and_biases(tmp_path):
@@ -359,3 +381,17 @@ def test_sequence_classification_on_a_family(tmp_path):
         mine = back(ids).scores[:, -1]
         theirs = hf.eval()(ids).logits
     assert (mine - theirs).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2-tied", "qwen3", "qwen2_moe", "qwen3_moe"])
+def test_written_folder_keeps_the_family(family, tmp_path):
+    """Our writer on an open family: config.json as the source had it, loaded by transformers as the same class."""
+    from tiaoyu_cli.checkpoint import write_model_folder
+
+    src = save_hf(family, tmp_path / "src")
+    ours, _ = load_model(src)
+    (tmp_path / "out").mkdir()
+    write_model_folder(tmp_path / "out", ours.config, ours.state_dict(), None)
+    a, b = (json.loads((d / "config.json").read_text()) for d in (src, tmp_path / "out"))
+    assert {k: v for k, v in a.items() if k != "dtype"} == {k: v for k, v in b.items() if k != "dtype"}
+    assert_same_logits(tmp_path / "out")

@@ -192,8 +192,8 @@ class OneTokenStep:
         self.layers = []
         for b, (qkv, o_t, gu, down_t) in zip(model.model.layers, fused_weights(model)):
             a = b.self_attn
-            if hasattr(b, "block_sparse_moe"):
-                moe = b.block_sparse_moe
+            if hasattr(b, "block_sparse_moe") or getattr(b, "experts_out", False):
+                moe = b.block_sparse_moe if hasattr(b, "block_sparse_moe") else b.mlp
                 ffn = lambda h, moe=moe: moe(h[:, None])[0][:, 0]  # noqa: E731
             else:
                 gate, up, down = _linear(b.mlp.gate_proj), _linear(b.mlp.up_proj), _linear(b.mlp.down_proj)

@@ -24,7 +24,8 @@ from tiaoyu_cli.errors import TiaoyuError
 
 POSITIONS = ("rope", "learned", "sinusoidal")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # Hugging Face model_type values read as open families
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")  # HF model_types read as open families
+MOE_FAMILIES = ("qwen2_moe", "qwen3_moe")
 
 
 @dataclass
@@ -61,6 +62,11 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over every query and key head before RoPE (q_norm, k_norm)
     rope_scaling: dict = field(default_factory=dict)  # {"rope_type": linear|llama3|yarn, …}; {} = plain RoPE
     sliding_window: int = 0  # a query sees the keys of at most this many positions, itself included (0 = all)
+    # Qwen-MoE layout (family qwen2_moe / qwen3_moe): mlp.gate, mlp.experts.E.{gate,up,down}_proj
+    expert_ffn_dim: int = 0  # hidden size of each expert (0 = ffn_dim)
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities (tiaoyu's and Mixtral's: always)
+    gated_shared_ffn_dim: int = 0  # qwen2_moe: a shared expert of this size, scaled by sigmoid(gate·x) (0 = none)
+    dense_layers: list = field(default_factory=list)  # layers with a plain SwiGLU (ffn_dim) instead of experts
     hf_config: dict = field(default_factory=dict, compare=False, repr=False)  # the family's config.json as read (kept when written back)
 
     def __post_init__(self) -> None:
@@ -69,6 +75,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.head_size or self.dim // self.n_heads
+
+    @property
+    def sparse_mlp(self) -> bool:
+        """The experts are the Qwen-MoE layout (`mlp.*`, model/moe.py SparseMoE) rather than Mixtral's."""
+        return self.family in MOE_FAMILIES and self.n_experts > 0
 
     @property
     def plain_attention(self) -> bool:
@@ -192,6 +203,10 @@ class ModelConfig:
         })
         if self.head_size or "head_dim" in d:
             d["head_dim"] = self.head_dim
+        if self.sparse_mlp:
+            d.update({k: v for k, v in (("num_experts", self.n_experts), ("num_local_experts", self.n_experts))
+                      if k in d})
+            d.update(num_experts_per_tok=self.n_experts_per_tok, norm_topk_prob=self.norm_topk_prob)
         for key in ("torch_dtype", "dtype"):  # the weights tiaoyu writes are fp32
             if key in d or key == "dtype":
                 d[key] = "float32"
@@ -278,16 +293,31 @@ class ModelConfig:
             window = 0
             if family == "mistral":
                 window = int(get("sliding_window") or 0)
-            elif family in ("qwen2", "qwen3"):
+            elif family in ("qwen2", "qwen3", *MOE_FAMILIES):
                 sliding = [t for t in (d.get("layer_types") or []) if t == "sliding_attention"]
                 if sliding or (d.get("use_sliding_window") and not d.get("layer_types")):
                     raise TiaoyuError(f"config.json: {family} with sliding-window layers (use_sliding_window) "
                                       "is not supported")
             bias = bool(d.get("attention_bias", False))
+            n_layers = int(d["num_hidden_layers"])
+            moe: dict[str, Any] = {}
+            if family in MOE_FAMILIES:
+                n_exp = int(d.get("num_experts") or d.get("num_local_experts") or 0)
+                step = int(d.get("decoder_sparse_step") or 1)
+                only = [int(i) for i in d.get("mlp_only_layers") or []]
+                moe = dict(
+                    n_experts=n_exp,
+                    n_experts_per_tok=int(d.get("num_experts_per_tok") or 1),
+                    expert_ffn_dim=int(d.get("moe_intermediate_size") or 0),
+                    norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                    gated_shared_ffn_dim=int(get("shared_expert_intermediate_size") or 0) if family == "qwen2_moe" else 0,
+                    dense_layers=[i for i in range(n_layers) if i in only or not (n_exp > 0 and (i + 1) % step == 0)],
+                    moe_aux_loss_coef=float(get("router_aux_loss_coef", 0.001)),
+                )
             return cls(
                 vocab_size=int(d["vocab_size"]),
                 dim=dim,
-                n_layers=int(d["num_hidden_layers"]),
+                n_layers=n_layers,
                 n_heads=n_heads,
                 n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
                 ffn_dim=int(d["intermediate_size"]),
@@ -302,25 +332,29 @@ class ModelConfig:
                 id2label={str(k): str(v) for k, v in (d.get("id2label") or {}).items()} if num_labels else {},
                 family=family,
                 head_size=head_dim if head_dim != dim // n_heads or dim % n_heads else 0,
-                qkv_bias=True if family == "qwen2" else bias,
-                o_bias=bias and family in ("llama", "qwen3"),
+                qkv_bias=True if family in ("qwen2", "qwen2_moe") else bias,
+                o_bias=bias and family in ("llama", "qwen3", "qwen3_moe"),
                 mlp_bias=bool(d.get("mlp_bias", False)) and family == "llama",
-                qk_norm=family == "qwen3",
+                qk_norm=family in ("qwen3", "qwen3_moe"),
                 rope_scaling=scaling,
                 sliding_window=window if 0 < window < max_pos else 0,
                 hf_config=dict(d),
+                **moe,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TiaoyuError(f"config.json: missing or invalid key ({e})") from None
 
 
-_HF_CLASS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+_HF_CLASS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "qwen2_moe": "Qwen2Moe",
+             "qwen3_moe": "Qwen3Moe"}
 # transformers' defaults for keys a config.json may leave out
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"max_position_embeddings": 2048},
     "mistral": {"max_position_embeddings": 32768, "sliding_window": 4096},
     "qwen2": {"max_position_embeddings": 32768},
     "qwen3": {"max_position_embeddings": 32768, "head_dim": 128},
+    "qwen2_moe": {"max_position_embeddings": 32768, "shared_expert_intermediate_size": 5632},
+    "qwen3_moe": {"max_position_embeddings": 32768, "head_dim": 128},
 }
 
 

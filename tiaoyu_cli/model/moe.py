@@ -71,15 +71,50 @@ class MoE(nn.Module):
         probs = F.softmax(self.gate(flat).float(), dim=-1)  # [N, E]
         weights, idx = probs.topk(self.top_k, dim=-1)  # [N, k]
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(flat)
-        # dispatch: each expert processes only the tokens routed to it
-        for e, expert in enumerate(self.experts):
-            token_ids, slot = (idx == e).nonzero(as_tuple=True)
-            if token_ids.numel() == 0:
-                continue
-            y = expert(flat[token_ids]) * weights[token_ids, slot, None]
-            out.index_add_(0, token_ids, y.to(out.dtype))
+        out = mix_experts(flat, self.experts, idx, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
+        aux = load_balancing_loss(probs, idx, self.n_experts) if self.training else probs.new_zeros(())
+        return out.view(B, T, D), aux
+
+
+def mix_experts(flat: torch.Tensor, experts: nn.ModuleList, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_k weights[n, k] · expert_{idx[n, k]}(flat[n]) for every token n; each expert runs only on its tokens."""
+    out = torch.zeros_like(flat)
+    for e, expert in enumerate(experts):
+        token_ids, slot = (idx == e).nonzero(as_tuple=True)
+        if token_ids.numel() == 0:
+            continue
+        y = expert(flat[token_ids]) * weights[token_ids, slot, None]
+        out.index_add_(0, token_ids, y.to(out.dtype))
+    return out
+
+
+class SparseMoE(nn.Module):
+    """The Qwen2-MoE / Qwen3-MoE expert layer, under the names their files use: `mlp.gate` (the router),
+    `mlp.experts.E.{gate,up,down}_proj`, and for qwen2_moe `mlp.shared_expert` scaled per token by
+    sigmoid(`mlp.shared_expert_gate`·x). The top-k probabilities are renormalised only when the
+    config says so (`norm_topk_prob`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k, self.norm_topk = cfg.n_experts, cfg.n_experts_per_tok, cfg.norm_topk_prob
+        hidden = cfg.expert_ffn_dim or cfg.ffn_dim
+        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(cfg.dim, hidden) for _ in range(cfg.n_experts))
+        if cfg.gated_shared_ffn_dim:
+            self.shared_expert = SwiGLU(cfg.dim, cfg.gated_shared_ffn_dim)
+            self.shared_expert_gate = nn.Linear(cfg.dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        probs = F.softmax(self.gate(flat).float(), dim=-1)  # [N, E]
+        weights, idx = probs.topk(self.top_k, dim=-1)  # [N, k]
+        if self.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        out = mix_experts(flat, self.experts, idx, weights.to(x.dtype))
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         aux = load_balancing_loss(probs, idx, self.n_experts) if self.training else probs.new_zeros(())
         return out.view(B, T, D), aux

@@ -93,9 +93,10 @@ class Int8Linear(nn.Module):
 
 
 def quantizable(name: str, module: nn.Module) -> bool:
-    """The Linear layers inside the blocks, except the MoE router (`…block_sparse_moe.gate`)."""
+    """The Linear layers inside the blocks, except the MoE routers (`…block_sparse_moe.gate`, Qwen-MoE's
+    `…mlp.gate` and `…mlp.shared_expert_gate`)."""
     return (type(module) is nn.Linear and name.startswith("model.layers.") and module.bias is None
-            and not name.endswith("block_sparse_moe.gate"))
+            and not name.endswith(("block_sparse_moe.gate", "mlp.gate", "shared_expert_gate")))
 
 
 def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:

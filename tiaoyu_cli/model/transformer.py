@@ -12,8 +12,8 @@ Mixtral's `block_sparse_moe.experts.E.w1/w3/w2` for MoE), so `model.state_dict()
 
 Open families (model/config.py) switch on what they add: q/k/v(/o) and MLP biases (qwen2, llama's
 attention_bias/mlp_bias), `self_attn.q_norm`/`k_norm` RMSNorm over each head before RoPE (qwen3),
-an explicit head size, scaled RoPE frequencies (`rope_frequencies`: linear, llama3, yarn) and a
-sliding attention window (mistral).
+an explicit head size, scaled RoPE frequencies (`rope_frequencies`: linear, llama3, yarn), a
+sliding attention window (mistral) and Qwen-MoE expert layers under `mlp.*` (model/moe.py SparseMoE).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from tiaoyu_cli.model.config import ModelConfig
 from tiaoyu_cli.model.kv_cache import KVCache
-from tiaoyu_cli.model.moe import MoE, SwiGLU
+from tiaoyu_cli.model.moe import MoE, SparseMoE, SwiGLU
 
 
 class RMSNorm(nn.Module):
@@ -184,10 +184,13 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        if cfg.is_moe:
+        if cfg.sparse_mlp and layer not in cfg.dense_layers:
+            self.mlp = SparseMoE(cfg)  # Qwen-MoE's names for the expert layer
+        elif cfg.is_moe and not cfg.sparse_mlp:
             self.block_sparse_moe = MoE(cfg)  # Mixtral's name for the expert layer
         else:
             self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.experts_out = hasattr(self, "block_sparse_moe") or isinstance(getattr(self, "mlp", None), SparseMoE)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, kv_cache):
@@ -195,6 +198,8 @@ class Block(nn.Module):
         h = self.post_attention_layernorm(x)
         if hasattr(self, "block_sparse_moe"):
             out, aux = self.block_sparse_moe(h)
+        elif self.experts_out:
+            out, aux = self.mlp(h)
         else:
             out, aux = self.mlp(h), None
         return x + self.drop(out), aux
