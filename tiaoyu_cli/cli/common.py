@@ -54,6 +54,8 @@ TRAIN_HELP = {
     "node_rank": "this machine's index among --nnodes (0 = the one at --master-addr)",
     "master_addr": "address of node 0 (with --nnodes > 1)",
     "master_port": "a free port on node 0 (with --nnodes > 1; 0 = pick one, one node only)",
+    "report_to": "also send metrics.jsonl's lines to: none | tensorboard (event files in -o/tb) | wandb "
+                 "(WANDB_MODE, WANDB_PROJECT apply), comma-separated, or all installed",
 }
 _LAUNCH = {"nproc", "nnodes", "node_rank", "master_addr", "master_port", "fsdp"}
 

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.train.report_to import check_report_to
 
 
 @dataclass
@@ -46,6 +47,8 @@ class TrainConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0 = a free port (one node only)
+    # metric loggers fed the lines of metrics.jsonl: none | tensorboard | wandb, comma-separated (or all)
+    report_to: str = "none"
 
     def validate(self) -> None:
         if not (self.max_steps or self.max_tokens or self.max_time or self.epochs):
@@ -70,3 +73,4 @@ class TrainConfig:
             raise TiaoyuError(f"--optim {self.optim!r}: choose adamw or muon")
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise TiaoyuError(f"--schedule {self.schedule!r}: choose cosine, wsd or constant")
+        check_report_to(self.report_to)  # a missing logger package fails here, before anything loads

@@ -3,9 +3,9 @@
 A stage (pretraining, SFT, DPO, PPO, …) supplies *what* to compute — `next_batch()` and
 `step(model, batch) -> StepOutput(loss, metrics, tokens)` — and the `Trainer` owns *how*:
 device and bf16 autocast, gradient accumulation, clipping, the LR schedule, logging
-(metrics.jsonl + a live line on stderr), evaluation, atomic checkpoints, exact resume,
-SIGINT/SIGTERM handling, NaN detection and DDP under torchrun. Nothing of the loop is copied
-into a stage.
+(metrics.jsonl + a live line on stderr; --report-to feeds the same lines to TensorBoard and/or
+W&B), evaluation, atomic checkpoints, exact resume, SIGINT/SIGTERM handling, NaN detection and
+DDP under torchrun. Nothing of the loop is copied into a stage.
 
 One optimizer step:
 
@@ -52,6 +52,7 @@ from tiaoyu_cli.train.flops import flops_per_token, peak_flops
 from tiaoyu_cli.train.optim import build_optimizer, lr_at
 from tiaoyu_cli.train.outdir import check_output, check_writable
 from tiaoyu_cli.train.progress import Progress
+from tiaoyu_cli.train.report_to import Reporters, parse_report_to
 from tiaoyu_cli.train.stage import BaseStage
 
 
@@ -111,6 +112,7 @@ class Trainer:
         self.before: dict[str, float] = {}
         self.last_line: dict[str, Any] = {}  # the newest metrics line (read by the live display)
         self.history: list[dict] = []  # metrics lines of this process (tests and the demo read them)
+        self._reporters = Reporters([], self.out, None, {})  # --report-to: opened by fit() on rank 0
         self._ctrl = D.control_group(self.dist)
         stage.setup(self)
         self.extras = nn.ModuleDict({k: m.to(self.device) for k, m in stage.extra_modules().items()})
@@ -175,8 +177,18 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        c = self.cfg
         self._prepare_output()
+        self._reporters = self._open_reporters()
+        ok = False
+        try:
+            res = self._fit()
+            ok = True
+            return res
+        finally:
+            self._reporters.close(ok)
+
+    def _fit(self) -> dict[str, Any]:
+        c = self.cfg
         if self.before and not c.resume and self.step == 0:
             self._log_metrics({"step": 0, "eval": True, **{k: float(v) for k, v in self.before.items()}})
         old_handlers = self._install_signal_handlers()
@@ -496,12 +508,22 @@ class Trainer:
             self.log(f"resumed from {folder} at step {self.step}")
 
     # ---- metrics -----------------------------------------------------------------------------
+    def _open_reporters(self) -> Reporters:
+        """--report-to's loggers (rank 0 only), after _prepare_output: a resumed run continues its logs."""
+        names = parse_report_to(self.cfg.report_to) if self.dist.is_main else []
+        if not names:
+            return Reporters([], self.out, None, {})
+        config = {"stage": self.stage.name, "parent": self.parent, "train_config": dataclasses.asdict(self.cfg),
+                  "stage_config": self.stage.info()}
+        return Reporters(names, self.out, self.step if self.cfg.resume else None, config)
+
     def _log_metrics(self, line: dict) -> None:
         line = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in line.items()}
         self.history.append(line)
         if self.dist.is_main:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
+            self._reporters.log(line)  # the same line to TensorBoard / W&B (--report-to)
 
     def _truncate_metrics(self, step: int) -> None:
         p = self.out / "metrics.jsonl"
