@@ -92,6 +92,8 @@ def parse_error(args: list[str]) -> str | None:
     cmd, name, parent = root_command(), "tiaoyu", None
     args = list(args)
     while True:
+        if not [a for a in args if a not in ("--help", "-h")]:
+            return None  # `tiaoyu sft` or `tiaoyu sft --help`: a command's name alone (parsing would print help)
         try:
             ctx = cmd.make_context(name, list(args), parent=parent)
         except _click.exceptions.MissingParameter:
