@@ -182,9 +182,15 @@ def test_fingerprint_save_and_pickle(pair, tmp_path):
     assert open_tokenizer(other).fingerprint != tok.fingerprint  # the fingerprint covers tokenizer_config.json
 
 
-def test_own_tokenizer_has_the_same_interface(tok_dir):
+def test_own_tokenizer_has_the_same_interface(tmp_path):
     """tiaoyu's SentencePiece tokenizer answers the questions the chat code asks an open model's."""
-    tok = open_tokenizer(tok_dir)
+    from tiaoyu_cli.tokenizer import train_tokenizer
+
+    words = "the cat dog sees runs big small red blue tree house water book".split()
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(3 + i % 6)) for i in range(300)]
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in lines))
+    train_tokenizer([str(tmp_path / "text.jsonl")], tmp_path / "tok", vocab_size=300)
+    tok = open_tokenizer(tmp_path / "tok")
     assert isinstance(tok, Tokenizer)
     assert tok.backend == "sentencepiece" and tok.stop_ids == {3, 5}
     assert tok.is_special(5) and not tok.is_special(tok.num_special)

@@ -267,7 +267,7 @@ class ModelConfig:
         family = d.get("model_type")
         if family not in FAMILIES:
             raise TiaoyuError(f"config.json: model_type {family!r} is not supported; supported: "
-                              f"{', '.join(FAMILIES)} (and tiaoyu's own llama/mixtral checkpoints)")
+                              f"{', '.join(FAMILIES)}, mixtral")
         arch = (d.get("architectures") or [""])[0]
         if arch and not arch.endswith(("ForCausalLM", "ForSequenceClassification")):
             raise TiaoyuError(f"config.json: architecture {arch} is not a causal language model "
