@@ -109,3 +109,16 @@ def test_lora_and_merge_keep_the_family(tmp_path, monkeypatch, capfd):
         mine = ours.eval()(ids).logits
         assert (mine - theirs(ids).logits).abs().max() < 1e-4
         assert (mine - base.eval()(ids).logits).abs().max() > 1e-4  # the adapter changed something
+
+
+def test_classification_text_without_a_bos(tmp_path):
+    """A Qwen-style tokenizer has no BOS: a classification text is `text <eos>` (the classifier reads the last)."""
+    from hf_tokenizers import make_qwen_tokenizer
+    from tiaoyu_cli.data.chat import encode_classification
+    from tiaoyu_cli.tokenizer import open_tokenizer
+
+    tok = open_tokenizer(make_qwen_tokenizer(tmp_path / "q"))
+    ids, cut = encode_classification(tok, "good day", 64)
+    assert ids == tok.encode("good day") + [tok.eos_id] and not cut
+    ids, cut = encode_classification(tok, "good day " * 40, 16)
+    assert len(ids) == 16 and ids[-1] == tok.eos_id and cut

@@ -379,12 +379,14 @@ def read_classification(source: str | os.PathLike | Sequence[dict], skip_bad: bo
 
 def encode_classification(tokenizer, text: str, max_len: int) -> tuple[list[int], bool]:
     """<s> text </s>, cut to max_len keeping the closing </s> (the token the classifier reads).
-    Returns (ids, truncated)."""
+    An open model's tokenizer without a BOS (Qwen) gives text </s>. Returns (ids, truncated)."""
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    end = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     ids = tokenizer.encode(text)
-    cut = len(ids) + 2 > max_len
+    cut = len(ids) + len(bos) + len(end) > max_len
     if cut:
-        ids = ids[:max_len - 2]
-    return [tokenizer.bos_id] + ids + [tokenizer.eos_id], cut
+        ids = ids[:max_len - len(bos) - len(end)]
+    return bos + ids + end, cut
 
 
 def collate_classification(items: Sequence[tuple[list[int], int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
