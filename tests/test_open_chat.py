@@ -154,3 +154,41 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
         (folder / f).unlink()
     with pytest.raises(TiaoyuError, match="missing tokenizer.model and tokenizer_config.json.*tokenizer.json"):
         load_chat_model(folder, device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_serve_answers_an_hf_folder_as_transformers_does(kind, tmp_path):
+    """`tiaoyu serve FOLDER`: the chat answer is transformers' greedy answer with its own template, ending at
+    the folder's end-of-turn ids (qwen3's q/k norms take the reference decode path, qwen2 the slot path)."""
+    pytest.importorskip("starlette")
+    import http.client
+    import threading
+
+    from tiaoyu_cli.serve.server import ServeConfig, load_engine, make_server
+
+    folder = make_folder(kind, tmp_path / kind)
+    at = auto_tokenizer(folder)
+    prompt = at.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
+    free = hf_generate(folder, prompt, 8, [10 ** 6])
+    k = next(i for i in range(2, len(free)) if free[i] not in free[:i])
+    set_stops(folder, [free[k]])  # the folder's end of turn comes mid-answer: the server must stop there
+    engine, name = load_engine(folder, device="cpu", config=ServeConfig(max_tokens_limit=16))
+    srv = make_server(engine, "127.0.0.1", 0, name, quiet=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        stops = sorted(engine.tokenizer.stop_ids)
+        theirs = hf_generate(folder, prompt, 12, stops)
+        conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=120)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(
+            {"messages": MESSAGES, "max_tokens": 12, "temperature": 0}), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        res = json.loads(r.read())
+        assert r.status == 200, res
+        assert res["usage"]["prompt_tokens"] == len(prompt)
+        assert res["choices"][0]["message"]["content"] == at.decode([t for t in theirs if t not in stops],
+                                                                    skip_special_tokens=True)
+        assert theirs == free[:k + 1] and res["choices"][0]["finish_reason"] == "stop"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        engine.close()

@@ -209,7 +209,7 @@ class API:
                 raise APIError(400, str(e), e.param) from None
             except TiaoyuError as e:
                 raise APIError(400, str(e), "messages") from None
-            stop_ids = stop_ids_for(self.engine.mode)
+            stop_ids = stop_ids_for(self.engine.mode, tok)
         else:
             p = body.get("prompt")
             if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
@@ -217,7 +217,7 @@ class API:
             if not isinstance(p, str):
                 raise APIError(400, "'prompt' must be a string (one prompt per request)", "prompt")
             prompt = tok.encode(p, bos=True)
-            stop_ids = frozenset({tok.eos_id})
+            stop_ids = stop_ids_for("complete", tok)
         ctx = self.engine.context
         if len(prompt) >= ctx:
             raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is {ctx} tokens, "
