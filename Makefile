@@ -7,7 +7,7 @@ TIAOYU  := $(BIN)/tiaoyu
 # test processes (pytest-xdist; each test file stays in one process, so its fixtures are built once)
 TEST_WORKERS ?= auto
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test test-goldens-caps demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -20,6 +20,17 @@ $(VENV)/.installed: pyproject.toml
 
 test: venv
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+
+# the golden losses again with torch's generic and AVX2 CPU kernels (ATEN_CPU_CAPABILITY): they hold on
+# CPUs without AVX-512 too (tests/test_stages.py; the tolerance is measured in benchmarks/RESULTS.md)
+GOLDEN_CAPS ?= default avx2
+test-goldens-caps: venv
+	for cap in $(GOLDEN_CAPS); do \
+	  echo "golden losses, ATEN_CPU_CAPABILITY=$$cap"; \
+	  ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest tests/test_stages.py -k golden; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no golden tests: failing" >&2; fi; \
+	  if [ $$rc -ne 0 ]; then exit $$rc; fi; \
+	done
 
 demo: venv
 	$(MAKE) -f recipes/tiny-cpu/Makefile all TIAOYU=$(abspath $(TIAOYU)) PYTHON=$(abspath $(BIN)/python) OUT=runs/demo
