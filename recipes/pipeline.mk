@@ -11,6 +11,8 @@ PYTHON   ?= python3
 OUT      ?= runs/demo
 SCALE    ?= 1
 DEVICE   ?= cpu
+# auto: bf16 autocast where the hardware is fast at it (CUDA with bf16, CPUs with AVX512-BF16 or AMX)
+DTYPE    ?= auto
 PRESET   ?= tiny
 TEXT_MB  ?= 3
 VOCAB    ?= 2048
@@ -37,7 +39,7 @@ RECIPES  := $(dir $(lastword $(MAKEFILE_LIST)))
 D        := $(OUT)/data
 steps     = $(shell $(PYTHON) -c "print(max(2, int($(1) * $(SCALE))))")
 EVALN     = $(shell $(PYTHON) -c "print(max(8, int(400 * min(1.0, $(SCALE) * 4))))")
-COMMON   := --device $(DEVICE) --seed 0 --keep 1
+COMMON   := --device $(DEVICE) --dtype $(DTYPE) --seed 0 --keep 1
 
 .PHONY: all data prep tokenizer tokens pretrain sft lora reward dpo grpo distill reason reason-rl tools tools-direct tools-grpo chat summary bench report clean
 
