@@ -3,8 +3,12 @@ base model that every stage test (sft, lora, rlhf, distill, reason, eval …) st
 
 Built once per test session (about a minute on 2 cores). For development, set
 TIAOYU_TEST_CACHE=/some/dir to keep them between runs; the cache key covers the source files
-that determine them, so edits there rebuild it. CI does not set it. Under pytest-xdist (`make test`
-runs `pytest -n auto --dist loadfile`) the workers share one build in the session's temp folder.
+that determine them and the CPU capability torch runs at (ATEN_CPU_CAPABILITY), so edits there rebuild
+it. CI does not set it. Under pytest-xdist (`make test` runs `pytest -n auto --dist loadfile`) the
+workers share one build in the session's temp folder.
+
+The base trains in fp32 on every machine: `--dtype auto` would pick bf16 autocast on CPUs with
+AVX512-BF16 or AMX and fp32 elsewhere, and every stage test starts from this model.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ VOCAB = 1024
 
 
 def _source_key() -> str:
-    h = hashlib.sha256(f"{BASE_STEPS}-{BASE_BATCH}-{BASE_SEQ}-{VOCAB}".encode())
+    import torch
+
+    h = hashlib.sha256(f"{BASE_STEPS}-{BASE_BATCH}-{BASE_SEQ}-{VOCAB}-{torch.backends.cpu.get_cpu_capability()}".encode())
     for sub in ("data/synth.py", "data/synth_world.py", "data/synth_docs.py", "tokenizer", "model", "train/lm.py", "train/trainer.py",
                 "data/shards.py"):
         p = PKG / sub
@@ -67,7 +73,7 @@ def _build(root: Path) -> None:
     model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
     stage = PretrainStage(train, val, PretrainConfig(seq_len=BASE_SEQ), batch_size=BASE_BATCH, seed=0)
     cfg = TrainConfig(out=str(root / "base"), max_steps=BASE_STEPS, batch_size=BASE_BATCH, lr=2e-3,
-                      warmup_steps=30, log_every=50, dtype="auto", device="cpu", keep=1)
+                      warmup_steps=30, log_every=50, dtype="fp32", device="cpu", keep=1)
     Trainer(model, stage, cfg, tokenizer=tok, log=lambda m: None).fit()
 
 

@@ -47,7 +47,7 @@ def learned(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("learn") / "run"
     r = run_cli("pretrain", data / "tokens", "-o", out, "--preset", "tiny", "--seq-len", "128", "--batch-size", "16",
                 "--lr", "3e-3", "--warmup-steps", "20", "--max-steps", "120", "--eval-every", "60", "--log-every", "20",
-                timeout=600)
+                "--dtype", "fp32", timeout=600)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -94,7 +94,7 @@ def test_init_continues_from_parent_weights(learned, data, tmp_path):
     parent_loss = [m["loss"] for m in parent if not m.get("eval")][-1]
     out = tmp_path / "cpt"
     r = run_cli("pretrain", data / "tokens", "-o", out, "--init", learned, "--seq-len", "128", "--batch-size", "16",
-                "--max-steps", "3", "--log-every", "1", "--lr", "1e-4", "--warmup-steps", "0")
+                "--max-steps", "3", "--log-every", "1", "--lr", "1e-4", "--warmup-steps", "0", "--dtype", "fp32")
     assert r.returncode == 0, r.stderr
     first = train_losses(out)[1]
     assert abs(first - parent_loss) < 0.25, (first, parent_loss)

@@ -45,7 +45,7 @@ def test_rag_sft_answers_from_the_passage(base_ckpt, tok_dir, synth_dir, tmp_pat
         rows = ChatDataset(load(synth_dir / "rag.train.jsonl"), tok, 256).examples
         stage = SFTStage(rows, SFTConfig(max_len=256, eval_samples=0), batch_size=16)
         cfg = TrainConfig(out=str(tmp_path / "sft-rag"), max_steps=BUDGET, batch_size=16, lr=3e-3, warmup_steps=20,
-                          log_every=100, device="cpu", keep=1)
+                          log_every=100, device="cpu", dtype="fp32", keep=1)
         Trainer(model, stage, cfg, tokenizer=tok, log=lambda m: None).fit()
         model.eval()
         with_p, without = load(synth_dir / "rag.val.jsonl"), load(synth_dir / "facts.val.jsonl")

@@ -44,7 +44,7 @@ def test_tool_sft_learns_the_call_protocol(tmp_path, base_ckpt):
     model, _ = load_model(base_ckpt)
     torch.manual_seed(0)
     cfg = TrainConfig(out=str(tmp_path / "tools"), max_steps=STEPS, batch_size=8, lr=3e-3, warmup_steps=20,
-                      log_every=1000, device="cpu", dtype="auto", keep=1)
+                      log_every=1000, device="cpu", dtype="fp32", keep=1)
     Trainer(model, SFTStage(rows, SFTConfig(max_len=256, eval_samples=0), batch_size=8), cfg, tokenizer=tok,
             log=lambda m: None).fit()
     model.eval()
