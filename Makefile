@@ -1,5 +1,6 @@
 # tiaoyu — top-level Makefile. `make demo` runs the whole pipeline on the bundled synthetic data;
-# `make test` runs the test suite (CPU, a few minutes).
+# `make test` runs the quick suite (every unit and learning test, CPU); `make test-all` adds the long
+# integration tests (the end-to-end recipe, multi-process runs, lm-eval parity) and is what CI runs.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -7,7 +8,7 @@ TIAOYU  := $(BIN)/tiaoyu
 # test processes (pytest-xdist; each test file stays in one process, so its fixtures are built once)
 TEST_WORKERS ?= auto
 
-.PHONY: venv test test-goldens-caps demo bench clean
+.PHONY: venv test test-all test-goldens-caps demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -19,7 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: venv
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not integration" tests
+
+test-all: venv
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+	$(MAKE) test-goldens-caps
 
 # the golden losses again with torch's generic and AVX2 CPU kernels (ATEN_CPU_CAPABILITY): they hold on
 # CPUs without AVX-512 too (tests/test_stages.py; the tolerance is measured in benchmarks/RESULTS.md)

@@ -26,6 +26,8 @@ from tiaoyu_cli.cli.main import main
 from tiaoyu_cli.evals.bench import BenchConfig, run_bench
 from tiaoyu_cli.evals.gsm8k import extract_strict, normalise
 
+pytestmark = pytest.mark.integration  # a long integration test: `make test-all` runs it, `make test` does not
+
 FIX = Path(__file__).parent / "fixtures" / "bench"
 ROOT = Path(__file__).resolve().parents[1]
 

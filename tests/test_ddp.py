@@ -12,6 +12,8 @@ import pytest
 
 from pretrain_data import ROOT, assets, env, run_cli, train_losses
 
+pytestmark = pytest.mark.integration  # a long integration test: `make test-all` runs it, `make test` does not
+
 ARGS = ["--preset", "tiny", "--model", "dim=64", "--model", "n_layers=2", "--model", "ffn_dim=128", "--seq-len", "64",
         "--dtype", "fp32", "--max-steps", "8", "--log-every", "1", "--warmup-steps", "2", "--eval-batches", "2",
         "--eval-every", "4", "--save-every", "4", "--keep", "0"]

@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 
 from pretrain_data import assets, run_cli, train_losses
 
+pytestmark = pytest.mark.integration  # a long integration test: `make test-all` runs it, `make test` does not
+
 ARGS = ["--preset", "tiny", "--model", "dim=64", "--model", "n_layers=2", "--model", "ffn_dim=128", "--seq-len", "64",
         "--dtype", "fp32", "--log-every", "1", "--warmup-steps", "0", "--schedule", "constant", "--eval-batches", "2",
         "--eval-every", "0", "--save-every", "0", "--keep", "0", "--device", "cpu", "--optim", "adamw"]

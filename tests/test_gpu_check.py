@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration  # a long integration test: `make test-all` runs it, `make test` does not
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = ["cuda_tests", "data", "pretrain_bf16", "torchrun_nccl", "fsdp", "decode"]

@@ -122,6 +122,7 @@ def straight(data, tmp_path_factory) -> dict[int, float]:
     return train_losses(out)
 
 
+@pytest.mark.integration  # real processes, signalled: `make test-all`
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_then_resume_matches_uninterrupted(sig, data, straight, tmp_path):
     out = tmp_path / "run"

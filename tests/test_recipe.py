@@ -23,8 +23,9 @@ TIAOYU = Path(sys.executable).with_name("tiaoyu")
 SCALE = "0.25"
 EVALN = 200  # held-out questions per evaluation (the demo asks 400)
 
-pytestmark = pytest.mark.skipif(shutil.which("make") is None or not TIAOYU.exists(),
-                                reason="needs make and the tiaoyu console script of this venv")
+pytestmark = [pytest.mark.integration,  # the end-to-end recipe: `make test-all` runs it, `make test` does not
+              pytest.mark.skipif(shutil.which("make") is None or not TIAOYU.exists(),
+                                 reason="needs make and the tiaoyu console script of this venv")]
 
 
 def make(out: Path, *targets: str) -> subprocess.CompletedProcess:

@@ -285,6 +285,7 @@ def test_full_disk_during_save_is_one_clear_line_then_resume(stage, files, tmp_p
     assert os.readlink(out / "latest") == "step-000004"
 
 
+@pytest.mark.integration  # real processes per stage: `make test-all`
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_143(stage, files, tmp_path):
     out = tmp_path / "run"
@@ -347,6 +348,7 @@ def test_a_killed_holder_leaves_no_lock(tmp_path):
     lock.release()
 
 
+@pytest.mark.integration  # real processes per stage: `make test-all`
 @pytest.mark.parametrize("stage", ["grpo", "dpo"])
 def test_rl_stages_run_under_nproc(stage, files, tmp_path):
     """The RL stages take --nproc like every training command: each process samples its own rollouts (or
