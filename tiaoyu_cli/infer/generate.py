@@ -507,11 +507,12 @@ class DecodedResponse:
     answer: str | None  # text after </think> (None when the model did not think)
 
 
-def decode_response(tokenizer, tokens: list[int], stop_ids: Iterable[int] = DEFAULT_STOP_IDS) -> DecodedResponse:
-    """Decode new tokens: drop a trailing stop token and other special tokens; split reasoning and answer
-    at <think>/</think>. A <think> without </think> (cut by max_new_tokens) is all reasoning."""
+def decode_response(tokenizer, tokens: list[int], stop_ids: Iterable[int] | None = None) -> DecodedResponse:
+    """Decode new tokens: drop a trailing stop token (default: the tokenizer's end-of-turn ids) and other
+    special tokens; split reasoning and answer at <think>/</think>. A <think> without </think> (cut by
+    max_new_tokens) is all reasoning."""
     toks = list(tokens)
-    stops = set(stop_ids)
+    stops = set(getattr(tokenizer, "stop_ids", DEFAULT_STOP_IDS) if stop_ids is None else stop_ids)
     if toks and toks[-1] in stops:
         toks = toks[:-1]
     think, end_think = think_ids(tokenizer)

@@ -136,7 +136,8 @@ def generate_rollout(model: nn.Module, prompts: list[list[int]], max_new_tokens:
                      top_k: int = 0, top_p: float = 1.0, seed: int = 0, gen_batch_size: int = 0,
                      dtype: torch.dtype | None = None, stop_ids=None) -> Rollout:
     """Sample one response per prompt with the batched KV-cache generator, `gen_batch_size` prompts
-    at a time (0 = all at once), and lay the batch out for training. stop_ids: default EOS and <|im_end|>."""
+    at a time (0 = all at once), and lay the batch out for training. stop_ids: the tokenizer's end-of-turn
+    ids (default: tiaoyu's </s> and <|im_end|>)."""
 
     model = unwrap(model)
     device = next(model.parameters()).device

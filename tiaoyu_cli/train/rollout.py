@@ -228,7 +228,8 @@ class RolloutStage(BaseStage):
                                             c.temperature if temperature is None else temperature, c.top_k, c.top_p,
                                             seed, getattr(self, "max_tool_calls", 5))
         return generate_rollout(model, prompts, c.max_new_tokens, c.temperature if temperature is None else temperature,
-                                c.top_k, c.top_p, seed, c.gen_batch_size, self.trainer.amp_dtype)
+                                c.top_k, c.top_p, seed, c.gen_batch_size, self.trainer.amp_dtype,
+                                stop_ids=self.tok.stop_ids)
 
     @torch.no_grad()
     def forward_chunks(self, model: nn.Module, ro: Rollout, with_values: bool = False):
