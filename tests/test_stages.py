@@ -1,11 +1,8 @@
-"""One table, every training stage (as torchtune keeps one per recipe), on the tiny shared base, on CPU:
+"""One table, every training stage (as torchtune keeps one per recipe), from one fixed start, on CPU:
 
 * the first 3 logged losses equal stored golden values (within GOLDEN_ABS): a change to a stage's
   objective or data order shows up here, on purpose (regenerate with TIAOYU_WRITE_GOLDEN=1 after a
-  deliberate change). These runs start from a fixed checkpoint kept in the repository
-  (tests/fixtures/golden_start), not from the shared base: a base trained for hundreds of steps comes out
-  different on every CPU (torch's kernels per ATEN_CPU_CAPABILITY, the BLAS build), and a stage's first
-  losses with it. TIAOYU_WRITE_GOLDEN_START=1 rebuilds that checkpoint (then write the losses too);
+  deliberate change);
 * 2 steps, then --resume to 4, logs the same losses as 4 steps straight;
 * what trains changes between step 2 and step 4, every 2-D weight of it;
 * an OSError while saving (a full disk) ends the run with one clear line naming the folder, the last
@@ -13,6 +10,12 @@
 * SIGTERM mid-run leaves a loadable checkpoint and exits 143.
 
 Every stage runs through the one run path (train/run.py), so these hold for every command alike.
+
+The stages start from a small checkpoint kept in the repository (tests/fixtures/golden_start; pretrain from
+its seeded initialisation), not from the shared test base: a model trained here for hundreds of steps comes
+out different on every CPU (torch's kernels per ATEN_CPU_CAPABILITY, the BLAS build), and with it a stage's
+first losses and the RL stages' rewards. TIAOYU_WRITE_GOLDEN_START=1 rebuilds that checkpoint (then write
+the losses too).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_fixtures import one_thread, read_jsonl, sft_start, write_jsonl
+from rlhf_fixtures import one_thread, read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).with_name("golden_losses.json")
@@ -45,18 +48,51 @@ RL = ["--max-new-tokens", "8", "--eval-size", "2", "--no-eval-before", "--val-fr
 
 @pytest.fixture(scope="module")
 def files(assets, tmp_path_factory) -> dict[str, Path]:
+    if os.environ.get("TIAOYU_WRITE_GOLDEN_START"):
+        build_golden_start(assets, tmp_path_factory.mktemp("golden-start"), GOLDEN_START)
     d = tmp_path_factory.mktemp("stage-data")
     s = assets / "synth"
     pick = {"chat": "chat.train.jsonl", "cls": "classification.train.jsonl", "pref": "preference.train.jsonl",
             "ver": "verifiable.train.jsonl", "trace": "reasoning.train.jsonl"}
     out = {k: write_jsonl(d / f"{k}.jsonl", read_jsonl(s / name)[:24]) for k, name in pick.items()}
-    out.update(base=assets / "base", tokens=assets / "tokens", tok=assets / "tok")
+    out.update(base=GOLDEN_START, sft=GOLDEN_START, tokens=assets / "tokens", tok=assets / "tok")
     # The RL stages learn only from rewards that differ (equal rewards in a group: zero advantages, an exactly
-    # zero gradient). They start from the SFT start the rlhf tests share, on questions whose reference answer
-    # is that model's own greedy answer: sampled answers match it often, but not always.
-    out["sft"] = sft_start(assets, tmp_path_factory.mktemp("sft-start"))
-    out["ver"] = write_jsonl(d / "ver-own.jsonl", greedy_answers(out["sft"], read_jsonl(out["ver"])))
+    # zero gradient): they run on questions whose reference answer is the start's own greedy answer, which
+    # sampled answers match often, but not always.
+    out["ver"] = write_jsonl(d / "ver-own.jsonl", greedy_answers(GOLDEN_START, read_jsonl(out["ver"])))
     return out
+
+
+# The start: a small model (the distill student's shape), pretrained, then fine-tuned on the chat and
+# verifiable records, so that it answers in the chat template (a black-box teacher) and gets rewards that
+# differ in the RL stages.
+START_MODEL = ["--model", "dim=64", "--model", "n_layers=2", "--model", "n_heads=2", "--model", "n_kv_heads=1",
+               "--model", "ffn_dim=192"]
+START_ARGS = ["--device", "cpu", "--dtype", "fp32", "--seed", "0", "--keep", "1", "--log-every", "100",
+              "--batch-size", "16", "--lr", "3e-3"]
+START_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json")
+
+
+def build_golden_start(assets: Path, work: Path, dest: Path) -> None:
+    """Train the start from the session's corpus and tokenizer and keep its model files in `dest`."""
+    import shutil
+
+    from rlhf_fixtures import as_chat, run_cli
+
+    s = assets / "synth"
+    with one_thread():
+        run_cli(["pretrain", assets / "tokens", "--tokenizer", assets / "tok", "--preset", "tiny", *START_MODEL,
+                 "-o", work / "base", "--seq-len", "128", "--warmup-steps", "20", "--max-steps", "400",
+                 "--eval-every", "0", "--eval-batches", "1", *START_ARGS])
+        mix = write_jsonl(work / "mix.jsonl", read_jsonl(s / "chat.train.jsonl")
+                          + [as_chat(r) for r in read_jsonl(s / "verifiable.train.jsonl")])
+        run_cli(["sft", work / "base", mix, "-o", work / "sft", "--warmup-steps", "10", "--max-steps", "200",
+                 "--no-eval-before", *START_ARGS])
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for name in START_FILES:
+        shutil.copy(work / "sft" / "latest" / name, dest / name)
+    (dest / "trainer.json").write_text(json.dumps({"stage": "sft", "step": 200}) + "\n")
 
 
 def greedy_answers(ckpt: Path, records: list[dict]) -> list[dict]:
@@ -134,61 +170,6 @@ def straight(files, tmp_path_factory) -> dict[str, Path]:
     return outs
 
 
-# the golden start: a small model (the distill student's shape), pretrained then fine-tuned on the chat and
-# verifiable records, so that it answers in the chat template (a black-box teacher) and its sampled answers
-# match its own greedy ones often but not always (the RL stages get rewards that differ)
-START_MODEL = ["--model", "dim=64", "--model", "n_layers=2", "--model", "n_heads=2", "--model", "n_kv_heads=1",
-               "--model", "ffn_dim=192"]
-START_ARGS = ["--device", "cpu", "--dtype", "fp32", "--seed", "0", "--keep", "1", "--log-every", "100",
-              "--batch-size", "16", "--lr", "3e-3"]
-START_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json")
-
-
-def build_golden_start(assets: Path, work: Path, dest: Path) -> None:
-    """Train the golden start from the session's corpus and tokenizer and keep its model files in `dest`."""
-    import shutil
-
-    from rlhf_fixtures import as_chat, run_cli
-
-    s = assets / "synth"
-    with one_thread():
-        run_cli(["pretrain", assets / "tokens", "--tokenizer", assets / "tok", "--preset", "tiny", *START_MODEL,
-                 "-o", work / "base", "--seq-len", "128", "--warmup-steps", "20", "--max-steps", "400",
-                 "--eval-every", "0", "--eval-batches", "1", *START_ARGS])
-        mix = write_jsonl(work / "mix.jsonl", read_jsonl(s / "chat.train.jsonl")
-                          + [as_chat(r) for r in read_jsonl(s / "verifiable.train.jsonl")])
-        run_cli(["sft", work / "base", mix, "-o", work / "sft", "--warmup-steps", "10", "--max-steps", "200",
-                 "--no-eval-before", *START_ARGS])
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    for name in START_FILES:
-        shutil.copy(work / "sft" / "latest" / name, dest / name)
-    (dest / "trainer.json").write_text(json.dumps({"stage": "sft", "step": 200}) + "\n")
-
-
-@pytest.fixture(scope="module")
-def golden_runs(assets, tmp_path_factory) -> dict[str, list[float]]:
-    """Every stage, 3 steps from the golden start (pretrain: from its seeded initialisation): the first 3 losses."""
-    root = tmp_path_factory.mktemp("golden")
-    if os.environ.get("TIAOYU_WRITE_GOLDEN_START"):
-        build_golden_start(assets, root / "build", GOLDEN_START)
-    d = root / "data"
-    d.mkdir()
-    s = assets / "synth"
-    pick = {"chat": "chat.train.jsonl", "cls": "classification.train.jsonl", "pref": "preference.train.jsonl",
-            "ver": "verifiable.train.jsonl", "trace": "reasoning.train.jsonl"}
-    files = {k: write_jsonl(d / f"{k}.jsonl", read_jsonl(s / name)[:24]) for k, name in pick.items()}
-    files.update(base=GOLDEN_START, sft=GOLDEN_START, tokens=assets / "tokens", tok=assets / "tok")
-    files["ver"] = write_jsonl(d / "ver-own.jsonl", greedy_answers(GOLDEN_START, read_jsonl(files["ver"])))
-    got = {}
-    for stage in STAGES:
-        out = root / stage
-        code, _ = run(argv(stage, files, out, "--max-steps", "3"))
-        assert code == 0, stage
-        got[stage] = [losses(out)[s] for s in (1, 2, 3)]
-    return got
-
-
 def golden_meta() -> dict:
     """What decides the golden losses besides the code: the start, library versions, the CPU kernels torch runs."""
     import hashlib
@@ -205,8 +186,8 @@ def golden_meta() -> dict:
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_golden_losses(stage, golden_runs):
-    got = golden_runs[stage]
+def test_golden_losses(stage, straight):
+    got = [losses(straight[stage])[s] for s in (1, 2, 3)]
     if os.environ.get("TIAOYU_WRITE_GOLDEN"):
         table = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
         table[stage] = got
