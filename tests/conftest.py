@@ -8,7 +8,9 @@ it. CI does not set it. Under pytest-xdist (`make test` runs `pytest -n auto --d
 workers share one build in the session's temp folder.
 
 The base trains in fp32 on every machine: `--dtype auto` would pick bf16 autocast on CPUs with
-AVX512-BF16 or AMX and fp32 elsewhere, and every stage test starts from this model.
+AVX512-BF16 or AMX and fp32 elsewhere, and the stage tests start from this model. It still differs a little
+between CPUs (torch's kernels, the BLAS build), so tests that compare losses with stored values start from
+a checkpoint kept in the repository instead (tests/test_stages.py).
 """
 
 from __future__ import annotations
