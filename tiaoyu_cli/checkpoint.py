@@ -163,14 +163,19 @@ def load_trainer_info(ckpt: str | os.PathLike) -> dict:
 
 
 def generation_config(cfg: ModelConfig, tokenizer=None) -> dict[str, Any]:
-    """generation_config.json: an open family's own (as its folder had it, kept by its tokenizer), else
-    tiaoyu's sampling defaults with </s> and <|im_end|> as end ids."""
+    """generation_config.json: the one an open model's tokenizer came with (as its folder had it; also for a
+    tiaoyu-architecture model on that tokenizer, e.g. a distilled student), else an open family's ids, else
+    the ids of an open tokenizer by role, else tiaoyu's sampling defaults with </s> and <|im_end|> as end ids."""
+    own = getattr(tokenizer, "generation_config", None)
+    if own:
+        return dict(own)
     if cfg.family:
-        own = getattr(tokenizer, "generation_config", None)
-        if own:
-            return dict(own)
         d = cfg.hf_config
         return {k: d[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if d.get(k) is not None}
+    if getattr(tokenizer, "backend", None) == "hf":
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": sorted(tokenizer.stop_ids) or tokenizer.eos_id,
+               "pad_token_id": tokenizer.pad_id}
+        return {k: v for k, v in ids.items() if v is not None and v != []}
     return {
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": [cfg.eos_token_id, 5],  # </s> and <|im_end|>

@@ -427,6 +427,13 @@ def think_ids(tokenizer) -> tuple[int | None, int | None]:
     return getattr(tokenizer, "think_id", THINK_ID), getattr(tokenizer, "end_think_id", END_THINK_ID)
 
 
+def open_think_ids(tokenizer) -> list[int]:
+    """The tokens that open a reasoning block: the <think> token, or the text `<think>\n` where the tokenizer
+    has no such token (an open model that writes its think tags as text)."""
+    think = think_ids(tokenizer)[0]
+    return [think] if think is not None else tokenizer.encode("<think>\n")
+
+
 def special_test(tokenizer):
     """is_special(id) of the tokenizer: tiaoyu's control ids 0..7(11), or an open model's special added tokens."""
     test = getattr(tokenizer, "is_special", None)

@@ -9,8 +9,9 @@ The interface is the one `Tokenizer` (core.py, SentencePiece) offers and the res
     bos_id, eos_id, pad_id, unk_id       by role: tokenizer_config.json, special_tokens_map.json, then
                                          generation_config.json / config.json ids; None when the folder has none
     stop_ids                             end of a chat turn: eos and every `eos_token_id` of generation_config.json
-    im_start_id, im_end_id, think_id,    the markers by their text when the vocabulary has them, else None
-    end_think_id, tool_call_id, …
+    im_start_id, im_end_id,              the markers by their text when the vocabulary has them, else None
+    tool_call_id, …
+    think_id, end_think_id               <think>, </think> when the folder adds them as tokens, else None (text tags)
     render_chat / encode_chat            the folder's template (`chat_template.jinja`, or tokenizer_config.json
                                          `chat_template`), rendered in a sandbox as transformers renders it,
                                          encoded as `apply_chat_template(…, tokenize=True)` encodes it
@@ -138,8 +139,10 @@ class HFTokenizer:
         # markers by their text, when the vocabulary has them (None otherwise)
         self.im_start_id = self.tk.token_to_id(IM_START)
         self.im_end_id = self.tk.token_to_id(IM_END)
-        self.think_id = self.tk.token_to_id("<think>")
-        self.end_think_id = self.tk.token_to_id("</think>")
+        # think tags count as tokens only when the folder adds them (Qwen3, DeepSeek-R1); otherwise a model writes
+        # them as text, and reasoning is split from the answer on the text
+        self.think_id, self.end_think_id = (i if i in added else None for i in
+                                            (self.tk.token_to_id("<think>"), self.tk.token_to_id("</think>")))
         self.tool_call_id, self.end_tool_call_id, self.tool_response_id, self.end_tool_response_id = (
             self.tk.token_to_id(t) for t in TOOL_TOKENS)
         self.has_tool_tokens = False  # the tool loop (infer/tool_loop.py) speaks tiaoyu's own tokenizer only

@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from tiaoyu_cli.data.preference import PromptExample
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.infer.generate import open_think_ids
 from tiaoyu_cli.train.losses_rl import group_advantages, grpo_loss
 from tiaoyu_cli.train.rl_common import Rollout, load_policy, load_reference, load_rl_prompts, prompt_room, response_logps
 from tiaoyu_cli.train.rollout import (
@@ -76,7 +77,7 @@ class GRPOStage(RolloutStage):
         if cfg.beta > 0 and ref_model is None:
             raise TiaoyuError("GRPO with --beta > 0 needs a reference model")
         self.samples_per_prompt = cfg.group_size
-        suffix = [tokenizer.think_id] if cfg.open_think else []
+        suffix = open_think_ids(tokenizer) if cfg.open_think else []
         if reward is None:
             if any(p.answer is None for p in prompts):
                 raise TiaoyuError("verifiable rewards need an answer for every prompt")
@@ -129,7 +130,7 @@ def prepare_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_fr
     call tools (train/tool_rollout.py)."""
     cfg.validate()
     model, folder, tok = load_policy(start, "GRPO")
-    room = prompt_room(model.config.max_seq_len, cfg.max_new_tokens, 1 if cfg.open_think else 0)
+    room = prompt_room(model.config.max_seq_len, cfg.max_new_tokens, len(open_think_ids(tok)) if cfg.open_think else 0)
     hint = f" in the context of {model.config.max_seq_len} tokens with --max-new-tokens {cfg.max_new_tokens}"
     prompts, held, skipped = load_rl_prompts(data, val, tok, room, need_answer=True, skip_bad=skip_bad,
                                              context_hint=hint, val_frac=val_frac, seed=train.seed)

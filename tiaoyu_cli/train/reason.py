@@ -43,6 +43,7 @@ from tiaoyu_cli.data.chat import ChatDataset, check_messages
 from tiaoyu_cli.data.jsonl import RecordCounts, load_records, read_jsonl
 from tiaoyu_cli.data.preference import PromptExample, encode_prompt
 from tiaoyu_cli.errors import DataError, TiaoyuError
+from tiaoyu_cli.infer.generate import open_think_ids
 from tiaoyu_cli.train.answers import format_ok, is_correct, split_record
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.grpo import GRPOConfig, GRPOStage, use_tools
@@ -206,6 +207,45 @@ def _short_reason(msg: str) -> str:
     return "invalid"
 
 
+_PROBE = "tiaoyu reasoning probe"
+
+
+def reasoning_for_template(traces: list[dict], tok) -> tuple[list[dict], bool]:
+    """The traces as the tokenizer's chat template can show their reasoning. tiaoyu's own template and a template
+    that renders a message's reasoning (Qwen3's `reasoning_content`) take the field as it is; for one that drops it
+    (Llama 3's) the reasoning moves into the content as `<think>\nsteps\n</think>\n\nanswer` text. A template
+    that drops that too cannot teach thinking: an error. Returns (traces, moved into the content)."""
+    if getattr(tok, "backend", None) != "hf":
+        return traces, False
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning": _PROBE}]
+    if _PROBE in tok.render_chat(probe):
+        return traces, False
+    if _PROBE not in tok.render_chat(fold_reasoning(probe)):
+        raise TiaoyuError(f"the chat template of {tok.path or 'this tokenizer'} drops an assistant turn's reasoning, "
+                          f"as a field and as <think>…</think> text before the answer: reason cannot teach thinking "
+                          f"with it")
+    return [{**t, "messages": fold_reasoning(t["messages"])} for t in traces], True
+
+
+def fold_reasoning(messages: list[dict]) -> list[dict]:
+    """Assistant turns with a reasoning field → content `<think>\nreasoning\n</think>\n\ncontent`."""
+    out = []
+    for m in messages:
+        reasoning = m.get("reasoning") if m.get("role") == "assistant" else None
+        if reasoning is not None:
+            m = {k: v for k, v in m.items() if k != "reasoning"}
+            m["content"] = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{m.get('content') or ''}"
+        out.append(m)
+    return out
+
+
+def _answer_only(m: dict, as_text: bool) -> dict:
+    m = {k: v for k, v in m.items() if k != "reasoning"}
+    if as_text and m.get("role") == "assistant" and THINK_CLOSE in (m.get("content") or ""):
+        m["content"] = m["content"].rsplit(THINK_CLOSE, 1)[1].strip()
+    return m
+
+
 # ---- questions (stage 2) ----------------------------------------------------------------------------
 
 class QuestionStats(RecordCounts):
@@ -249,9 +289,11 @@ def read_eval_records(path: str | Path, tok, max_len: int):
     if not recs:
         raise TiaoyuError(f"--eval-data {path}: empty")
     if all("messages" in r for r in recs):
-        ds = ChatDataset(path, tok, max_len)
-        # the question is everything before the last assistant turn; the reference is its content
-        records = [{"messages": [{k: v for k, v in m.items() if k != "reasoning"} for m in msgs]}
+        recs, as_text = reasoning_for_template(recs, tok)
+        ds = ChatDataset(recs if as_text else path, tok, max_len, name=str(path))
+        # the question is everything before the last assistant turn; the reference is its content (without
+        # the reasoning a template that drops the field got in its content)
+        records = [{"messages": [_answer_only(m, as_text) for m in msgs]}
                    for msgs in ds.messages if msgs[-1]["role"] == "assistant"]
         return ds, records
     qs, _ = load_questions(path)
@@ -307,6 +349,7 @@ def prepare_think_sft(o: ReasonOptions, train: TrainConfig) -> Plan:
     base = resolve_checkpoint(o.ckpt)
     tok = load_tokenizer(base)
     traces, st = load_traces(o.data, skip_bad=o.skip_bad, direct=o.direct, only_correct=o.only_correct)
+    traces, as_text = reasoning_for_template(traces, tok)
     torch.manual_seed(train.seed)
     model, base = load_model(base)
     max_len = o.max_len or model.config.max_seq_len
@@ -323,7 +366,8 @@ def prepare_think_sft(o: ReasonOptions, train: TrainConfig) -> Plan:
                                         "eval_data": str(o.eval_data) if o.eval_data else None,
                                         "traces": vars(st)})
     line = (f"reason ({'direct-answer baseline' if o.direct else 'think-format SFT'}): {base} → {train.out}; "
-            f"{st.summary()}; {ds.stats.tokens:,} tokens ({ds.stats.loss_tokens:,} learned)")
+            f"{st.summary()}; {ds.stats.tokens:,} tokens ({ds.stats.loss_tokens:,} learned)"
+            + ("; the template drops reasoning fields: <think>…</think> written into the answers" if as_text else ""))
     return Plan(model, stage, tok, parent=str(base), lines=[line], eval_before=bool(eval_records or eval_ds))
 
 
@@ -380,7 +424,7 @@ def prepare_reason_rl(o: ReasonRLOptions, train: TrainConfig) -> Plan:
                      max_new_tokens=o.max_new_tokens, temperature=o.temperature, eval_size=o.eval_samples)
     cfg.validate()
     model, folder, tok = load_policy(o.ckpt, "reason --rl")
-    room = prompt_room(model.config.max_seq_len, o.max_new_tokens, 1 if o.open_think else 0)
+    room = prompt_room(model.config.max_seq_len, o.max_new_tokens, len(open_think_ids(tok)) if o.open_think else 0)
     qs, st = load_questions(o.data, skip_bad=o.skip_bad)
     train_ex, too_long = question_examples(qs, tok, room, str(o.data), o.skip_bad)
     if o.eval_data is not None:
