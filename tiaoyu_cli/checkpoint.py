@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +84,42 @@ def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu", conf
     cfg = load_config(d)
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
+    if cfg.family:  # an open folder is written back in the dtype its weights are stored in
+        cfg = cfg.replace(save_dtype=stored_dtype(d) or cfg.save_dtype)
     model = Transformer(cfg)
     sd = load_model_tensors(d, dtype)
     if dtype is None:  # the file's dtype: the model takes it before the weights go in
         model.to(next(iter(sd.values())).dtype if sd else torch.float32)
     load_weights(model, sd, weights_source(d), strict=strict)
     return model.to(device), d
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def stored_dtype(folder: str | os.PathLike) -> str:
+    """The dtype of a folder's floating weights as stored ("float32", "bfloat16", "float16"; "" when unknown),
+    read from the first weight file's header."""
+
+
+    folder = Path(folder)
+    if (folder / WEIGHTS).exists():
+        first = folder / WEIGHTS
+    else:
+        wm = (read_json(folder / WEIGHTS_INDEX) or {}).get("weight_map") if (folder / WEIGHTS_INDEX).exists() else None
+        if not isinstance(wm, dict) or not wm:
+            return ""
+        first = folder / sorted(set(wm.values()))[0]
+    try:
+        with open(first, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error):
+        return ""
+    for name, meta in header.items():
+        if name != "__metadata__" and isinstance(meta, dict) and meta.get("dtype") in _SAFETENSORS_DTYPES:
+            return _SAFETENSORS_DTYPES[meta["dtype"]]
+    return ""
 
 
 def weights_source(folder: Path) -> Path:
@@ -193,21 +224,77 @@ def save_model_files(folder: Path, model: Transformer, tokenizer, extra_tensors:
     write_model_folder(folder, model.config, {**model.state_dict(), **(extra_tensors or {})}, tokenizer)
 
 
-def write_model_folder(folder: Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer) -> None:
-    """The one writer of a model folder: config.json (HF keys), model.safetensors (these tensors; a tied
-    head's copy left out), generation_config.json, tokenizer files. An open family's folder keeps its
-    config.json (model/config.py), generation_config.json and tokenizer files: transformers loads it as
-    the class it came from."""
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+SHARD_SIZE_ENV = "TIAOYU_MAX_SHARD_SIZE"  # weights above this size are written in shards
+_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12, "KIB": 2 ** 10, "MIB": 2 ** 20,
+          "GIB": 2 ** 30, "TIB": 2 ** 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from "2GB", "500MB", "1.5GiB" or a plain number of bytes (decimal units as transformers reads them)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise TiaoyuError(f"shard size {text!r}: expected a size such as 2GB, 500MB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def max_shard_bytes() -> int:
+    """The largest weights file a folder is written with: ${TIAOYU_MAX_SHARD_SIZE} or 2GB."""
+    return parse_size(os.environ.get(SHARD_SIZE_ENV) or DEFAULT_MAX_SHARD_SIZE)
+
+
+def output_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype a model's floating weights are written in: an open family's `save_dtype` (its source's, or
+    --dtype's), fp32 for tiaoyu's own."""
+    return getattr(torch, cfg.save_dtype) if cfg.family and cfg.save_dtype else torch.float32
+
+
+def write_model_folder(folder: Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer,
+                       max_shard_size: int | str | None = None) -> None:
+    """The one writer of a model folder: config.json (HF keys), the weights (these tensors in `output_dtype`; a
+    tied head's copy left out) as model.safetensors, or above `max_shard_size` (default: max_shard_bytes) as
+    model-0000K-of-0000N.safetensors + model.safetensors.index.json as transformers writes them,
+    generation_config.json, tokenizer files. An open family's folder keeps its config.json (model/config.py),
+    dtype, generation_config.json and tokenizer files: transformers loads it as the class it came from."""
     folder = Path(folder)
     (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    dtype = output_dtype(cfg)
+    sd = {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
+          for k, v in state_dict.items()}
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
-    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    write_weights(folder, sd, max_shard_bytes() if max_shard_size is None else parse_size(max_shard_size))
     (folder / "generation_config.json").write_text(json.dumps(generation_config(cfg, tokenizer), indent=2),
                                                    encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save(folder)
+
+
+def write_weights(folder: Path, sd: dict[str, torch.Tensor], max_bytes: int) -> list[str]:
+    """`sd` as model.safetensors, or in shards of at most `max_bytes` each (a tensor larger than that gets a shard
+    of its own) with the index transformers reads. Returns the files written."""
+    sizes = {k: v.numel() * v.element_size() for k, v in sd.items()}
+    total = sum(sizes.values())
+    if total <= max_bytes:
+        save_file(sd, str(folder / WEIGHTS), metadata={"format": "pt"})
+        return [WEIGHTS]
+    groups: list[list[str]] = [[]]
+    size = 0
+    for k in sd:
+        if groups[-1] and size + sizes[k] > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += sizes[k]
+    n = len(groups)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for name, keys in zip(names, groups):
+        save_file({k: sd[k] for k in keys}, str(folder / name), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": total}, "weight_map": {k: name for name, keys in zip(names, groups) for k in keys}}
+    (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return names + [WEIGHTS_INDEX]
 
 
 def save_checkpoint(run: str | os.PathLike, step: int, model: Transformer, tokenizer,

@@ -40,7 +40,8 @@ TRAIN_HELP = {
     "grad_clip": "clip the global grad norm (0 = off)",
     "optim": "adamw | muon (torch.optim.Muon on the blocks' 2-D hidden matrices, AdamW on the rest)",
     "device": "auto | cpu | cuda | mps",
-    "dtype": "auto | bf16 | fp32 (auto = bf16 autocast where the hardware is fast at it)",
+    "dtype": "auto | bf16 | fp32 (auto = bf16 autocast where the hardware is fast at it); an open model's folder "
+             "is written in this dtype (auto: the dtype its weights came in)",
     "compile": "torch.compile the model",
     "seed": "random seed",
     "log_every": "log every N steps",

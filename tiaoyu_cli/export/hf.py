@@ -22,7 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tiaoyu_cli.checkpoint import load_model, load_tokenizer, load_trainer_info, resolve_checkpoint, save_model_files
+from tiaoyu_cli.checkpoint import (has_weights, load_model, load_tokenizer, load_trainer_info, resolve_checkpoint,
+                                   save_model_files)
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.io import atomic_dir
 
@@ -50,7 +51,7 @@ def source_checkpoint(ckpt: str | os.PathLike) -> Path:
     """resolve_checkpoint, with a hint for LoRA adapter folders."""
 
     p = Path(ckpt)
-    if p.is_dir() and (p / "adapter_config.json").exists() and not (p / "model.safetensors").exists():
+    if p.is_dir() and (p / "adapter_config.json").exists() and not has_weights(p):
         raise TiaoyuError(f"{p} is a LoRA adapter, not a full model: merge it first "
                           f"(tiaoyu lora merge {p} -o merged/) and export the merged checkpoint")
     return resolve_checkpoint(p)

@@ -63,11 +63,11 @@ def load_chat_model(ckpt: str | os.PathLike, device: str = "auto", mode: str = "
     classification head (`--classify`) plug in here — load the base as below, then wrap or extend
     `model` before returning.
     """
-    from tiaoyu_cli.checkpoint import load_model, load_tokenizer, load_trainer_info, resolve_checkpoint
+    from tiaoyu_cli.checkpoint import has_weights, load_model, load_tokenizer, load_trainer_info, resolve_checkpoint
     from tiaoyu_cli.device import resolve_device
 
     dev = resolve_device(device)
-    if (Path(ckpt) / "adapter_config.json").exists() and not (Path(ckpt) / "model.safetensors").exists():
+    if (Path(ckpt) / "adapter_config.json").exists() and not has_weights(Path(ckpt)):
         raise TiaoyuError(f"{ckpt} is a LoRA adapter, not a checkpoint: tiaoyu chat BASE --adapter {ckpt}")
     path = resolve_checkpoint(ckpt)
     from tiaoyu_cli.tokenizer import has_tokenizer

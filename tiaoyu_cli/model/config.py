@@ -26,6 +26,7 @@ POSITIONS = ("rope", "learned", "sinusoidal")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")  # HF model_types read as open families
 MOE_FAMILIES = ("qwen2_moe", "qwen3_moe")
+SAVE_DTYPES = ("float32", "bfloat16", "float16")  # the dtypes a model folder is written in (config.json `dtype`)
 
 
 @dataclass
@@ -68,6 +69,9 @@ class ModelConfig:
     gated_shared_ffn_dim: int = 0  # qwen2_moe: a shared expert of this size, scaled by sigmoid(gate·x) (0 = none)
     dense_layers: list = field(default_factory=list)  # layers with a plain SwiGLU (ffn_dim) instead of experts
     hf_config: dict = field(default_factory=dict, compare=False, repr=False)  # the family's config.json as read (kept when written back)
+    # the dtype an open family's folder is written in: its source's ("bfloat16", "float16", "float32"), or the one
+    # --dtype asks for; tiaoyu's own checkpoints are always fp32 ("" = float32)
+    save_dtype: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,6 +122,8 @@ class ModelConfig:
             bad(f"rope scaling {kind!r} needs position=rope")
         if self.sliding_window < 0:
             bad(f"sliding_window must be >= 0, got {self.sliding_window}")
+        if self.save_dtype not in ("", *SAVE_DTYPES):
+            bad(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
 
     def replace(self, **overrides: Any) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(self)}
@@ -207,9 +213,9 @@ class ModelConfig:
             d.update({k: v for k, v in (("num_experts", self.n_experts), ("num_local_experts", self.n_experts))
                       if k in d})
             d.update(num_experts_per_tok=self.n_experts_per_tok, norm_topk_prob=self.norm_topk_prob)
-        for key in ("torch_dtype", "dtype"):  # the weights tiaoyu writes are fp32
+        for key in ("torch_dtype", "dtype"):  # the dtype the weights are written in (checkpoint.write_model_folder)
             if key in d or key == "dtype":
-                d[key] = "float32"
+                d[key] = self.save_dtype or "float32"
         head = "ForSequenceClassification" if self.num_labels else "ForCausalLM"
         d["architectures"] = [_HF_CLASS[self.family] + head]
         for k in ("num_labels", "id2label", "label2id"):
@@ -339,6 +345,7 @@ class ModelConfig:
                 rope_scaling=scaling,
                 sliding_window=window if 0 < window < max_pos else 0,
                 hf_config=dict(d),
+                save_dtype=next((v for v in (d.get("dtype"), d.get("torch_dtype")) if v in SAVE_DTYPES), ""),
                 **moe,
             )
         except (KeyError, TypeError, ValueError) as e:

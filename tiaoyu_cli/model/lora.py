@@ -246,14 +246,26 @@ def config_hash(model_cfg) -> str:
 
 
 def weights_hash(folder: str | os.PathLike) -> str | None:
-    """16 hex chars of sha256(model.safetensors) of a checkpoint folder (None when there is none)."""
-    p = Path(folder) / "model.safetensors"
-    if not p.is_file():
-        return None
+    """16 hex chars of sha256 over a checkpoint folder's weights: model.safetensors, or the shard index and
+    every shard it lists, in order (None when there are none)."""
+    folder = Path(folder)
+    files = [folder / "model.safetensors"]
+    if not files[0].is_file():
+        index = folder / "model.safetensors.index.json"
+        if not index.is_file():
+            return None
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+        files = [index] + [folder / s for s in shards]
     h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
+    for p in files:
+        if not p.is_file():
+            return None
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 

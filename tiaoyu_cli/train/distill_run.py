@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from tiaoyu_cli.checkpoint import load_config, load_model, load_tokenizer, load_trainer_info, resolve_checkpoint
+from tiaoyu_cli.checkpoint import (load_config, load_model, load_tokenizer, load_trainer_info, resolve_checkpoint,
+                                   weights_source)
 from tiaoyu_cli.data.chat import ChatDataset
 from tiaoyu_cli.data.jsonl import RecordCounts, load_records, read_jsonl, write_jsonl
 from tiaoyu_cli.data.shards import check_fingerprint, open_tokens
@@ -141,7 +142,7 @@ def token_ids(tok) -> dict[str, int]:
 
 def teacher_identity(folder: Path) -> str:
     """Path, size and mtime of the teacher's weights: enough to tell a cache made from other weights."""
-    w = Path(folder) / "model.safetensors"
+    w = weights_source(Path(folder))
     st = w.stat()
     return f"{w.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 

@@ -37,7 +37,7 @@ def check_output(out: str | os.PathLike, resume: bool) -> None:
     if resume:
         if not out.exists():
             raise TiaoyuError(f"--resume: {out} does not exist, nothing to resume (start without --resume)")
-        if not ckpt_io.step_dirs(out) and not ((out / "latest") / "model.safetensors").exists():
+        if not ckpt_io.step_dirs(out) and not ckpt_io.has_weights(out / "latest"):
             raise TiaoyuError(f"--resume: {out} holds no checkpoint to resume from (start without --resume)")
         return
     found = run_in_folder(out)

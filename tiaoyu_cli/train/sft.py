@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tiaoyu_cli.checkpoint import load_tensors, load_weights, write_model_folder
+from tiaoyu_cli.checkpoint import load_model_tensors, load_tensors, load_weights, write_model_folder
 from tiaoyu_cli.data.chat import ChatDataset, Example, PackedRow, collate, is_packed
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import adapters as A
@@ -399,7 +399,7 @@ class SFTStage(BaseStage):
             return
         if self.save_as == "merged":
             return  # base weights come from the base checkpoint; LoRA weights from train_state (load_state_dict)
-        sd = load_tensors(folder / "model.safetensors")
+        sd = load_model_tensors(folder, None)
         if (folder / A.EXTRAS_WEIGHTS).exists():
             ex = load_tensors(folder / A.EXTRAS_WEIGHTS)
             if "prompt_embeddings" in ex and self.prompt is not None:

@@ -72,7 +72,7 @@ class BaseStage:
 
     def load_for_resume(self, folder: Path, model: nn.Module) -> None:
         """Load weights saved by `save_model` back into the model before resuming."""
-        ckpt_io.load_weights(model, ckpt_io.load_tensors(folder / "model.safetensors"), f"--resume: {folder}",
+        ckpt_io.load_weights(model, ckpt_io.load_model_tensors(folder, None), f"--resume: {folder}",
                              strict=False, hint=": resume with the model options the run started with")
 
     def info(self) -> dict[str, Any]:

@@ -81,6 +81,9 @@ def check_fsdp(cfg: TrainConfig, model: nn.Module, stage: BaseStage, extras=None
                           f"keeps a shard of each")
 
 
+SAVE_DTYPE = {"bf16": "bfloat16", "fp32": "float32"}  # --dtype → the dtype an open model folder is written in
+
+
 class Trainer:
     def __init__(self, model: nn.Module, stage: BaseStage, cfg: TrainConfig, tokenizer=None,
                  parent: str | None = None, log: Callable[[str], None] | None = None):
@@ -100,6 +103,9 @@ class Trainer:
                 self.log(note)
         torch.manual_seed(cfg.seed)
         self.raw_model = model.to(self.device)
+        mcfg = getattr(model, "config", None)
+        if isinstance(mcfg, ModelConfig) and mcfg.family and cfg.dtype in SAVE_DTYPE:
+            mcfg.save_dtype = SAVE_DTYPE[cfg.dtype]  # an open folder is written in the dtype --dtype names
         self.step = 0
         self.tokens_seen = 0
         self.train_time = 0.0
@@ -396,6 +402,7 @@ class Trainer:
                 "world_size": self.dist.world_size,
             }
             model = D.plain_copy(self.raw_model, full[0]) if full else self.raw_model
+            tensors.update(self._master_weights(full))
             try:
                 path = self._save_folder(tensors, info, model)
             except TiaoyuError as e:
@@ -429,6 +436,15 @@ class Trainer:
                 if old.name != final.name:
                     shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def _master_weights(self, full: tuple | None = None) -> dict[str, torch.Tensor]:
+        """The fp32 values of the trained parameters when the model folder is written in a narrower dtype (an open
+        bf16/fp16 folder): kept in train_state so that --resume continues from the weights training had, exactly."""
+        mcfg = getattr(self.raw_model, "config", None)
+        if not isinstance(mcfg, ModelConfig) or ckpt_io.output_dtype(mcfg) == torch.float32:
+            return {}
+        return {f"master.{n}": (full[0][n] if full else p.detach()) for n, p in self.raw_model.named_parameters()
+                if p.requires_grad}
 
     def _train_state(self, full: tuple | None = None) -> dict[str, Any]:
         tensors, meta = ckpt_io.optimizer_to_tensors(self.optimizer, state_dict=full[1] if full else None)
@@ -478,10 +494,17 @@ class Trainer:
         if not ts_path.exists():
             raise TiaoyuError(f"--resume: {folder} has no train_state.safetensors")
         tensors = ckpt_io.load_tensors(ts_path)
+        master = {k[len("master."):]: v for k, v in tensors.items() if k.startswith("master.")}
         if self.fsdp:
-            D.load_full_model_state(self.raw_model, ckpt_io.load_tensors(folder / "model.safetensors"))
+            D.load_full_model_state(self.raw_model, {**ckpt_io.load_model_tensors(folder, None), **master})
         else:
             self.stage.load_for_resume(folder, self.raw_model)
+            if master:  # the fp32 weights behind a bf16/fp16 model folder
+                params = dict(self.raw_model.named_parameters())
+                with torch.no_grad():
+                    for n, v in master.items():
+                        if n in params:
+                            params[n].copy_(v)
         st = info.get("state", {})
         try:
             ckpt_io.optimizer_from_tensors(self.optimizer, {k: v.to(self.device) if k.startswith("optim.") else v
