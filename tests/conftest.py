@@ -105,6 +105,19 @@ def assets(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """In-process torch work on one thread in every test module: tiny matrices run fastest on one, and two
+    spinning OpenMP threads on a busy core run many times slower than one. (OMP_NUM_THREADS above covers
+    the processes tests start; this puts back a count some code under test may have changed.)"""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def synth_dir(assets) -> Path:
     return assets / "synth"

@@ -22,15 +22,6 @@ from tiaoyu_cli.infer.session import (ChatSession, GenerationOptions, answer_rec
                                       read_prompt_records, resolve_mode, response_fields)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is faster, and on a shared machine far steadier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 BIN = [sys.executable, "-m", "tiaoyu_cli"]
 WORDS = "the cat dog sees runs big small red blue tree house water book school happy and with".split()
 

@@ -17,14 +17,6 @@ from tiaoyu_cli.checkpoint import load_model, load_tokenizer, save_model_files
 from tiaoyu_cli.train.classify import build_classifier, classify_texts, label_scores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("rec,field,msg", [
     ({"text": "great"}, "label", "missing label"),
     ({"text": "great", "label": ""}, "label", "non-empty string"),

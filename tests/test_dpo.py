@@ -11,18 +11,12 @@ import math
 import pytest
 import torch
 
-from rlhf_fixtures import (eval_lines, is_refusal, one_thread, other_tokenizer_ckpt, read_jsonl, sft_start, train_lines,
+from rlhf_fixtures import (eval_lines, is_refusal, other_tokenizer_ckpt, read_jsonl, sft_start, train_lines,
                            write_jsonl)
 from tiaoyu_cli.data.preference import collate_pairs, encode_pair
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.dpo import DPOConfig, DPORunOptions, pair_logps, run_dpo
 from tiaoyu_cli.train.trainer import TrainConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,6 @@ from tiaoyu_cli.infer.sampling import (SamplingParams, apply_repetition_penalty,
 from tiaoyu_cli.model import ModelConfig, Transformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is faster, and on a shared machine far steadier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 V = 120
 BASE = dict(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=48)
 VARIANTS = [{}, {"position": "learned"}, {"position": "sinusoidal", "tie_embeddings": False},

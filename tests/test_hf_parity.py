@@ -16,15 +16,6 @@ from tiaoyu_cli.model import ModelConfig, Transformer
 from tiaoyu_cli.checkpoint import load_model, save_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is faster, and on a shared machine far steadier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

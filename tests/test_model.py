@@ -14,15 +14,6 @@ from tiaoyu_cli.model.moe import MoE, load_balancing_loss
 from tiaoyu_cli.model.transformer import Attention, rope_tables, sinusoidal_table
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is faster, and on a shared machine far steadier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SMALL = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=32)
 
 

@@ -17,15 +17,6 @@ from tiaoyu_cli.train.optim import MuonAdamW, build_optimizer
 from tiaoyu_cli.train.trainer import TrainConfig, Trainer
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> TokenShards:
     return pattern_shards(tmp_path_factory.mktemp("tokens") / "train")

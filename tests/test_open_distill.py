@@ -24,14 +24,6 @@ STUDENT = ["--student-preset", "tiny", "--model", "dim=64", "--model", "n_layers
 COMMON = ["--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--device", "cpu", "--dtype", "fp32", "--seed", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def check_student(teacher, student):
     """The student folder: tiaoyu's Llama layout on the teacher's tokenizer, loaded by transformers with our logits."""
     cfg = json.loads((student / "config.json").read_text())

@@ -25,14 +25,6 @@ COMMON = ["--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--device", "
 END = {"qwen2": "<|im_end|>", "llama3": "<|eot_id|>"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def learned_text(tok, traces) -> str:
     from tiaoyu_cli.data.chat import ChatDataset
 

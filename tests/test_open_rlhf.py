@@ -24,14 +24,6 @@ QUESTION = "What is 12 + 7?"
 COMMON = ["--max-steps", "2", "--batch-size", "2", "--device", "cpu", "--dtype", "fp32", "--seed", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def assert_same_class_and_logits(src, out, trained: bool = True):
     """`out` loads in transformers as the class of `src` and gives our logits (which moved from the source's
     when `trained`)."""

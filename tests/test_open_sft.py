@@ -25,14 +25,6 @@ RECORDS = [
 ] * 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_loss_mask_of_chat_records(tmp_path):
     from tiaoyu_cli.data.chat import ChatDataset
 

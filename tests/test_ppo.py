@@ -8,16 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_fixtures import eval_lines, one_thread, other_tokenizer_ckpt, read_jsonl, sft_start, train_lines, write_jsonl
+from rlhf_fixtures import eval_lines, other_tokenizer_ckpt, read_jsonl, sft_start, train_lines, write_jsonl
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.train.ppo import PPOConfig, run_ppo
 from tiaoyu_cli.train.trainer import TrainConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,6 @@ FAST = ["--preset", "tiny", "--model", "dim=64", "--model", "n_layers=2", "--mod
         "--seq-len", "64", "--batch-size", "4", "--warmup-steps", "5", "--eval-batches", "2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process torch work on one thread: this machine's 2 cores are shared, and two spinning
-    OpenMP threads on a busy core run many times slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data() -> Path:
     return assets()

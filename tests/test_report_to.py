@@ -26,14 +26,6 @@ TINY = ["--preset", "tiny", "--model", "dim=64", "--model", "n_layers=2", "--mod
         "--dtype", "fp32", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def pretrain(tokens_dir, tok_dir, out: Path, *extra: str) -> int:
     with pytest.raises(SystemExit) as e:
         main(["pretrain", str(tokens_dir), "--tokenizer", str(tok_dir), "-o", str(out), *TINY, *extra])

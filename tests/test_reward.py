@@ -12,18 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_fixtures import eval_lines, is_refusal, one_thread, read_jsonl, reward_model, run_cli, write_jsonl
+from rlhf_fixtures import eval_lines, is_refusal, read_jsonl, reward_model, run_cli, write_jsonl
 from tiaoyu_cli.data.preference import (collate_pairs, encode_pair, encode_response, load_pairs, load_prompts,
                                         prompt_messages, response_messages)
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.model.heads import last_token_scores
 from tiaoyu_cli.train.rl_common import load_reward_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,6 @@ from tiaoyu_cli.model.transformer import cross_entropy as sft_loss
 from tiaoyu_cli.train.trainer import TrainConfig, Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is faster, and on a shared machine far steadier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok(tok_dir):
     from tiaoyu_cli.tokenizer import Tokenizer

@@ -5,7 +5,6 @@ never a silent cut."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
