@@ -37,8 +37,10 @@ test-goldens-caps: venv
 	  if [ $$rc -ne 0 ]; then exit $$rc; fi; \
 	done
 
+# independent stages side by side, one process per core (each runs one torch thread)
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 demo: venv
-	$(MAKE) -f recipes/tiny-cpu/Makefile all TIAOYU=$(abspath $(TIAOYU)) PYTHON=$(abspath $(BIN)/python) OUT=runs/demo
+	$(MAKE) -j $(JOBS) -f recipes/tiny-cpu/Makefile all TIAOYU=$(abspath $(TIAOYU)) PYTHON=$(abspath $(BIN)/python) OUT=runs/demo
 
 bench: venv
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b; done
