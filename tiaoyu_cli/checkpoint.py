@@ -251,6 +251,17 @@ def output_dtype(cfg: ModelConfig) -> torch.dtype:
     return getattr(torch, cfg.save_dtype) if cfg.family and cfg.save_dtype else torch.float32
 
 
+def master_weights(model: torch.nn.Module, full_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The fp32 values of the trained parameters when the model folder is written in a narrower dtype (an open
+    bf16/fp16 folder), as `master.NAME` tensors: kept in train_state so that --resume continues from the weights
+    training had, exactly. `full_state`: the gathered state of a sharded (FSDP) model."""
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, ModelConfig) or output_dtype(cfg) == torch.float32:
+        return {}
+    return {f"master.{n}": (full_state[n] if full_state is not None else p.detach())
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
 def write_model_folder(folder: Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer,
                        max_shard_size: int | str | None = None) -> None:
     """The one writer of a model folder: config.json (HF keys), the weights (these tensors in `output_dtype`; a

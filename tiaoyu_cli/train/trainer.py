@@ -402,7 +402,7 @@ class Trainer:
                 "world_size": self.dist.world_size,
             }
             model = D.plain_copy(self.raw_model, full[0]) if full else self.raw_model
-            tensors.update(self._master_weights(full))
+            tensors.update(ckpt_io.master_weights(self.raw_model, full[0] if full else None))
             try:
                 path = self._save_folder(tensors, info, model)
             except TiaoyuError as e:
@@ -436,15 +436,6 @@ class Trainer:
                 if old.name != final.name:
                     shutil.rmtree(old, ignore_errors=True)
         return final
-
-    def _master_weights(self, full: tuple | None = None) -> dict[str, torch.Tensor]:
-        """The fp32 values of the trained parameters when the model folder is written in a narrower dtype (an open
-        bf16/fp16 folder): kept in train_state so that --resume continues from the weights training had, exactly."""
-        mcfg = getattr(self.raw_model, "config", None)
-        if not isinstance(mcfg, ModelConfig) or ckpt_io.output_dtype(mcfg) == torch.float32:
-            return {}
-        return {f"master.{n}": (full[0][n] if full else p.detach()) for n, p in self.raw_model.named_parameters()
-                if p.requires_grad}
 
     def _train_state(self, full: tuple | None = None) -> dict[str, Any]:
         tensors, meta = ckpt_io.optimizer_to_tensors(self.optimizer, state_dict=full[1] if full else None)
