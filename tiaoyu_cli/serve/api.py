@@ -50,20 +50,6 @@ def _num(body: dict, key: str, default, kind=float, lo=None, hi=None):
 MAX_NESTING = 32  # a chat request needs about 8 levels (tools' schemas a few more)
 
 
-def check_nesting(obj: Any, limit: int = MAX_NESTING) -> None:
-    """Refuse a body nested deeper than `limit` (walked without recursion): deeper bodies serve no request
-    and could exhaust the recursion of code that walks them later (templates, JSON encoders)."""
-    stack = [(obj, 1)]
-    while stack:
-        o, d = stack.pop()
-        if d > limit:
-            raise APIError(400, f"the request body is nested more than {limit} levels deep")
-        if isinstance(o, dict):
-            stack.extend((v, d + 1) for v in o.values())
-        elif isinstance(o, list):
-            stack.extend((v, d + 1) for v in o)
-
-
 def _short(v: Any, limit: int = 60) -> str:
     """A value as JSON for an error message, cut to `limit` characters."""
     try:

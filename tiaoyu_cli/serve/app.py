@@ -31,7 +31,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tiaoyu_cli.serve.api import API, Collector, StreamBuilder, check_nesting
+from tiaoyu_cli.io import check_json_nesting
+from tiaoyu_cli.serve.api import MAX_NESTING, API, Collector, StreamBuilder
 from tiaoyu_cli.serve.engine import APIError, Job
 
 DISCONNECT_POLL_S = 0.25  # non-streaming: how often to check that the client is still there
@@ -67,13 +68,17 @@ async def read_body(request: Request, limit: int) -> dict:
         raise APIError(413, f"the request body is {len(raw)} bytes; the limit is {limit}", code="request_too_large")
     if not raw.strip():
         raise APIError(400, "the request body is empty; send a JSON object")
-    try:  # orjson: strict JSON (no NaN or Infinity), nesting capped below any recursion limit
+    # deeper bodies serve no request and could exhaust the recursion of code that walks them later
+    # (templates, JSON encoders): refused before parsing, by one scan of the text
+    problem = check_json_nesting(raw, MAX_NESTING)
+    if problem is not None:
+        raise APIError(400, f"the request body is {problem}")
+    try:  # orjson: strict JSON (no NaN or Infinity)
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    check_nesting(body)
     return body
 
 

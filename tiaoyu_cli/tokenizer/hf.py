@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.io import read_json
 from tiaoyu_cli.tokenizer.template import IM_END, IM_START, TOOL_TOKENS, check_messages
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -52,12 +53,10 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
 
 
 def _read_json(path: Path) -> dict:
+    """An optional JSON object file of the folder: {} when it is absent, a clear error when it is malformed."""
     if not path.is_file():
         return {}
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TiaoyuError(f"{path} is not valid JSON ({e})") from None
+    d = read_json(path)
     if not isinstance(d, dict):
         raise TiaoyuError(f"{path} must hold a JSON object")
     return d
