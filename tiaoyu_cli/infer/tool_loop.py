@@ -22,8 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from tiaoyu_cli.infer.generate import (EOS_ID, IM_END_ID, DecodedResponse, Piece, decode_response,
-                                       generate_detailed, stream)
+from tiaoyu_cli.infer.generate import DecodedResponse, Piece, decode_response, generate_detailed, stream
 from tiaoyu_cli.infer.tools import ToolCall, Toolbox
 
 
@@ -38,7 +37,7 @@ class ToolAnswer:
 
 
 def tool_stop_ids(tokenizer) -> frozenset[int]:
-    return frozenset({EOS_ID, IM_END_ID, tokenizer.end_tool_call_id})
+    return frozenset(tokenizer.tool_stop_ids)
 
 
 def split_call(tokenizer, tokens: list[int]) -> tuple[str, str] | None:
@@ -190,11 +189,9 @@ class AgenticRollout:
 
 
 def tool_turn_ids(tokenizer, result: str) -> list[int]:
-    """The tokens between a call's </tool_call> and the model's next turn (template.py's layout)."""
-    t = tokenizer
-    return ([t.im_end_id] + t.encode("\n") + [t.im_start_id] + t.encode("user\n") + [t.tool_response_id]
-            + t.encode("\n" + result + "\n") + [t.end_tool_response_id, t.im_end_id] + t.encode("\n")
-            + [t.im_start_id] + t.encode("assistant\n"))
+    """The tokens between a call's </tool_call> and the model's next turn, as the tokenizer's template lays
+    them out (tiaoyu's ChatML, or an open model's own template)."""
+    return tokenizer.tool_turn_ids(result)
 
 
 def agentic_rollout(model, tokenizer, toolbox: Toolbox, prompts: list[list[int]], max_new_tokens: int, params,

@@ -263,6 +263,23 @@ class Tokenizer:
                 f"{where} has no tool tokens ({', '.join(TOOL_TOKENS)}): it was made before tool calls. "
                 "Train a new tokenizer with `tiaoyu tokenize train` (and a model on it) to use tools")
 
+    @property
+    def tool_stop_ids(self) -> frozenset[int]:
+        """Where a generation round with tools pauses: the end of a turn, or a finished call."""
+        return self.stop_ids | {self.end_tool_call_id}
+
+    def tool_turn_ids(self, result: str) -> list[int]:
+        """The ids the template puts between a call's </tool_call> and the model's next turn (template.py's
+        layout): the assistant turn's end, the tool turn with `result`, the next assistant generation prompt."""
+        return ([self.im_end_id] + self.encode("\n") + [self.im_start_id] + self.encode("user\n")
+                + [self.tool_response_id] + self.encode("\n" + result + "\n")
+                + [self.end_tool_response_id, self.im_end_id] + self.encode("\n") + self.assistant_start_ids)
+
+    @property
+    def assistant_start_ids(self) -> list[int]:
+        """The generation prompt: the ids that open an assistant turn."""
+        return [self.im_start_id] + self.encode("assistant\n")
+
     def _check_messages(self, messages, tools=None) -> None:
         check_messages(messages, tools)
         if uses_tools(messages, tools):

@@ -144,9 +144,10 @@ class HFTokenizer:
                                             (self.tk.token_to_id("<think>"), self.tk.token_to_id("</think>")))
         self.tool_call_id, self.end_tool_call_id, self.tool_response_id, self.end_tool_response_id = (
             self.tk.token_to_id(t) for t in TOOL_TOKENS)
-        self.has_tool_tokens = False  # the tool loop (infer/tool_loop.py) speaks tiaoyu's own tokenizer only
+        self._tool_markers = (self.tool_call_id in added and self.end_tool_call_id in added)
         self.chat_template = self._template()
         self._compiled = None
+        self._tool_layout: tuple[str, str] | str | None = None  # (text before, after a result) or why not
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -268,11 +269,77 @@ class HFTokenizer:
             return {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}.get("tool_use")
         return None
 
+    # ------------------------------------------------------------------ tool calls
+    # Calls are read in the Hermes format that Qwen2.5, Qwen3, SmolLM3 and Hermes models write —
+    # <tool_call>{"name": …, "arguments": {…}}</tool_call>, both markers single tokens — and the conversation
+    # (the call, the tool's result, the next turn) is rendered back by the folder's own template.
+    def _layout(self) -> tuple[str, str] | str:
+        """(text the template writes between </tool_call> and a tool result, text after the result through the
+        next assistant generation prompt), or a sentence saying why this folder cannot run tools."""
+        if self._tool_layout is not None:
+            return self._tool_layout
+        self._tool_layout = self._probe_tools()
+        return self._tool_layout
+
+    def _probe_tools(self) -> tuple[str, str] | str:
+        if not self._tool_markers:
+            return ("its vocabulary has no <tool_call> and </tool_call> tokens: tiaoyu reads tool calls in the "
+                    "Hermes format (Qwen2.5, Qwen3, SmolLM3, Hermes models), not this model's")
+        template = self._tool_template() or self.chat_template
+        if template is None:
+            return "it has no chat template"
+        kw = dict(self.special_tokens)
+        user = [{"role": "user", "content": "hi"}]
+        schema = [{"type": "function", "function": {"name": "probe", "description": "d",
+                                                    "parameters": {"type": "object", "properties": {}}}}]
+        sentinel = "TIAOYU7f3aRESULT"
+        conv = user + [{"role": "assistant", "content": "",
+                        "tool_calls": [{"id": "call_1", "type": "function",
+                                        "function": {"name": "probe", "arguments": {}}}]},
+                       {"role": "tool", "tool_call_id": "call_1", "name": "probe", "content": sentinel}]
+        try:
+            if render_template(template, user, schema, True, kw) == render_template(template, user, None, True, kw):
+                return "its chat template does not render tools"
+            text = render_template(template, conv, schema, True, kw)
+        except TiaoyuError as e:
+            return f"its chat template cannot render a tool call and its result ({e})"
+        end = self.tk.id_to_token(self.end_tool_call_id)
+        at = text.find(sentinel)
+        cut = text.rfind(end, 0, max(at, 0))
+        if at < 0 or cut < 0 or text.count(sentinel) != 1:
+            return "its chat template does not render a tool call and its result"
+        return text[cut + len(end):at], text[at + len(sentinel):]
+
+    @property
+    def has_tool_tokens(self) -> bool:
+        return not isinstance(self._layout(), str)
+
     def require_tool_tokens(self) -> None:
-        where = str(self.path) if self.path else "this tokenizer"
-        raise TiaoyuError(f"{where}: tool calls run with tiaoyu's own tokenizer only (tiaoyu tokenize train); "
-                          "an open model's tokenizer renders tools through its template but the tool loop does not "
-                          "parse its calls yet")
+        why = self._layout()
+        if isinstance(why, str):
+            where = str(self.path) if self.path else "this tokenizer"
+            raise TiaoyuError(f"{where} cannot run tool calls: {why}")
+
+    @property
+    def tool_stop_ids(self) -> frozenset[int]:
+        """Where a generation round with tools pauses: the end of a turn, or a finished call."""
+        self.require_tool_tokens()
+        return self.stop_ids | {self.end_tool_call_id}
+
+    def tool_turn_ids(self, result: str) -> list[int]:
+        """The ids the folder's template puts between a call's </tool_call> and the model's next turn: the end
+        of the assistant turn, the tool turn holding `result`, the next assistant generation prompt."""
+        self.require_tool_tokens()
+        before, after = self._layout()
+        return self.tk.encode(before + result + after, add_special_tokens=False).ids
+
+    @property
+    def assistant_start_ids(self) -> list[int]:
+        """The template's generation prompt: the ids that open an assistant turn."""
+        user = [{"role": "user", "content": "hi"}]
+        bare = self.render_chat(user)
+        full = self.render_chat(user, add_generation_prompt=True)
+        return self.tk.encode(full[len(bare):] if full.startswith(bare) else "", add_special_tokens=False).ids
 
     def _check_messages(self, messages, tools=None) -> None:
         check_messages(messages, tools)
@@ -426,6 +493,8 @@ def render_template(template: str, messages: list[dict], tools: list[dict] | Non
     msgs = []
     for m in messages:
         m = {k: v for k, v in m.items() if v is not None}
+        if isinstance(m.get("tool_calls"), list):  # templates index a call's arguments as a mapping
+            m["tool_calls"] = [_arguments_as_object(c) for c in m["tool_calls"]]
         reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if m.get(k) is not None), None)
         if reasoning is not None:
             m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
@@ -444,6 +513,26 @@ def render_template(template: str, messages: list[dict], tools: list[dict] | Non
     except jinja2.TemplateError as e:
         raise TiaoyuError(f"chat template: {e}") from None
     return text
+
+
+def _arguments_as_object(call):
+    """An OpenAI call whose `arguments` is JSON text, with the arguments parsed (as transformers' templates
+    expect: `tool_call.arguments | tojson`); anything else unchanged."""
+    if not isinstance(call, dict):
+        return call
+    f = call.get("function") if isinstance(call.get("function"), dict) else None
+    args = (f or call).get("arguments")
+    if not isinstance(args, str):
+        return call
+    try:
+        parsed = json.loads(args)
+    except ValueError:
+        return call
+    if not isinstance(parsed, dict):
+        return call
+    if f is not None:
+        return {**call, "function": {**f, "arguments": parsed}}
+    return {**call, "arguments": parsed}
 
 
 class _Track:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from tiaoyu_cli.data.preference import PromptExample
+from tiaoyu_cli.data.preference import PromptExample, prompt_messages
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.infer.generate import open_think_ids
 from tiaoyu_cli.train.losses_rl import group_advantages, grpo_loss
@@ -106,18 +106,38 @@ class GRPOStage(RolloutStage):
         return StepOutput(loss, metrics, tokens=int(ro.attention_mask.sum()))
 
 
-def use_tools(stage: GRPOStage, tok, toolbox, max_tool_calls: int = 5, call_penalty: float = 0.0) -> None:
+def use_tools(stage: GRPOStage, tok, toolbox, max_tool_calls: int = 5, call_penalty: float = 0.0,
+              context: int | None = None) -> None:
     """Agentic rollouts for `stage` (`--tools`): generation pauses at </tool_call>, the call runs, its result
     joins the sequence (masked out of the loss and the KL); the verifiable reward reads the final turn
-    (and, in the think format, the first turn's reasoning)."""
+    (and, in the think format, the first turn's reasoning). An open model's prompts get the tools' schemas
+    in the place its template puts them (such models learned their tools from them); `context` bounds them."""
     tok.require_tool_tokens()
     if max_tool_calls < 0:
         raise TiaoyuError(f"--max-tool-calls must be >= 0, got {max_tool_calls}")
     if call_penalty < 0:
         raise TiaoyuError("--tool-call-penalty must not be negative")
+    if getattr(tok, "backend", None) == "hf" and context is not None:
+        room = context - stage.cfg.max_new_tokens - len(stage.prompt_suffix_ids)
+        for examples in (stage.prompts, stage.val_prompts):
+            schemas_in_prompts(examples, tok, toolbox.schemas(), room)
     stage.toolbox, stage.max_tool_calls = toolbox, max_tool_calls
     stage.reward = ToolVerifiableReward(tok, stage.cfg.format_reward, call_penalty, stage.cfg.think_format,
                                         prefix_ids=stage.prompt_suffix_ids)
+
+
+def schemas_in_prompts(examples: list, tok, schemas: list[dict], room: int) -> None:
+    """Re-render each example's prompt with the tools' schemas (in place); a prompt that no longer leaves room
+    for the answer is an error naming its line."""
+    for ex in examples:
+        msgs = prompt_messages(ex.record.get("prompt"), line=ex.line)
+        if tok.encode_chat(msgs, add_generation_prompt=True)[0] != ex.prompt_ids:
+            raise TiaoyuError(f"line {ex.line}: the prompt's ids are not its messages' (cannot add the tools' schemas)")
+        ids = tok.encode_chat(msgs, add_generation_prompt=True, tools=schemas or None)[0]
+        if len(ids) > room:
+            raise TiaoyuError(f"line {ex.line}: field 'prompt': with the tools' schemas it is {len(ids)} tokens; "
+                              f"at most {room} fit with --max-new-tokens")
+        ex.prompt_ids = ids
 
 
 # ---- the run -------------------------------------------------------------------------------------------
@@ -142,7 +162,7 @@ def prepare_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_fr
     stage = GRPOStage(prompts, held, cfg, batch_size=train.batch_size, tokenizer=tok, ref_model=ref_model,
                       seed=train.seed)
     if toolbox:
-        use_tools(stage, tok, toolbox, max_tool_calls, tool_call_penalty)
+        use_tools(stage, tok, toolbox, max_tool_calls, tool_call_penalty, context=model.config.max_seq_len)
     return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held) and eval_before)
 
 

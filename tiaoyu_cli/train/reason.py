@@ -442,7 +442,7 @@ def prepare_reason_rl(o: ReasonRLOptions, train: TrainConfig) -> Plan:
     stage = GRPOStage(train_ex, held, cfg, batch_size=train.batch_size, tokenizer=tok, ref_model=ref, seed=train.seed)
     stage.name = "reason-rl"
     if o.toolbox:
-        use_tools(stage, tok, o.toolbox, o.max_tool_calls, o.tool_call_penalty)
+        use_tools(stage, tok, o.toolbox, o.max_tool_calls, o.tool_call_penalty, context=model.config.max_seq_len)
         line += f"; tools {', '.join(o.toolbox.tools)} (at most {o.max_tool_calls} calls per answer)"
     return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held))
 

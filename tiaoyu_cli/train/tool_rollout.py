@@ -43,10 +43,11 @@ def generate_agentic_rollout(model, tokenizer, toolbox: Toolbox, prompts: list[l
 
 
 def last_turn(tokenizer, response: list[int]) -> list[int]:
-    """The tokens of the last assistant turn of a response (after the last <|im_start|>assistant\\n)."""
-    if tokenizer.im_start_id not in response:
+    """The tokens of the last assistant turn of a response: after the last token that opens a turn
+    (`<|im_start|>` in ChatML) and the rest of the generation prompt (`assistant\\n`) when it follows."""
+    head = list(tokenizer.assistant_start_ids)
+    if not head or head[0] not in response:
         return list(response)
-    k = len(response) - 1 - response[::-1].index(tokenizer.im_start_id)
-    head = tokenizer.encode("assistant\n")
-    rest = response[k + 1:]
-    return rest[len(head):] if rest[:len(head)] == head else rest
+    k = len(response) - 1 - response[::-1].index(head[0])
+    rest = list(response[k + 1:])
+    return rest[len(head) - 1:] if rest[:len(head) - 1] == head[1:] else rest
