@@ -127,3 +127,16 @@ def check_text(text: str) -> list[tuple[str, str]]:
             if err:
                 bad.append((line.strip(), err))
     return bad
+
+
+def run_main(args: list, capsys) -> tuple[int, str, str]:
+    """The `tiaoyu` entry point in this process: (exit code, stdout, stderr)."""
+    import pytest
+
+    from tiaoyu_cli.cli.main import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err

@@ -139,3 +139,27 @@ def base_ckpt(assets) -> Path:
     from tiaoyu_cli.checkpoint import resolve_checkpoint
 
     return resolve_checkpoint(assets / "base")
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `tiaoyu ARGS…` in this process (no interpreter start-up): (returncode, stdout, stderr) as
+    `main()` leaves them — exit 2 and one line for a user error."""
+    import io
+    import types
+
+    from tiaoyu_cli.cli.main import main
+
+    def run(*args, stdin: str | None = None):
+        capsys.readouterr()
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin.encode("utf-8")), encoding="utf-8"))
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out = capsys.readouterr()
+        return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run

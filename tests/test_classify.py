@@ -64,30 +64,6 @@ def test_classifier_from_base_and_hf_parity(tmp_path, base_ckpt):
     assert all(abs(sum(r["probs"].values()) - 1) < 1e-4 for r in res)
 
 
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """Run `tiaoyu ARGS…` in this process (no interpreter start-up): (returncode, stdout, stderr) as
-    `main()` leaves them — exit 2 and one line for a user error."""
-    import io
-    import types
-
-    from tiaoyu_cli.cli.main import main
-
-    def run(*args, stdin: str | None = None):
-        capsys.readouterr()
-        if stdin is not None:
-            monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin.encode("utf-8")), encoding="utf-8"))
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        out = capsys.readouterr()
-        return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-
-    return run
-
-
 def test_cli_errors(cli, tmp_path, base_ckpt, synth_dir):
     r = cli("sft", base_ckpt, synth_dir / "chat.val.jsonl", "--task", "classify", "-o", tmp_path / "o", "--max-steps", 1)
     assert r.returncode == 2 and "chat.val.jsonl:1" in r.stderr and "field 'text'" in r.stderr

@@ -11,12 +11,11 @@ import math
 import pytest
 import torch
 
-from rlhf_fixtures import (eval_lines, is_refusal, other_tokenizer_ckpt, read_jsonl, sft_start, train_lines,
-                           write_jsonl)
+from rlhf_fixtures import (eval_lines, is_refusal, other_tokenizer_ckpt, quiet, read_jsonl, sft_start, tiny_train,
+                           train_lines, write_jsonl)
 from tiaoyu_cli.data.preference import collate_pairs, encode_pair
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.dpo import DPOConfig, DPORunOptions, pair_logps, run_dpo
-from tiaoyu_cli.train.trainer import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +24,6 @@ def prefs(synth_dir, tmp_path_factory):
     return {"train64": write_jsonl(d / "train64.jsonl", read_jsonl(synth_dir / "preference.train.jsonl")[:64]),
             "val": write_jsonl(d / "val.jsonl", read_jsonl(synth_dir / "preference.val.jsonl")[:100]),
             "train": synth_dir / "preference.train.jsonl"}
-
-
-def tiny_train(out, steps, **kw) -> TrainConfig:
-    base = dict(out=str(out), max_steps=steps, batch_size=8, lr=1e-4, warmup_steps=0, schedule="constant",
-                log_every=1, device="cpu", dtype="fp32", seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def quiet(msg: str) -> None:
-    pass
 
 
 def test_pair_logps_sum_the_response_tokens_and_ignore_padding(base_ckpt):

@@ -13,18 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cli_lines import run_main
 from tiaoyu_cli.errors import TiaoyuError
-
-
-def run_main(args: list, capsys) -> tuple[int, str, str]:
-    """The `tiaoyu` entry point in this process: (exit code, stdout, stderr)."""
-    from tiaoyu_cli.cli.main import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

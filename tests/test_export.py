@@ -11,17 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from cli_lines import run_main
 from tiaoyu_cli.export.gguf import permute, unpermute
-
-
-def run_main(args: list, capsys) -> tuple[int, str, str]:
-    from tiaoyu_cli.cli.main import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def save_random(folder: Path, tok_dir: Path, **cfg) -> Path:

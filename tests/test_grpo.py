@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_fixtures import eval_lines, read_jsonl, sft_start, train_lines, write_jsonl
+from rlhf_fixtures import eval_lines, read_jsonl, sft_start, tiny_train, train_lines, write_jsonl
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.train.grpo import GRPOConfig, GRPOStage, run_grpo
-from tiaoyu_cli.train.trainer import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +18,6 @@ def questions(synth_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("grpo-data")
     train = read_jsonl(synth_dir / "verifiable.train.jsonl")
     return {"q16": write_jsonl(d / "q16.jsonl", train[:16]), "q8": write_jsonl(d / "q8.jsonl", train[16:24])}
-
-
-def tiny_train(out, steps, **kw) -> TrainConfig:
-    base = dict(out=str(out), max_steps=steps, batch_size=8, lr=1e-4, warmup_steps=0, schedule="constant",
-                log_every=1, device="cpu", dtype="fp32", seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def test_rollouts_are_grouped_and_advantages_relative(base_ckpt, questions, tmp_path):

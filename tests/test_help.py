@@ -8,19 +8,8 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from cli_lines import check_text, root_command
+from cli_lines import check_text, root_command, run_main
 from typer.core import TyperGroup
-
-
-def run_main(args: list, capsys) -> tuple[int, str, str]:
-    """The `tiaoyu` entry point in this process: (exit code, stdout, stderr)."""
-    from tiaoyu_cli.cli.main import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def all_commands():

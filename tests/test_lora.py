@@ -217,30 +217,6 @@ def test_resume_is_exact(tmp_path, tok_dir):
 
 # ---- CLI -------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """Run `tiaoyu ARGS…` in this process (no interpreter start-up): (returncode, stdout, stderr) as
-    `main()` leaves them — exit 2 and one line for a user error."""
-    import io
-    import types
-
-    from tiaoyu_cli.cli.main import main
-
-    def run(*args, stdin: str | None = None):
-        capsys.readouterr()
-        if stdin is not None:
-            monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin.encode("utf-8")), encoding="utf-8"))
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        out = capsys.readouterr()
-        return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-
-    return run
-
-
 def test_cli_lora_merge_and_chat_adapter(cli, tmp_path, base_ckpt, synth_dir):
     out = tmp_path / "adapter"
     r = cli("lora", base_ckpt, synth_dir / "chat.val.jsonl", "-o", out, "--max-steps", 3, "--batch-size", 8,

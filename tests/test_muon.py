@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tiaoyu_cli import checkpoint as ckpt_io
-from pattern_shards import V, pattern_shards
+from pattern_shards import V, pattern_shards, small_model
 from tiaoyu_cli.data.shards import TokenShards
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import Transformer, preset
@@ -20,12 +20,6 @@ from tiaoyu_cli.train.trainer import TrainConfig, Trainer
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> TokenShards:
     return pattern_shards(tmp_path_factory.mktemp("tokens") / "train")
-
-
-def small_model(**kw) -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(preset("tiny", vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                              max_seq_len=64, **kw))
 
 
 def run(shards, out, model=None, hook=None, **cfg) -> Trainer:

@@ -8,27 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_fixtures import eval_lines, other_tokenizer_ckpt, read_jsonl, sft_start, train_lines, write_jsonl
+from rlhf_fixtures import (eval_lines, other_tokenizer_ckpt, quiet, read_jsonl, sft_start, tiny_train, train_lines,
+                           write_jsonl)
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.train.ppo import PPOConfig, run_ppo
-from tiaoyu_cli.train.trainer import TrainConfig
 
 
 @pytest.fixture(scope="module")
 def questions(synth_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("ppo-data")
     return write_jsonl(d / "q16.jsonl", read_jsonl(synth_dir / "verifiable.train.jsonl")[:16])
-
-
-def tiny_train(out, steps, **kw) -> TrainConfig:
-    base = dict(out=str(out), max_steps=steps, batch_size=8, lr=1e-4, warmup_steps=0, schedule="constant",
-                log_every=1, device="cpu", dtype="fp32", seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def quiet(msg: str) -> None:
-    pass
 
 
 def test_value_head_trains_and_is_saved_for_resume(base_ckpt, questions, tmp_path):

@@ -169,12 +169,13 @@ def test_think_sft_trains_on_reasoning_tokens(base_ckpt, synth_dir, tmp_path):
 
 def test_reason_rl_runs_grpo_with_think_format(base_ckpt, synth_dir, tmp_path):
     from tiaoyu_cli.checkpoint import load_trainer_info
-    from tiaoyu_cli.train.reason import ReasonRLOptions, run_reason_rl
+    from tiaoyu_cli.train.reason import ReasonRLOptions, reason_grpo_config, run_reason_rl
 
     qs = _head(synth_dir / "verifiable.train.jsonl", tmp_path / "q.jsonl", 8)
     val = _head(synth_dir / "reasoning.val.jsonl", tmp_path / "val.jsonl", 4)  # chat records serve as questions too
-    o = ReasonRLOptions(ckpt=base_ckpt, data=qs, eval_data=val, eval_samples=4, group_size=2, rollout_batch_size=2,
-                        max_new_tokens=8, beta=0.04, format_weight=0.2)
+    o = ReasonRLOptions(ckpt=base_ckpt, data=qs, eval_data=val,
+                        grpo=reason_grpo_config(eval_size=4, group_size=2, rollout_batch_size=2, max_new_tokens=8,
+                                                beta=0.04, format_reward=0.2))
     res = run_reason_rl(o, _train(tmp_path / "rl", batch_size=4), log=lambda m: None)
     assert res["step"] == 2 and "val_accuracy" in res and "val_format_rate" in res
     info = load_trainer_info(tmp_path / "rl")
@@ -214,16 +215,18 @@ def test_synth_reasoning_tools_records_are_traces(synth_dir):
 def test_reason_rl_with_tools_rolls_out_calls(base_ckpt, synth_dir, tmp_path):
     """reason --rl --tools: agentic rollouts (the tool turns masked) with the think-format reward."""
     from tiaoyu_cli.infer.tools import Toolbox
-    from tiaoyu_cli.train.reason import ReasonRLOptions, prepare_reason_rl, run_reason_rl
+    from tiaoyu_cli.train.grpo import ToolUse
+    from tiaoyu_cli.train.reason import ReasonRLOptions, prepare_reason_rl, reason_grpo_config, run_reason_rl
     from tiaoyu_cli.train.rollout import ToolVerifiableReward
 
     qs = _head(synth_dir / "reasoning-tools.train.jsonl", tmp_path / "q.jsonl", 8)
     val = _head(synth_dir / "reasoning-tools.val.jsonl", tmp_path / "val.jsonl", 4)
-    o = ReasonRLOptions(ckpt=base_ckpt, data=qs, eval_data=val, eval_samples=4, group_size=2, rollout_batch_size=2,
-                        max_new_tokens=8, beta=0.04, format_weight=0.2, toolbox=Toolbox.from_names("calculator"),
-                        max_tool_calls=2)
+    o = ReasonRLOptions(ckpt=base_ckpt, data=qs, eval_data=val,
+                        grpo=reason_grpo_config(eval_size=4, group_size=2, rollout_batch_size=2, max_new_tokens=8,
+                                                beta=0.04, format_reward=0.2),
+                        tools=ToolUse(Toolbox.from_names("calculator"), max_tool_calls=2))
     plan = prepare_reason_rl(o, _train(tmp_path / "p", batch_size=4))
-    assert plan.stage.toolbox is o.toolbox and isinstance(plan.stage.reward, ToolVerifiableReward)
+    assert plan.stage.tools.toolbox is o.tools.toolbox and isinstance(plan.stage.reward, ToolVerifiableReward)
     assert plan.stage.reward.require_think and "tools calculator" in plan.lines[0]
     res = run_reason_rl(o, _train(tmp_path / "rl", batch_size=4), log=lambda m: None)
     assert res["step"] == 2 and "val_accuracy" in res and "val_format_rate" in res

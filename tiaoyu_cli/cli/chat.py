@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from tiaoyu_cli.cli.common import ToolOptions, config_options
 from tiaoyu_cli.errors import TiaoyuError
 
 EXAMPLES = """
@@ -38,6 +39,7 @@ Examples:
 
 def register(app: typer.Typer) -> None:
     @app.command("chat", epilog=EXAMPLES, help="Chat with a checkpoint: REPL, --prompt, or JSONL prompts on stdin.")
+    @config_options(ToolOptions, name="tool", skip=("tool_call_penalty",))
     def chat(
         ckpt: Path = typer.Argument(..., help="checkpoint folder (a step folder, or a run folder: its latest)"),
         prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="answer this once, print to stdout, exit"),
@@ -61,19 +63,11 @@ def register(app: typer.Typer) -> None:
         rag: bool = typer.Option(False, "--rag", help="put the top passages for each question into the prompt "
                                  "(the RAG layout of tiaoyu_cli/data/rag.py)"),
         retrieve_k: int = typer.Option(3, "--retrieve-k", help="passages retrieved per question"),
-        tools: Optional[str] = typer.Option(None, "--tools", help="tools the model may call, comma-separated "
-                                            "(`tiaoyu tools` lists them), e.g. calculator"),
-        tools_module: Optional[Path] = typer.Option(None, "--tools-module",
-                                                    help="a Python file whose typed, documented functions are tools. "
-                                                    "Loading it runs its top-level code, and its functions run in "
-                                                    "this process with arguments the model chooses (under "
-                                                    "--tool-timeout): use only a file you trust"),
-        max_tool_calls: int = typer.Option(5, "--max-tool-calls", help="most tool calls per answer"),
-        tool_timeout: float = typer.Option(10.0, "--tool-timeout", help="seconds each tool call may run; past "
-                                           "that the model reads an error"),
         tool_schemas: Optional[bool] = typer.Option(None, "--tool-schemas/--no-tool-schemas",
                                                     help="render the tools' schemas in the system turn. Default: "
                                                     "as the checkpoint was trained (trainer.json), else on"),
+        *,
+        tool: ToolOptions,
     ) -> None:
         from tiaoyu_cli.infer.sampling import SamplingParams
         from tiaoyu_cli.infer.session import GenerationOptions, load_chat_model
@@ -91,7 +85,7 @@ def register(app: typer.Typer) -> None:
         from tiaoyu_cli.infer.retrieval import make_search, open_retriever, rag_options
         from tiaoyu_cli.infer.tools import use_search
 
-        wants_search = "search" in [t.strip() for t in (tools or "").split(",")]
+        wants_search = "search" in [t.strip() for t in (tool.tools or "").split(",")]
         rewrite = rag_options(retrieve, rag, retrieve_k, search_tool=wants_search)  # None without --retrieve/--rag
         if wants_search and retrieve is not None:
             use_search(make_search(open_retriever(retrieve), retrieve_k))
@@ -106,10 +100,9 @@ def register(app: typer.Typer) -> None:
             from tiaoyu_cli.console import warn
 
             warn("--system is ignored in complete mode (plain text continuation; --mode chat to use it)")
-        if tools or tools_module:
+        if tool.wanted:
             schemas = tool_schemas if tool_schemas is not None else cm.tool_schemas is not False
-            return tools_chat(cm, tools, tools_module, max_tool_calls, schemas, prompt, system, options,
-                              batch_size, tool_timeout)
+            return tools_chat(cm, tool, schemas, prompt, system, options, batch_size)
         try:
             if prompt is not None:
                 answer_once(cm, prompt, system, options, hide_thinking, rewrite)
@@ -272,18 +265,16 @@ def classify_cli(ckpt: Path, text: Optional[str], device: str, batch_size: int, 
         + (f"; accuracy {right / labelled:.3f} on the {labelled} that carried a label" if labelled else ""))
 
 
-def tools_chat(cm, tools, tools_module, max_tool_calls: int, schemas: bool, prompt, system, options,
-               batch_size: int, tool_timeout: float = 10.0) -> None:
+def tools_chat(cm, tool: ToolOptions, schemas: bool, prompt, system, options, batch_size: int) -> None:
     """chat with tools: --prompt, REPL or JSONL, the calls shown (REPL, --prompt: on stderr) or listed."""
     from tiaoyu_cli.console import console
     from tiaoyu_cli.infer.session import ContextError, context_budget
     from tiaoyu_cli.infer.tool_loop import ToolRunner
-    from tiaoyu_cli.infer.tools import ToolCall, Toolbox
+    from tiaoyu_cli.infer.tools import ToolCall
 
     if cm.mode != "chat":
         raise TiaoyuError("--tools needs chat mode (a checkpoint trained on conversations; or --mode chat)")
-    runner = ToolRunner(cm.model, cm.tokenizer, Toolbox.from_names(tools, tools_module, timeout=tool_timeout),
-                        max_tool_calls, schemas)
+    runner = ToolRunner(cm.model, cm.tokenizer, tool.toolbox(), tool.max_tool_calls, schemas)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
 
     def turn(text: str, out) -> None:
@@ -302,7 +293,7 @@ def tools_chat(cm, tools, tools_module, max_tool_calls: int, schemas: bool, prom
             else:
                 out(ev.text)
         if runner.last.finish == "tool_limit":
-            console.print(f"[dim](stopped: more than --max-tool-calls {max_tool_calls} calls)[/]")
+            console.print(f"[dim](stopped: more than --max-tool-calls {tool.max_tool_calls} calls)[/]")
 
     try:
         if prompt is not None:

@@ -182,19 +182,22 @@ def load_config_file(path: Path | None) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def config_options(cls: type, help: dict[str, str], rename: dict[str, str] | None = None, panel: str | None = None,
-                   skip: tuple[str, ...] = (), required: tuple[str, ...] = (), args: tuple[str, ...] = ()) -> Callable:
-    """Decorate a typer command `f(..., cfg: cls)`: one `--flag` per field of the stage's config dataclass,
-    its default and type taken from the dataclass (one default per option), and the command gets the built
-    config as `cfg=`. `rename` maps a field to another flag name (e.g. GRPO's epochs → --grpo-epochs, as
-    --epochs is the loop's budget); `skip` leaves fields at their default; `required` fields have none;
-    `args` are the command's own positional arguments that fill fields of the same name."""
-    rename = rename or {}
+def config_options(cls: type, help: dict[str, str] | None = None, rename: dict[str, str] | None = None,
+                   panel: str | None = None, skip: tuple[str, ...] = (), required: tuple[str, ...] = (),
+                   args: tuple[str, ...] = (), name: str = "cfg") -> Callable:
+    """Decorate a typer command `f(..., cfg: cls)`: one `--flag` per field of the dataclass, its default and
+    type taken from the dataclass (one default per option), its help from `help` or else the field's
+    `metadata["help"]`, and the command gets the built object as `cfg=` (or `name=`: a command may take
+    several, e.g. its stage's config and the tool options). `rename` maps a field to another flag name (e.g.
+    GRPO's epochs → --grpo-epochs, as --epochs is the loop's budget); `skip` leaves fields at their default;
+    `required` fields have none; `args` are the command's own positional arguments that fill fields of the
+    same name."""
+    rename, help = rename or {}, help or {}
     hints = typing.get_type_hints(cls)
 
     def deco(f: Callable) -> Callable:
         sig = inspect.signature(f)
-        own = [p for p in sig.parameters.values() if p.name != "cfg"]
+        own = [p for p in sig.parameters.values() if p.name != name]
         extra = []
         fields = [fld for fld in dataclasses.fields(cls) if fld.name not in skip and fld.name not in args]
         for fld in fields:
@@ -203,17 +206,18 @@ def config_options(cls: type, help: dict[str, str], rename: dict[str, str] | Non
             decls = [flag]
             if hints[fld.name] in (bool, typing.Optional[bool]):
                 decls = [f"{flag}/--no-{flag[2:]}"]
-            opt = typer.Option(default, *decls, help=help.get(fld.name, ""), rich_help_panel=panel, show_default=True)
-            extra.append(inspect.Parameter(f"cfg__{fld.name}", inspect.Parameter.KEYWORD_ONLY, default=opt,
+            text = help.get(fld.name, fld.metadata.get("help", ""))
+            opt = typer.Option(default, *decls, help=text, rich_help_panel=panel, show_default=True)
+            extra.append(inspect.Parameter(f"{name}__{fld.name}", inspect.Parameter.KEYWORD_ONLY, default=opt,
                                            annotation=hints[fld.name]))
         keyword = [p for p in own if p.kind == inspect.Parameter.KEYWORD_ONLY]
         positional = [p for p in own if p.kind != inspect.Parameter.KEYWORD_ONLY]
 
         @functools.wraps(f)
         def wrapper(**kwargs: Any) -> Any:
-            vals = {fld.name: kwargs.pop(f"cfg__{fld.name}") for fld in fields}
+            vals = {fld.name: kwargs.pop(f"{name}__{fld.name}") for fld in fields}
             vals.update({a: kwargs[a] for a in args})
-            return f(cfg=cls(**vals), **kwargs)
+            return f(**{name: cls(**vals)}, **kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=positional + extra + keyword)
         return wrapper
@@ -244,3 +248,32 @@ def sub_app(name: str, help: str, default: str | None = None, **kw: Any) -> type
     if default is not None:
         kw["cls"] = defaulting_to(default)
     return typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False, rich_markup_mode="rich", **kw)
+
+
+_TRUST = ("Loading it runs its top-level code, and its functions run in this process with arguments the model "
+          "chooses (under --tool-timeout): use only a file you trust")
+
+
+@dataclasses.dataclass
+class ToolOptions:
+    """The tool flags of every command whose model may call tools (chat, rlhf grpo, reason --rl)."""
+
+    tools: typing.Optional[str] = dataclasses.field(default=None, metadata={
+        "help": "tools the model may call, comma-separated (`tiaoyu tools` lists them), e.g. calculator"})
+    tools_module: typing.Optional[Path] = dataclasses.field(default=None, metadata={
+        "help": "a Python file whose typed, documented functions are tools. " + _TRUST})
+    max_tool_calls: int = dataclasses.field(default=5, metadata={"help": "most tool calls per answer"})
+    tool_timeout: float = dataclasses.field(default=10.0, metadata={
+        "help": "seconds each tool call may run; past that the model reads an error"})
+    tool_call_penalty: float = dataclasses.field(default=0.0, metadata={
+        "help": "RL: reward minus this per call that came back as an error"})
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.tools or self.tools_module)
+
+    def toolbox(self):
+        """The Toolbox these flags name, or None when they name no tool."""
+        from tiaoyu_cli.infer.tools import Toolbox
+
+        return Toolbox.from_names(self.tools, self.tools_module, timeout=self.tool_timeout) if self.wanted else None

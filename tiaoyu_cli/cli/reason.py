@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from tiaoyu_cli.cli.common import train_options
+from tiaoyu_cli.cli.common import ToolOptions, config_options, train_options
 from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.infer.tools import Toolbox
 from tiaoyu_cli.train import reason as R
 from tiaoyu_cli.train.config import TrainConfig
+from tiaoyu_cli.train.grpo import ToolUse
+
+RL_TOOL_HELP = {f.name: "--rl: " + f.metadata["help"] for f in dataclasses.fields(ToolOptions)}
 
 EXAMPLES = """
 Examples:
@@ -39,6 +42,7 @@ def register(app: typer.Typer) -> None:
                  help="Train a reasoning model: think-format SFT on traces (<think>steps</think>answer), or with "
                       "--rl GRPO with verifiable rewards (answer correctness + format) on {prompt, answer} records.")
     @train_options(out="ckpt/reason", lr=5e-4, batch_size=16, warmup_steps=20, weight_decay=0.0, log_every=10)
+    @config_options(ToolOptions, RL_TOOL_HELP, name="tool", panel="Tools (--rl: agentic rollouts)")
     def reason(
         ckpt: Path = typer.Argument(..., help="checkpoint to start from (sft for stage 1, the stage-1 result for --rl)"),
         data: Path = typer.Argument(..., help="traces JSONL (chat records with \"reasoning\"), or with --rl "
@@ -65,36 +69,25 @@ def register(app: typer.Typer) -> None:
                                              "has to close it)"),
         eval_tools: str = typer.Option("", "--eval-tools", help="stage 1: the held-out answers may call these tools "
                                        "(e.g. calculator), for traces that think and then call"),
-        tools: Optional[str] = typer.Option(None, "--tools", help="--rl: agentic rollouts with these tools (e.g. "
-                                            "calculator); tool results are masked out of the loss and the KL"),
-        tools_module: Optional[Path] = typer.Option(None, "--tools-module", help="--rl: a Python file of tool "
-                                                    "functions. Loading it runs its top-level code, and its functions "
-                                                    "run in this process with arguments the policy chooses (under "
-                                                    "--tool-timeout): use only a file you trust"),
-        max_tool_calls: int = typer.Option(5, "--max-tool-calls", help="--rl: most tool calls per sampled answer"),
-        tool_timeout: float = typer.Option(10.0, "--tool-timeout", help="--rl: seconds each tool call may run; past "
-                                           "that the policy reads an error"),
-        tool_call_penalty: float = typer.Option(0.0, help="--rl: reward minus this per call that came back as an error"),
         *,
+        tool: ToolOptions,
         train: TrainConfig,
     ) -> None:
         if eval_tools and rl:
             raise TiaoyuError("--eval-tools is for stage 1; with --rl, --tools makes the rollouts and the "
                               "held-out evaluation call tools")
-        if (tools or tools_module) and not rl:
+        if tool.wanted and not rl:
             raise TiaoyuError("--tools is for --rl (agentic rollouts); stage 1 learns tool calls from the traces "
                               "themselves (chat records with tool_calls)")
         if rl:
             if direct:
                 raise TiaoyuError("--direct is a stage-1 (SFT) baseline; it does not combine with --rl")
-            o = R.ReasonRLOptions(ckpt=ckpt, data=data, eval_data=eval_data, eval_samples=eval_samples,
-                                  eval_max_new_tokens=eval_max_new_tokens, skip_bad=skip_bad, group_size=group_size,
-                                  rollout_batch_size=rollout_batch_size,
-                                  max_new_tokens=max_new_tokens, temperature=temperature, beta=beta,
-                                  format_weight=format_weight, open_think=open_think,
-                                  toolbox=Toolbox.from_names(tools, tools_module, timeout=tool_timeout)
-                                  if tools or tools_module else None,
-                                  max_tool_calls=max_tool_calls, tool_call_penalty=tool_call_penalty)
+            grpo = R.reason_grpo_config(group_size=group_size, rollout_batch_size=rollout_batch_size, beta=beta,
+                                        format_reward=format_weight, open_think=open_think,
+                                        max_new_tokens=max_new_tokens, temperature=temperature, eval_size=eval_samples)
+            toolbox = tool.toolbox()
+            tools = (ToolUse(toolbox, tool.max_tool_calls, tool.tool_call_penalty) if toolbox is not None else None)
+            o = R.ReasonRLOptions(ckpt=ckpt, data=data, eval_data=eval_data, skip_bad=skip_bad, grpo=grpo, tools=tools)
             R.run_reason_rl(o, train, log=say)
         else:
             o = R.ReasonOptions(ckpt=ckpt, data=data, eval_data=eval_data, eval_samples=eval_samples,

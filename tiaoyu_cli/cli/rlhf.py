@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from tiaoyu_cli.cli.common import config_options, train_options
+from tiaoyu_cli.cli.common import ToolOptions, config_options, train_options
 from tiaoyu_cli.console import say
 from tiaoyu_cli.data.jsonl import iter_jsonl, write_jsonl
 from tiaoyu_cli.device import autocast, resolve_device, resolve_dtype
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.infer.tools import Toolbox
 from tiaoyu_cli.model.lora import LoraConfig
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.dpo import DPOConfig, DPORunOptions, run_dpo
@@ -20,6 +20,21 @@ from tiaoyu_cli.train.grpo import GRPOConfig, run_grpo
 from tiaoyu_cli.train.ppo import PPOConfig, run_ppo
 from tiaoyu_cli.train.reward import RewardConfig, run_reward, score_records
 from tiaoyu_cli.train.rl_common import load_reward_model
+
+
+@dataclasses.dataclass
+class RLInputs:
+    """The inputs PPO and GRPO share besides the start checkpoint and the prompts."""
+
+    ref: Optional[Path] = dataclasses.field(default=None, metadata={
+        "help": "reference checkpoint for the KL term (default: the start)"})
+    val: Optional[Path] = dataclasses.field(default=None, metadata={
+        "help": "held-out prompts (default: hold out --val-frac of data)"})
+    val_frac: float = dataclasses.field(default=0.05, metadata={
+        "help": "share of the prompts held out when --val is not given"})
+    eval_before: bool = dataclasses.field(default=True, metadata={"help": "evaluate the starting model too"})
+    skip_bad: bool = dataclasses.field(default=False, metadata={
+        "help": "skip (and count) bad records instead of stopping"})
 
 EXAMPLES = """
 Examples:
@@ -153,20 +168,17 @@ def dpo_cmd(
                schedule="constant", grad_clip=1.0)
 @config_options(PPOConfig, PPO_HELP, rename={"epochs": "ppo_epochs"}, panel=_RL_PANEL, skip=("whiten_advantages",),
                 required=("reward",))
+@config_options(RLInputs, name="inputs")
 def ppo_cmd(
     start: Path = typer.Argument(..., help="policy checkpoint to start from (usually the SFT model)"),
     data: Path = typer.Argument(..., help="prompts JSONL: {prompt} (with --reward verifiable: {prompt, answer})"),
-    ref: Optional[Path] = typer.Option(None, help="reference checkpoint for the KL penalty (default: the start)"),
-    val: Optional[Path] = typer.Option(None, help="held-out prompts (default: hold out --val-frac of data)"),
-    val_frac: float = typer.Option(0.05, help="share of the prompts held out when --val is not given"),
-    eval_before: bool = typer.Option(True, "--eval-before/--no-eval-before", help="evaluate the starting model too"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
     *,
     cfg: PPOConfig,
+    inputs: RLInputs,
     train: TrainConfig,
 ) -> None:
-    run_ppo(start, data, train, cfg, val=val, ref=ref, val_frac=val_frac, skip_bad=skip_bad,
-            eval_before=eval_before, log=say)
+    run_ppo(start, data, train, cfg, val=inputs.val, ref=inputs.ref, val_frac=inputs.val_frac,
+            skip_bad=inputs.skip_bad, eval_before=inputs.eval_before, log=say)
 
 
 @rlhf_app.command("grpo", epilog=EXAMPLES,
@@ -175,32 +187,20 @@ def ppo_cmd(
 @train_options(out="ckpt/grpo", lr=1e-5, batch_size=16, warmup_steps=0, eval_every=0, save_every=0, log_every=5,
                schedule="constant", grad_clip=1.0)
 @config_options(GRPOConfig, GRPO_HELP, rename={"epochs": "grpo_epochs"}, panel=_RL_PANEL)
+@config_options(RLInputs, name="inputs")
+@config_options(ToolOptions, name="tool", panel="Tools (agentic rollouts)")
 def grpo_cmd(
     start: Path = typer.Argument(..., help="policy checkpoint to start from (usually the SFT model)"),
     data: Path = typer.Argument(..., help="verifiable questions JSONL: {prompt, answer}"),
-    ref: Optional[Path] = typer.Option(None, help="reference checkpoint for the KL term (default: the start)"),
-    val: Optional[Path] = typer.Option(None, help="held-out questions (default: hold out --val-frac of data)"),
-    val_frac: float = typer.Option(0.05, help="share of the questions held out when --val is not given"),
-    eval_before: bool = typer.Option(True, "--eval-before/--no-eval-before", help="evaluate the starting model too"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
-    tools: Optional[str] = typer.Option(None, "--tools", help="agentic rollouts: tools the policy may call "
-                                        "(e.g. calculator); tool results are masked out of the loss and KL"),
-    tools_module: Optional[Path] = typer.Option(None, "--tools-module", help="a Python file of tool functions. "
-                                                "Loading it runs its top-level code, and its functions run in this "
-                                                "process with arguments the policy chooses (under --tool-timeout): "
-                                                "use only a file you trust"),
-    max_tool_calls: int = typer.Option(5, "--max-tool-calls", help="most tool calls per sampled answer"),
-    tool_timeout: float = typer.Option(10.0, "--tool-timeout", help="seconds each tool call may run; past that the "
-                                       "policy reads an error"),
-    tool_call_penalty: float = typer.Option(0.0, help="reward minus this per call that came back as an error"),
     *,
     cfg: GRPOConfig,
+    inputs: RLInputs,
+    tool: ToolOptions,
     train: TrainConfig,
 ) -> None:
-    toolbox = Toolbox.from_names(tools, tools_module, timeout=tool_timeout) if tools or tools_module else None
-    run_grpo(start, data, train, cfg, val=val, ref=ref, val_frac=val_frac, skip_bad=skip_bad,
-             eval_before=eval_before, log=say, toolbox=toolbox, max_tool_calls=max_tool_calls,
-             tool_call_penalty=tool_call_penalty)
+    run_grpo(start, data, train, cfg, val=inputs.val, ref=inputs.ref, val_frac=inputs.val_frac,
+             skip_bad=inputs.skip_bad, eval_before=inputs.eval_before, log=say, toolbox=tool.toolbox(), max_tool_calls=tool.max_tool_calls,
+             tool_call_penalty=tool.tool_call_penalty)
 
 
 def register(app: typer.Typer) -> None:

@@ -97,6 +97,15 @@ def _resolve_folder(path: str | os.PathLike) -> Path:
     return p
 
 
+def str_items(texts: Sequence[str], what: str) -> list[str]:
+    """`texts` as a list, or TypeError naming `what` when an item is not a str."""
+    texts = list(texts)
+    for t in texts:
+        if not isinstance(t, str):
+            raise TypeError(f"{what}() expects str items, got {type(t).__name__}")
+    return texts
+
+
 class Tokenizer:
     """A loaded tokenizer. Build it with `Tokenizer.load(folder)` or `train_tokenizer(...)`."""
 
@@ -201,10 +210,7 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
                      num_threads: int = 0) -> list[list[int]]:
         """Encode many texts with SentencePiece's C++ thread pool (num_threads <= 0: all cores)."""
-        texts = list(texts)
-        for t in texts:
-            if not isinstance(t, str):
-                raise TypeError(f"encode_batch() expects str items, got {type(t).__name__}")
+        texts = str_items(texts, "encode_batch")
         n = num_threads if num_threads > 0 else (os.cpu_count() or 1)
         return self.sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=n)
 

@@ -35,6 +35,7 @@ from typing import Iterable, Sequence
 
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.io import read_json
+from tiaoyu_cli.tokenizer.core import str_items
 from tiaoyu_cli.tokenizer.template import IM_END, IM_START, TOOL_TOKENS, check_messages
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -219,10 +220,7 @@ class HFTokenizer:
 
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
                      num_threads: int = 0) -> list[list[int]]:
-        texts = list(texts)
-        for t in texts:
-            if not isinstance(t, str):
-                raise TypeError(f"encode_batch() expects str items, got {type(t).__name__}")
+        texts = str_items(texts, "encode_batch")
         out = [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=bos)]
         if eos and self.eos_id is not None:
             for ids in out:

@@ -79,14 +79,17 @@ class DPOStage(PairStage):
 
     def __init__(self, train: list[PairExample], val: list[PairExample], cfg: DPOConfig, batch_size: int,
                  ref_model: nn.Module | None = None, ref_context: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 seed: int = 0):
+                 seed: int = 0, saver=None):
         """ref_model: the frozen reference; or ref_context: a context manager under which the policy
-        itself computes the reference (LoRA adapters disabled)."""
+        itself computes the reference (LoRA adapters disabled). saver: how checkpoints are written (LoRA:
+        `rl_common.LoraCheckpoint`; default the full model)."""
         cfg.validate()
         if (ref_model is None) == (ref_context is None):
             raise TiaoyuError("DPO needs exactly one reference: a frozen model or the adapter-free policy")
         super().__init__(train, val, cfg, batch_size, seed)
         self.ref_model, self.ref_context = ref_model, ref_context
+        if saver is not None:
+            self.saver = saver
         self.ref_train: torch.Tensor | None = None  # [N, 2] precomputed (chosen, rejected) reference log-probs
         self.ref_val: torch.Tensor | None = None
 
@@ -230,9 +233,7 @@ def prepare_dpo(opts: DPORunOptions, train, cfg: DPOConfig) -> Plan:
         + f"; β {cfg.beta}, reference {opts.ref or folder}" + (" (adapters off)" if ref_context else "")
         + f"; {model.num_parameters(trainable_only=True) / 1e6:.2f}M trainable parameters")
     stage = DPOStage(pairs, held, cfg, batch_size=train.batch_size, ref_model=ref_model, ref_context=ref_context,
-                     seed=train.seed)
-    if save_lora is not None:
-        stage.save_model, stage.load_for_resume = save_lora.save_model, save_lora.load_for_resume
+                     seed=train.seed, saver=save_lora)
     return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held))
 
 

@@ -71,18 +71,32 @@ class GRPOStage(RolloutStage):
     name = "grpo"
 
     def __init__(self, prompts: list[PromptExample], val_prompts: list[PromptExample], cfg: GRPOConfig,
-                 batch_size: int, tokenizer, ref_model: nn.Module | None = None, reward=None, seed: int = 0):
-        """reward: a callable (examples, rollout) -> Scores; default: verifiable answers (+ format)."""
+                 batch_size: int, tokenizer, ref_model: nn.Module | None = None, reward=None, seed: int = 0,
+                 tools: ToolUse | None = None, name: str | None = None):
+        """reward: a callable (examples, rollout) -> Scores; default: verifiable answers (+ format), read
+        from the last turn with `tools`. name: the stage's name in logs and checkpoints (`reason --rl`)."""
         cfg.validate()
         if cfg.beta > 0 and ref_model is None:
             raise TiaoyuError("GRPO with --beta > 0 needs a reference model")
+        if name is not None:
+            self.name = name
         self.samples_per_prompt = cfg.group_size
         suffix = open_think_ids(tokenizer) if cfg.open_think else []
+        if tools is not None:
+            tools.validate(tokenizer)
+            if getattr(tokenizer, "backend", None) == "hf" and tools.context is not None:
+                room = tools.context - cfg.max_new_tokens - len(suffix)
+                for examples in (prompts, val_prompts):
+                    schemas_in_prompts(examples, tokenizer, tools.toolbox.schemas(), room)
         if reward is None:
             if any(p.answer is None for p in prompts):
                 raise TiaoyuError("verifiable rewards need an answer for every prompt")
-            reward = VerifiableReward(tokenizer, cfg.format_reward, cfg.think_format, prefix_ids=suffix)
-        super().__init__(prompts, val_prompts, cfg, batch_size, reward, tokenizer, ref_model, seed, suffix)
+            reward = (VerifiableReward(tokenizer, cfg.format_reward, cfg.think_format, prefix_ids=suffix)
+                      if tools is None else
+                      ToolVerifiableReward(tokenizer, cfg.format_reward, tools.call_penalty, cfg.think_format,
+                                           prefix_ids=suffix))
+        super().__init__(prompts, val_prompts, cfg, batch_size, reward, tokenizer, ref_model, seed, suffix,
+                         tools=tools)
 
     def make_targets(self, ro: Rollout, scores: Scores, examples):
         G = self.cfg.group_size
@@ -106,24 +120,25 @@ class GRPOStage(RolloutStage):
         return StepOutput(loss, metrics, tokens=int(ro.attention_mask.sum()))
 
 
-def use_tools(stage: GRPOStage, tok, toolbox, max_tool_calls: int = 5, call_penalty: float = 0.0,
-              context: int | None = None) -> None:
-    """Agentic rollouts for `stage` (`--tools`): generation pauses at </tool_call>, the call runs, its result
-    joins the sequence (masked out of the loss and the KL); the verifiable reward reads the final turn
-    (and, in the think format, the first turn's reasoning). An open model's prompts get the tools' schemas
-    in the place its template puts them (such models learned their tools from them); `context` bounds them."""
-    tok.require_tool_tokens()
-    if max_tool_calls < 0:
-        raise TiaoyuError(f"--max-tool-calls must be >= 0, got {max_tool_calls}")
-    if call_penalty < 0:
-        raise TiaoyuError("--tool-call-penalty must not be negative")
-    if getattr(tok, "backend", None) == "hf" and context is not None:
-        room = context - stage.cfg.max_new_tokens - len(stage.prompt_suffix_ids)
-        for examples in (stage.prompts, stage.val_prompts):
-            schemas_in_prompts(examples, tok, toolbox.schemas(), room)
-    stage.toolbox, stage.max_tool_calls = toolbox, max_tool_calls
-    stage.reward = ToolVerifiableReward(tok, stage.cfg.format_reward, call_penalty, stage.cfg.think_format,
-                                        prefix_ids=stage.prompt_suffix_ids)
+@dataclass
+class ToolUse:
+    """Agentic rollouts (`--tools`), given to a GRPO stage when it is built: generation pauses at </tool_call>,
+    the call runs, its result joins the sequence (masked out of the loss and the KL); the verifiable reward
+    reads the final turn (and, in the think format, the first turn's reasoning), minus `call_penalty` per
+    failed call. An open model's prompts get the tools' schemas where its template puts them (such models
+    learned their tools from them); `context` (the model's) bounds those prompts."""
+
+    toolbox: object  # infer.tools.Toolbox
+    max_tool_calls: int = 5
+    call_penalty: float = 0.0
+    context: int | None = None
+
+    def validate(self, tok) -> None:
+        tok.require_tool_tokens()
+        if self.max_tool_calls < 0:
+            raise TiaoyuError(f"--max-tool-calls must be >= 0, got {self.max_tool_calls}")
+        if self.call_penalty < 0:
+            raise TiaoyuError("--tool-call-penalty must not be negative")
 
 
 def schemas_in_prompts(examples: list, tok, schemas: list[dict], room: int) -> None:
@@ -159,10 +174,9 @@ def prepare_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_fr
         + (f", {skipped} bad records skipped" if skipped else "")
         + f"; {cfg.rollout_batch_size} prompts × {cfg.group_size} answers per rollout, β {cfg.beta}"
         + (f", reference {ref or folder}" if ref_model is not None else ""))
+    tools = ToolUse(toolbox, max_tool_calls, tool_call_penalty, model.config.max_seq_len) if toolbox else None
     stage = GRPOStage(prompts, held, cfg, batch_size=train.batch_size, tokenizer=tok, ref_model=ref_model,
-                      seed=train.seed)
-    if toolbox:
-        use_tools(stage, tok, toolbox, max_tool_calls, tool_call_penalty, context=model.config.max_seq_len)
+                      seed=train.seed, tools=tools)
     return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held) and eval_before)
 
 

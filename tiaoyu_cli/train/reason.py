@@ -32,7 +32,8 @@ an unclosed `<think>`, or markup inside the reasoning is an error naming file:li
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.infer.generate import open_think_ids
 from tiaoyu_cli.train.answers import format_ok, is_correct, split_record
 from tiaoyu_cli.train.config import TrainConfig
-from tiaoyu_cli.train.grpo import GRPOConfig, GRPOStage, use_tools
+from tiaoyu_cli.train.grpo import GRPOConfig, GRPOStage, ToolUse
 from tiaoyu_cli.train.rl_common import load_policy, load_reference, prompt_room, split_holdout
 from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.sft import SFTConfig, SFTStage
@@ -378,24 +379,22 @@ def run_think_sft(o: ReasonOptions, train: TrainConfig, log=print) -> dict:
 
 # ---- stage 2: GRPO with verifiable rewards ----------------------------------------------------------
 
+def reason_grpo_config(**kw) -> GRPOConfig:
+    """`reason --rl` is GRPO with the think format on: its config, with reason's defaults (format weight 0.2)."""
+    return GRPOConfig(**{"format_reward": 0.2, **kw, "think_format": True})
+
+
 @dataclass
 class ReasonRLOptions:
+    """Inputs of `reason --rl`; the GRPO options are GRPO's own config (`reason_grpo_config`) and the tools
+    GRPO's `ToolUse` (its `context` is filled from the model)."""
+
     ckpt: Path
     data: Path
     eval_data: Path | None = None
-    eval_samples: int = 200
-    eval_max_new_tokens: int = 96  # (GRPO evaluates with its rollout length, --max-new-tokens)
     skip_bad: bool = False
-    group_size: int = 8
-    rollout_batch_size: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    beta: float = 0.04
-    format_weight: float = 0.2
-    open_think: bool = False
-    toolbox: object | None = None  # infer.tools.Toolbox: agentic rollouts (--tools)
-    max_tool_calls: int = 5
-    tool_call_penalty: float = 0.0
+    grpo: GRPOConfig = field(default_factory=reason_grpo_config)
+    tools: ToolUse | None = None
 
 
 def question_examples(records: list[dict], tok, room: int, name: str, skip_bad: bool) -> tuple[list, int]:
@@ -417,14 +416,14 @@ def question_examples(records: list[dict], tok, room: int, name: str, skip_bad: 
 
 def prepare_reason_rl(o: ReasonRLOptions, train: TrainConfig) -> Plan:
     """Load the policy (and reference when β > 0) and the questions; GRPO stage with the think-format reward."""
-    if o.format_weight < 0:
+    cfg = o.grpo
+    if not cfg.think_format:
+        raise TiaoyuError("reason --rl trains the think format: its GRPO config needs think_format=True")
+    if cfg.format_reward < 0:
         raise TiaoyuError("--format-weight must not be negative")
-    cfg = GRPOConfig(group_size=o.group_size, rollout_batch_size=o.rollout_batch_size, beta=o.beta,
-                     format_reward=o.format_weight, think_format=True, open_think=o.open_think,
-                     max_new_tokens=o.max_new_tokens, temperature=o.temperature, eval_size=o.eval_samples)
     cfg.validate()
     model, folder, tok = load_policy(o.ckpt, "reason --rl")
-    room = prompt_room(model.config.max_seq_len, o.max_new_tokens, len(open_think_ids(tok)) if o.open_think else 0)
+    room = prompt_room(model.config.max_seq_len, cfg.max_new_tokens, len(open_think_ids(tok)) if cfg.open_think else 0)
     qs, st = load_questions(o.data, skip_bad=o.skip_bad)
     train_ex, too_long = question_examples(qs, tok, room, str(o.data), o.skip_bad)
     if o.eval_data is not None:
@@ -434,16 +433,16 @@ def prepare_reason_rl(o: ReasonRLOptions, train: TrainConfig) -> Plan:
         train_ex, held = split_holdout(train_ex, 0.05, train.seed)
     if not train_ex:
         raise TiaoyuError(f"{o.data}: no question fits the context")
-    ref = load_reference(folder, tok) if o.beta > 0 else None
+    ref = load_reference(folder, tok) if cfg.beta > 0 else None
     line = (f"reason --rl (GRPO, think format): {folder} → {train.out}; {st.summary()}"
             + (f", {too_long} too long skipped" if too_long else "") + f"; {len(held)} held out; "
-            f"{o.rollout_batch_size} questions × {o.group_size} answers per rollout; reward = correct + "
-            f"{o.format_weight} × format; β {o.beta}")
-    stage = GRPOStage(train_ex, held, cfg, batch_size=train.batch_size, tokenizer=tok, ref_model=ref, seed=train.seed)
-    stage.name = "reason-rl"
-    if o.toolbox:
-        use_tools(stage, tok, o.toolbox, o.max_tool_calls, o.tool_call_penalty, context=model.config.max_seq_len)
-        line += f"; tools {', '.join(o.toolbox.tools)} (at most {o.max_tool_calls} calls per answer)"
+            f"{cfg.rollout_batch_size} questions × {cfg.group_size} answers per rollout; reward = correct + "
+            f"{cfg.format_reward} × format; β {cfg.beta}")
+    tools = dataclasses.replace(o.tools, context=model.config.max_seq_len) if o.tools is not None else None
+    stage = GRPOStage(train_ex, held, cfg, batch_size=train.batch_size, tokenizer=tok, ref_model=ref, seed=train.seed,
+                      tools=tools, name="reason-rl")
+    if tools is not None:
+        line += f"; tools {', '.join(tools.toolbox.tools)} (at most {tools.max_tool_calls} calls per answer)"
     return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held))
 
 

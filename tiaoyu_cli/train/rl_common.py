@@ -279,6 +279,8 @@ class LoraCheckpoint:
     """How a `--method lora` stage writes and resumes checkpoints: the merged model (an ordinary
     checkpoint every other command reads) plus the PEFT adapter files in the same folder."""
 
+    full_model = False
+
     def __init__(self, lora_cfg, base_info: dict):
         self.lora_cfg, self.base_info = lora_cfg, base_info
 

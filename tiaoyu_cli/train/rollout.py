@@ -183,8 +183,10 @@ class RolloutStage(BaseStage):
 
     def __init__(self, prompts: list[PromptExample], val_prompts: list[PromptExample], cfg, batch_size: int,
                  reward, tokenizer, ref_model: nn.Module | None = None, seed: int = 0,
-                 prompt_suffix_ids: list[int] | None = None):
+                 prompt_suffix_ids: list[int] | None = None, tools=None):
+        """tools: a `grpo.ToolUse` for agentic rollouts (train/tool_rollout.py), None for one-turn answers."""
         self.prompts, self.val_prompts, self.cfg = prompts, val_prompts, cfg
+        self.tools = tools
         self.batch_size, self.seed, self.reward, self.tok, self.ref_model = batch_size, seed, reward, tokenizer, ref_model
         self.prompt_suffix_ids = list(prompt_suffix_ids or [])
         n_seq = cfg.rollout_batch_size * self.samples_per_prompt
@@ -223,10 +225,10 @@ class RolloutStage(BaseStage):
     def sample(self, model: nn.Module, examples: list[PromptExample], seed: int, temperature: float | None = None) -> Rollout:
         c = self.cfg
         prompts = [ex.prompt_ids + self.prompt_suffix_ids for ex in examples for _ in range(self.samples_per_prompt)]
-        if getattr(self, "toolbox", None) is not None:  # agentic rollouts (train/tool_rollout.py)
-            return generate_agentic_rollout(model, self.tok, self.toolbox, prompts, c.max_new_tokens,
+        if self.tools is not None:  # agentic rollouts (train/tool_rollout.py)
+            return generate_agentic_rollout(model, self.tok, self.tools.toolbox, prompts, c.max_new_tokens,
                                             c.temperature if temperature is None else temperature, c.top_k, c.top_p,
-                                            seed, getattr(self, "max_tool_calls", 5))
+                                            seed, self.tools.max_tool_calls)
         return generate_rollout(model, prompts, c.max_new_tokens, c.temperature if temperature is None else temperature,
                                 c.top_k, c.top_p, seed, c.gen_batch_size, self.trainer.amp_dtype,
                                 stop_ids=self.tok.stop_ids)
@@ -315,7 +317,7 @@ class RolloutStage(BaseStage):
         c = self.cfg
         ex = self.val_prompts[:c.eval_size] if c.eval_size > 0 else self.val_prompts
         res: dict[str, float] = {}
-        if isinstance(self.reward, VerifiableReward) and getattr(self, "toolbox", None) is not None:
+        if isinstance(self.reward, VerifiableReward) and self.tools is not None:
             old_spp, self.samples_per_prompt = self.samples_per_prompt, 1
             try:  # greedy answers with the tools (the same rollouts as training, at temperature 0)
                 greedy = self.reward(ex, self.sample(model, ex, 0, temperature=0.0))

@@ -40,6 +40,20 @@ class Stage(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class FullModelSaver:
+    """How a checkpoint's model files are written and read back for --resume: the whole model (the default).
+    A stage that trains something else (LoRA adapters in an RL stage) is given another saver when it is built."""
+
+    full_model = True  # --fsdp can gather and write a sharded model only when the whole model is saved
+
+    def save_model(self, folder: Path, model: nn.Module, tokenizer) -> None:
+        ckpt_io.save_model_files(folder, model, tokenizer)
+
+    def load_for_resume(self, folder: Path, model: nn.Module) -> None:
+        ckpt_io.load_weights(model, ckpt_io.load_model_tensors(folder, None), f"--resume: {folder}",
+                             strict=False, hint=": resume with the model options the run started with")
+
+
 class BaseStage:
     """Defaults for the optional parts of a stage."""
 
@@ -66,14 +80,16 @@ class BaseStage:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    saver = FullModelSaver()  # a stage built with another saver (an instance attribute) writes its own files
+
     def save_model(self, folder: Path, model: nn.Module, tokenizer) -> None:
-        """Write the model files of a checkpoint (default: full model; LoRA writes an adapter)."""
-        ckpt_io.save_model_files(folder, model, tokenizer)
+        """Write the model files of a checkpoint (by `self.saver`: the full model unless the stage was built
+        with another)."""
+        self.saver.save_model(folder, model, tokenizer)
 
     def load_for_resume(self, folder: Path, model: nn.Module) -> None:
         """Load weights saved by `save_model` back into the model before resuming."""
-        ckpt_io.load_weights(model, ckpt_io.load_model_tensors(folder, None), f"--resume: {folder}",
-                             strict=False, hint=": resume with the model options the run started with")
+        self.saver.load_for_resume(folder, model)
 
     def info(self) -> dict[str, Any]:
         """Stage options, recorded in trainer.json."""

@@ -13,7 +13,7 @@ inside a tool result is not an answer), minus `call_penalty` for each call that 
 error (malformed, too long or too deeply nested JSON, unknown tool, bad arguments, a tool that raised
 or ran past the toolbox's time limit, `--tool-timeout`).
 
-Setting `stage.toolbox` on a RolloutStage (PPO, GRPO) makes its `sample` use these rollouts.
+A GRPO stage built with `tools=ToolUse(toolbox, …)` (train/grpo.py) samples these rollouts.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def check_fsdp(cfg: TrainConfig, model: nn.Module, stage: BaseStage, extras=None
     process: anything else is refused here (the launcher calls this too, so the error shows once)."""
     extras = stage.extra_modules() if extras is None else extras
     if (len(extras) or not isinstance(getattr(model, "config", None), ModelConfig)
-            or "save_model" in vars(stage) or not stage.shardable):
+            or not stage.saver.full_model or not stage.shardable):
         raise TiaoyuError(f"--fsdp shards a plain transformer trained in full by the same forward passes on "
                           f"every process; stage {stage.name} trains added weights (adapters, a soft prompt, a "
                           f"value head) or samples rollouts per process: run it without --fsdp")
