@@ -118,6 +118,9 @@ def test_nested_messages_come_out_as_plain_lists_and_dicts(tmp_path):
                                       {"role": "assistant", "content": "yo", "reasoning": "greet back"}], "n": 1}]
         assert type(rows[0]["messages"]) is list and type(rows[0]["messages"][1]) is dict
         assert job[2:] == (str(f), 0, 1) and done == 1.0
+    # a map column becomes a dict (pyarrow gives a list of pairs unless asked)
+    m = pa.array([[("lang", "en"), ("src", None)]], type=pa.map_(pa.string(), pa.string()))
+    assert arrow_rows(pa.record_batch({"text": ["x"], "meta": m})) == [{"text": "x", "meta": {"lang": "en"}}]
 
 
 def test_save_to_disk_folder_and_dataset_dict(tmp_path):
@@ -127,6 +130,7 @@ def test_save_to_disk_folder_and_dataset_dict(tmp_path):
     ds = save_to_disk(tmp_path / "hf", recs, num_shards=3)
     assert len(list(ds.glob("data-*-of-00003.arrow"))) == 3
     assert prep_bytes(tmp_path, [ds], "a.jsonl") == want
+    assert prep_bytes(tmp_path, [ds], "a2.jsonl", workers=2) == want
     dd = save_to_disk(tmp_path / "hfd", {"train": recs, "test": TEXTS})
     assert prep_bytes(tmp_path, [dd], "b.jsonl") == want  # a DatasetDict: its train split
     text_want = prep_bytes(tmp_path, [jsonl(tmp_path / "t.jsonl", TEXTS)], "tw.jsonl")

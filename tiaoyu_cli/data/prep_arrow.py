@@ -126,7 +126,7 @@ def _parquet_batches(pa, f: Path, size: int, rows: int):
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(str(f), memory_map=True)
+        pf = pq.ParquetFile(str(f), buffer_size=1 << 20, pre_buffer=False)  # column chunks streamed, not read whole
         total, done = max(pf.metadata.num_rows, 1), 0
         for batch in pf.iter_batches(batch_size=rows):
             done += batch.num_rows
@@ -138,7 +138,7 @@ def _parquet_batches(pa, f: Path, size: int, rows: int):
 def _ipc_batches(pa, f: Path, size: int, rows: int):
     """(batch, bytes of the file read so far): Arrow IPC, the stream or the file format (by its magic)."""
     try:
-        with pa.memory_map(str(f)) as src:
+        with pa.OSFile(str(f)) as src:
             if src.read(6) == b"ARROW1":
                 reader = pa.ipc.open_file(src)
                 batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
@@ -174,10 +174,40 @@ def arrow_rows(payload: Any) -> list[dict]:
             import pyarrow as pa
 
             payload = pa.ipc.open_stream(payload).read_all()
-        rows = payload.to_pylist(maps_as_pydicts="lossy")
+        # a map column as a dict, not a list of pairs; asked only where one is (it converts value by value)
+        maps = "lossy" if any(_has_map(f.type) for f in payload.schema) else None
+        rows = payload.to_pylist(maps_as_pydicts=maps)
+        nulls = any(_has_nulls(c) for c in payload.columns)
     except (ValueError, TypeError, OSError, NotImplementedError) as e:
         raise RowsError(f"cannot read the values of these rows ({_reason(e)})") from None
-    return [_without_nulls(r) for r in rows]
+    return [_without_nulls(r) for r in rows] if nulls else rows
+
+
+def _has_map(t) -> bool:
+    import pyarrow.types as pt
+
+    if pt.is_map(t):
+        return True
+    if pt.is_struct(t):
+        return any(_has_map(t.field(i).type) for i in range(t.num_fields))
+    return hasattr(t, "value_type") and _has_map(t.value_type)  # lists of every kind, dictionaries
+
+
+def _has_nulls(arr) -> bool:
+    """Is any value of this column null, at any depth (a chunked column, a list's items, a struct's fields)?"""
+    import pyarrow.types as pt
+
+    if hasattr(arr, "chunks"):
+        return any(_has_nulls(c) for c in arr.chunks)
+    if arr.null_count:
+        return True
+    if pt.is_struct(arr.type):
+        return any(_has_nulls(f) for f in arr.flatten())
+    if pt.is_dictionary(arr.type):
+        return _has_nulls(arr.dictionary)
+    if pt.is_map(arr.type):
+        return _has_nulls(arr.keys) or _has_nulls(arr.items)
+    return hasattr(arr, "flatten") and _has_nulls(arr.flatten())  # lists of every kind: their items
 
 
 def _without_nulls(v: Any) -> Any:
