@@ -84,7 +84,7 @@ def prep(
 ) -> None:
     """Clean raw files into JSONL records: text, chat, preference, verifiable or classification.
 
-    Reads .txt/.md/.jsonl/.json (and .gz of them; anything else as plain text, binary files are skipped), .parquet and .arrow files and datasets' save_to_disk folders (their rows as records; needs pyarrow: pip install 'tiaoyu[parquet]'), auto-detects the record format (Alpaca, ShareGPT, messages, prompt/completion, prompt/response, reasoning records, preference pairs, seed-style <s>…</s> text), normalises Unicode, strips control characters and ANSI escapes, collapses whitespace, filters by length and removes duplicates. Data goes to stdout (or -o, written atomically); the summary goes to stderr.
+    Reads .txt/.md/.jsonl/.json (and .gz of them; anything else as plain text, binary files are skipped), .parquet and .arrow files and datasets' save_to_disk folders (their rows as records; needs pyarrow: pip install 'tiaoyu\\[parquet]'), auto-detects the record format (Alpaca, ShareGPT, messages, prompt/completion, prompt/response, reasoning records, preference pairs, seed-style <s>…</s> text), normalises Unicode, strips control characters and ANSI escapes, collapses whitespace, filters by length and removes duplicates. Data goes to stdout (or -o, written atomically); the summary goes to stderr.
     """
     from tiaoyu_cli.console import console, warn
     from tiaoyu_cli.data.prep import PrepConfig, run_prep

@@ -5,8 +5,10 @@
 
 What is read:
 
-- `.parquet` files, a row group's rows at a time (`ParquetFile.iter_batches`), never whole;
-- `.arrow` files, Arrow IPC in the stream format (as `datasets` writes them) or the file format;
+- `.parquet` files, ROWS rows at a time (`ParquetFile.iter_batches`, column chunks streamed through a
+  1 MB buffer), never whole;
+- `.arrow` files, Arrow IPC in the stream format (as `datasets` writes them) or the file format, a
+  record batch at a time;
 - folders that `datasets`' `save_to_disk` wrote: `dataset_info.json`, `state.json` and the
   `data-0000K-of-0000N.arrow` files that `state.json` lists, read in that order. A `DatasetDict`
   folder (`dataset_dict.json` and one sub-folder per split) gives its `train` split; another split is
