@@ -15,6 +15,8 @@ Examples:
   tiaoyu prep raw/ > data.jsonl
   tiaoyu prep 'corpus/**/*.txt' --separator % --near-dup -o text.jsonl
   tiaoyu prep alpaca.json sharegpt.jsonl.gz --to chat --shuffle --split val=0.01 -o sft/
+  tiaoyu prep data/train-00000-of-00001.parquet --split val=0.01 -o sft/
+  tiaoyu prep hf_saved/ -o data.jsonl   # datasets save_to_disk folder (a DatasetDict: train; hf_saved/test for test)
   tiaoyu prep raw/ | tiaoyu tokenize train - -o tok/
   tiaoyu prep big/ --workers 8 -o data.jsonl
   tiaoyu prep big/ --shard $SLURM_ARRAY_TASK_ID/16 -o parts/$SLURM_ARRAY_TASK_ID.jsonl
@@ -59,7 +61,7 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
 
 
 def prep(
-    inputs: Annotated[list[str], typer.Argument(help="Files, folders (recursive), glob patterns, '-' for stdin.", show_default=False)],
+    inputs: Annotated[list[str], typer.Argument(help="Files, folders (recursive), glob patterns, '-' for stdin. A datasets save_to_disk folder is read as a dataset; a DatasetDict folder gives its train split (name the split's folder, e.g. hf_saved/test, for another).", show_default=False)],
     out: Annotated[Optional[str], typer.Option("-o", "--out", help="Output file (default stdout). With --split: FILE.jsonl → FILE.train.jsonl + FILE.val.jsonl, or DIR/ → DIR/train.jsonl + DIR/val.jsonl.")] = None,
     to: Annotated[Optional[str], typer.Option("--to", help="Force the record kind: text | chat | preference | verifiable | classification.")] = None,
     nfkc: Annotated[bool, typer.Option("--nfkc", help="NFKC normalisation (full-width → ASCII, also Chinese punctuation); default NFC.")] = False,
@@ -82,7 +84,7 @@ def prep(
 ) -> None:
     """Clean raw files into JSONL records: text, chat, preference, verifiable or classification.
 
-    Reads .txt/.md/.jsonl/.json (and .gz of them; anything else as plain text, binary files are skipped), auto-detects the record format (Alpaca, ShareGPT, messages, prompt/completion, prompt/response, reasoning records, preference pairs, seed-style <s>…</s> text), normalises Unicode, strips control characters and ANSI escapes, collapses whitespace, filters by length and removes duplicates. Data goes to stdout (or -o, written atomically); the summary goes to stderr.
+    Reads .txt/.md/.jsonl/.json (and .gz of them; anything else as plain text, binary files are skipped), .parquet and .arrow files and datasets' save_to_disk folders (their rows as records; needs pyarrow: pip install 'tiaoyu\\[parquet]'), auto-detects the record format (Alpaca, ShareGPT, messages, prompt/completion, prompt/response, reasoning records, preference pairs, seed-style <s>…</s> text), normalises Unicode, strips control characters and ANSI escapes, collapses whitespace, filters by length and removes duplicates. Data goes to stdout (or -o, written atomically); the summary goes to stderr.
     """
     from tiaoyu_cli.console import console, warn
     from tiaoyu_cli.data.prep import PrepConfig, run_prep

@@ -21,7 +21,8 @@ else (`.txt`, `.md`, no extension, ...) is plain text, split into documents at b
 at lines equal to `--separator` (e.g. `%`, fortune-file style) in which case blank lines stay
 inside documents. Stdin is sniffed: JSON Lines if its first line is a JSON object, a JSON array
 if it starts with `[`, plain text otherwise. A file whose first 8 KB hold a NUL byte or are
-mostly non-text is binary: skipped and counted.
+mostly non-text is binary: skipped and counted. `.parquet` and `.arrow` files and `datasets`'
+save_to_disk folders are read in record batches with pyarrow, their rows as the records (prep_arrow.py).
 
 Records. Everything is read as one of the kinds text / chat / preference / verifiable /
 classification (see formats.py for the formats recognised); `--to KIND` forces one.
@@ -62,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import itertools
 import os
 import sys
 import time
@@ -69,13 +71,14 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable
 
 import numpy as np
 import orjson
 
 from tiaoyu_cli.data import formats
 from tiaoyu_cli.data.dedup import MinHashDedup, U64Set
+from tiaoyu_cli.data.prep_arrow import arrow_jobs, is_arrow_file
 from tiaoyu_cli.data.prep_io import (JSONL_SUFFIXES, Source, StdoutSink, base_name, expand_inputs, is_binary,
                                      iter_blocks, locate_blocks, output_paths, plan_shard, seek_line_start)
 from tiaoyu_cli.data.prep_records import BlockResult, RecordCleaner, Stop, Workers
@@ -290,6 +293,8 @@ class Prep:
             except (gzip.BadGzipFile, EOFError, zlib.error) as e:
                 self.fail(f"not a valid gzip stream ({e})", "-")
             return
+        if src.dataset or is_arrow_file(src.path):
+            return self._read_arrow(src)
         name = base_name(src.path)
         mode = "jsonl" if self.cfg.merge or name.endswith(JSONL_SUFFIXES) else "json" if name.endswith(".json") else "text"
         size = (src.end - src.start) if src.end is not None else (src.size or 0)
@@ -318,6 +323,19 @@ class Prep:
         self.stats.bytes_in += size
         self._done_bytes += size
         self._progress(0)
+
+    def _read_arrow(self, src: Source) -> None:
+        """Parquet, Arrow or a datasets folder: batches of rows as jobs (prep_arrow.py)."""
+        if self.cfg.merge:
+            raise TiaoyuError(f"{src.path}: --merge reads the JSONL files prep wrote, not parquet or Arrow data")
+        try:
+            for job, done in arrow_jobs(src.path, src.dataset, pack=self.pool is not None):
+                self.submit(job)
+                self._progress(int(done * (src.size or 0)))
+        except DataError:
+            self.drain()  # the errors of earlier rows come first
+            raise
+        self._finish_source(src.size or 0)
 
     def _read_stream(self, f: BinaryIO, path: str, mode: str, raw: BinaryIO | None) -> None:
         sample = f.peek(8192)[:8192] if hasattr(f, "peek") else b""
@@ -348,7 +366,7 @@ class Prep:
         elif mode == "json":
             self._read_json(b"".join(head) + f.read(), path)
         else:
-            self._read_text(_chain(head, iter(f)), path, raw)
+            self._read_text(itertools.chain(head, f), path, raw)
 
     def _read_ranges(self, raw: BinaryIO, path: str, start: int, end: int, lineno: int) -> None:
         """A plain JSONL file with workers: the parent only finds where blocks of whole lines end
@@ -488,11 +506,6 @@ class Prep:
         if docs:
             self.submit(("text", docs))
         self.stats.bytes_in += counted
-
-
-def _chain(head: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
-    yield from head
-    yield from rest
 
 
 def _pieces(res: BlockResult, mask: np.ndarray) -> list[memoryview]:

@@ -11,6 +11,9 @@ boundaries: a shard takes the lines that *begin* in its range, so every line lan
 one shard. Other files (.json, .gz, plain text) cannot be cut safely and go whole to the shard
 that holds their first byte. Concatenating the shards' inputs in shard order gives the
 original input order, which is why `tiaoyu prep --merge` of the shard outputs equals one run.
+
+Datasets. A folder that `datasets`' save_to_disk wrote (prep_arrow.py) is one source, given or
+met while walking a folder: its size is that of its Arrow files, and it is never walked into.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
+from tiaoyu_cli.data.prep_arrow import dataset_files, is_dataset_folder
 from tiaoyu_cli.errors import TiaoyuError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -37,6 +41,7 @@ class Source:
     size: int | None  # bytes on disk (None for stdin)
     start: int = 0  # with --shard: the lines of a JSONL file that begin in [start, end)
     end: int | None = None
+    dataset: bool = False  # a datasets save_to_disk folder (path is the folder)
 
     @property
     def line_splittable(self) -> bool:
@@ -44,11 +49,18 @@ class Source:
 
 
 def _walk(folder: Path) -> Iterator[Path]:
+    """The files under `folder`, and the datasets folders as wholes."""
+    if is_dataset_folder(folder):
+        yield folder
+        return
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in sorted(files):
             if not f.startswith("."):
                 yield Path(root) / f
+        for d in [d for d in dirs if is_dataset_folder(Path(root) / d)]:
+            dirs.remove(d)
+            yield Path(root) / d
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[Source]:
@@ -58,8 +70,12 @@ def expand_inputs(inputs: Iterable[str]) -> list[Source]:
 
     def add(p: Path) -> None:
         key = str(p.resolve())
-        if key not in seen:
-            seen.add(key)
+        if key in seen:
+            return
+        seen.add(key)
+        if p.is_dir():  # a datasets folder (_walk): the size of the Arrow files it reads
+            out.append(Source(str(p), sum(f.stat().st_size for f in dataset_files(p)), dataset=True))
+        else:
             out.append(Source(str(p), p.stat().st_size))
 
     inputs = list(inputs)

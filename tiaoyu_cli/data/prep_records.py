@@ -2,7 +2,8 @@
 needs nothing but the record itself, so it runs in worker processes (`--workers N`).
 
 A *job* is a block of JSONL lines (the bytes with the number of its first line, or — from a plain
-file with workers — where the block lies, numbered from 1 and renumbered by the parent), a list of plain-text documents, or a block of `--merge` lines. `RecordCleaner.run(job)` turns it into a `BlockResult`:
+file with workers — where the block lies, numbered from 1 and renumbered by the parent), a list of plain-text documents, a batch of
+parquet/Arrow rows (prep_arrow.py: the batch, its file and the number of its first row), or a block of `--merge` lines. `RecordCleaner.run(job)` turns it into a `BlockResult`:
 the kept records in input order (kind, JSON line, 64-bit hash and, with --near-dup, the MinHash
 band keys), the counts of what was dropped and why, and the first error, if any, after which the
 block stops. Everything that depends on *other* records — exact and near dedup, the train/val
@@ -31,6 +32,7 @@ import orjson
 from tiaoyu_cli.data import formats
 from tiaoyu_cli.data.clean import CleanConfig, clean_text
 from tiaoyu_cli.data.dedup import MinHashDedup, hash64
+from tiaoyu_cli.data.prep_arrow import RowsError, arrow_rows
 
 _DUMP = orjson.OPT_APPEND_NEWLINE
 # canonical kinds by formats.detect's name of a prep output record (--merge reads only those)
@@ -94,6 +96,8 @@ class RecordCleaner:
                 if lineno is None:  # (kind, (offset, length), path, None, source): numbered by the parent
                     res.source, res.newlines, lineno = job[4], block.count(b"\n"), 1
                 (self.jsonl_block if kind == "jsonl" else self.merge_block)(block, job[2], lineno, res)
+            elif kind == "arrow":  # (kind, batch or its IPC bytes, file, first row, rows)
+                self.arrow_batch(job[1], job[2], job[3], job[4], res)
             else:  # "text": documents already cut by the parent
                 for doc in job[1]:
                     self.add_record("text", {"text": doc}, res)
@@ -175,6 +179,15 @@ class RecordCleaner:
             obj = self.parse_line(res, b, path, lineno + i)
             if obj is not None:
                 self.add_json(obj, path, lineno + i, res)
+
+    def arrow_batch(self, batch, path: str, first: int, n: int, res: BlockResult) -> None:
+        """Rows of a parquet/Arrow file, read like JSONL records; errors name the row (from 0)."""
+        try:
+            rows = arrow_rows(batch)
+        except RowsError as e:
+            self.fail(res, str(e), f"{path}: rows {first}–{first + n - 1}", None)
+        for i, obj in enumerate(rows):
+            self.add_json(obj, f"{path}: row {first + i}", None, res)
 
     def merge_block(self, block: bytes, path: str, lineno: int, res: BlockResult) -> None:
         """--merge: lines that prep wrote (any canonical kind) pass unchanged but re-serialised, so
