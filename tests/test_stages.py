@@ -199,6 +199,31 @@ def test_golden_losses(stage, straight):
         f"{stage}: got {got}, golden {want}; golden written with {table.get('_meta')}, this run {golden_meta()}")
 
 
+# PPO's and GRPO's losses say little alone (GRPO's first is 0 by construction: the advantages of a group sum to
+# 0), so their goldens also hold what the update saw: KL to the reference, clip fractions, rewards, advantages
+RL_STATS = {"grpo": ("clipfrac", "kl_k3", "reward", "reward_std", "adv_abs", "flat_groups"),
+            "ppo": ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "kl", "adv_mean", "adv_std", "returns_mean",
+                    "value_mean")}
+
+
+@pytest.mark.parametrize("stage", list(RL_STATS))
+def test_golden_rl_statistics(stage, straight):
+    lines = [json.loads(l) for l in (straight[stage] / "metrics.jsonl").read_text().splitlines()]
+    by_step = {l["step"]: l for l in lines if not l.get("eval") and "loss" in l}
+    got = {str(s): {k: round(float(by_step[s][k]), 6) for k in RL_STATS[stage]} for s in (1, 2, 3)}
+    key = f"{stage}:stats"
+    if os.environ.get("TIAOYU_WRITE_GOLDEN"):
+        table = json.loads(GOLDEN.read_text())
+        table[key] = got
+        GOLDEN.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    table = json.loads(GOLDEN.read_text())
+    want = table[key]
+    assert any(abs(v) > 1e-3 for st in want.values() for v in st.values()), "the golden statistics say nothing"
+    for s in want:
+        assert got[s] == pytest.approx(want[s], abs=GOLDEN_ABS), (
+            f"{stage} step {s}: got {got[s]}, golden {want[s]}; golden written with {table.get('_meta')}")
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_resume_equals_straight(stage, straight, files, tmp_path):
     out = tmp_path / "run"

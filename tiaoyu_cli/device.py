@@ -98,9 +98,8 @@ def pick_threads(op_flops: float, cores: int | None = None, load: float | None =
 
     One thread when the work per operator is small (the fork/join of a parallel region costs more
     than it saves) or when other processes keep the cores busy: every operator is an OpenMP parallel
-    region, and when one of its threads waits for a core the others wait at the barrier (measured on
-    this 2-core machine at load 11: tiny pretraining 1,000–1,230 tokens/s with one thread, 120–180
-    with two). Otherwise the cores nobody else is using (cores − load average, at least one).
+    region, and when one of its threads waits for a core the others wait at the barrier (on a busy
+    2-core machine tiny pretraining runs several times slower on two threads than on one). Otherwise the cores nobody else is using (cores − load average, at least one).
     """
     cores = cores or os.cpu_count() or 1
     if load is None:
@@ -127,8 +126,8 @@ def busy_cpu_note() -> str | None:
     """A hint when torch will run several threads on a CPU that other processes keep busy.
 
     Every operator is an OpenMP parallel region; when one of its threads waits for a core, the
-    others wait at the barrier, and a training step of a small model can run 10× slower than on one
-    thread (measured on a 2-core machine at load 6). Returns None when that is not the case.
+    others wait at the barrier, and a training step of a small model can run many times slower than on
+    one thread. Returns None when that is not the case.
     """
     try:
         load = os.getloadavg()[0]

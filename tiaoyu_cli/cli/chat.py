@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
         from tiaoyu_cli.console import warn as _warn
 
         cm = load_chat_model(ckpt, device=device, mode=mode, adapter=adapter, on_warning=_warn)
-        if quantize != "none":  # model/quant.py (eval/export/serve engineer)
+        if quantize != "none":  # model/quant.py
             from tiaoyu_cli.model.quant import quantize_model
 
             quantize_model(cm.model, quantize)

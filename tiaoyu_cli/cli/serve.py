@@ -81,8 +81,7 @@ def register(app: typer.Typer) -> None:
         with console.status(f"loading {ckpt} …"):
             engine, name = load_engine(ckpt, device=device, mode=mode, quantize=quantize, config=cfg)
         # the scheduler thread and uvicorn's event loop share the GIL; at the default 5 ms switch interval
-        # each may wait that long for the other at every hand-over (measured: 0.7x the old server's
-        # tokens/s at 8 clients with 5 ms, 1.07x with 0.5 ms; benchmarks/RESULTS.md)
+        # each may wait that long for the other at every hand-over (benchmarks/bench_serve.py measures it)
         sys.setswitchinterval(0.0005)
         server = make_server(engine, host, port, name, quiet=quiet)
         h, p = server.server_address[:2]

@@ -3,9 +3,9 @@ then one token per step (tokens [B] → next-token logits [B, V]).
 
 Why a second implementation: on a CPU a decode step of a small model is not arithmetic but the cost
 of calling ~25 operators per layer plus reading the weights. A torch CPU operator costs 2–50 µs to
-dispatch on one token (`F.rms_norm` alone is six operators, ~50 µs), a numpy one 1–3 µs, so on the
-`tiny` preset this runs ~1.5–2× `OneTokenStep` (benchmarks/bench_decode.py measures both, transformers
-and llama.cpp). It computes what `Transformer.forward` computes with the cache (tests/test_numpy_step.py
+dispatch on one token (`F.rms_norm` alone is six operators), a numpy one a few, so on small presets this
+runs faster than `OneTokenStep` (benchmarks/bench_decode.py measures both, transformers and llama.cpp;
+figures in benchmarks/RESULTS.md). It computes what `Transformer.forward` computes with the cache (tests/test_numpy_step.py
 compares logits, tokens and log-probs), on numpy views of the KVCache tensors, so `KVCache.select`
 (rows that finished leave the batch) works unchanged; the cached keys hold this step's pair order, so
 a cache filled here is read here.
@@ -292,9 +292,9 @@ class NumpyStep:
         self.eps = float(model.model.norm.eps)
         self.nq, self.nv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.ones = np.ones((cache.max_len, 1), np.float32)
-        # one row: matrix-vector products, which read the weights faster on torch's thread count (small:
-        # 1.8× with 2 threads); several rows: one thread — OpenBLAS splitting a [4, 128] × [128, 448]
-        # product over 2 threads was measured 4× slower than one
+        # one row: matrix-vector products, which read the weights faster on torch's thread count; several
+        # rows: one thread — OpenBLAS splitting small products like [4, 128] × [128, 448] over threads is
+        # slower than one (benchmarks/bench_decode.py)
         set_blas_threads(torch.get_num_threads() if cache.k.shape[1] == 1 else 1)
         self._views()
 
@@ -303,10 +303,10 @@ class NumpyStep:
         """The prepared weights when this step should run the model, else None (`OneTokenStep` runs it).
 
         It can run the stock dense RoPE Transformer with fp32 weights and plain layers on CPU without
-        autocast. It should where it was measured faster (benchmarks/RESULTS.md, "Issue 17: the numpy
-        step"): one row always (tiny 1.7×, small 1.1× at one thread, 1.8× at two); several
-        rows only for a narrow model (dim ≤ 256) and at one torch thread or ≤ 4 rows — a wide model's
-        batched products, or torch's second thread on 16 rows, are faster in torch.
+        autocast. It should where it was measured faster (benchmarks/bench_decode.py; figures in
+        benchmarks/RESULTS.md): one row always; several rows only for a narrow model (dim ≤ 256) and at one
+        torch thread or ≤ 4 rows — a wide model's batched products, or torch's second thread on 16 rows,
+        are faster in torch.
         """
         from tiaoyu_cli.infer.generate import OneTokenStep
 
@@ -323,8 +323,8 @@ class NumpyStep:
         km = cache.key_mask.cpu().numpy()
         self.padded = not km[:, :cache.length].all()
         self.neg = np.where(km, np.float32(0), np.float32(-np.inf))[:, None, None, :]  # [B, 1, 1, P]
-        # one row: the compiled step (1.3–1.45× the numpy loop on tiny; on a wide model level with it at one
-        # thread, while numpy's BLAS on two threads is 1.7× faster there)
+        # one row: the compiled step (faster than the numpy loop on narrow models; on a wide model level with
+        # it at one thread, while numpy's BLAS on two threads is faster there)
         one_thread_enough = self.cfg.dim <= 256 or torch.get_num_threads() == 1
         self.c_args = self._c_args() if one_thread_enough and c_kernel() is not None else None  # (row 0 of the cache)
 

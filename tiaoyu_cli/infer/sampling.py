@@ -104,7 +104,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
 def choose(processed: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids [B] from processed logits [B, V]: argmax when greedy, else one draw from softmax."""
     if params.greedy:
-        if processed.device.type == "cpu" and processed.dtype == torch.float32:  # numpy's argmax: ~5× less overhead
+        if processed.device.type == "cpu" and processed.dtype == torch.float32:  # numpy's argmax: less call overhead
             return torch.from_numpy(processed.detach().numpy().argmax(-1))
         return processed.argmax(dim=-1)
     probs = processed.softmax(dim=-1)

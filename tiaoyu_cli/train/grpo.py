@@ -105,7 +105,7 @@ class GRPOStage(RolloutStage):
         targets = {"old_logp": old, "adv": adv}
         r = scores.reward.view(-1, G)
         stats = {"flat_groups": float((r.max(1).values == r.min(1).values).float().mean()),
-                 "reward_std": float(r.std(1).mean())}
+                 "reward_std": float(r.std(1).mean()), "adv_abs": float(adv.abs().mean())}
         if self.ref_model is not None:
             ref = self.forward_chunks(self.ref_model, ro)
             targets["ref_logp"] = ref

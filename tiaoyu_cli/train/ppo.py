@@ -117,11 +117,15 @@ class PPOStage(RolloutStage):
         dones = torch.zeros_like(mask)
         dones[torch.arange(mask.shape[0]), last] = 1.0
         adv, returns = gae(rewards, old_values * mask, dones, c.gamma, c.lam)
+        n_tok = mask.sum().clamp(min=1)
+        adv_mean = float((adv * mask).sum() / n_tok)  # before whitening: what GAE made of the rewards
+        adv_std = float((((adv - adv_mean) * mask) ** 2).sum().div(n_tok).sqrt())
         if c.whiten_advantages:
             adv = masked_whiten(adv, mask)
         kl, kl3 = sequence_kl(old_logp, ref_logp, ro.mask)
         stats = {"kl": kl, "kl_k3": kl3, "score_norm": float(score.mean()),
-                 "value_mean": float((old_values * mask).sum() / mask.sum().clamp(min=1))}
+                 "value_mean": float((old_values * mask).sum() / n_tok), "adv_mean": adv_mean, "adv_std": adv_std,
+                 "returns_mean": float((returns * mask).sum() / n_tok)}
         return {"old_logp": old_logp, "old_values": old_values, "adv": adv, "returns": returns}, stats
 
     def step(self, model: nn.Module, batch) -> StepOutput:

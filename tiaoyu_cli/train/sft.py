@@ -326,7 +326,7 @@ class SFTStage(BaseStage):
             if n:
                 res["val_loss"] = total / n
         if self.eval_records and self.cfg.eval_samples:
-            tok = self.trainer.tokenizer if hasattr(self, "trainer") else self.tokenizer
+            tok = self.trainer.tokenizer  # evaluation runs inside a Trainer (setup gave the stage its trainer)
             records = self.eval_records[:self.cfg.eval_samples]
             if self.cfg.eval_tools:
                 rep = tool_answer_accuracy(self.generation_model(model), tok, records,
