@@ -160,8 +160,35 @@ def test_gsm8k_cli_base_and_chat_prompts(base_ckpt, capsys):
         r = json.loads(capsys.readouterr().out)
         assert r["n"] == 2 and r["chat_template"] == (chat == "yes") and set(r["stderr"]) == {"acc", "acc_flexible"}
         assert [it["gold"] for it in r["items"]] == ["10", "12"] and all("answer" in it for it in r["items"])
-    with pytest.raises(TiaoyuError, match="tool registry"):
-        run_bench(base_ckpt, FIX / "gsm8k", BenchConfig(task="gsm8k", tools=["calculator"], device="cpu"))
+
+
+def test_gsm8k_with_tools_answers_through_the_tool_loop(base_ckpt, monkeypatch):
+    """--tools: each question goes through chat's tool loop; the final answer is scored, the calls are kept.
+    The model's turns are scripted (a tiny base does not call tools): a calculator call, then an answer."""
+    from tiaoyu_cli.checkpoint import load_tokenizer
+    from tiaoyu_cli.infer import tool_loop
+    from tiaoyu_cli.infer.generate import GenerationResult
+
+    tok = load_tokenizer(base_ckpt)
+    turns = [[tok.tool_call_id] + tok.encode('{"name": "calculator", "arguments": {"expression": "6+4"}}')
+             + [tok.end_tool_call_id], tok.encode("The answer is 10.\n#### 10") + [tok.im_end_id]]
+    seen = []
+
+    def gen(model, prompts, max_new_tokens, params=None, stop_ids=(), seed=None, **kw):
+        seen.append([tok.decode(p, skip_special=False) for p in prompts])
+        toks = turns[(len(seen) - 1) % 2]
+        assert toks[-1] in set(stop_ids)
+        return GenerationResult([toks] * len(prompts), ["stop"] * len(prompts), [list(p) for p in prompts])
+
+    monkeypatch.setattr(tool_loop, "generate_detailed", gen)
+    r = run_bench(base_ckpt, FIX / "gsm8k", BenchConfig(task="gsm8k", tools=["calculator"], chat="yes", device="cpu",
+                                                         keep_items=True))
+    assert r["n"] == 2 and r["acc"] == 0.5 and r["tool_call_rate"] == 1.0 and r["tools"] == ["calculator"]
+    assert [it["strict"] for it in r["items"]] == ["10", "10"] and [it["gold"] for it in r["items"]] == ["10", "12"]
+    assert all(it["tool_calls"][0]["result"] == "10" for it in r["items"])
+    assert "<tool_response>" in seen[1][0] and "10" in seen[1][0]  # round 2 read the calculator's result
+    with pytest.raises(TiaoyuError, match="needs the chat template"):
+        run_bench(base_ckpt, FIX / "gsm8k", BenchConfig(task="gsm8k", tools=["calculator"], chat="no", device="cpu"))
 
 
 # ---- the benchmark of held-out facts (tiaoyu synth → bench/) ------------------------------------

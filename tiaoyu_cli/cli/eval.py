@@ -135,8 +135,8 @@ def bench_cmd(
     max_new_tokens: Annotated[int, typer.Option(help="gsm8k: most tokens per answer")] = 256,
     chat: Annotated[str, typer.Option(help="gsm8k: auto (chat template for sft/rlhf/reason checkpoints) | "
                                            "yes | no")] = "auto",
-    tools: Annotated[str, typer.Option(help="gsm8k: tools the model may call, e.g. calculator (needs the "
-                                            "tool registry)")] = "",
+    tools: Annotated[str, typer.Option(help="gsm8k: tools the model may call while it answers, e.g. calculator "
+                                            "(chat checkpoints; each item records its calls)")] = "",
     items: Annotated[bool, typer.Option("--items", help="keep per-item log-likelihoods/answers in the JSON")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="fp32 | bf16 | auto")] = "fp32",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from tiaoyu_cli.checkpoint import load_model, load_tokenizer, load_trainer_info
@@ -21,6 +22,7 @@ from tiaoyu_cli.evals import bench_formats as bf
 from tiaoyu_cli.evals.contamination import dirty_items
 from tiaoyu_cli.evals.gsm8k import run_gsm8k
 from tiaoyu_cli.evals.multiple_choice import MCRequest, loglikelihoods, mean_stderr, score_item
+from tiaoyu_cli.infer.session import trained_with_tool_schemas
 
 CHAT_STAGES = {"sft", "dpo", "ppo", "grpo", "reason", "reason-rl", "distill", "lora"}
 
@@ -41,7 +43,7 @@ class BenchConfig:
     bos: bool = True
     contamination: list[str] = field(default_factory=list)
     keep_items: bool = False  # per-item log-likelihoods / answers in the result
-    tools: list[str] | None = None  # gsm8k --tools (issue 13's registry): the seam, unused here
+    tools: list[str] | None = None  # gsm8k: tools the model may call while answering (infer/tools.py)
 
 
 def load_docs(path: str | os.PathLike, cfg: BenchConfig) -> tuple[list[bf.Doc], Callable[[bf.Doc], list[bf.Doc]], dict]:
@@ -100,9 +102,14 @@ def run_bench(ckpt: str | os.PathLike, path: str | os.PathLike, cfg: BenchConfig
     if cfg.task == "gsm8k":
         stage = load_trainer_info(d).get("stage")
         chat = cfg.chat == "yes" or (cfg.chat == "auto" and stage in CHAT_STAGES)
-        scores = run_gsm8k(model, tok, docs, shots_for, chat, cfg.max_new_tokens, cfg.batch_size, cfg.tools, step)
+        schemas = trained_with_tool_schemas(Path(d)) is not False  # as the checkpoint learned its tools
+        scores = run_gsm8k(model, tok, docs, shots_for, chat, cfg.max_new_tokens, cfg.batch_size, cfg.tools, step,
+                           schemas_in_prompt=schemas)
         keys: tuple[str, ...] = ("acc", "acc_flexible")
         extra = {"chat_template": chat}
+        if cfg.tools:
+            extra["tools"] = cfg.tools
+            extra["tool_call_rate"] = sum(bool(s["tool_calls"]) for s in scores) / max(1, len(scores))
     else:
         reqs = []
         for doc in docs:
