@@ -261,6 +261,38 @@ def test_sft_trains_and_the_output_loads_in_transformers(tmp_path, monkeypatch, 
         assert (ours.eval()(torch.tensor([ids])).logits - theirs(torch.tensor([ids])).logits).abs().max() < 1e-4
 
 
+def test_gguf_has_the_sentencepiece_vocabulary_and_transformers_logits(tmp_path, monkeypatch, capfd):
+    """`export --format gguf`: llama.cpp's "llama" tokenizer with every piece, score and type of tokenizer.model, the
+    added <pad> as a control token, ids by role, BOS and the space prefix as the folder adds them, its template; a
+    forward pass over the file's tensors as llama.cpp computes it gives transformers' logits."""
+    pytest.importorskip("gguf")
+    import numpy as np
+
+    from test_export import read_gguf
+    from test_open_gguf import gguf_forward, hf_logits
+
+    src = make_folder(tmp_path / "src")
+    out = tmp_path / "m.gguf"
+    run_cli(["export", str(src), "--format", "gguf", "-o", str(out)], monkeypatch, capfd)
+    field, tensors = read_gguf(out)
+    sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+    n = sp.get_piece_size()
+    assert field("general.architecture") == "llama" and field("tokenizer.ggml.model") == "llama"
+    assert field("tokenizer.ggml.tokens") == [sp.id_to_piece(i) for i in range(n)] + ["<pad>"]
+    assert np.allclose(field("tokenizer.ggml.scores")[:n], [sp.get_score(i) for i in range(n)])
+    types = field("tokenizer.ggml.token_type")
+    assert types[0] == 2 and types[1] == types[2] == types[n] == 3  # unknown, control
+    assert all(types[i] == (6 if sp.is_byte(i) else 1) for i in range(3, n))  # byte pieces, normal pieces
+    assert (field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id"),
+            field("tokenizer.ggml.unknown_token_id"), field("tokenizer.ggml.padding_token_id")) == (1, 2, 0, n)
+    assert field("tokenizer.ggml.add_bos_token") is True and field("tokenizer.ggml.add_eos_token") is False
+    assert field("tokenizer.ggml.add_space_prefix") is True
+    assert field("tokenizer.chat_template") == LLAMA2_TEMPLATE
+    ids = open_tokenizer(src).encode("What is 12 + 7? It is 19. 你好！", bos=True)
+    got, want = gguf_forward(field, tensors, ids), hf_logits(src, ids)
+    assert np.abs(want).max() > 0.5 and np.abs(got - want).max() < 1e-4
+
+
 def test_bad_model_file_is_a_clear_error(tmp_path):
     from tiaoyu_cli.errors import TiaoyuError
 
