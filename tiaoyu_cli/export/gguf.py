@@ -40,7 +40,11 @@ pieces), BOS/EOS/UNK/PAD ids, <|im_end|> as end-of-turn, no automatic BOS and no
 control, other added tokens user-defined, rows past the tokenizer's end as unused [PADn]), its merges,
 the pre-tokenizer named by its split regex ("qwen2", "llama-bpe", "gpt-2"), the special ids and flags
 gguf's SpecialVocab reads from the folder, an end-of-turn id from generation_config.json, and the
-folder's own chat template. A SentencePiece-style tokenizer.json (Metaspace, byte fallback) is refused.
+folder's own chat template. A SentencePiece-style tokenizer.json (Metaspace, byte fallback) is refused. A foreign
+SentencePiece `tokenizer.model` folder without tokenizer.json (Llama 2, Mistral) as llama.cpp's "llama" tokenizer,
+as convert_hf_to_gguf.py writes one: every piece with its score and type, tokens added past the model as control
+(special) or user-defined, the ids by role, BOS/EOS added as tokenizer_config.json says, the space prefix as the
+tokenizer adds it, and the folder's template.
 
 Types: f32 (exact), f16, or q8_0 (blocks of 32 weights, each stored as int8 with one f16 scale:
 8.5 bits per weight). Norms always stay f32, as llama.cpp expects.
@@ -61,6 +65,7 @@ from tiaoyu_cli.checkpoint import load_model, load_tokenizer
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.export.hf import check_hf_exportable, source_checkpoint
 from tiaoyu_cli.io import fsync_dir
+from tiaoyu_cli.tokenizer import SPFolderTokenizer
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 IM_END_ID = 5
@@ -208,6 +213,33 @@ def tokenizer_vocab(tok, vocab_size: int) -> tuple[list[str], list[float], list[
     return pieces, scores, types
 
 
+def add_sentencepiece_tokenizer(w, tok, vocab_size: int) -> None:
+    """The "llama" tokenizer keys of a foreign SentencePiece folder (module docstring)."""
+    gguf = _import_gguf()
+    TT = gguf.TokenType
+    enc = tok.tk  # tokenizer/spfolder.py's SentencePieceEncoder: the model in `.sp`, added tokens in `.added`
+    pieces, scores, types = tokenizer_vocab(enc, vocab_size)
+    for i, a in enc.added.items():
+        if enc.size <= i < vocab_size:
+            pieces[i], types[i] = a.content, int(TT.CONTROL if a.special else TT.USER_DEFINED)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    for role, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("unk", tok.unk_id), ("pad", tok.pad_id)):
+        if i is not None and 0 <= i < vocab_size:
+            getattr(w, f"add_{role}_token_id")(i)
+    turn = sorted(i for i in tok.stop_ids if i != tok.eos_id)
+    if turn:
+        w.add_eot_token_id(turn[0])
+    w.add_add_bos_token(enc.add_bos)
+    w.add_add_eos_token(enc.add_eos)
+    w.add_add_space_prefix(enc.prefix)
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+
+
 def bpe_vocab(tok, vocab_size: int) -> tuple[list[str], list[int], str]:
     """An open model's byte-level BPE tokenizer.json as llama.cpp's "gpt2" tokenizer: (tokens by id, their types,
     the pre-tokenizer's name), as convert_hf_to_gguf.py makes them."""
@@ -304,7 +336,8 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, kind: str = "f3
     tok = load_tokenizer(src)
     if cfg.vocab_size < tok.vocab_size:
         raise TiaoyuError(f"{src}: tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
-    open_tok = getattr(tok, "backend", None) == "hf"
+    sp_tok = isinstance(tok, SPFolderTokenizer)
+    open_tok = getattr(tok, "backend", None) == "hf" and not sp_tok
     if open_tok:
         bpe_vocab(tok, cfg.vocab_size)  # refuse a tokenizer llama.cpp would read wrongly, before writing anything
 
@@ -339,7 +372,9 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, kind: str = "f3
             w.add_expert_count(cfg.n_experts)
             w.add_expert_used_count(cfg.n_experts_per_tok)
 
-        if open_tok:
+        if sp_tok:
+            add_sentencepiece_tokenizer(w, tok, cfg.vocab_size)
+        elif open_tok:
             add_bpe_tokenizer(w, tok, src, cfg.vocab_size)
         else:
             pieces, scores, types = tokenizer_vocab(tok, cfg.vocab_size)

@@ -499,11 +499,13 @@ def stream(model, tokenizer, prompt: list[int], max_new_tokens: int = 256, param
     device = next(model.parameters()).device
     gen = make_generator(seed, device) if not params.greedy else None
     dec = IncrementalDecoder(tokenizer)
-    for step in decode_steps(model, fitted, n_new, params, stop_ids, gen, dtype=dtype):
+    stops = frozenset(int(s) for s in stop_ids)
+    for step in decode_steps(model, fitted, n_new, params, stops, gen, dtype=dtype):
         t = step.tokens[0]
         if tokens_out is not None:
             tokens_out.append(t)
-        yield from dec.push(t)
+        if t not in stops:  # the stop token ends the answer without being part of it, special or not
+            yield from dec.push(t)
     yield from dec.flush()
 
 

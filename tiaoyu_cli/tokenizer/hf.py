@@ -87,26 +87,24 @@ def clean_up_spaces(text: str) -> str:
 
 
 class HFTokenizer:
-    """A tokenizer.json folder behind the `Tokenizer` interface (module docstring). `HFTokenizer.load(folder)`."""
+    """A tokenizer.json folder behind the `Tokenizer` interface (module docstring). `HFTokenizer.load(folder)`.
 
-    backend = "hf"
+    `self.tk` is the encoder: a `tokenizers.Tokenizer` here; spfolder.py puts a SentencePiece model behind the same
+    few calls (token_to_id, id_to_token, get_vocab_size, get_added_tokens_decoder, encode, encode_batch, decode)."""
+
+    backend = "hf"  # a Hugging Face folder's tokenizer: specials by role, its own template
+    main_file = TOKENIZER_JSON  # the file that holds the vocabulary (fingerprinted with tokenizer_config.json)
 
     def __init__(self, files: dict[str, bytes], path: Path | None = None, generation: dict | None = None,
                  model_config: dict | None = None):
-        from tokenizers import Tokenizer as _Fast
-
         self.path = path
         self._files = dict(files)
         self._generation = dict(generation or {})
         self._model_config = dict(model_config or {})
-        where = str(path / TOKENIZER_JSON) if path else TOKENIZER_JSON
-        try:
-            self.tk = _Fast.from_str(files[TOKENIZER_JSON].decode("utf-8"))
-        except Exception as e:  # tokenizers raises its own Exception type on a bad file
-            raise TiaoyuError(f"{where} is not a valid tokenizers file ({e})") from None
         self.config = json.loads(files[CONFIG_FILE]) if CONFIG_FILE in files else {}
         special_map = json.loads(files[SPECIAL_MAP]) if SPECIAL_MAP in files else {}
-        self.fingerprint = hashlib.sha256(files[TOKENIZER_JSON] + files.get(CONFIG_FILE, b"")).hexdigest()[:16]
+        self.tk = self._make_encoder(files, str(path / self.main_file) if path else self.main_file, special_map)
+        self.fingerprint = hashlib.sha256(files[self.main_file] + files.get(CONFIG_FILE, b"")).hexdigest()[:16]
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
         added = self.tk.get_added_tokens_decoder()  # {id: AddedToken}
         self.special_ids = frozenset(i for i, t in added.items() if t.special)
@@ -150,16 +148,28 @@ class HFTokenizer:
         self._compiled = None
         self._tool_layout: tuple[str, str] | str | None = None  # (text before, after a result) or why not
 
+    def _make_encoder(self, files: dict[str, bytes], where: str, special_map: dict):
+        from tokenizers import Tokenizer as _Fast
+
+        try:
+            return _Fast.from_str(files[TOKENIZER_JSON].decode("utf-8"))
+        except Exception as e:  # tokenizers raises its own Exception type on a bad file
+            raise TiaoyuError(f"{where} is not a valid tokenizers file ({e})") from None
+
+    def _encode_with_offsets(self, text: str):
+        """The encoding of rendered chat text, no specials added: `.ids` and `.offsets` (character spans)."""
+        return self.tk.encode(text, add_special_tokens=False)
+
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def load(cls, path: str | os.PathLike) -> "HFTokenizer":
         """A folder holding tokenizer.json (and usually tokenizer_config.json, special_tokens_map.json,
         chat_template.jinja); generation_config.json and config.json beside them supply ids by role."""
         folder = Path(path)
-        if folder.is_file() and folder.name == TOKENIZER_JSON:
+        if folder.is_file() and folder.name == cls.main_file:
             folder = folder.parent
-        if not (folder / TOKENIZER_JSON).is_file():
-            raise TiaoyuError(f"{folder}: no {TOKENIZER_JSON}")
+        if not (folder / cls.main_file).is_file():
+            raise TiaoyuError(f"{folder}: no {cls.main_file}")
         files = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
         for name in (CONFIG_FILE, SPECIAL_MAP):
             if name in files:
@@ -185,7 +195,7 @@ class HFTokenizer:
         self.__init__(state["files"], state["path"], state["generation"], state["model"])
 
     def __repr__(self) -> str:
-        return f"HFTokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size}, fingerprint={self.fingerprint!r})"
+        return f"{type(self).__name__}(path={str(self.path)!r}, vocab_size={self.vocab_size}, fingerprint={self.fingerprint!r})"
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -366,7 +376,7 @@ class HFTokenizer:
         kw = {**self.special_tokens, **template_kwargs}
         spans: list[tuple[int, int]] = []
         text = render_template(template, messages, tools, add_generation_prompt, kw, spans)
-        enc = self.tk.encode(text, add_special_tokens=False)
+        enc = self._encode_with_offsets(text)
         ids = enc.ids
         if not spans:
             spans = self._assistant_spans(template, messages, tools, text, kw)
