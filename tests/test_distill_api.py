@@ -85,13 +85,16 @@ class FakeAPI:
 
             def reply(self, status, obj, headers=None):
                 data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client was killed while it waited
+                    pass
 
             def do_GET(self):
                 api.requests.append(("GET", self.path, None, dict(self.headers)))
@@ -228,7 +231,7 @@ def test_killed_run_goes_on_where_it_stopped(fake, synth_dir, tok_dir, tmp_path)
     keep = tmp_path / "teacher.jsonl"
     cmd = [sys.executable, "-m", "tiaoyu_cli", "distill", "--teacher", api.url, "--teacher-model", api.model,
            *STUDENT_CLI, "--tokenizer", str(tok_dir), str(prompts), "-o", str(tmp_path / "student"),
-           "--mode", "black", "--keep-teacher-data", str(keep), "--teacher-concurrency", "2", "--max-steps", "1",
+           "--mode", "black", "--keep-teacher-data", str(keep), "--teacher-concurrency", "2", "--max-new-tokens", "16", "--max-steps", "1",
            "--device", "cpu", "--dtype", "fp32"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
         eval_samples: int = typer.Option(200, help="questions of --val answered by generation at each evaluation"),
         seq_len: int = typer.Option(0, help="tokens per sequence (0 = the student's max_seq_len)"),
         max_new_tokens: int = typer.Option(256, help="black: most tokens per teacher answer"),
-        gen_batch_size: int = typer.Option(32, help="black: prompts the teacher answers together"),
+        gen_batch_size: int = typer.Option(32, help="black, checkpoint teacher: prompts it answers together"),
         gen_temperature: float = typer.Option(0.0, help="black: teacher sampling temperature (0 = greedy)"),
         skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
         *,

@@ -33,7 +33,7 @@ from tiaoyu_cli.data.jsonl import RecordCounts, dumps, load_records
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.infer.endpoint import Endpoint, EndpointError, EndpointUnavailable, RetryCancelled, chat_concurrently
 from tiaoyu_cli.infer.session import ChatModel, GenerationOptions, answer_records, record_messages
-from tiaoyu_cli.io import _umask, fsync_dir, output_lock
+from tiaoyu_cli.io import fsync_dir, output_lock
 from tiaoyu_cli.train.trainer import TrainingInterrupted
 
 META = "teacher"  # the record key that says which prompt an answer belongs to and how it was made
@@ -126,7 +126,7 @@ class AnswerFile:
         if self.fd is None:
             new = not self.path.exists()
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666 & ~_umask() | 0o600)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
             if new:
                 fsync_dir(self.path.parent)
         view = memoryview(dumps(rec))
@@ -313,11 +313,9 @@ def collect_answers(teacher, prompts: list[Prompt], keep: Path, name: str, stats
                 have[p.line] = rec
                 meter.tick()
         except KeyboardInterrupt:
-            raise TrainingInterrupted(f"interrupted: {len(have):,} of {len(prompts):,} answers are kept in {keep}; "
-                                      f"the same command again asks only for the rest") from None
+            raise TrainingInterrupted(f"interrupted: {kept_note(len(have), len(prompts), keep)}") from None
         except TiaoyuError as e:
-            raise TiaoyuError(f"{e} — {len(have):,} of {len(prompts):,} answers are kept in {keep}; the same "
-                              f"command again asks only for the rest") from None
+            raise TiaoyuError(f"{e} — {kept_note(len(have), len(prompts), keep)}") from None
         finally:
             file.close()
     if todo:
@@ -328,6 +326,12 @@ def collect_answers(teacher, prompts: list[Prompt], keep: Path, name: str, stats
         raise TiaoyuError(f"{name}: the teacher gave no usable answer to any prompt (is it a chat model? try a "
                           f"larger --max-new-tokens)")
     return [have[p.line] for p in prompts if p.line in have]
+
+
+def kept_note(n: int, total: int, keep: Path) -> str:
+    if not n:
+        return "no answer was received yet"
+    return f"{n:,} of {total:,} answers are kept in {keep}; the same command again asks only for the rest"
 
 
 def read_answers(keep: Path) -> list[dict]:
