@@ -3,11 +3,15 @@ or white box (DistillStage over chat records or token shards), through the one r
 
     tiaoyu distill --teacher ckpt/big --student-preset tiny chat.jsonl -o ckpt/student --mode white
     tiaoyu distill --teacher ckpt/big --student ckpt/small prompts.jsonl -o ckpt/student --mode black
+    tiaoyu distill --teacher http://localhost:8000/v1 --student ckpt/small prompts.jsonl -o ckpt/student --mode black
+
+A black-box teacher is a checkpoint or an OpenAI-compatible endpoint (train/teacher_data.py: both answer into
+the same answer file, and the SFT stage trains on it the same way).
 """
 
 from __future__ import annotations
 
-import time
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,70 +21,28 @@ import torch.nn as nn
 from tiaoyu_cli.checkpoint import (load_config, load_model, load_tokenizer, load_trainer_info, resolve_checkpoint,
                                    weights_source)
 from tiaoyu_cli.data.chat import ChatDataset
-from tiaoyu_cli.data.jsonl import RecordCounts, load_records, read_jsonl, write_jsonl
 from tiaoyu_cli.data.shards import check_fingerprint, open_tokens
 from tiaoyu_cli.device import resolve_device
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.infer.endpoint import Endpoint, check_url, is_endpoint
 from tiaoyu_cli.infer.sampling import SamplingParams
-from tiaoyu_cli.infer.session import ChatModel, GenerationOptions, answer_records, record_messages
+from tiaoyu_cli.infer.session import ChatModel, GenerationOptions
 from tiaoyu_cli.model import Transformer, parse_overrides, preset
+from tiaoyu_cli.tokenizer import has_tokenizer, open_tokenizer
 from tiaoyu_cli.tokenizer.core import check_same_tokenizer
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.distill import DistillConfig, DistillStage
 from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage
 from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.sft import SFTConfig, SFTStage
-
-# ---- black box: the teacher answers -----------------------------------------------------------------
-
-class TeacherAnswerStats(RecordCounts):
-    what = "prompts answered"  # skipped: records without a usable prompt (--skip-bad), empty answers
-
-
-def teacher_answers(cm, path: Path, max_new_tokens: int = 256, temperature: float = 0.0, batch_size: int = 32,
-                    seed: int = 0, skip_bad: bool = False, stats: TeacherAnswerStats | None = None) -> list[dict]:
-    """Black box, first half: the teacher (a `ChatModel`) answers every prompt of a JSONL file —
-    `{"prompt": str | messages}`, `{"messages": [...]}` (a trailing assistant turn is answered anew) —
-    through the batched KV-cache generation of `tiaoyu chat`. Returns chat records
-    `{"messages": prompt + [{"role": "assistant", "content": answer, ["reasoning": …]}]}`, the SFT data
-    of the second half. A reasoning teacher's <think> part is kept as the "reasoning" field."""
-
-    st = stats if stats is not None else TeacherAnswerStats()
-    name = str(path)
-
-    def read(rec: dict, name: str, line: int) -> tuple[int, dict]:
-        conv = record_messages(rec, name, line, cm.tokenizer)
-        conv = [{"role": "user", "content": conv}] if isinstance(conv, str) else conv
-        return line, {"messages": conv}  # only the prompt: the answer fields come from the teacher
-
-    good = load_records(path, read, skip_bad, st, why=lambda e: "without a usable prompt")
-    if not good:
-        raise TiaoyuError(f"{name}: no prompts for the teacher to answer")
-    options = GenerationOptions(max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature=temperature),
-                                seed=seed)
-    out = []
-    for (_, prompt), ans in zip(good, answer_records(cm, good, options, batch_size=batch_size, name=name)):
-        reasoning = ans.get("reasoning")
-        content = ans["answer"] if reasoning is not None else ans["response"]
-        if not content.strip():  # nothing, or a <think> the teacher never closed
-            st.skip("with an empty answer")
-            continue
-        msg = {"role": "assistant", "content": content.strip()}
-        if reasoning is not None:
-            msg["reasoning"] = reasoning.strip()
-        out.append({"messages": prompt["messages"] + [msg]})
-    st.kept = len(out)  # a prompt counts as kept once the teacher answered it
-    if not out:
-        raise TiaoyuError(f"{name}: the teacher gave no usable answer to any prompt (is it a chat model? "
-                          f"try a larger --max-new-tokens)")
-    return out
-
+from tiaoyu_cli.train.teacher_data import (EndpointTeacher, LocalTeacher, TeacherAnswerStats, collect_answers,
+                                           read_answers, read_prompts)
 
 # ---- a whole run: what `tiaoyu distill` calls -------------------------------------------------------
 
 @dataclass
 class DistillOptions:
-    teacher: Path
+    teacher: Path | str  # a checkpoint, or an OpenAI-compatible endpoint's URL (black box only)
     data: Path  # chat/prompt JSONL, or a token folder (white box during pretraining)
     student: Path | None = None
     student_preset: str | None = None
@@ -98,6 +60,15 @@ class DistillOptions:
     gen_batch_size: int = 32
     gen_temperature: float = 0.0
     skip_bad: bool = False
+    tokenizer: Path | None = None  # the tokenizer of a --student-preset student (default: the teacher's)
+    teacher_model: str | None = None  # endpoint teacher: the model name (default: the server's only model)
+    teacher_concurrency: int = 8
+    teacher_retries: int = 5
+    teacher_timeout: float = 300.0
+
+    @property
+    def remote(self) -> bool:
+        return is_endpoint(self.teacher)
 
     def kd_config(self) -> DistillConfig:
         return DistillConfig(alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
@@ -111,24 +82,38 @@ def is_token_folder(path: Path) -> bool:
 
 def build_student(opts: DistillOptions, teacher_tok, teacher_cfg, train: TrainConfig):
     """(student model, its tokenizer, parent path or None). A preset student takes the teacher's tokenizer
-    and context length; `--resume` rebuilds the architecture the run started with."""
+    (or --tokenizer's) and context length (the preset's behind an endpoint); `--resume` rebuilds the
+    architecture the run started with."""
 
     if (opts.student is None) == (opts.student_preset is None):
         raise TiaoyuError("give the student once: --student CKPT (an existing model) or --student-preset NAME "
-                          "(a fresh one with the teacher's tokenizer)")
+                          "(a fresh one with the teacher's tokenizer, or --tokenizer's)")
     overrides = parse_overrides(opts.model_overrides)
-    if overrides and opts.student is not None:
-        raise TiaoyuError("--model overrides shape a --student-preset student; an existing --student keeps its "
-                          "architecture")
+    if opts.student is not None and (overrides or opts.tokenizer is not None):
+        raise TiaoyuError("--model and --tokenizer shape a --student-preset student; an existing --student keeps "
+                          "its architecture and tokenizer")
     if train.resume:
         ckpt = resolve_checkpoint(train.out)
         return Transformer(load_config(ckpt)), load_tokenizer(ckpt), str(opts.student) if opts.student else None
     if opts.student is not None:
         net, folder = load_model(opts.student)
         return net, load_tokenizer(folder), str(folder)
-    cfg = preset(opts.student_preset, **{"vocab_size": teacher_tok.vocab_size, **token_ids(teacher_tok),
-                                         "max_seq_len": teacher_cfg.max_seq_len, **overrides})
-    return Transformer(cfg), teacher_tok, None
+    tok = student_tokenizer(opts.tokenizer) if opts.tokenizer is not None else teacher_tok
+    if tok is None:
+        raise TiaoyuError("--student-preset behind an HTTP teacher needs --tokenizer DIR (a tokenizer or checkpoint "
+                          "folder): an API gives text, not its vocabulary")
+    fields = {"vocab_size": tok.vocab_size, **token_ids(tok), **overrides}
+    if teacher_cfg is not None:
+        fields.setdefault("max_seq_len", teacher_cfg.max_seq_len)
+    return Transformer(preset(opts.student_preset, **fields)), tok, None
+
+
+def student_tokenizer(path: Path):
+    """A tokenizer folder (`tiaoyu tokenize train`'s, an open model's) or the tokenizer of a checkpoint."""
+    p = Path(path)
+    if not p.exists():
+        raise TiaoyuError(f"--tokenizer {p}: no such folder")
+    return open_tokenizer(p) if has_tokenizer(p) else load_tokenizer(p)
 
 
 def token_ids(tok) -> dict[str, int]:
@@ -151,6 +136,17 @@ def check_options(opts: DistillOptions) -> tuple[Path, bool]:
     """Option and data-path checks that need no model. Returns (data path, is it a token folder)."""
     if opts.mode not in ("white", "black"):
         raise TiaoyuError(f"--mode {opts.mode!r}: choose white or black")
+    if opts.remote:
+        check_url(str(opts.teacher))
+        if opts.mode == "white":
+            raise TiaoyuError(f"--teacher {opts.teacher} is an HTTP endpoint: it gives answers, not logits, so "
+                              f"distil from it with --mode black (white box needs a teacher checkpoint)")
+        if opts.teacher_concurrency < 1 or opts.teacher_retries < 0 or not opts.teacher_timeout > 0:
+            raise TiaoyuError("--teacher-concurrency must be at least 1, --teacher-retries not negative and "
+                              "--teacher-timeout positive")
+    elif opts.teacher_model is not None:
+        raise TiaoyuError("--teacher-model names the model of an HTTP teacher (--teacher http://HOST:PORT/v1); "
+                          "a checkpoint teacher is its folder")
     if opts.mode == "white":
         opts.kd_config().validate()
     elif opts.cache_topk:
@@ -176,10 +172,12 @@ def check_options(opts: DistillOptions) -> tuple[Path, bool]:
 def prepare_distill(opts: DistillOptions, train: TrainConfig, log) -> Plan:
     """Load teacher and student, check that they fit together, and build the stage."""
     data, tokens = check_options(opts)
-    teacher, tdir = load_model(opts.teacher)
-    ttok = load_tokenizer(tdir)
+    teacher, tdir, ttok = None, None, None
+    if not opts.remote:
+        teacher, tdir = load_model(opts.teacher)
+        ttok = load_tokenizer(tdir)
     torch.manual_seed(train.seed)  # before the student is built: its init weights depend on it
-    student, stok, parent = build_student(opts, ttok, teacher.config, train)
+    student, stok, parent = build_student(opts, ttok, teacher.config if teacher is not None else None, train)
     if opts.mode == "white":
         check_same_tokenizer(ttok, stok, "the student", hint=(
             "white-box distillation compares next-token distributions, which needs one shared vocabulary. Use "
@@ -190,8 +188,13 @@ def prepare_distill(opts: DistillOptions, train: TrainConfig, log) -> Plan:
         raise TiaoyuError(f"--seq-len {seq_len} exceeds the student's max_seq_len {student.config.max_seq_len}")
     if opts.mode == "white" and seq_len > teacher.config.max_seq_len:
         raise TiaoyuError(f"--seq-len {seq_len} exceeds the teacher's max_seq_len {teacher.config.max_seq_len}")
-    lines = [f"distill ({opts.mode} box): teacher {tdir} ({teacher.num_parameters() / 1e6:.2f}M) → student "
-             f"{student.num_parameters() / 1e6:.2f}M parameters" + (f" from {parent}" if parent else " (new)")]
+    if opts.remote:
+        endpoint = open_endpoint(opts, train, log)
+        shown = f"{endpoint.model} at {endpoint.url}"
+    else:
+        shown = f"{tdir} ({teacher.num_parameters() / 1e6:.2f}M)"
+    lines = [f"distill ({opts.mode} box): teacher {shown} → student {student.num_parameters() / 1e6:.2f}M parameters"
+             + (f" from {parent}" if parent else " (new)")]
     if tokens:
         stage = token_stage(data, teacher, stok, opts, train, seq_len)
     elif opts.mode == "white":
@@ -199,11 +202,16 @@ def prepare_distill(opts: DistillOptions, train: TrainConfig, log) -> Plan:
         stage = DistillStage(stage, teacher, opts.kd_config(), vocab_size=stok.vocab_size,
                              cache_path=Path(train.out) / "teacher-topk.safetensors", teacher_id=teacher_identity(tdir))
     else:
-        records = black_box_data(teacher, ttok, tdir, data, opts, train, log)
+        if opts.remote:
+            records = black_box_data(lambda: endpoint_teacher(endpoint, opts, train), stok, data, opts,
+                                     train, log)
+        else:
+            records = black_box_data(lambda: local_teacher(teacher, ttok, tdir, opts, train, log), ttok, data, opts,
+                                     train, log)
         del teacher
         stage = chat_stage(records, stok, opts, train, seq_len, lines.append, name="distill")
     # the teacher's own figures (teacher_*) are not the student's starting point
-    return Plan(student, stage, stok, parent=parent or str(tdir), lines=lines,
+    return Plan(student, stage, stok, parent=parent or (shown if opts.remote else str(tdir)), lines=lines,
                 eval_before=opts.val is not None or tokens, before_drop_prefix="teacher_")
 
 
@@ -244,27 +252,54 @@ def chat_stage(source, tok, opts: DistillOptions, train: TrainConfig, seq_len: i
                                      "data_stats": vars(ds.stats)})
 
 
-def black_box_data(teacher: nn.Module, ttok, tdir: Path, data: Path, opts: DistillOptions, train: TrainConfig,
-                   log) -> list[dict]:
-    """The teacher's answers as chat records, written to --keep-teacher-data (default -o/teacher.jsonl).
-    A resumed run reads them back instead of asking the teacher again (exact resume needs the same data)."""
+def open_endpoint(opts: DistillOptions, train: TrainConfig, log) -> Endpoint:
+    """The endpoint teacher, its model named (--teacher-model, else the one model the server lists)."""
+    ep = Endpoint(str(opts.teacher), opts.teacher_model, timeout=opts.teacher_timeout, retries=opts.teacher_retries,
+                  seed=train.seed)
+    if ep.model is None:
+        try:
+            names = ep.models()
+        except TiaoyuError as e:
+            raise TiaoyuError(f"--teacher {ep.url}: cannot list its models ({e}); name one with --teacher-model") \
+                from None
+        if len(names) != 1:
+            listed = ", ".join(names[:10]) or "none"
+            raise TiaoyuError(f"--teacher {ep.url} serves {len(names)} models ({listed}): choose one with "
+                              f"--teacher-model")
+        ep.model = names[0]
+        log(f"teacher: {ep.url} serves {ep.model}")
+    return ep
 
-    keep = Path(opts.keep_teacher_data) if opts.keep_teacher_data else Path(train.out) / "teacher.jsonl"
-    if train.resume and keep.exists():
-        log(f"teacher: reusing its answers in {keep}")
-        return read_jsonl(keep)
+
+def endpoint_teacher(endpoint: Endpoint, opts: DistillOptions, train: TrainConfig) -> EndpointTeacher:
+    return EndpointTeacher(endpoint, opts.max_new_tokens, opts.gen_temperature, opts.teacher_concurrency,
+                           seed=train.seed, name=str(opts.data), skip_bad=opts.skip_bad)
+
+
+def local_teacher(teacher: nn.Module, ttok, tdir: Path, opts: DistillOptions, train: TrainConfig,
+                  log) -> LocalTeacher:
     stage = load_trainer_info(tdir).get("stage")
     if stage == "pretrain":
         log(f"warning: the teacher {tdir} is a pretrained base model (stage pretrain); it never learned to answer "
             f"in the chat template")
-    device = resolve_device(train.device)
-    teacher.to(device).eval()
+    teacher.to(resolve_device(train.device)).eval()
     cm = ChatModel(teacher, ttok, tdir, stage if isinstance(stage, str) else None, "chat")
-    st = TeacherAnswerStats()
+    options = GenerationOptions(max_new_tokens=opts.max_new_tokens,
+                                sampling=SamplingParams(temperature=opts.gen_temperature), seed=train.seed)
+    return LocalTeacher(cm, teacher_identity(tdir), options, opts.gen_batch_size, name=str(opts.data))
 
-    t0 = time.perf_counter()
-    records = teacher_answers(cm, data, opts.max_new_tokens, opts.gen_temperature, opts.gen_batch_size,
-                              seed=train.seed, skip_bad=opts.skip_bad, stats=st)
-    write_jsonl(keep, records)
-    log(f"teacher: {st.summary()} in {time.perf_counter() - t0:.0f}s → {keep}")
-    return records
+
+def black_box_data(make_teacher, prompt_tok, data: Path, opts: DistillOptions, train: TrainConfig,
+                   log) -> list[dict]:
+    """The teacher's answers as chat records, in --keep-teacher-data (default -o/teacher.jsonl). Prompts already
+    answered there are not asked again; a resumed run, and the processes of a --nproc run (their launcher asked
+    the teacher before starting them), read the answers back instead of asking (exact resume needs the same
+    data). `prompt_tok` checks (and, for a checkpoint teacher, renders) the prompts."""
+
+    keep = Path(opts.keep_teacher_data) if opts.keep_teacher_data else Path(train.out) / "teacher.jsonl"
+    if (train.resume or "RANK" in os.environ) and keep.exists():
+        log(f"teacher: reusing its answers in {keep}")
+        return read_answers(keep)
+    st = TeacherAnswerStats()
+    prompts = read_prompts(data, prompt_tok, opts.skip_bad, st)
+    return collect_answers(make_teacher(), prompts, keep, str(data), st, log)
