@@ -24,6 +24,7 @@ from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.infer.sampling import SamplingParams
 from tiaoyu_cli.infer.session import ChatModel, GenerationOptions, answer_records, record_messages
 from tiaoyu_cli.model import Transformer, parse_overrides, preset
+from tiaoyu_cli.tokenizer import model_token_ids
 from tiaoyu_cli.tokenizer.core import check_same_tokenizer
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.distill import DistillConfig, DistillStage
@@ -126,18 +127,9 @@ def build_student(opts: DistillOptions, teacher_tok, teacher_cfg, train: TrainCo
     if opts.student is not None:
         net, folder = load_model(opts.student)
         return net, load_tokenizer(folder), str(folder)
-    cfg = preset(opts.student_preset, **{"vocab_size": teacher_tok.vocab_size, **token_ids(teacher_tok),
+    cfg = preset(opts.student_preset, **{"vocab_size": teacher_tok.vocab_size, **model_token_ids(teacher_tok),
                                          "max_seq_len": teacher_cfg.max_seq_len, **overrides})
     return Transformer(cfg), teacher_tok, None
-
-
-def token_ids(tok) -> dict[str, int]:
-    """bos/eos/pad ids of a model built for `tok`. An open model's tokenizer may have no BOS or pad (Qwen has no
-    BOS, Llama 3 no pad): its eos stands in (a pad is never learned from; tiaoyu's own ids are all set)."""
-    stops = sorted(getattr(tok, "stop_ids", ()))
-    eos = tok.eos_id if tok.eos_id is not None else (stops[0] if stops else 0)
-    return {"bos_token_id": eos if tok.bos_id is None else tok.bos_id, "eos_token_id": eos,
-            "pad_token_id": eos if tok.pad_id is None else tok.pad_id}
 
 
 def teacher_identity(folder: Path) -> str:
