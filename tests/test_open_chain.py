@@ -206,6 +206,17 @@ def test_chain_encode_pretrain_sft_chat(tmp_path, capfd, monkeypatch):
                         "--seq-len", "32", "--device", "cpu"], capfd, monkeypatch)
     assert code != 0 and "tokenizer mismatch" in err and str(other) in err and "Traceback" not in err, err
     assert not (tmp_path / "bad" / "latest").exists()
+    code, _, err = cli(["pretrain", tokens, "--init", src, "--tokenizer", other, "-o", tmp_path / "bad",
+                        "--max-steps", "2", "--seq-len", "32", "--device", "cpu"], capfd, monkeypatch)
+    assert code != 0 and "is not the tokenizer of --init" in err, err
+
+
+def test_tokenize_show_cuts_as_transformers(tmp_path, capfd, monkeypatch):
+    src = make_llama3_tokenizer(tmp_path / "l3")
+    code, out, err = cli(["tokenize", "show", src, "Hello world, 12 + 7 = 19."], capfd, monkeypatch)
+    assert code == 0, err
+    ids = [int(line.split("\t")[0]) for line in out.splitlines()]
+    assert ids == auto_tokenizer(src)("Hello world, 12 + 7 = 19.", add_special_tokens=False)["input_ids"]
 
 
 def test_pretrain_from_scratch_on_an_open_tokenizer(tmp_path, capfd, monkeypatch):
