@@ -26,6 +26,8 @@ Examples:
 
   tiaoyu pretrain more-tokens/ -o ckpt/cpt --init ckpt/base --max-steps 500 --lr 3e-4   # continued pretraining
 
+  tiaoyu pretrain tokens-qwen/ -o ckpt/qwen-cpt --init models/qwen --max-steps 500 --lr 1e-5 --optim adamw
+
   tiaoyu pretrain tokens/ -o ckpt/base --resume --max-steps 3000                        # continue an interrupted run
 
   tiaoyu pretrain tokens/ -o ckpt/base --preset tiny --max-steps 500 --nproc 2          # 2 processes (DDP)
@@ -44,9 +46,12 @@ def register(app: typer.Typer) -> None:
         preset: str = typer.Option("tiny", help="model preset: tiny | small | base | moe-small | moe-tiny"),
         model: Optional[List[str]] = typer.Option(None, "--model", help="override a model field, KEY=VALUE (repeatable), "
                                                   "e.g. dim=256, n_layers=6, position=learned, tie_embeddings=false"),
-        init: Optional[Path] = typer.Option(None, help="start from this checkpoint (continued pretraining)"),
-        tokenizer: Optional[Path] = typer.Option(None, help="tokenizer folder (default: the one recorded with the shards)"),
-        seq_len: int = typer.Option(0, help="tokens per training window (0 = the model's max_seq_len)"),
+        init: Optional[Path] = typer.Option(None, help="start from this checkpoint or Hugging Face model folder "
+                                            "(continued pretraining)"),
+        tokenizer: Optional[Path] = typer.Option(None, help="tokenizer folder, or an open model's folder, for a new "
+                                                 "model (default: the one recorded with the shards)"),
+        seq_len: int = typer.Option(0, help="tokens per training window (0 = the model's max_seq_len; at most 2048 "
+                                    "for an open model)"),
         sampling: str = typer.Option("random", help="random windows, or sequential passes over the stream"),
         eval_batches: int = typer.Option(16, help="batches of the val split per evaluation"),
         threads: int = typer.Option(0, help="CPU threads per process for torch (0 = chosen for the model size and the machine's load)"),

@@ -19,6 +19,7 @@ Examples:
 
   tiaoyu tokenize train data.jsonl -o tok/ --vocab-size 4096
   tiaoyu tokenize encode data.jsonl --tokenizer tok/ -o tokens/ --workers 2
+  tiaoyu tokenize encode data.jsonl --tokenizer models/qwen -o tokens-qwen/   # an open model's tokenizer
   tiaoyu tokenize show tok/ "文本 text 12345 😀"
 """
 TRAIN_EXAMPLES = """
@@ -32,11 +33,13 @@ Examples:
 
   tiaoyu tokenize encode data.jsonl --tokenizer tok/ -o tokens/ --workers 2
   tiaoyu tokenize encode train.jsonl --val val.jsonl -t tok/ -o tokens/
+  tiaoyu tokenize encode data.jsonl --tokenizer models/qwen -o tokens-qwen/   # an open model's tokenizer
 """
 SHOW_EXAMPLES = """
 Examples:
 
   tiaoyu tokenize show tok/ "文本 text 12345 😀"
+  tiaoyu tokenize show models/qwen "文本 text 12345"
 """
 
 tokenize_app = sub_app("tokenize", "Train a tokenizer, encode a corpus into token shards, show how text is cut.",
@@ -90,7 +93,7 @@ def train_cmd(
 @tokenize_app.command("encode", epilog=ENCODE_EXAMPLES)
 def encode_cmd(
     data: Annotated[list[str], typer.Argument(help="JSONL files ('-' for stdin, .gz works).")],
-    tokenizer: Annotated[Path, typer.Option("-t", "--tokenizer", help="Tokenizer folder (or checkpoint folder).")],
+    tokenizer: Annotated[Path, typer.Option("-t", "--tokenizer", help="Tokenizer folder, checkpoint folder, or a Hugging Face model folder (its tokenizer.json).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Token folder to write: OUT/train, OUT/val, OUT/meta.json.")],
     workers: Annotated[int, typer.Option("--workers", "-j", help="Encoding processes (0 = all cores).")] = 0,
     val_ratio: Annotated[Optional[float], typer.Option("--val-ratio", help="Share of records for OUT/val (default 0.01).")] = None,
@@ -98,7 +101,8 @@ def encode_cmd(
     shard_tokens: Annotated[int, typer.Option("--shard-tokens", help="Tokens per shard file.")] = 1 << 26,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed records instead of stopping.")] = False,
 ) -> None:
-    """Encode JSONL into memory-mappable safetensors shards: <s> doc </s> <s> doc </s> …
+    """Encode JSONL into memory-mappable safetensors shards: <s> doc </s> <s> doc </s> … (an open model's
+    tokenizer puts its own BOS/end-of-text around each document, as it does itself).
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
     from rich.table import Table
@@ -149,7 +153,7 @@ def _printable(piece: str) -> str:
 
 @tokenize_app.command("show", epilog=SHOW_EXAMPLES)
 def show_cmd(
-    tokenizer: Annotated[Path, typer.Argument(help="Tokenizer folder (or checkpoint folder).")],
+    tokenizer: Annotated[Path, typer.Argument(help="Tokenizer folder, checkpoint folder, or Hugging Face model folder.")],
     text: Annotated[list[str], typer.Argument(help="Text to cut ('-' reads stdin). Several arguments are joined by spaces.")],
 ) -> None:
     """Show how a tokenizer cuts text: one row per token (a table on stderr, `id<TAB>piece` on stdout).
@@ -157,9 +161,9 @@ def show_cmd(
     from rich.markup import escape
     from rich.table import Table
 
-    from tiaoyu_cli.tokenizer import Tokenizer
+    from tiaoyu_cli.tokenizer import open_tokenizer
 
-    tok = Tokenizer.load(tokenizer)
+    tok = open_tokenizer(tokenizer)
     s = sys.stdin.read() if text == ["-"] else " ".join(text)
     ids = tok.encode(s)
     t = Table(title=f"{len(s)} chars → {len(ids)} tokens ({tok.path}, vocab {tok.vocab_size})", title_justify="left")
@@ -170,7 +174,8 @@ def show_cmd(
     lines = []
     for k, i in enumerate(ids):
         piece = tok.id_to_piece(i)
-        kind = "byte" if tok.is_byte(i) else ("space" if piece.strip("\u2581") == "" else "")
+        kind = ("special" if tok.is_special(i) else "byte" if tok.is_byte(i)
+                else "space" if piece.strip("\u2581\u0120\u010a") == "" else "")  # ▁ (SentencePiece), Ġ Ċ (byte BPE)
         t.add_row(str(k), str(i), escape(_printable(piece)), kind)
         lines.append(f"{i}\t{_printable(piece)}\n")
     console.print(t)

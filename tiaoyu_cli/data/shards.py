@@ -245,8 +245,10 @@ def open_tokens(path: str | os.PathLike) -> tuple[TokenShards, TokenShards | Non
 def check_fingerprint(shards: TokenShards, tokenizer) -> None:
     """Raise TiaoyuError when `shards` were not encoded with `tokenizer`."""
     if shards.fingerprint != tokenizer.fingerprint:
+        made = shards.meta.get("tokenizer")
         raise TiaoyuError(
-            f"tokenizer mismatch: the tokens in {shards.folder} were encoded with tokenizer {shards.fingerprint}, "
+            f"tokenizer mismatch: the tokens in {shards.folder} were encoded with tokenizer {shards.fingerprint}"
+            + (f" ({made})" if isinstance(made, str) and made else "") + ", "
             f"but {tokenizer.path or 'the tokenizer given'} has fingerprint {tokenizer.fingerprint}. Use the tokenizer "
             f"the shards were made with, or re-encode: tiaoyu tokenize encode DATA --tokenizer {tokenizer.path or 'TOK'} -o TOKENS"
         )

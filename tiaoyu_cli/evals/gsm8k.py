@@ -61,7 +61,7 @@ def chat_messages(doc: Doc, shots: list[Doc]) -> list[dict]:
 def build_prompt(tok, doc: Doc, shots: list[Doc], chat: bool) -> list[int]:
     if not chat:
         text = "".join(d.text + " " + d.target + "\n\n" for d in shots) + doc.text
-        return [tok.bos_id] + tok.encode(text)
+        return tok.document_affixes()[0] + tok.encode(text)  # the BOS the tokenizer puts first, if any
     ids, _ = tok.encode_chat(chat_messages(doc, shots), add_generation_prompt=True)
     return ids
 
@@ -111,7 +111,8 @@ def run_gsm8k(model, tok, docs: list[Doc], shots_for: Callable[[Doc], list[Doc]]
     greedy = SamplingParams(temperature=0.0)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        res = generate_detailed(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, params=greedy)
+        res = generate_detailed(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, params=greedy,
+                                stop_ids=tok.stop_ids)  # an open model's end-of-turn ids
         for i, toks in zip(idx, res.tokens):
             text = tok.decode(toks).split(UNTIL)[0]
             out[i] = {"prompt": tok.decode(prompts[i]), **score(text, docs[i])}

@@ -11,7 +11,9 @@ For an item with prompt `context` and choices c_1 … c_k, each choice's score i
 Tokenisation follows lm-eval's `_encode_pair`: trailing spaces of the context move to the
 continuation, then `ctx = encode(context)`, `cont = encode(context + continuation)[len(ctx):]`
 (where tokens merge across the boundary, `cont = encode(continuation)`, see `encode_request`);
-a BOS token goes first (lm-eval: `add_bos_token=True`). Inputs longer than the model's context
+a BOS token goes first (lm-eval: `add_bos_token=True`) — for an open model's tokenizer, what it puts before
+a text itself (`document_affixes`: Llama 3's <|begin_of_text|>, nothing for Qwen), as transformers'
+`tokenizer(text)` does. Inputs longer than the model's context
 keep their last max_len + 1 tokens, as lm-eval does.
 
 Speed: the choices of an item share their prompt. Items are sorted by prompt length and batched;
@@ -65,7 +67,7 @@ def encode_request(tok, req: MCRequest, bos: bool = True) -> Encoded:
             conts.append(whole[len(ctx):])
         else:
             conts.append(tok.encode(moved + cont))
-    return Encoded([tok.bos_id] + ctx if bos else ctx, conts)
+    return Encoded(tok.document_affixes()[0] + ctx if bos else ctx, conts)
 
 
 def _full_sequence_lls(model, ctx: list[int], conts: list[list[int]], max_len: int, device) -> list[float]:

@@ -32,10 +32,19 @@ def open_tokenizer(path: str | os.PathLike):
     return Tokenizer.load(p)
 
 
+def model_token_ids(tok) -> dict[str, int]:
+    """bos/eos/pad ids of a new model built for `tok`. An open model's tokenizer may have no BOS or pad (Qwen has
+    no BOS, Llama 3 no pad): its eos stands in (a pad is never learned from; tiaoyu's own ids are all set)."""
+    stops = sorted(getattr(tok, "stop_ids", ()))
+    eos = tok.eos_id if tok.eos_id is not None else (stops[0] if stops else 0)
+    return {"bos_token_id": eos if tok.bos_id is None else tok.bos_id, "eos_token_id": eos,
+            "pad_token_id": eos if tok.pad_id is None else tok.pad_id}
+
+
 def has_tokenizer(path: str | os.PathLike) -> bool:
     p = Path(path)
     return is_hf_folder(p) or ((p / "tokenizer.model").is_file() and (p / "tokenizer_config.json").is_file())
 
 
-__all__ = ["Tokenizer", "HFTokenizer", "SPFolderTokenizer", "open_tokenizer", "has_tokenizer", "SPECIAL_TOKENS", "CHAT_TEMPLATE",
+__all__ = ["Tokenizer", "HFTokenizer", "SPFolderTokenizer", "open_tokenizer", "has_tokenizer", "model_token_ids", "SPECIAL_TOKENS", "CHAT_TEMPLATE",
            "train_tokenizer", "TrainReport", "ALGOS", "copy_tokenizer_files", "TOOL_TOKENS"]

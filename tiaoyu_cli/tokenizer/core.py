@@ -214,6 +214,10 @@ class Tokenizer:
         n = num_threads if num_threads > 0 else (os.cpu_count() or 1)
         return self.sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=n)
 
+    def document_affixes(self) -> tuple[list[int], list[int]]:
+        """(prefix, suffix) around every document of a pretraining corpus: <s> doc </s>."""
+        return [self.bos_id], [self.eos_id]
+
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         """Ids -> text. With skip_special=False the special tokens appear as their text ("<s>" …)."""
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]

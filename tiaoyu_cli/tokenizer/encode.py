@@ -2,8 +2,10 @@
 
 The main process only reads bytes: it cuts each input into ~1 MB blocks at line ends and hands
 them to a pool of worker processes. Each worker has loaded the tokenizer once; it parses its
-block's JSON lines, picks each record's document text, encodes it with SentencePiece and returns
-one flat array `<s> doc </s> <s> doc </s> …` per split. The main process takes the results back
+block's JSON lines, picks each record's document text, encodes it and returns one flat array
+`<s> doc </s> <s> doc </s> …` per split — with tiaoyu's own tokenizer; an open model's tokenizer puts
+around each document what it does itself (`document_affixes`: Llama 3 `<|begin_of_text|> doc
+<|end_of_text|>`, Qwen `doc <|endoftext|>`). The main process takes the results back
 in input order (a bounded window of blocks in flight, so memory stays constant) and appends them
 to the shard writers. Train/val: the record on global line k (0-based, over all inputs) goes to
 val when round((k+1)·r) > round(k·r) — an even, deterministic spread of a fraction r.
@@ -27,7 +29,7 @@ import orjson
 
 from tiaoyu_cli.data import shards as S
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.tokenizer.core import Tokenizer
+from tiaoyu_cli.tokenizer import open_tokenizer
 from tiaoyu_cli.tokenizer.text import RecordError, document_text
 
 BLOCK_BYTES = 1 << 20
@@ -117,13 +119,14 @@ def iter_blocks(paths: list[str], val_ratio: float, block_bytes: int | None = No
 
 
 # ---------------------------------------------------------------------------- worker side
-_TOK: Tokenizer | None = None
+_TOK = None  # the worker's tokenizer (either back-end)
 _SKIP_BAD = False
 
 
 def _init_worker(tokenizer_path: str, skip_bad: bool) -> None:
     global _TOK, _SKIP_BAD
-    _TOK = Tokenizer.load(tokenizer_path)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already: no thread pool in each
+    _TOK = open_tokenizer(tokenizer_path)
     _SKIP_BAD = skip_bad
     try:  # a worker must not fight the main process over the terminal's Ctrl-C
         import signal
@@ -142,20 +145,21 @@ def is_val(k: int, ratio: float) -> bool:
     return int((k + 1) * ratio + 0.5) > int(k * ratio + 0.5)
 
 
-def _join_docs(docs: list[list[int]], bos: int, eos: int, dtype) -> np.ndarray:
-    total = sum(len(d) for d in docs) + 2 * len(docs)
-    out = np.empty(total, dtype=dtype)
+def join_docs(docs: list[list[int]], prefix: list[int], suffix: list[int], dtype) -> np.ndarray:
+    """prefix doc suffix prefix doc suffix … as one array (prefix/suffix: `document_affixes()`)."""
+    a, b = len(prefix), len(suffix)
+    out = np.empty(sum(len(d) for d in docs) + (a + b) * len(docs), dtype=dtype)
     pos = 0
     for d in docs:
-        out[pos] = bos
+        out[pos:pos + a] = prefix
         n = len(d)
-        out[pos + 1:pos + 1 + n] = d
-        out[pos + 1 + n] = eos
-        pos += n + 2
+        out[pos + a:pos + a + n] = d
+        out[pos + a + n:pos + a + n + b] = suffix
+        pos += a + n + b
     return out
 
 
-def encode_block(block: Block, tok: Tokenizer | None = None, skip_bad: bool | None = None) -> BlockResult:
+def encode_block(block: Block, tok=None, skip_bad: bool | None = None) -> BlockResult:
     """Parse, pick the text and encode one block. Errors come back as a message (not raised) so
     that they cross the process boundary intact."""
     tok = tok or _TOK
@@ -192,19 +196,20 @@ def encode_block(block: Block, tok: Tokenizer | None = None, skip_bad: bool | No
             continue
         texts.append(text)
         where.append(is_val(block.global_line + i, block.val_ratio))
-    ids = tok.sp.encode(texts, num_threads=1) if texts else []
+    ids = tok.encode_batch(texts, num_threads=1) if texts else []
     train = [d for d, v in zip(ids, where) if not v]
     val = [d for d, v in zip(ids, where) if v]
+    prefix, suffix = tok.document_affixes()
     return BlockResult(
-        _join_docs(train, tok.bos_id, tok.eos_id, dtype),
-        _join_docs(val, tok.bos_id, tok.eos_id, dtype),
+        join_docs(train, prefix, suffix, dtype),
+        join_docs(val, prefix, suffix, dtype),
         train_docs=len(train), val_docs=len(val), empty=empty, bad=bad, nbytes=len(block.data),
     )
 
 
 # ---------------------------------------------------------------------------- main side
 def _results_in_order(blocks: Iterator[Block], tokenizer_path: str, workers: int, skip_bad: bool,
-                      tok: Tokenizer) -> Iterator[BlockResult]:
+                      tok) -> Iterator[BlockResult]:
     if workers <= 1:
         for b in blocks:
             yield encode_block(b, tok, skip_bad)
@@ -253,7 +258,8 @@ def encode_corpus(inputs: list[str], tokenizer: str | os.PathLike, out: str | os
         raise TiaoyuError(f"--val-ratio must be in [0, 1), got {val_ratio}")
     if shard_tokens < 1:
         raise TiaoyuError("--shard-tokens must be at least 1")
-    tok = Tokenizer.load(tokenizer)
+    tok = open_tokenizer(tokenizer)
+    prefix, suffix = tok.document_affixes()  # an open tokenizer that cannot separate documents fails here
     out = Path(out)
     _check_out(out)
     workers = workers if workers > 0 else (os.cpu_count() or 1)
@@ -269,7 +275,8 @@ def encode_corpus(inputs: list[str], tokenizer: str | os.PathLike, out: str | os
             yield from iter_blocks(list(inputs), val_ratio)
 
     common = {"format": S.FORMAT, "version": S.FORMAT_VERSION, "tokenizer_fingerprint": tok.fingerprint,
-              "tokenizer": str(tok.path), "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+              "tokenizer": str(tok.path), "tokenizer_backend": tok.backend, "vocab_size": tok.vocab_size,
+              "bos_id": tok.bos_id, "eos_id": tok.eos_id, "doc_prefix": prefix, "doc_suffix": suffix}
     with atomic_dir(out) as tmp:
         writers = {s: S.ShardWriter(tmp / s, dtype, shard_tokens) for s in S.SPLITS}
         results = _results_in_order(all_blocks(), str(tok.path), workers, skip_bad, tok)

@@ -15,6 +15,7 @@ The interface is the one `Tokenizer` (core.py, SentencePiece) offers and the res
     render_chat / encode_chat            the folder's template (`chat_template.jinja`, or tokenizer_config.json
                                          `chat_template`), rendered in a sandbox as transformers renders it,
                                          encoded as `apply_chat_template(…, tokenize=True)` encodes it
+    document_affixes()                   the ids around each document of a pretraining corpus (token shards)
     fingerprint                          16 hex chars of sha256 over tokenizer.json + tokenizer_config.json
 
 The assistant-only loss mask of `encode_chat` comes from the template itself, for any template: the
@@ -47,6 +48,7 @@ GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_FILES = (TOKENIZER_JSON, CONFIG_FILE, SPECIAL_MAP, TEMPLATE_FILE, "added_tokens.json", "vocab.json",
                    "merges.txt", "tokenizer.model")
 ROLES = ("bos", "eos", "pad", "unk")
+END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>")  # the document separators of open vocabularies
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:
@@ -147,6 +149,7 @@ class HFTokenizer:
         self.chat_template = self._template()
         self._compiled = None
         self._tool_layout: tuple[str, str] | str | None = None  # (text before, after a result) or why not
+        self._affixes: tuple[list[int], list[int]] | None = None
 
     def _make_encoder(self, files: dict[str, bytes], where: str, special_map: dict):
         from tokenizers import Tokenizer as _Fast
@@ -236,6 +239,32 @@ class HFTokenizer:
             for ids in out:
                 ids.append(self.eos_id)
         return out
+
+    def document_affixes(self) -> tuple[list[int], list[int]]:
+        """(prefix, suffix): the ids that go around every document of a pretraining corpus. First what the folder's
+        post-processor adds around a text — as `tokenizer(text)` in transformers: Llama 3's <|begin_of_text|>,
+        nothing for Qwen — then, unless that already ends with one, the token that separates documents: the
+        end-of-text token (<|endoftext|> of Qwen and GPT-2, <|end_of_text|> of Llama 3) when the vocabulary has it
+        as a special token (an instruct model's eos is its end of turn instead), else the eos token."""
+        if self._affixes is None:
+            probe = "a b"
+            plain = self.tk.encode(probe, add_special_tokens=False).ids
+            full = self.tk.encode(probe, add_special_tokens=True).ids
+            at = next((k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), None)
+            where = str(self.path / self.main_file) if self.path else self.main_file
+            if not plain or at is None:
+                raise TiaoyuError(f"{where}: its post-processor changes the text's own ids, so documents cannot be "
+                                  "joined as `tokenizer(text)` encodes them")
+            prefix, suffix = full[:at], full[at + len(plain):]
+            ends = [i for i in (self.tk.token_to_id(t) for t in END_OF_TEXT) if i is not None and i in self.special_ids]
+            sep = ends[0] if ends else self.eos_id
+            if sep is not None and not (suffix and suffix[-1] in (sep, self.eos_id)):
+                suffix = suffix + [sep]
+            if not prefix and not suffix:
+                raise TiaoyuError(f"{where}: no end-of-text, eos or bos token to tell one document from the next "
+                                  "(tokenizer_config.json names none)")
+            self._affixes = (prefix, suffix)
+        return list(self._affixes[0]), list(self._affixes[1])
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]

@@ -28,7 +28,7 @@ from tiaoyu_cli.infer.endpoint import Endpoint, check_url, is_endpoint
 from tiaoyu_cli.infer.sampling import SamplingParams
 from tiaoyu_cli.infer.session import ChatModel, GenerationOptions
 from tiaoyu_cli.model import Transformer, parse_overrides, preset
-from tiaoyu_cli.tokenizer import has_tokenizer, open_tokenizer
+from tiaoyu_cli.tokenizer import has_tokenizer, model_token_ids, open_tokenizer
 from tiaoyu_cli.tokenizer.core import check_same_tokenizer
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.distill import DistillConfig, DistillStage
@@ -102,7 +102,7 @@ def build_student(opts: DistillOptions, teacher_tok, teacher_cfg, train: TrainCo
     if tok is None:
         raise TiaoyuError("--student-preset behind an HTTP teacher needs --tokenizer DIR (a tokenizer or checkpoint "
                           "folder): an API gives text, not its vocabulary")
-    fields = {"vocab_size": tok.vocab_size, **token_ids(tok), **overrides}
+    fields = {"vocab_size": tok.vocab_size, **model_token_ids(tok), **overrides}
     if teacher_cfg is not None:
         fields.setdefault("max_seq_len", teacher_cfg.max_seq_len)
     return Transformer(preset(opts.student_preset, **fields)), tok, None
@@ -114,15 +114,6 @@ def student_tokenizer(path: Path):
     if not p.exists():
         raise TiaoyuError(f"--tokenizer {p}: no such folder")
     return open_tokenizer(p) if has_tokenizer(p) else load_tokenizer(p)
-
-
-def token_ids(tok) -> dict[str, int]:
-    """bos/eos/pad ids of a model built for `tok`. An open model's tokenizer may have no BOS or pad (Qwen has no
-    BOS, Llama 3 no pad): its eos stands in (a pad is never learned from; tiaoyu's own ids are all set)."""
-    stops = sorted(getattr(tok, "stop_ids", ()))
-    eos = tok.eos_id if tok.eos_id is not None else (stops[0] if stops else 0)
-    return {"bos_token_id": eos if tok.bos_id is None else tok.bos_id, "eos_token_id": eos,
-            "pad_token_id": eos if tok.pad_id is None else tok.pad_id}
 
 
 def teacher_identity(folder: Path) -> str:

@@ -21,7 +21,8 @@ train/answers.py), so `tiaoyu eval` reports the number the stage itself reports 
 Data of a kind the checkpoint cannot judge (preference pairs on a plain language model, labels on
 a model without a classifier head) is a TiaoyuError, not a meaningless number.
 
-Text windows: the documents are encoded as pretraining sees them (<s> doc </s>), joined into one
+Text windows: the documents are encoded as pretraining sees them (<s> doc </s>; an open model's tokenizer
+puts its own `document_affixes` around each, as `tokenize encode` does), joined into one
 stream and cut into windows of seq_len + 1 tokens that overlap by one, so every token after the
 first is predicted exactly once.
 """
@@ -219,10 +220,12 @@ def text_metrics(model, stream: torch.Tensor, n_bytes: int, seq_len: int, batch_
 
 
 def text_stream(records: list[tuple[int, dict]], tokenizer, path: Path) -> tuple[torch.Tensor, int]:
-    """<s> doc </s> <s> doc </s> … as one tensor, and the UTF-8 byte count of the documents."""
+    """<s> doc </s> <s> doc </s> … as one tensor (the token shards' layout), and the UTF-8 byte count of the
+    documents."""
     docs = [_text(rec, "text", path, line) for line, rec in records]
-    ids = tokenizer.encode_batch(docs, bos=True, eos=True, num_threads=1)
-    stream = torch.tensor([t for d in ids for t in d], dtype=torch.long)
+    prefix, suffix = tokenizer.document_affixes()
+    ids = tokenizer.encode_batch(docs, num_threads=1)
+    stream = torch.tensor([t for d in ids for t in (*prefix, *d, *suffix)], dtype=torch.long)
     return stream, sum(len(d.encode("utf-8")) for d in docs)
 
 

@@ -28,7 +28,7 @@ from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import Transformer
 from tiaoyu_cli.model import preset as make_preset
 from tiaoyu_cli.model.transformer import cross_entropy
-from tiaoyu_cli.tokenizer import Tokenizer
+from tiaoyu_cli.tokenizer import model_token_ids, open_tokenizer
 from tiaoyu_cli.train.config import TrainConfig
 from tiaoyu_cli.train.run import Plan, run_stage
 from tiaoyu_cli.train.stage import BaseStage, StepOutput
@@ -260,17 +260,22 @@ class PretrainRun:
     tokens: str
     preset: str = "tiny"
     model: dict | None = None  # model config overrides (--model KEY=VALUE)
-    init: str | None = None  # continue from this checkpoint
-    tokenizer: str | None = None  # default: the one recorded with the shards
+    init: str | None = None  # continue from this checkpoint (ours, or a Hugging Face model folder)
+    tokenizer: str | None = None  # default: the one recorded with the shards (ours, or an open model's folder)
     seq_len: int = 0  # 0 = the model's max_seq_len
     sampling: str = "random"
     eval_batches: int = 16
 
 
+# an open model's context (32k, 128k tokens) is far more than a window of continued pretraining needs by default
+OPEN_DEFAULT_SEQ_LEN = 2048
+
+
 def find_tokenizer(tokens: Path, given: str | None):
-    """The tokenizer that made the shards: --tokenizer, else the path meta.json records, else one beside them."""
+    """The tokenizer that made the shards: --tokenizer, else the path meta.json records, else one beside them
+    (tiaoyu's own, or an open model's tokenizer.json folder)."""
     if given is not None:
-        return Tokenizer.load(given)
+        return open_tokenizer(given)
     for meta_path in (tokens / "meta.json", tokens.parent / "meta.json"):
         if meta_path.exists():
             try:
@@ -280,9 +285,9 @@ def find_tokenizer(tokens: Path, given: str | None):
             for key in ("tokenizer_path", "tokenizer", "tokenizer_dir"):
                 cand = meta.get(key)
                 if isinstance(cand, str) and Path(cand).exists():
-                    return Tokenizer.load(cand)
-    if (tokens / "tokenizer.model").exists():
-        return Tokenizer.load(tokens)
+                    return open_tokenizer(cand)
+    if (tokens / "tokenizer.model").exists() or (tokens / "tokenizer.json").exists():
+        return open_tokenizer(tokens)
     raise TiaoyuError(f"cannot tell which tokenizer made {tokens}: pass --tokenizer tok/")
 
 
@@ -303,12 +308,16 @@ def prepare_pretrain(o: PretrainRun, train: TrainConfig) -> Plan:
     elif o.init is not None:
         net, init_dir = load_model(o.init, config_overrides=o.model or None)
         tok = load_tokenizer(init_dir)
-    else:
+        if o.tokenizer is not None and open_tokenizer(o.tokenizer).fingerprint != tok.fingerprint:
+            raise TiaoyuError(f"--tokenizer {o.tokenizer} is not the tokenizer of --init {init_dir}: continued "
+                              "pretraining keeps the model's own tokenizer (leave --tokenizer out)")
+    else:  # a new model of a preset size on the tokenizer's vocabulary (tiaoyu's own or an open model's)
         tok = find_tokenizer(tokens, o.tokenizer)
-        cfg = make_preset(o.preset, **{"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id,
-                                       "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, **(o.model or {})})
+        cfg = make_preset(o.preset, **{"vocab_size": tok.vocab_size, **model_token_ids(tok), **(o.model or {})})
         net = Transformer(cfg)
     check_fingerprint(train_sh, tok)
+    if not sl and net.config.family:
+        sl = min(net.config.max_seq_len, OPEN_DEFAULT_SEQ_LEN)
     sl = sl or net.config.max_seq_len
     if sl > net.config.max_seq_len:
         raise TiaoyuError(f"--seq-len {sl} exceeds the model's max_seq_len {net.config.max_seq_len} "
