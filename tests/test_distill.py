@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from serve_process import chat_questions
 from tiaoyu_cli.train.losses_kd import distill_loss, divergence, kd_loss, topk_kd_loss
 
 # teacher p = softmax([0, 0]) = [1/2, 1/2]; student q = softmax([ln 3, 0]) = [3/4, 1/4]
@@ -167,14 +168,7 @@ def _quiet(msg: str) -> None:
 
 def _prompts(synth_dir: Path, tmp_path: Path, n: int) -> Path:
     """The first n chat.train questions as {"prompt": …} records (and one as a chat record)."""
-    recs = []
-    with open(synth_dir / "chat.train.jsonl", encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if len(r["messages"]) == 2 and r["messages"][0]["role"] == "user":
-                recs.append({"prompt": r["messages"][0]["content"]})
-            if len(recs) == n:
-                break
+    recs = chat_questions(synth_dir, n)
     recs[-1] = {"messages": [{"role": "user", "content": recs[-1]["prompt"]}, {"role": "assistant", "content": "x"}]}
     p = tmp_path / "prompts.jsonl"
     p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")

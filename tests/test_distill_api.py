@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from serve_process import chat_questions, serve_process
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.infer.endpoint import Endpoint, EndpointError, EndpointUnavailable
 from tiaoyu_cli.train.distill_run import DistillOptions, run_distill
@@ -39,14 +40,7 @@ def _train(out, **kw) -> TrainConfig:
 
 def _prompts(synth_dir: Path, path: Path, n: int) -> Path:
     """The first n single-turn chat.train questions as {"prompt"} records, the last as a {"messages"} record."""
-    recs = []
-    with open(synth_dir / "chat.train.jsonl", encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if len(r["messages"]) == 2 and r["messages"][0]["role"] == "user":
-                recs.append({"prompt": r["messages"][0]["content"]})
-            if len(recs) == n:
-                break
+    recs = chat_questions(synth_dir, n)
     recs[-1] = {"messages": [{"role": "user", "content": recs[-1]["prompt"]}]}
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
     return path
@@ -157,25 +151,8 @@ def _opts(url, prompts, tok_dir, keep, **kw):
 @pytest.fixture(scope="module")
 def served(base_ckpt):
     """(url, model name) of a `tiaoyu serve` process over the tiny base, answering in chat mode."""
-    proc = subprocess.Popen([sys.executable, "-m", "tiaoyu_cli", "serve", str(base_ckpt), "--port", "0", "--quiet",
-                             "--device", "cpu", "--mode", "chat"], cwd=ROOT, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True)
-    try:
-        port, seen = None, []
-        deadline = time.time() + 180
-        while port is None and time.time() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            seen.append(line)
-            m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-            port = int(m.group(1)) if m else None
-        assert port, "".join(seen)
-        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep its pipe drained
+    with serve_process(base_ckpt, "--mode", "chat") as (_, port):
         yield f"http://127.0.0.1:{port}/v1", "base"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_distil_from_a_served_teacher(served, base_ckpt, tok_dir, synth_dir, tmp_path):

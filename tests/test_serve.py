@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
-import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-openai = pytest.importorskip("openai")
+from serve_process import serve_process
 
-ROOT = Path(__file__).resolve().parents[1]
+openai = pytest.importorskip("openai")
 
 
 def start(engine, name: str):
@@ -216,24 +212,9 @@ def test_reasoning_is_returned_apart_from_the_answer(base_ckpt):
 
 def test_cli_binds_loopback_and_serves(base_ckpt):
     """The real `tiaoyu serve` process: it says where it listens (127.0.0.1 by default) and answers there."""
-    proc = subprocess.Popen([sys.executable, "-m", "tiaoyu_cli", "serve", str(base_ckpt), "--port", "0", "--quiet",
-                             "--device", "cpu"], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        port, seen = None, []
-        deadline = time.time() + 120
-        while port is None and time.time() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            seen.append(line)
-            m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-            port = int(m.group(1)) if m else None
-        assert port, "".join(seen)
+    with serve_process(base_ckpt, startup=120) as (_, port):
         c = client(port)
         name = c.models.list().data[0].id
         assert name == "base"  # the run folder's name, not step-000400
         r = c.completions.create(model=name, prompt="Tosi", max_tokens=4, temperature=0)
         assert r.usage.completion_tokens >= 1
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
