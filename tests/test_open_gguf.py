@@ -83,10 +83,97 @@ def gguf_forward(field, t, ids: list[int]) -> np.ndarray:
         o = np.einsum("hts,shd->thd", p, v).reshape(T, n_head * hd)
         x = x + o @ t[b + "attn_output.weight"].T + t.get(b + "attn_output.bias", 0.0)
         h = rms(x, t[b + "ffn_norm.weight"], eps)
-        g, u = h @ t[b + "ffn_gate.weight"].T, h @ t[b + "ffn_up.weight"].T
-        x = x + (g / (1 + np.exp(-g)) * u) @ t[b + "ffn_down.weight"].T
+        if b + "ffn_gate_inp.weight" in t:
+            x = x + moe(field, t, b, arch, h)
+        else:
+            g, u = h @ t[b + "ffn_gate.weight"].T, h @ t[b + "ffn_up.weight"].T
+            x = x + (g / (1 + np.exp(-g)) * u) @ t[b + "ffn_down.weight"].T
     x = rms(x, t["output_norm.weight"], eps)
     return x @ t.get("output.weight", t["token_embd.weight"]).T
+
+
+# llama.cpp's MoE graphs: softmax router, top-k experts; qwen3moe (and llama's Mixtral) renormalise the top-k
+# weights, qwen2moe does not and adds a shared expert scaled by sigmoid(x · ffn_gate_inp_shexp)
+MOE_NORM = {"qwen2moe": False, "qwen3moe": True, "llama": True}
+
+
+def moe(field, t, b, arch, h):
+    silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
+    r = h @ t[b + "ffn_gate_inp.weight"].T  # [T, E]
+    p = np.exp(r - r.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    k = field(f"{arch}.expert_used_count")
+    idx = np.argsort(-p, -1, kind="stable")[:, :k]
+    w = np.take_along_axis(p, idx, -1)
+    if MOE_NORM[arch]:
+        w = w / w.sum(-1, keepdims=True)
+    out = np.zeros_like(h)
+    for i in range(h.shape[0]):
+        for j, e in enumerate(idx[i]):
+            g, u = t[b + "ffn_gate_exps.weight"][e] @ h[i], t[b + "ffn_up_exps.weight"][e] @ h[i]
+            out[i] += w[i, j] * (t[b + "ffn_down_exps.weight"][e] @ (silu(g) * u))
+    if b + "ffn_gate_inp_shexp.weight" in t:
+        gate = 1 / (1 + np.exp(-(h @ t[b + "ffn_gate_inp_shexp.weight"].reshape(-1))))
+        g, u = h @ t[b + "ffn_gate_shexp.weight"].T, h @ t[b + "ffn_up_shexp.weight"].T
+        out += gate[:, None] * ((silu(g) * u) @ t[b + "ffn_down_shexp.weight"].T)
+    return out
+
+
+MOE = {"qwen2_moe": ("Qwen2MoeConfig", {"shared_expert_intermediate_size": 48, "norm_topk_prob": False}),
+       "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 32, "norm_topk_prob": True})}
+
+
+def moe_folder(kind: str, folder):
+    from hf_tokenizers import make_qwen_tokenizer
+    from test_open_chat import SIZES, spread
+
+    cls_name, kw = MOE[kind]
+    cfg = getattr(transformers, cls_name)(**{**SIZES, "num_experts": 4, "num_experts_per_tok": 2,
+                                             "moe_intermediate_size": 32, **kw})
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = spread(transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), seed=1).eval()
+    model.save_pretrained(folder)
+    make_qwen_tokenizer(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", list(MOE))
+def test_gguf_of_an_open_moe_folder(kind, tmp_path):
+    """Qwen2-MoE / Qwen3-MoE folders: llama.cpp's qwen2moe / qwen3moe, experts stacked, qwen2moe's shared expert and
+    its gate; the file computes transformers' logits the way those graphs mix the experts."""
+    src = moe_folder(kind, tmp_path / kind)
+    out = tmp_path / f"{kind}.gguf"
+    export(src, out)
+    field, tensors = read_gguf(out)
+    arch = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[kind]
+    assert field("general.architecture") == arch
+    assert field(f"{arch}.expert_count") == 4 and field(f"{arch}.expert_used_count") == 2
+    assert field(f"{arch}.expert_feed_forward_length") == 32
+    assert tensors["blk.0.ffn_gate_exps.weight"][1].shape == (4, 32, 64)
+    assert tensors["blk.0.ffn_down_exps.weight"][1].shape == (4, 64, 32)
+    assert ("blk.1.ffn_gate_inp_shexp.weight" in tensors) == (kind == "qwen2_moe")
+    if kind == "qwen2_moe":
+        assert field(f"{arch}.expert_shared_feed_forward_length") == 48
+    tok = load_tokenizer(src)
+    ids = tok.encode(TEXT, bos=True)
+    got, want = gguf_forward(field, tensors, ids), hf_logits(src, ids)
+    assert np.abs(want).max() > 0.5 and np.abs(got - want).max() < 1e-4
+
+
+def test_gguf_refuses_moe_graphs_llama_cpp_does_not_run(tmp_path, capfd):
+    """A Qwen3-MoE folder without renormalised top-k weights would run differently in llama.cpp: refused."""
+    from tiaoyu_cli.cli.main import main
+
+    src = moe_folder("qwen3_moe", tmp_path / "q")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["norm_topk_prob"] = False
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(src), "--format", "gguf", "-o", str(tmp_path / "a.gguf")])
+    err = capfd.readouterr()[1]
+    assert e.value.code == 2 and "norm_topk_prob" in err and not (tmp_path / "a.gguf").exists()
 
 
 @pytest.mark.parametrize("kind", list(ARCH))

@@ -70,7 +70,11 @@ from tiaoyu_cli.tokenizer import SPFolderTokenizer
 GGUF_TYPES = ("f32", "f16", "q8_0")
 IM_END_ID = 5
 # llama.cpp's architecture per family ("" = tiaoyu's own); mistral runs as llama without a sliding window
-ARCHES = {"": "llama", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHES = {"": "llama", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+          "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+# how llama.cpp's MoE graphs mix the chosen experts and the shared one: qwen2moe keeps the raw top-k softmax
+# weights and adds a shared expert scaled by sigmoid(gate·x); qwen3moe renormalises the top-k, no shared expert
+MOE_GRAPH = {"qwen2moe": {"norm_topk_prob": False, "shared": True}, "qwen3moe": {"norm_topk_prob": True, "shared": False}}
 # byte-level BPE split regexes → llama.cpp's pre-tokenizer names
 QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -102,10 +106,23 @@ def check_gguf_exportable(cfg) -> str:
     arch = ARCHES.get(cfg.family)
     if arch is None:
         raise TiaoyuError(f"cannot export to gguf: model_type {cfg.family} is not written yet (supported: llama, "
-                          f"mistral, qwen2, qwen3 and tiaoyu's own models); export it with --format hf")
+                          f"mistral, qwen2, qwen3, qwen2_moe, qwen3_moe, Mixtral and tiaoyu's own models); export it "
+                          f"with --format hf")
     if cfg.sliding_window:
         raise TiaoyuError(f"cannot export to gguf: a sliding attention window ({cfg.sliding_window}) is not run by "
                           "llama.cpp's llama architecture")
+    graph = MOE_GRAPH.get(arch)
+    if graph is not None:
+        if cfg.dense_layers:
+            raise TiaoyuError(f"cannot export to gguf: layers {cfg.dense_layers} have a dense FFN instead of experts "
+                              f"(mlp_only_layers / decoder_sparse_step), which llama.cpp's {arch} does not run")
+        if cfg.norm_topk_prob != graph["norm_topk_prob"]:
+            raise TiaoyuError(f"cannot export to gguf: norm_topk_prob is {cfg.norm_topk_prob}, llama.cpp's {arch} "
+                              f"always runs with {graph['norm_topk_prob']}")
+        if bool(cfg.gated_shared_ffn_dim) != graph["shared"]:
+            raise TiaoyuError(f"cannot export to gguf: llama.cpp's {arch} runs "
+                              + ("a shared expert on every layer; this model has none" if graph["shared"]
+                                 else "no shared expert; this model has one"))
     kind = (cfg.rope_scaling or {}).get("rope_type", "default")
     if kind not in (("default", "linear", "llama3") if arch == "llama" else ("default", "linear")):
         raise TiaoyuError(f"cannot export to gguf: RoPE scaling {kind!r} is not written for llama.cpp's {arch} "
@@ -155,7 +172,17 @@ def gguf_tensors(model, arch: str = "llama") -> list[tuple[str, np.ndarray]]:
             out += [(b + "attn_q_norm.weight", sd[a + "q_norm.weight"]),
                     (b + "attn_k_norm.weight", sd[a + "k_norm.weight"])]
         out.append((b + "ffn_norm.weight", sd[p + "post_attention_layernorm.weight"]))
-        if cfg.is_moe:
+        if arch in MOE_GRAPH:  # the Qwen-MoE names: mlp.gate, mlp.experts.E.*_proj, mlp.shared_expert(_gate)
+            m = p + "mlp."
+            out.append((b + "ffn_gate_inp.weight", sd[m + "gate.weight"]))
+            for ours, theirs in (("gate", "ffn_gate_exps"), ("up", "ffn_up_exps"), ("down", "ffn_down_exps")):
+                stacked = np.stack([sd[f"{m}experts.{e}.{ours}_proj.weight"] for e in range(cfg.n_experts)])
+                out.append((b + theirs + ".weight", stacked))  # [n_experts, out, in]
+            if m + "shared_expert_gate.weight" in sd:
+                out.append((b + "ffn_gate_inp_shexp.weight", sd[m + "shared_expert_gate.weight"].reshape(-1)))  # [d]
+                for n in ("gate", "up", "down"):
+                    out.append((b + f"ffn_{n}_shexp.weight", sd[m + f"shared_expert.{n}_proj.weight"]))
+        elif cfg.is_moe:
             m = p + "block_sparse_moe."
             out.append((b + "ffn_gate_inp.weight", sd[m + "gate.weight"]))
             for ours, theirs in (("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps"), ("w2", "ffn_down_exps")):
@@ -371,6 +398,10 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, kind: str = "f3
         if cfg.is_moe:
             w.add_expert_count(cfg.n_experts)
             w.add_expert_used_count(cfg.n_experts_per_tok)
+        if arch in MOE_GRAPH:
+            w.add_expert_feed_forward_length(cfg.expert_ffn_dim or cfg.ffn_dim)
+            if cfg.gated_shared_ffn_dim:
+                w.add_expert_shared_feed_forward_length(cfg.gated_shared_ffn_dim)
 
         if sp_tok:
             add_sentencepiece_tokenizer(w, tok, cfg.vocab_size)
