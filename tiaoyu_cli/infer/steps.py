@@ -18,6 +18,8 @@ Every step has the same interface, so the generation loop has one path:
     logits = step(next_tokens)           # [B] → [B, V]
     step.select(keep)                    # rows that finished leave the batch
 
+(tests/test_steps.py: the choice, and every step's logits against `Transformer.forward`.)
+
 The serve slots (continuous batching, infer/slots.py) get theirs from `make_slot_step`:
 `prefill_rows(prompts, first)` → [k, V] and `slot_step(tokens, lengths, width)` → [n, V].
 """

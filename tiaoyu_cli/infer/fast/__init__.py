@@ -1,6 +1,7 @@
 """Fast decode steps: optimisations of `Transformer.forward` (model/transformer.py, the reference), each
 tested against it. Only the step factory (infer/steps.py) imports this package; it picks one of these
-where it runs the model, and the reference steps everywhere else.
+where it runs the model, and the reference steps everywhere else. tests/test_steps.py runs every step,
+fast or reference, through the same prefill / step / select against `Transformer.forward`; beside it:
 
     weights.py        fused and prepared weights (inference-only, cached per weight version)
                       — tests/test_fast_decode.py (fused weights follow in-place edits and optimizer steps),
