@@ -4,7 +4,7 @@
     python benchmarks/bench_decode.py --preset small --threads 2
 
 Ours is `tiaoyu_cli.infer.generate` as users get it: on CPU in fp32 that is the numpy step
-(infer/numpy_step.py) for the prompt and every new token. A random model of the chosen preset is
+(infer/fast/numpy_step.py) for the prompt and every new token. A random model of the chosen preset is
 saved with `save_model_files` and loaded by
 transformers' LlamaForCausalLM (or MixtralForCausalLM for moe-* presets) from that folder, so
 both sides run the very same weights in fp32. Both decode greedily with a KV cache

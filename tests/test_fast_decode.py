@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiaoyu_cli.infer.generate import fused_weights, generate_detailed
+from tiaoyu_cli.infer.fast.weights import fused_weights
+from tiaoyu_cli.infer.generate import generate_detailed
 from tiaoyu_cli.infer.sampling import SamplingParams
 from tiaoyu_cli.model import Transformer
-from tiaoyu_cli.infer.numpy_step import NumpyStep
+from tiaoyu_cli.infer.fast.numpy_step import NumpyStep
 from tiaoyu_cli.model.lora import LoraConfig, apply_lora
 
 from decode_models import V, small_model

@@ -347,16 +347,16 @@ def real_so(tmp_path_factory):
     """A decode kernel built by the real compiler, once, into a cache of its own."""
     import os
 
-    from tiaoyu_cli.infer import numpy_step
+    from tiaoyu_cli.infer.fast import kernel
 
     cache = tmp_path_factory.mktemp("kernel-cache")
-    saved, env = dict(numpy_step._C), os.environ.get("XDG_CACHE_HOME")
+    saved, env = dict(kernel._C), os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(cache)
-    numpy_step._C.update(tried=False, fn=None)
+    kernel._C.update(tried=False, fn=None)
     try:
-        fn = numpy_step.c_kernel()
+        fn = kernel.c_kernel()
     finally:
-        numpy_step._C.update(saved)
+        kernel._C.update(saved)
         if env is None:
             os.environ.pop("XDG_CACHE_HOME")
         else:
@@ -369,7 +369,7 @@ def real_so(tmp_path_factory):
 @pytest.fixture
 def kernel_env(tmp_path, monkeypatch, real_so):
     """A fresh cache and a fake compiler that 'builds' by copying the real kernel (fast); c_kernel() untried."""
-    from tiaoyu_cli.infer import numpy_step
+    from tiaoyu_cli.infer.fast import kernel
 
     cc = tmp_path / "fakecc"
     cc.write_text(FAKE_CC)
@@ -379,16 +379,16 @@ def kernel_env(tmp_path, monkeypatch, real_so):
     monkeypatch.setenv("FAKE_CC_VERSION", "1.0")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("TIAOYU_C_KERNEL", raising=False)
-    monkeypatch.setitem(numpy_step._C, "tried", False)
-    monkeypatch.setitem(numpy_step._C, "fn", None)
+    monkeypatch.setitem(kernel._C, "tried", False)
+    monkeypatch.setitem(kernel._C, "fn", None)
     return tmp_path / "cache" / "tiaoyu"
 
 
 def _retry():
-    from tiaoyu_cli.infer import numpy_step
+    from tiaoyu_cli.infer.fast import kernel
 
-    numpy_step._C.update(tried=False, fn=None)
-    return numpy_step.c_kernel()
+    kernel._C.update(tried=False, fn=None)
+    return kernel.c_kernel()
 
 
 def test_kernel_cache_folder_is_private_and_the_compiler_version_is_in_the_key(kernel_env):
@@ -434,26 +434,26 @@ def test_an_unsafe_cache_folder_is_refused_with_one_warning(kernel_env, capsys):
     kernel_env.mkdir(parents=True)
     kernel_env.chmod(0o777)
     assert _retry() is None
-    from tiaoyu_cli.infer import numpy_step
+    from tiaoyu_cli.infer.fast import kernel
 
-    assert numpy_step.c_kernel() is None  # tried once per process: no second warning
+    assert kernel.c_kernel() is None  # tried once per process: no second warning
     err = capsys.readouterr().err
     assert err.count("the compiled decode step is unavailable") == 1 and "writable by group or others" in err
     assert not list(kernel_env.iterdir())
 
 
 def test_a_missing_compiler_is_said_once(tmp_path, monkeypatch, capsys):
-    from tiaoyu_cli.infer import numpy_step
+    from tiaoyu_cli.infer.fast import kernel
 
-    monkeypatch.setitem(numpy_step._C, "tried", False)
-    monkeypatch.setitem(numpy_step._C, "fn", None)
+    monkeypatch.setitem(kernel._C, "tried", False)
+    monkeypatch.setitem(kernel._C, "fn", None)
     monkeypatch.delenv("TIAOYU_C_KERNEL", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(numpy_step.shutil, "which", lambda name: None)
-    assert numpy_step.c_kernel() is None and numpy_step.c_kernel() is None
+    monkeypatch.setattr(kernel.shutil, "which", lambda name: None)
+    assert kernel.c_kernel() is None and kernel.c_kernel() is None
     err = " ".join(capsys.readouterr().err.split())
     assert err.count("the compiled decode step is unavailable: no C compiler found") == 1
-    monkeypatch.setitem(numpy_step._C, "tried", False)
+    monkeypatch.setitem(kernel._C, "tried", False)
     monkeypatch.setenv("TIAOYU_C_KERNEL", "0")
-    assert numpy_step.c_kernel() is None
+    assert kernel.c_kernel() is None
     assert capsys.readouterr().err == ""  # switched off on purpose: nothing said

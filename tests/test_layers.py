@@ -79,3 +79,81 @@ def test_no_module_over_600_lines():
     long = {str(f.relative_to(PKG.parent)): n for f in PKG.rglob("*.py")
             if (n := len(f.read_text(encoding="utf-8").splitlines())) > 600}
     assert long == {}
+
+
+# inference: generate.py and slots.py get their step from the factory (infer/steps.py), the only module that
+# picks an optimisation from infer/fast/; the reference stays model/transformer.py
+FAST = "tiaoyu_cli.infer.fast"
+
+
+def import_graph(prefix: str) -> dict[str, set[str]]:
+    """module → the modules under `prefix` it imports (function-local imports too), for modules under it;
+    `from tiaoyu_cli.infer import tools` counts as importing tiaoyu_cli.infer.tools."""
+    graph: dict[str, set[str]] = {}
+    for f in sorted(PKG.rglob("*.py")):
+        me = module_name(f)
+        if me != prefix and not me.startswith(prefix + "."):
+            continue
+        out = graph.setdefault(me, set())
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for n in names:
+                path = PKG.parent.joinpath(*n.split("."))
+                if (path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()) \
+                        and (n == prefix or n.startswith(prefix + ".")) and n != me:
+                    out.add(n)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import cycle found by a depth-first walk (each reported once, from where it was entered)."""
+    found, state = [], {}  # state: 1 = on the current path, 2 = done
+
+    def walk(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for t in sorted(graph.get(m, ())):
+            if state.get(t) == 1:
+                found.append(path[path.index(t):] + [m, t])
+            elif t not in state:
+                walk(t, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            walk(m, [])
+    return found
+
+
+def test_only_the_step_factory_imports_the_fast_steps():
+    bad = []
+    for f in sorted(PKG.rglob("*.py")):
+        me = module_name(f)
+        if me == "tiaoyu_cli.infer.steps" or me == FAST or me.startswith(FAST + "."):
+            continue
+        for line, targets in imports(f):
+            bad += [f"{f.relative_to(PKG.parent)}:{line}: {me} imports {t} (only infer/steps.py may)"
+                    for t in targets if t == FAST or t.startswith(FAST + ".")]
+        tree = ast.parse(f.read_text(encoding="utf-8"))  # `from tiaoyu_cli.infer import fast`
+        bad += [f"{f.relative_to(PKG.parent)}:{n.lineno}: {me} imports {FAST}" for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom) and n.module == "tiaoyu_cli.infer"
+                and any(a.name == "fast" for a in n.names)]
+    assert bad == []
+
+
+def test_infer_has_no_import_cycle_and_its_packages_import_nothing():
+    graph = import_graph("tiaoyu_cli.infer")
+    assert FAST + ".numpy_step" in graph["tiaoyu_cli.infer.steps"]  # the graph sees the factory's imports
+    assert cycles(graph) == []
+    for init in (PKG / "infer" / "__init__.py", PKG / "infer" / "fast" / "__init__.py"):  # importing infer.X loads X
+        tree = ast.parse(init.read_text(encoding="utf-8"))
+        assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))], init
+
+
+def test_the_cycle_check_sees_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []

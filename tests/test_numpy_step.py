@@ -1,4 +1,4 @@
-"""The numpy decode step (infer/numpy_step.py) computes what the model's forward pass computes.
+"""The numpy decode step (infer/fast/numpy_step.py) computes what the model's forward pass computes.
 
 Reference: `Transformer.forward` with the KV cache (and without it), on the same weights — logits of
 the prompt (left-padded batch) and of every decode step, tokens and log-probs of whole generations.
@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from tiaoyu_cli.infer.generate import generate_detailed
-from tiaoyu_cli.infer import numpy_step
-from tiaoyu_cli.infer.numpy_step import NumpyStep, c_kernel, prepared_weights
+from tiaoyu_cli.infer.fast import kernel
+from tiaoyu_cli.infer.fast.kernel import c_kernel
+from tiaoyu_cli.infer.fast.numpy_step import NumpyStep
+from tiaoyu_cli.infer.fast.weights import prepared_weights
 from tiaoyu_cli.infer.sampling import SamplingParams
 from tiaoyu_cli.model import Transformer
 from tiaoyu_cli.model.kv_cache import KVCache
@@ -39,8 +41,8 @@ def one_row(request, monkeypatch):
         if c_kernel() is None:
             pytest.skip("no C compiler here: the compiled step is not built")
     else:
-        monkeypatch.setitem(numpy_step._C, "fn", None)
-        monkeypatch.setitem(numpy_step._C, "tried", True)
+        monkeypatch.setitem(kernel._C, "fn", None)
+        monkeypatch.setitem(kernel._C, "tried", True)
     return request.param
 
 
@@ -163,11 +165,11 @@ def test_compiled_step_matches_and_a_missing_compiler_falls_back(tmp_path, monke
         got = generate_detailed(m, [[2, 10, 11, 12]], 40, SamplingParams(0), [], logprobs="model")
         assert got.tokens == plain.tokens
         assert max(abs(a - b) for a, b in zip(got.logprobs[0], plain.logprobs[0])) < 1e-4
-    monkeypatch.setitem(numpy_step._C, "tried", False)
-    monkeypatch.setitem(numpy_step._C, "fn", None)
+    monkeypatch.setitem(kernel._C, "tried", False)
+    monkeypatch.setitem(kernel._C, "fn", None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(numpy_step.shutil, "which", lambda name: None)
+    monkeypatch.setattr(kernel.shutil, "which", lambda name: None)
     assert c_kernel() is None
     assert not any(tmp_path.rglob("*.so"))
     again = generate_detailed(m, [[2, 10, 11, 12]], 40, SamplingParams(0), [], logprobs="model")
@@ -178,13 +180,13 @@ def test_a_failed_build_leaves_no_file_and_falls_back(tmp_path, monkeypatch):
     fake = tmp_path / "cc"
     fake.write_text("#!/bin/sh\necho 'cc: error' >&2\nexit 1\n")
     fake.chmod(0o755)
-    monkeypatch.setitem(numpy_step._C, "tried", False)
-    monkeypatch.setitem(numpy_step._C, "fn", None)
+    monkeypatch.setitem(kernel._C, "tried", False)
+    monkeypatch.setitem(kernel._C, "fn", None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", str(fake))
     assert c_kernel() is None
     assert list((tmp_path / "cache" / "tiaoyu").iterdir()) == []  # the half-built file is gone
-    monkeypatch.setitem(numpy_step._C, "tried", False)
+    monkeypatch.setitem(kernel._C, "tried", False)
     monkeypatch.setenv("TIAOYU_C_KERNEL", "0")
     monkeypatch.delenv("CC")
     assert c_kernel() is None  # switched off

@@ -272,8 +272,9 @@ def _hf_greedy(model, rows, n, stops):
 
 @pytest.mark.parametrize("family", DECODE)
 def test_greedy_generate_matches_transformers(family, tmp_path):
-    from tiaoyu_cli.infer.generate import OneTokenStep, generate
-    from tiaoyu_cli.infer.numpy_step import NumpyStep
+    from tiaoyu_cli.infer.fast.numpy_step import NumpyStep
+    from tiaoyu_cli.infer.fast.torch_step import OneTokenStep
+    from tiaoyu_cli.infer.generate import generate
 
     folder = save_hf(family, tmp_path / family)
     ours, _ = load_model(folder)
@@ -296,7 +297,7 @@ def test_greedy_generate_matches_transformers(family, tmp_path):
 
 def test_one_token_step_with_scaled_rope_and_biases(tmp_path):
     """The torch decode step (what CUDA and batched CPU decoding run) on llama3 RoPE + biases equals the forward."""
-    from tiaoyu_cli.infer.generate import OneTokenStep
+    from tiaoyu_cli.infer.fast.torch_step import OneTokenStep
     from tiaoyu_cli.model.kv_cache import KVCache
 
     ours, _ = load_model(save_hf("llama-bias", tmp_path / "b"))

@@ -10,8 +10,9 @@ import random
 import pytest
 import torch
 
-from tiaoyu_cli.infer import slots as slots_module
-from tiaoyu_cli.infer.slots import SlotBatch, _packs
+from tiaoyu_cli.infer.fast import numpy_step
+from tiaoyu_cli.infer.fast.numpy_step import NumpyStep, _packs
+from tiaoyu_cli.infer.slots import SlotBatch
 from tiaoyu_cli.model import Transformer, preset
 
 
@@ -26,12 +27,10 @@ def model_for(position: str, moe: bool = False) -> Transformer:
                                                ("rope", False, "torch"), ("learned", False, "torch"),
                                                ("sinusoidal", False, "torch"), ("rope", True, "torch")])
 def test_rows_joining_and_leaving_match_the_full_forward(position, moe, kind, monkeypatch):
-    from tiaoyu_cli.infer.numpy_step import NumpyStep
-
     if kind == "torch":
         monkeypatch.setattr(NumpyStep, "prepare", staticmethod(lambda *a, **k: None))
     if kind == "numpy-packs":  # joining prompts in several packed groups (and a prompt longer than a group alone)
-        monkeypatch.setattr(slots_module, "PACK_TOKENS", 10)
+        monkeypatch.setattr(numpy_step, "PACK_TOKENS", 10)
     model = model_for(position, moe)
     rng = random.Random(0)
     seqs: dict[int, list[int]] = {}  # sequence id → its tokens so far
@@ -39,7 +38,7 @@ def test_rows_joining_and_leaving_match_the_full_forward(position, moe, kind, mo
     last: dict[int, torch.Tensor] = {}
     with torch.inference_mode():
         slots = SlotBatch(model, capacity=4, max_len=64)
-        assert (slots.prepared is not None) == kind.startswith("numpy")
+        assert (slots.decoder.name == "numpy") == kind.startswith("numpy")
         next_id = 0
         for step in range(40):
             # sometimes a new sequence joins (if a slot is free)
@@ -73,7 +72,7 @@ def test_rows_joining_and_leaving_match_the_full_forward(position, moe, kind, mo
 
 
 def test_packs_are_consecutive_groups_within_the_budget(monkeypatch):
-    monkeypatch.setattr(slots_module, "PACK_TOKENS", 10)
+    monkeypatch.setattr(numpy_step, "PACK_TOKENS", 10)
     prompts = [[1] * n for n in (3, 4, 3, 12, 1, 9, 2)]
     groups = _packs(prompts)
     assert [(i, [len(p) for p in g]) for i, g in groups] == [(0, [3, 4, 3]), (3, [12]), (4, [1, 9]), (6, [2])]
@@ -83,7 +82,7 @@ def test_packs_are_consecutive_groups_within_the_budget(monkeypatch):
 def test_packed_prefill_with_one_kv_head_and_with_one_per_head(n_kv_heads, monkeypatch):
     """Multi-query and plain multi-head attention through the packed prefill (the join/leave test above
     runs grouped-query attention): logits after the prompts and after one step equal the forward pass."""
-    monkeypatch.setattr(slots_module, "PACK_TOKENS", 12)
+    monkeypatch.setattr(numpy_step, "PACK_TOKENS", 12)
     torch.manual_seed(0)
     cfg = preset("tiny", vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, ffn_dim=96, max_seq_len=64)
     model = Transformer(cfg).eval()
@@ -91,7 +90,7 @@ def test_packed_prefill_with_one_kv_head_and_with_one_per_head(n_kv_heads, monke
     prompts = [[rng.randrange(8, 300) for _ in range(rng.randint(1, 20))] for _ in range(4)]
     with torch.inference_mode():
         slots = SlotBatch(model, capacity=4, max_len=64)
-        assert slots.prepared is not None
+        assert slots.decoder.name == "numpy"
         out = slots.prefill_many(prompts)
         toks = [int(o.argmax()) for o in out]
         step = slots.step(toks)

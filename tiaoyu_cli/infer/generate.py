@@ -10,43 +10,37 @@ How one batch is generated:
    it would alone. Left padding puts every row's last token in the last column, so the next
    token of every row comes from the same position.
 2. Prefill: one forward pass over [B, L] fills the KV cache and gives the logits of the last
-   column (`last_only=True`: the LM head runs on one position, not L).
-3. Decode: feed the chosen tokens [B, 1]; each step attends to the cache instead of recomputing
-   the prefix. A row that emits a stop token (EOS, <|im_end|>) or reaches max_new_tokens is done;
-   done rows are dropped from the batch and the cache (`KVCache.select`), so the rest run faster.
+   column (`step.prefill`; the LM head runs on one position, not L).
+3. Decode: feed the chosen tokens [B]; each step attends to the cache instead of recomputing
+   the prefix (`step(tokens)`). A row that emits a stop token (EOS, <|im_end|>) or reaches
+   max_new_tokens is done; done rows are dropped from the batch and the cache (`step.select`), so
+   the rest run faster.
 
 Context limits: a prompt longer than the context keeps its most recent tokens (left truncation),
 leaving room to answer: at most `max_seq_len - min(max_new_tokens, max_seq_len // 2)` prompt
 tokens are kept. New tokens are then clamped so the longest prompt plus its answer fits.
 
-Decode steps run `OneTokenStep`, a forward pass specialised for one new token per row: the
-rotary tables are computed once, grouped-query attention reads the cached K/V directly
-(`enable_gqa`, no repeated copies), no causal mask is built (a single query
-may see every cached key; only left padding is masked). It calls the model's own modules for
-every projection and FFN (so LoRA-wrapped layers work) and is checked against the model's full
-forward pass. Models it does not know fall back to `model(…, kv_cache=…)`.
-
-`use_cache=False` recomputes the whole sequence every step — slow, and here to prove that the
-cache changes nothing (tests compare both token for token).
+The step. This module never runs the model itself: `make_step` (infer/steps.py) gives one step object
+per batch and the loop calls only its `prefill`, `__call__` and `select`. The reference is
+`Transformer.forward` — `ForwardStep` (with the cache; `fast_decode=False`) and `RecomputeStep` (no
+cache: `use_cache=False` recomputes the whole sequence every step, slow, here to prove that the cache
+changes nothing; tests compare both token for token). By default the factory picks an optimisation of
+the same computation from infer/fast/ where one runs the model — `NumpyStep` for small fp32 models on
+CPU, `OneTokenStep` for the other stock Transformers (LoRA, MoE, autocast, GPUs) — each tested against
+the reference; any other model decodes with `ForwardStep`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.infer.sampling import SamplingParams, choose, make_generator, process_logits
-from tiaoyu_cli.model.kv_cache import KVCache
-from tiaoyu_cli.model.moe import SwiGLU
-from tiaoyu_cli.model.transformer import Attention, Block, RMSNorm, Transformer, rope_tables
-from tiaoyu_cli.infer.numpy_step import NumpyStep  # noqa: E402  (after transformer: no cycle)
+from tiaoyu_cli.infer.steps import make_step
 
 EOS_ID, IM_END_ID, THINK_ID, END_THINK_ID = 3, 5, 6, 7
 DEFAULT_STOP_IDS = frozenset({EOS_ID, IM_END_ID})
@@ -105,180 +99,6 @@ def amp_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _linear(mod: torch.nn.Module):
-    if _plain(mod):
-        return functools.partial(F.linear, weight=mod.weight)
-    return mod
-
-
-def _plain(mod: torch.nn.Module) -> bool:
-    return type(mod) is torch.nn.Linear and mod.bias is None
-
-
-_FUSED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, list]] = weakref.WeakKeyDictionary()
-
-
-def fused_weights(model: Transformer) -> list[tuple[torch.Tensor | None, ...]]:
-    """Per layer (Wqkv, Woᵀ, Wgate‖up, Wdownᵀ) for decoding, an inference-only transform that files never see.
-
-    Q, K and V become one [(H + 2·Hkv)·hd, d] matrix and gate/up one [2·ffn, d] matrix, so a decode
-    step runs 2 matrix products where it ran 5; the transposed o/down views feed `torch.addmm`,
-    which adds the residual in the same call. A layer whose projections are not plain bias-free
-    nn.Linear (LoRA wrappers, MoE experts) gets None there and runs its modules. Kept per model
-    until a weight changes: tensor versions catch in-place edits such as load_state_dict, and
-    `model.weights_version` (bumped by the Trainer after every optimizer step: torch's fused/foreach
-    optimizer kernels leave `_version` alone) catches training, so RL rollouts always decode the
-    current policy.
-    """
-    layers = model.model.layers
-    weights = [p for b in layers for p in b.parameters()]
-    key = (getattr(model, "weights_version", 0), tuple((id(p), p._version) for p in weights))
-    hit = _FUSED.get(model)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    out = []
-    with torch.no_grad():
-        for b in layers:
-            a = b.self_attn
-            attn = all(_plain(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
-            mlp = getattr(b, "mlp", None)
-            ffn = mlp is not None and type(mlp) is SwiGLU and all(_plain(m) for m in (mlp.gate_proj, mlp.up_proj,
-                                                                                        mlp.down_proj))
-            out.append((torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) if attn else None,
-                        a.o_proj.weight.t() if attn else None,
-                        torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) if ffn else None,
-                        mlp.down_proj.weight.t() if ffn else None))
-    _FUSED[model] = (key, out)
-    return out
-
-
-class OneTokenStep:
-    """The decode step for one new token per row: tokens [B] → next-token logits [B, V].
-
-    Same computation as `Transformer.forward(tokens[:, None], kv_cache=cache, last_only=True)`,
-    with less work per step (this loop runs once per generated token, so its overhead is the
-    decode speed of a small model):
-
-        x = embed(token) (+ position embedding)                               [B, d]
-        per layer:  q‖k‖v = RMSNorm(x) · Wqkvᵀ  (one product; `fused_weights`)  [B, (H+2Hkv)·hd]
-                    RoPE on q and k together, at the row's position
-                    write k, v into the preallocated cache at column `length`
-                    softmax(q · Kᵀ / √hd) · V over the cached columns (SDPA, one query, no causal
-                    mask; GQA by `enable_gqa`, no repeated K/V copies)
-                    x = x + o_proj(…)                    (one addmm: product and residual)
-                    g‖u = RMSNorm(x) · Wguᵀ;  x = x + (silu(g)·u) · Wdownᵀ    (two products)
-        logits = RMSNorm(x) · Wᵀ
-    """
-
-    def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor):
-        cfg = model.config
-        self.model, self.cache, self.cfg = model, cache, cfg
-        self.positions = positions.clone()  # [B] position of the next token in each row (padding excluded)
-        self.padded = not bool(cache.key_mask[:, :cache.length].all())
-        hd = cfg.head_dim
-        if cfg.position == "rope":
-            cos, sin = rope_tables(hd, torch.arange(cache.max_len, device=positions.device)[None], cfg.rope_theta,
-                                   cfg.rope_scaling)
-            sign = torch.ones(hd, device=positions.device)
-            sign[: hd // 2] = -1  # rotate_half(x) = roll(x, hd/2) · [-1 … -1, 1 … 1]
-            self.cos, self.sin = cos[0], sin[0] * sign  # [P, hd]
-        self._views()
-        # addmm adds the residual inside the product; under autocast it would run in bf16 and make the
-        # residual stream bf16, so there the step adds separately (as the model's forward does)
-        self.exact = not torch.is_autocast_enabled(positions.device.type)
-
-        # what each layer uses, looked up once (nn.Module attribute access is slow Python); a plain
-        # nn.Linear becomes F.linear with its weight, anything else (e.g. a LoRA wrapper) is called as is
-        self.layers = []
-        for b, (qkv, o_t, gu, down_t) in zip(model.model.layers, fused_weights(model)):
-            a = b.self_attn
-            if hasattr(b, "block_sparse_moe") or getattr(b, "experts_out", False):
-                moe = b.block_sparse_moe if hasattr(b, "block_sparse_moe") else b.mlp
-                ffn = lambda h, moe=moe: moe(h[:, None])[0][:, 0]  # noqa: E731
-            else:
-                gate, up, down = _linear(b.mlp.gate_proj), _linear(b.mlp.up_proj), _linear(b.mlp.down_proj)
-                ffn = lambda h, gate=gate, up=up, down=down: down(F.silu(gate(h)) * up(h))  # noqa: E731
-            self.layers.append((self._norm_args(b.input_layernorm), _linear(a.q_proj), _linear(a.k_proj),
-                                _linear(a.v_proj), _linear(a.o_proj), self._norm_args(b.post_attention_layernorm),
-                                ffn, qkv, o_t, gu, down_t))
-        self.final_norm = self._norm_args(model.model.norm)
-
-    def _views(self) -> None:
-        self.kc, self.vc = self.cache.k.unbind(0), self.cache.v.unbind(0)  # per layer [B, Hkv, P, hd]
-
-    @staticmethod
-    def supports(model) -> bool:
-        """True for the stock tiaoyu Transformer (anything else uses model.forward). Biased projections run
-        as modules and scaled RoPE through the same tables; q/k norms (qwen3) and a sliding window (mistral)
-        are not here: such models decode through model.forward."""
-        return (type(model) is Transformer and model.config.plain_attention
-                and all(type(b) is Block and type(b.self_attn) is Attention
-                        and type(b.input_layernorm) is RMSNorm for b in model.model.layers))
-
-    @staticmethod
-    def _norm_args(norm: RMSNorm) -> tuple:
-        return norm.weight.shape, norm.weight.float(), norm.eps  # fp32 weights: .float() is the tensor itself
-
-    @staticmethod
-    def _norm(x: torch.Tensor, args: tuple) -> torch.Tensor:
-        """RMSNorm.forward in one fused op (fp32, like the module)."""
-        return F.rms_norm(x if x.dtype == torch.float32 else x.float(), *args)
-
-    def select(self, keep: torch.Tensor) -> None:
-        self.cache.select(keep)
-        self.positions = self.positions[keep]
-        self._views()
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        cfg, cache, m, norm = self.cfg, self.cache, self.model.model, self._norm
-        B, hd, H, Hkv = tokens.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        half, Hq = hd // 2, H + Hkv
-        L, S = cache.length, cache.length + 1
-        pos = self.positions
-        x = F.embedding(tokens, m.embed_tokens.weight)  # [B, d]
-        rope = cfg.position == "rope"
-        if rope:
-            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, hd]
-        elif cfg.position == "learned":
-            x = x + m.embed_positions(pos)
-        else:
-            x = x + m.sinusoidal[pos].to(x.dtype)
-        key_mask = cache.key_mask[:, None, None, :S] if self.padded else None  # [B, 1, 1, S]
-        for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, ffn, qkv_w, o_t, gu_w, down_t) in enumerate(self.layers):
-            h = norm(x, norm1)
-            if qkv_w is not None:
-                qkv = F.linear(h, qkv_w).view(B, Hq + Hkv, hd)  # q‖k‖v heads: [B, H + 2·Hkv, hd]
-                qk, v = qkv[:, :Hq], qkv[:, Hq:]
-            else:
-                qk = torch.cat([q_proj(h).view(B, H, hd), k_proj(h).view(B, Hkv, hd)], dim=1)
-                v = v_proj(h).view(B, Hkv, hd)
-            if rope:
-                if cos.dtype != qk.dtype:
-                    cos, sin = cos.to(qk.dtype), sin.to(qk.dtype)
-                qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # q and k rotated together: [B, H + Hkv, hd]
-            q, k = qk[:, :H], qk[:, H:]
-            kc, vc = self.kc[i], self.vc[i]
-            kc.select(2, L).copy_(k)
-            vc.select(2, L).copy_(v)
-            q = q.unsqueeze(2)  # [B, H, 1, hd]
-            if q.dtype != kc.dtype:
-                q = q.to(kc.dtype)
-            y = F.scaled_dot_product_attention(  # one query per row sees every cached key: no causal mask
-                q, kc.narrow(2, 0, S), vc.narrow(2, 0, S),
-                attn_mask=key_mask, enable_gqa=True).view(B, H * hd)  # [B, H·hd]
-            x = torch.addmm(x, y, o_t) if o_t is not None and self.exact else x + o_proj(y)
-            h = norm(x, norm2)
-            if gu_w is not None:
-                g, u = F.linear(h, gu_w).chunk(2, dim=-1)
-                act = F.silu(g).mul_(u)  # [B, ffn]
-                x = torch.addmm(x, act, down_t) if self.exact else x + F.linear(act, down_t.t())
-            else:
-                x = x + ffn(h)
-        cache.length = S
-        self.positions = pos + 1
-        return F.linear(norm(x, self.final_norm), self.model.output_weight)
-
-
 def decode_steps(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
                  stop_ids: Iterable[int] = DEFAULT_STOP_IDS, generator: torch.Generator | None = None,
                  use_cache: bool = True, logprobs: str | None = None, dtype: torch.dtype | None = None,
@@ -288,7 +108,8 @@ def decode_steps(model, prompts: list[list[int]], max_new_tokens: int, params: S
     `prompts` must already fit the context (see `fit_to_context`). `logprobs`: None, "model"
     (log p of the token under the unmodified model, temperature 1 — what a training forward pass
     computes) or "sampling" (under the distribution actually sampled: after penalty, temperature,
-    top-k, top-p). `fast_decode=False` runs decode steps through `model.forward` instead of `OneTokenStep`.
+    top-k, top-p). The step that runs the model comes from `make_step` (infer/steps.py); `fast_decode=False`
+    asks for the reference, `Transformer.forward` with the cache, instead of a fast step.
     """
     device = next(model.parameters()).device
     pad_id = getattr(model.config, "pad_token_id", 0)
@@ -306,17 +127,8 @@ def decode_steps(model, prompts: list[list[int]], max_new_tokens: int, params: S
         model.eval()
     try:
         with torch.inference_mode(), amp_context(device, dtype):
-            cache = KVCache.for_model(model, B, L + max_new_tokens) if use_cache else None
-            step_fn = None
-            prepared = NumpyStep.prepare(model, device, not torch.is_autocast_enabled(device.type), B) \
-                if cache is not None and fast_decode else None
-            if prepared is not None:  # small fp32 models on CPU: the numpy step (numpy_step.py), prompt included
-                step_fn = NumpyStep(model, cache, mask.sum(-1), prepared)
-                logits = step_fn.prefill(ids, mask)  # [B, V]
-            else:
-                logits = model(ids, attention_mask=mask, kv_cache=cache, last_only=True).logits[:, -1]  # [B, V]
-                if cache is not None and fast_decode and OneTokenStep.supports(model):
-                    step_fn = OneTokenStep(model, cache, mask.sum(-1))
+            step_fn = make_step(model, B, L + max_new_tokens, device, use_cache, fast_decode)
+            logits = step_fn.prefill(ids, mask)  # [B, V]
             for step in range(max_new_tokens):
                 if logits.dtype != torch.float32:
                     logits = logits.float()
@@ -338,22 +150,10 @@ def decode_steps(model, prompts: list[list[int]], max_new_tokens: int, params: S
                     rows, nxt = [rows[j] for j in kept], nxt[keep]
                     if seen is not None:
                         seen = seen[keep]
-                    if step_fn is not None:
-                        step_fn.select(keep)
-                    elif cache is not None:
-                        cache.select(keep)
-                    else:
-                        ids, mask = ids[keep], mask[keep]
+                    step_fn.select(keep)
                 if seen is not None:
                     seen[torch.arange(len(nxt), device=device), nxt] = True
-                if step_fn is not None:
-                    logits = step_fn(nxt)
-                elif cache is not None:
-                    logits = model(nxt[:, None], kv_cache=cache, last_only=True).logits[:, -1]
-                else:  # recompute everything (reference path)
-                    ids = torch.cat([ids, nxt[:, None]], dim=1)
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                    logits = model(ids, attention_mask=mask, last_only=True).logits[:, -1]
+                logits = step_fn(nxt)
     finally:
         if was_training:
             model.train()

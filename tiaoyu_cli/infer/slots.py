@@ -14,73 +14,20 @@ Active rows are always rows 0 … n−1: `release` moves the last active row int
 of that row's filled columns, once per finished sequence), so the decode step reads the cache as a
 plain slice, never a gather.
 
-Prefill runs the model's own forward pass on the prompt alone, writing straight into the row (a
-KVCache whose tensors are views of that row). Decode is `SlotStep`: `OneTokenStep` (generate.py)
-with a write position per row — `k[layer, r, :, len[r]] = k_r` — and a key mask per row
-(column j is visible to row r iff j ≤ len[r]); attention covers columns 0 … max(len), so shorter
-rows are masked, not recomputed. Each row computes what it would alone (tests compare with the
-model's full forward pass).
+The computing is the slot step's, from the step factory (`make_slot_step`, infer/steps.py): on CPU in
+fp32 `NumpyStep` (the joining prompts packed into one sequence, no padding), else `SlotStep` (the prompts
+through the model's own forward pass, written straight into their rows; decode with a write position
+per row — `k[layer, r, :, len[r]] = k_r` — and a key mask per row: column j is visible to row r iff
+j ≤ len[r]). Attention covers columns 0 … max(len), so shorter rows are masked, not recomputed. Each
+row computes what it would alone (tests/test_slots.py compares with the model's full forward pass).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from tiaoyu_cli.infer.generate import OneTokenStep
-from tiaoyu_cli.infer.numpy_step import NumpyStep
+from tiaoyu_cli.infer.steps import make_slot_step, supports_slots
 from tiaoyu_cli.model.kv_cache import KVCache
-
-
-class SlotStep(OneTokenStep):
-    """One decode step for rows 0 … n−1 of a slot cache, each at its own position."""
-
-    def __init__(self, model, cache: KVCache):
-        super().__init__(model, cache, torch.zeros(cache.k.shape[1], dtype=torch.long, device=cache.k.device))
-
-    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:  # type: ignore[override]
-        """tokens [n], pos [n] (where each token goes = the row's current length), width = max(pos) + 1."""
-        cfg, cache, m, norm = self.cfg, self.cache, self.model.model, self._norm
-        B, hd, H, Hkv = tokens.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        half = hd // 2
-        L = cache.k.shape[3]
-        # where each row's new key goes in a layer's cache seen as [slots·kv_heads·max_len, hd]
-        dest = ((torch.arange(B, device=tokens.device)[:, None] * Hkv + torch.arange(Hkv, device=tokens.device)) * L
-                + pos[:, None]).reshape(-1)  # [n·kv_heads]
-        x = m.embed_tokens(tokens)  # [n, d]
-        rope = cfg.position == "rope"
-        if rope:
-            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [n, 1, hd]
-        elif cfg.position == "learned":
-            x = x + m.embed_positions(pos)
-        else:
-            x = x + m.sinusoidal[pos].to(x.dtype)
-        mask = None  # rows at the full width see every column: no mask needed when all are
-        if B > 1 and bool((pos != width - 1).any()):
-            cols = torch.arange(width, device=tokens.device)
-            hidden = (cols[None, :] > pos[:, None])[:, None, None, :]  # [n, 1, 1, width]
-            # additive, in the cache's dtype: made once per step, not converted by every layer's SDPA
-            mask = torch.zeros(hidden.shape, dtype=cache.k.dtype, device=tokens.device).masked_fill_(hidden, float("-inf"))
-        for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, ffn, *_fused) in enumerate(self.layers):
-            h = norm(x, norm1)
-            q = q_proj(h).view(B, H, hd)
-            k = k_proj(h).view(B, Hkv, hd)
-            v = v_proj(h).view(B, Hkv, hd)
-            if rope:
-                if cos.dtype != q.dtype:
-                    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-                q = q * cos + q.roll(half, -1) * sin
-                k = k * cos + k.roll(half, -1) * sin
-            cache.k[i].view(-1, hd).index_copy_(0, dest, k.reshape(-1, hd).to(cache.k.dtype))
-            cache.v[i].view(-1, hd).index_copy_(0, dest, v.reshape(-1, hd).to(cache.v.dtype))
-            y = F.scaled_dot_product_attention(
-                q.view(B, H, 1, hd).to(cache.k.dtype), cache.k[i, :B, :, :width], cache.v[i, :B, :, :width],
-                attn_mask=mask, enable_gqa=True)  # [n, H, 1, hd]
-            x = x + o_proj(y.reshape(B, H * hd))
-            h = norm(x, norm2)
-            x = x + ffn(h)
-        return F.linear(norm(x, self.final_norm), self.model.output_weight)
 
 
 class SlotBatch:
@@ -88,18 +35,17 @@ class SlotBatch:
     model runs in); the cache takes the autocast dtype when one is active."""
 
     def __init__(self, model, capacity: int, max_len: int):
-        if not OneTokenStep.supports(model):
+        if not self.supports(model):
             raise TypeError("continuous batching needs the stock tiaoyu Transformer")
         self.model, self.capacity, self.max_len = model, capacity, max_len
         self.cache = KVCache.for_model(model, capacity, max_len)
-        self.device = self.cache.k.device
         self.lengths: list[int] = []  # tokens stored in each active row
-        # plain fp32 models on CPU: prompts and steps in numpy (numpy_step.py); else the torch step
-        self.prepared = NumpyStep.prepare(model, self.device, not torch.is_autocast_enabled(self.device.type), capacity)
-        if self.prepared is not None:
-            self.np_step = NumpyStep(model, self.cache, torch.zeros(capacity, dtype=torch.long), self.prepared)
-        else:
-            self.step_fn = SlotStep(model, self.cache)
+        self.decoder = make_slot_step(model, self.cache)
+
+    @staticmethod
+    def supports(model) -> bool:
+        """Whether continuous batching can run `model` (the stock Transformer); others go through decode_steps."""
+        return supports_slots(model)
 
     @property
     def n(self) -> int:
@@ -110,38 +56,15 @@ class SlotBatch:
         return self.prefill_many([prompt])[0]
 
     def prefill_many(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Put new sequences in rows n … n+k−1 and return the logits [k, V] of their next tokens. The
-        numpy step packs the prompts into one sequence (NumpyStep.prefill_rows, no padding); the torch
-        step runs one forward pass with the prompts right-padded (padding sits after each row's length,
-        hidden by the key mask and overwritten as the row grows)."""
+        """Put new sequences in rows n … n+k−1 and return the logits [k, V] of their next tokens (the slot
+        step's prefill: packed groups for the numpy step, one right-padded forward pass for the torch one)."""
         k = len(prompts)
         if self.n + k > self.capacity:
             raise RuntimeError("no free slot")
         for p in prompts:
             if not 0 < len(p) < self.max_len:
                 raise ValueError(f"a prompt of {len(p)} tokens does not fit a slot of {self.max_len}")
-        r = self.n
-        if self.prepared is not None:  # packed, no padding; (the cached keys are in the numpy step's order)
-            logits = torch.cat([self.np_step.prefill_rows(group, r + i) for i, group in _packs(prompts)])
-            self.lengths.extend(len(p) for p in prompts)
-            return logits
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros(k, width, dtype=torch.long)
-        mask = torch.zeros(k, width, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-            mask[i, :len(p)] = 1
-        view = KVCache.__new__(KVCache)  # the rows' own cache: views into the big tensors
-        view.k, view.v = self.cache.k[:, r:r + k], self.cache.v[:, r:r + k]
-        view.key_mask = torch.ones(k, self.max_len, dtype=torch.bool, device=self.device)
-        view.length, view.max_len = 0, self.max_len
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        if k == 1:  # no padding: the logits of the last position only
-            logits = self.model(ids, kv_cache=view, last_only=True).logits[:, -1]
-        else:  # the final hidden state at each row's last real token, then the LM head on those alone
-            h = self.model(ids, attention_mask=mask, kv_cache=view, compute_logits=False).hidden
-            last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-            logits = F.linear(h[torch.arange(k, device=self.device), last], self.model.output_weight)
+        logits = self.decoder.prefill_rows(prompts, self.n)
         self.lengths.extend(len(p) for p in prompts)
         return logits
 
@@ -152,13 +75,7 @@ class SlotBatch:
             raise ValueError(f"{len(tokens)} tokens for {n} active rows")
         if max(self.lengths) >= self.max_len:
             raise ValueError("a row is full")
-        width = max(self.lengths) + 1
-        if self.prepared is not None:
-            logits = self.np_step.slot_step(np.asarray(tokens, dtype=np.int64), np.asarray(self.lengths), width)
-        else:
-            t = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
-            pos = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
-            logits = self.step_fn(t, pos, width)
+        logits = self.decoder.slot_step(tokens, self.lengths, max(self.lengths) + 1)
         self.lengths = [x + 1 for x in self.lengths]
         return logits
 
@@ -177,20 +94,3 @@ class SlotBatch:
             self.lengths.pop()
         return moves
 
-
-PACK_TOKENS = 128  # prompt tokens per packed prefill (its attention is N × N, mostly masked: keep N small;
-#                   bench: 8 and 32 prompts of 5–40 tokens on tiny were fastest at 128 of 32…512)
-
-
-def _packs(prompts: list[list[int]]) -> list[tuple[int, list[list[int]]]]:
-    """Consecutive groups of prompts of at most PACK_TOKENS tokens (a longer prompt alone), with the index
-    of each group's first prompt."""
-    groups: list[tuple[int, list[list[int]]]] = []
-    size = 0
-    for i, p in enumerate(prompts):
-        if not groups or size + len(p) > PACK_TOKENS:
-            groups.append((i, []))
-            size = 0
-        groups[-1][1].append(p)
-        size += len(p)
-    return groups

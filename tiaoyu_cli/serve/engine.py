@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from tiaoyu_cli.infer.generate import IncrementalDecoder, OneTokenStep, amp_context, decode_steps
+from tiaoyu_cli.infer.generate import IncrementalDecoder, amp_context, decode_steps
 from tiaoyu_cli.infer.sampling import SamplingParams, choose, make_generator, process_logits
 from tiaoyu_cli.infer.slots import SlotBatch
 from tiaoyu_cli.serve.tools_api import CallCollector, ToolJob
@@ -255,7 +255,7 @@ class Engine:
         self.context = int(model.config.max_seq_len)
         self.device = next(model.parameters()).device
         self.jobs: "queue.Queue[Job]" = queue.Queue(maxsize=self.config.max_queue)
-        self._steps = steps if steps is not None or OneTokenStep.supports(model) else decode_steps
+        self._steps = steps if steps is not None or SlotBatch.supports(model) else decode_steps
         self.failed: str | None = None  # set when the scheduler itself died: every request then gets 503
         # batches: busy periods of the running batch (it went from empty to running); largest_batch: most
         # rows running at once

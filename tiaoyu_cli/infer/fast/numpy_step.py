@@ -10,7 +10,7 @@ compares logits, tokens and log-probs), on numpy views of the KVCache tensors, s
 (rows that finished leave the batch) works unchanged; the cached keys hold this step's pair order, so
 a cache filled here is read here.
 
-The weights are rearranged once per model version (cached like `fused_weights`; files never see it):
+The weights are rearranged once per model version (`prepared_weights` in weights.py; files never see it):
 
     A  = [P·Wq/√hd ; P·Wk ; Wv] · diag(g1)   P puts each head's rotary pairs (x_j, x_j+hd/2) side by side,
     GU = [−Wgate ; Wup] · diag(g2)           the attention scale goes into Wq, the norm weights g into
@@ -22,42 +22,25 @@ The weights are rearranged once per model version (cached like `fused_weights`; 
                 x = x + a Woᵀ;  x̂ = x / rms(x);  −g‖u = x̂ GUᵀ;  x = x + ((−g)·u / (1 + exp(−g))) Dᵀ
     logits = (x / rms(x) · g_final) Wembᵀ
 
-Used by `decode_steps` for the stock dense RoPE Transformer with fp32 weights on CPU without autocast
-(`NumpyStep.prepare`); LoRA wrappers, MoE layers, autocast and GPUs keep `OneTokenStep`. One row runs
-the same loop compiled (decode_kernel.c, built on first use by the system C compiler; `c_kernel`),
-and the numpy loop where there is no compiler.
-
-The compiled step is a shared library loaded into this process, so its cache is guarded: the folder
-(~/.cache/tiaoyu, or $XDG_CACHE_HOME/tiaoyu) is created 0700 and must be this user's and writable by
-no one else; a cached library that is not this user's regular file, or is writable by group or others,
-is deleted and rebuilt; a build goes to a unique temp file in that folder and is renamed into place;
-the library is opened once, checked on the open file, and loaded through that descriptor. The cache
-key holds the source, the flags, the compiler's path and version and the CPU. When the compiled step
-is unavailable (other than by TIAOYU_C_KERNEL=0) one warning on stderr says why.
+Chosen by the step factory (infer/steps.py) for the stock dense RoPE Transformer with fp32 weights on CPU
+without autocast (`NumpyStep.prepare`); LoRA wrappers, MoE layers, autocast and GPUs keep `OneTokenStep`.
+One row runs the same loop compiled (decode_kernel.c, built and loaded by kernel.py: `c_kernel`), and the
+numpy loop where there is no compiler. The serve slots (infer/slots.py) use `prefill_rows` and `slot_step`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import math
-import os
-import platform
-import shutil
-import stat
-import subprocess
-import tempfile
-import weakref
-from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from tiaoyu_cli.infer.fast.kernel import c_kernel
+from tiaoyu_cli.infer.fast.torch_step import OneTokenStep
+from tiaoyu_cli.infer.fast.weights import Prepared, prepared_weights, rope_rotations
 from tiaoyu_cli.model.kv_cache import KVCache
-from tiaoyu_cli.model.transformer import Transformer, rope_tables
+from tiaoyu_cli.model.transformer import Transformer
 
-_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _BLAS: dict = {"libs": None, "threads": None}
 
 
@@ -78,215 +61,22 @@ def set_blas_threads(n: int) -> None:
         lib.set_num_threads(n)
 
 
-_C: dict = {"fn": None, "tried": False}
-C_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
-           "-shared", "-fPIC"]
-
-
-class KernelUnavailable(Exception):
-    """Why the compiled step cannot be used (the message ends up in the one warning)."""
-
-
-def c_kernel():
-    """The one-row step compiled from decode_kernel.c (built once per machine into ~/.cache/tiaoyu by the
-    system C compiler, ~1 s), or None — no compiler, a failed build, an unsafe cache, or
-    TIAOYU_C_KERNEL=0 — and then the numpy code runs. Same function (tests compare both with the model's
-    forward pass). Unavailable for a reason other than TIAOYU_C_KERNEL=0: one warning on stderr."""
-    if not _C["tried"]:
-        _C["tried"] = True
-        if os.environ.get("TIAOYU_C_KERNEL", "1") != "0":
-            why = None
-            try:
-                _C["fn"] = _build_kernel()
-            except KernelUnavailable as e:
-                why = str(e)
-            except subprocess.CalledProcessError as e:
-                err = (e.stderr or b"").decode("utf-8", "replace").strip().splitlines()
-                why = f"the build failed ({err[0] if err else f'exit status {e.returncode}'})"
-            except (OSError, subprocess.SubprocessError, AttributeError, RuntimeError) as e:
-                why = f"{type(e).__name__}: {e}"
-            if why is not None:
-                _C["fn"] = None
-                from tiaoyu_cli.console import warn
-
-                warn(f"the compiled decode step is unavailable: {why}; decoding uses the numpy step "
-                     "(TIAOYU_C_KERNEL=0 silences this)")
-    return _C["fn"]
-
-
-def kernel_folder() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tiaoyu"
-
-
-def _compiler_version(cc: str) -> str:
-    """The first line of `cc --version` (part of the cache key: a new compiler builds anew); '' if it says nothing."""
-    try:
-        out = subprocess.run([cc, "--version"], capture_output=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    lines = out.stdout.decode("utf-8", "replace").strip().splitlines() if out.returncode == 0 else []
-    return lines[0] if lines else ""
-
-
-def _private_folder(folder: Path) -> None:
-    """Create `folder` 0700; refuse one that is a link, not this user's, or writable by group or others."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = os.lstat(folder)
-    if not stat.S_ISDIR(st.st_mode):
-        raise KernelUnavailable(f"the cache {folder} is not a folder (a link?)")
-    if hasattr(os, "getuid") and st.st_uid != os.getuid():
-        raise KernelUnavailable(f"the cache folder {folder} belongs to another user")
-    if st.st_mode & 0o022:
-        raise KernelUnavailable(f"the cache folder {folder} is writable by group or others (chmod 700 it)")
-
-
-def _trusted(fd: int) -> bool:
-    """The open file is this user's regular file, writable by no one else."""
-    st = os.fstat(fd)
-    return (stat.S_ISREG(st.st_mode) and not st.st_mode & 0o022
-            and (not hasattr(os, "getuid") or st.st_uid == os.getuid()))
-
-
-def _open_checked(so: Path) -> int | None:
-    """A descriptor of the cached library when it is there and trusted; an untrusted one is deleted (None)."""
-    try:
-        fd = os.open(so, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return None
-    except OSError:  # a symbolic link (O_NOFOLLOW), or unreadable
-        fd = -1
-    if fd >= 0 and _trusted(fd):
-        return fd
-    if fd >= 0:
-        os.close(fd)
-    try:
-        os.unlink(so)  # planted or tampered with: never loaded, rebuilt
-    except FileNotFoundError:
-        pass
-    return None
-
-
-def _build_kernel():
-    src = Path(__file__).with_name("decode_kernel.c")
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        raise KernelUnavailable("no C compiler found (cc, gcc or clang; or set CC)")
-    if not src.exists():
-        raise KernelUnavailable(f"{src} is missing")
-    cpu = ""  # -march=native: a build is only reused on the same kind of CPU
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    key = src.read_bytes() + "\n".join([" ".join(C_FLAGS), cc, _compiler_version(cc), platform.machine(),
-                                         platform.processor(), cpu]).encode()
-    folder = kernel_folder()
-    _private_folder(folder)
-    so = folder / f"decode_kernel-{hashlib.sha256(key).hexdigest()[:16]}.so"
-    fd = _open_checked(so)
-    if fd is None:
-        tmp_fd, tmp = tempfile.mkstemp(prefix=".decode_kernel-", suffix=".so", dir=folder)
-        os.close(tmp_fd)
-        try:
-            subprocess.run([cc, *C_FLAGS, str(src), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
-            os.chmod(tmp, 0o700)  # the linker may have made a new file with the umask's mode
-            os.replace(tmp, so)  # whole or not at all: another process may be building the same file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        fd = _open_checked(so)
-        if fd is None:
-            raise KernelUnavailable(f"{so} changed while it was being built")
-    try:
-        # load the very file checked: through its descriptor where /proc has one, else its path (the folder
-        # is this user's alone, so the name still points at it)
-        via = f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else str(so)
-        fn = ctypes.CDLL(via).tiaoyu_step
-    finally:
-        os.close(fd)
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p]
-    return fn
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().float().contiguous().numpy()
-
-
-class Prepared(NamedTuple):
-    layers: list  # per layer (A, Woᵀ, GU, D), C-contiguous float32 [in, out]
-    final_norm: np.ndarray  # [d]
-    rot: np.ndarray  # [P, (H + Hkv)·hd/2] complex64: e^{i·pos·θ_j} for every q and k head at once
-
-
-def _rope(cfg, positions: int) -> np.ndarray:
-    cos, sin = rope_tables(cfg.head_dim, torch.arange(positions)[None], cfg.rope_theta,
-                           cfg.rope_scaling)  # [1, P, hd], halves equal
-    half = cfg.head_dim // 2
-    rot = (cos[0, :, :half].double() + 1j * sin[0, :, :half].double()).numpy().astype(np.complex64)
-    return np.tile(rot, (1, cfg.n_heads + cfg.n_kv_heads))
-
-
-def prepared_weights(model: Transformer) -> Prepared | None:
-    """The weights rearranged for `NumpyStep` (see the module's docstring) and the rotary tables; None
-    when a weight is not fp32 or a layer is not plain (LoRA wrappers, MoE experts: `fused_weights`).
-
-    Cached per model until a weight changes (the key of `fused_weights`: tensor versions and the
-    Trainer's `weights_version`), so RL rollouts after an optimizer step decode the current policy.
-    """
-    from tiaoyu_cli.infer.generate import fused_weights
-
-    params = list(model.parameters())
-    key = (getattr(model, "weights_version", 0), tuple((id(p), p._version) for p in params))
-    hit = _PREPARED.get(model)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    out = None
-    fused = fused_weights(model)
-    if all(p.dtype == torch.float32 for p in params) and all(w is not None for ws in fused for w in ws):
-        cfg = model.config
-        H, hd = cfg.n_heads, cfg.head_dim
-        nqk = (H + cfg.n_kv_heads) * hd
-        layers = []
-        with torch.no_grad():
-            for b, (qkv, o_t, gu, down_t) in zip(model.model.layers, fused):
-                w = _np(qkv).copy()  # [(H + 2·Hkv)·hd, d]: q, k, v rows
-                w[: H * hd] *= hd ** -0.5  # the attention scale, folded into q (RoPE is linear: before it is fine)
-                w[: nqk] = w[: nqk].reshape(-1, 2, hd // 2, w.shape[1]).swapaxes(1, 2).reshape(nqk, -1)  # pairs
-                gu = _np(gu).copy()  # [2·ffn, d]: gate, up rows
-                gu[: cfg.ffn_dim] *= -1  # −gate: silu(g)·u = −(−g)·u / (1 + exp(−g)), the sign goes into D
-                layers.append((np.ascontiguousarray((w * _np(b.input_layernorm.weight)).T),
-                               np.ascontiguousarray(_np(o_t)),
-                               np.ascontiguousarray((gu * _np(b.post_attention_layernorm.weight)).T),
-                               np.ascontiguousarray(-_np(down_t))))
-        # one buffer in the order a step reads them (4 KiB-aligned): the weights stream from memory every
-        # token, and one run of addresses is what the hardware prefetcher follows best
-        sizes = [(m.size + 1023) // 1024 * 1024 for ws in layers for m in ws]
-        buf = np.empty(sum(sizes), np.float32)
-        packed, at = [], 0
-        for ws in layers:
-            views = []
-            for m in ws:
-                v = buf[at:at + m.size].reshape(m.shape)
-                v[...] = m
-                views.append(v)
-                at += (m.size + 1023) // 1024 * 1024
-            packed.append(tuple(views))
-        out = Prepared(packed, _np(model.model.norm.weight), _rope(cfg, cfg.max_seq_len))
-    _PREPARED[model] = (key, out)
-    return out
-
-
 class NumpyStep:
-    """Drop-in for `OneTokenStep` (same constructor, `select`, `__call__`) on CPU in fp32."""
+    """Drop-in for `OneTokenStep` (same constructor, `prefill`, `select`, `__call__`) on CPU in fp32; for
+    the serve slots also `prefill_rows` and `slot_step` (as `SlotStep`)."""
 
-    def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor, prepared: Prepared | None = None):
+    name = "numpy"
+
+    def __init__(self, model: Transformer, cache: KVCache, positions: torch.Tensor | None = None,
+                 prepared: Prepared | None = None):
         cfg = model.config
         self.model, self.cache, self.cfg = model, cache, cfg
-        self.positions = positions.cpu().numpy().astype(np.int64)  # [B] position of the next token per row
+        B = cache.k.shape[1]
+        # [B] position of the next token per row (set by prefill for an empty cache)
+        self.positions = np.zeros(B, np.int64) if positions is None else positions.cpu().numpy().astype(np.int64)
         w = prepared or prepared_weights(model)
         self.layers, self.final_norm = w.layers, w.final_norm
-        self.rot = w.rot if len(w.rot) >= cache.max_len else _rope(cfg, cache.max_len)
+        self.rot = w.rot if len(w.rot) >= cache.max_len else rope_rotations(cfg, cache.max_len)
         self.emb = model.model.embed_tokens.weight.detach().numpy()  # [V, d]
         self.out = model.output_weight.detach().numpy()  # [V, d] (the embedding when tied)
         self.eps = float(model.model.norm.eps)
@@ -308,8 +98,6 @@ class NumpyStep:
         torch thread or ≤ 4 rows — a wide model's batched products, or torch's second thread on 16 rows,
         are faster in torch.
         """
-        from tiaoyu_cli.infer.generate import OneTokenStep
-
         if device.type != "cpu" or not exact or not OneTokenStep.supports(model) or model.config.position != "rope":
             return None
         if batch > 1 and not (model.config.dim <= 256 and (torch.get_num_threads() == 1 or batch <= 4)):
@@ -407,7 +195,11 @@ class NumpyStep:
         column 0); logits [k, V] at each prompt's last token. The prompts run packed, one after another in
         one sequence with a block-diagonal causal mask — no padding, so a join of short and long prompts
         costs its real tokens (on `bench_serve.py`'s prompts, 3–30 words, padding to the longest was about
-        half the work); their keys and values go to a scratch cache and then to each row."""
+        half the work) — in groups of at most PACK_TOKENS tokens (`_packs`)."""
+        return torch.cat([self._prefill_pack(group, first + i) for i, group in _packs(prompts)])
+
+    def _prefill_pack(self, prompts: list[list[int]], first: int) -> torch.Tensor:
+        """One packed group of `prefill_rows`: its keys and values go to a scratch cache and then to each row."""
         lens = [len(p) for p in prompts]
         N, k = sum(lens), len(prompts)
         starts = np.cumsum([0] + lens[:-1])
@@ -486,9 +278,10 @@ class NumpyStep:
     def _head(self, x: np.ndarray) -> np.ndarray:
         return (self._rms(x) * self.final_norm) @ self.out.T
 
-    def slot_step(self, tokens: np.ndarray, pos: np.ndarray, width: int) -> torch.Tensor:
+    def slot_step(self, tokens, pos, width: int) -> torch.Tensor:
         """Continuous batching (infer/slots.py): rows 0 … n−1 of the cache, each at its own length — token
         [n] goes to column pos[r] of row r, which sees columns 0 … pos[r]; width = max(pos) + 1."""
+        tokens, pos = np.asarray(tokens, dtype=np.int64), np.asarray(pos)
         B = len(tokens)
         if B == 1 and self.c_args is not None:  # one request running: the compiled step on row 0
             return torch.from_numpy(self._c_step(int(tokens[0]), int(pos[0]), int(pos[0])))
@@ -545,3 +338,21 @@ class NumpyStep:
             act /= ng
             x += act @ Wd  # Wd = −Wdown
         return x
+
+
+PACK_TOKENS = 128  # prompt tokens per packed prefill (its attention is N × N, mostly masked: keep N small;
+#                   bench: 8 and 32 prompts of 5–40 tokens on tiny were fastest at 128 of 32…512)
+
+
+def _packs(prompts: list[list[int]]) -> list[tuple[int, list[list[int]]]]:
+    """Consecutive groups of prompts of at most PACK_TOKENS tokens (a longer prompt alone), with the index
+    of each group's first prompt."""
+    groups: list[tuple[int, list[list[int]]]] = []
+    size = 0
+    for i, p in enumerate(prompts):
+        if not groups or size + len(p) > PACK_TOKENS:
+            groups.append((i, []))
+            size = 0
+        groups[-1][1].append(p)
+        size += len(p)
+    return groups

@@ -1,5 +1,5 @@
-/* One decode step of one row, fp32, in C: what NumpyStep._one_row computes (infer/numpy_step.py),
- * without the per-call cost of ~25 numpy calls per layer. Built on first use by numpy_step.py with the
+/* One decode step of one row, fp32, in C: what NumpyStep._one_row computes (infer/fast/numpy_step.py),
+ * without the per-call cost of ~25 numpy calls per layer. Built on first use by kernel.py with the
  * system C compiler (cc -O3 -march=native); without a compiler the numpy step runs instead.
  *
  * Weights are the numpy step's prepared arrays, [in, out] row-major, so every product is a sum of
