@@ -68,11 +68,13 @@ def bpe_tokenizer(vocab_size: int):
 
 
 def write_folder(out: Path, family: str = "qwen2", shape: str = "tiny", vocab: int = 0, bpe_vocab: int = 1024,
-                 seed: int = 0) -> Path:
-    """Write the folder at `out` (atomically: a half-written folder never appears under that name)."""
+                 seed: int = 0, sizes: dict | None = None) -> Path:
+    """Write the folder at `out` (atomically: a half-written folder never appears under that name).
+    `sizes` overrides config fields of the shape (e.g. {"num_hidden_layers": 2})."""
     import torch
     import transformers
     from transformers import PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
 
     from tiaoyu_cli.io import atomic_dir
 
@@ -88,9 +90,10 @@ def write_folder(out: Path, family: str = "qwen2", shape: str = "tiny", vocab: i
     # the embedding rows: the tokenizer's count rounded up to 64 (as open models pad theirs), or --vocab
     vocab = vocab or -(-n_tok // 64) * 64
     ids = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
-    cfg = getattr(transformers, cfg_cls)(**SHAPES[shape], vocab_size=vocab, tie_word_embeddings=True,
+    cfg = getattr(transformers, cfg_cls)(**{**SHAPES[shape], **(sizes or {})}, vocab_size=vocab, tie_word_embeddings=True,
                                          rope_theta=theta, bos_token_id=None, eos_token_id=ids[0],
                                          pad_token_id=ids[1])
+    hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
