@@ -20,7 +20,7 @@
 # Exit status: 0 when no step failed, 1 when one failed or timed out, 2 for bad arguments.
 set -u -o pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "gpu_check: $*" >&2; exit 2; }
 
 DRY=0
