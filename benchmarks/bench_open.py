@@ -1,7 +1,7 @@
 """tiaoyu on an open model folder against transformers (+ PEFT) on the same folder, same machine, same run:
 SFT and LoRA training tokens/s and peak memory, batch-1 greedy decode tokens/s.
 
-    python benchmarks/bench_open.py                       # CPU: 3 timed steps, seq 128, batch 2, fp32
+    python benchmarks/bench_open.py                       # CPU: 3 timed steps, seq 128, batch 2, fp32, 1 thread
     python benchmarks/bench_open.py --device cuda --dtype bf16 --steps 10 --seq-len 512 --batch-size 8
 
 The folder is SmolLM2-135M's shape (Llama: hidden 576, 30 layers, 9 heads, 3 KV heads, FFN 1536, vocab
@@ -65,7 +65,9 @@ def options(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                     help="training on both sides: fp32, or bf16 autocast over fp32 weights (decode: fp32 weights)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads of both sides (0 = the core count)")
+    # one thread by default: on a shared 2-core machine two threads of one process wait at every operator's
+    # barrier for a core another process holds (docs/performance.md); a quiet machine or a GPU host can give more
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of both sides (0 = the core count)")
     ap.add_argument("--layers", type=int, default=30, help="hidden layers (30 = SmolLM2-135M's)")
     ap.add_argument("--only", default="sft,lora,decode", help="comma list of: sft, lora, decode")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
