@@ -89,3 +89,9 @@ def test_gguf_reads_back(run):
     assert sorted(int(x) for x in names["token_embd.weight"].shape) == sorted([cfg["vocab_size"], cfg["hidden_size"]])
     tokens = r.fields["tokenizer.ggml.tokens"]
     assert len(tokens.data) == cfg["vocab_size"]
+
+
+def test_without_model_it_stops_before_running_anything(tmp_path):
+    p = make(f"OUT={tmp_path / 'run'}")
+    assert p.returncode != 0 and "MODEL=path/to/folder is required" in p.stderr, p.stderr
+    assert not (tmp_path / "run").exists()
