@@ -140,6 +140,8 @@ def main() -> None:
     import transformers
 
     only = a.only.split(",")
+    if set(only) - {"sft", "lora", "decode"}:
+        raise SystemExit(f"bench_open: --only {a.only!r}: choose from sft, lora, decode")
     res: dict = {"bench": "open"}
     with tempfile.TemporaryDirectory(prefix="bench_open_") as tmp:
         work = Path(tmp)
@@ -166,6 +168,7 @@ def main() -> None:
                   f"V{cfg['vocab_size']} tied"),
         "device": a.device, "dtype": a.dtype, "threads": a.threads, "seq_len": a.seq_len, "batch_size": a.batch_size,
         "timed_steps": a.steps, "warmup_steps": a.warmup, "train_runs_per_side": a.repeats, "lr": a.lr, "optimizer": "AdamW betas 0.9/0.95 wd 0 clip 1.0",
+        "peak_memory": "torch.cuda.max_memory_allocated" if a.device.startswith("cuda") else "process peak RSS",
         "lora": {"rank": a.rank, "alpha": a.alpha, "dropout": a.lora_dropout, "targets": a.targets},
         "decode": {"batch": 1, "new_tokens": a.new_tokens, "rounds": a.rounds, "dtype": "fp32"},
         "torch": torch.__version__, "transformers": transformers.__version__, "machine": machine,
