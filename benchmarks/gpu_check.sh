@@ -5,12 +5,14 @@
 #   bash benchmarks/gpu_check.sh --dry-run     # write the JSON with each step's command, run nothing
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh /tmp/gpu
 #
-# Steps (each under `timeout`; the whole script stays under 8 minutes on one GPU):
+# Steps (each under `timeout`; the whole script stays under 10 minutes on one GPU):
 #   cuda_tests     pytest -m cuda (tests/test_cuda.py: CPU/GPU logits, KV cache, bf16 pretrain CLI)
 #   data           synth corpus → tokenizer → token shards for the runs below
 #   pretrain_bf16  benchmarks/bench_pretrain.py, preset small, bf16: tokens/s and MFU (+ nanoGPT fp32 ref)
 #   torchrun_nccl  torchrun (1 process, 2 with 2+ GPUs) → tiaoyu pretrain on NCCL: tokens/s, MFU, loss
 #   decode         benchmarks/bench_decode.py, preset small: tokens/s ours vs transformers
+#   open           benchmarks/bench_open.py, SmolLM2-135M shape in bf16: sft/lora tokens/s and peak memory,
+#                  decode tokens/s, ours vs transformers (+ PEFT)
 #   fsdp           tiaoyu pretrain --fsdp on one GPU, when that option exists (else skipped, with the reason)
 #
 # Writes OUT_DIR/gpu_check.json (atomically) and OUT_DIR/logs/<step>.log. Without CUDA every step is
@@ -93,6 +95,8 @@ if [ -z "$SKIP_REASON" ] && [ "$HAS_FSDP" = 0 ] && [ "$DRY" = 0 ]; then SKIP_REA
 step fsdp 90 "$PY -m torch.distributed.run --standalone --nproc_per_node 1 -m tiaoyu_cli $PRE --fsdp --optim adamw -o '$WORK/fsdp'"
 SKIP_REASON="$SAVED_SKIP"
 step decode 60 "$PY benchmarks/bench_decode.py --device cuda --preset small --threads 0 --new-tokens 128 --rounds 3"
+step open 150 "$PY benchmarks/bench_open.py --device cuda --dtype bf16 --steps 10 --warmup 3 --seq-len 512 --batch-size 8 \
+  --new-tokens 128 --rounds 3 --threads 4"
 
 # one JSON file: host facts, each step's status/rc/seconds, and the figures its output holds
 "$PY" - "$OUT_DIR" "$STEPS" "$T0" "$NGPU" "$NPROC" "$DRY" <<'PYEOF'
@@ -142,7 +146,7 @@ for line in steps_tsv.read_text().splitlines():
             s["log_tail"] = log.read_text(errors="replace")[-2000:]
     fig = None
     if status == "ok":
-        if name in ("pretrain_bf16", "decode"):
+        if name in ("pretrain_bf16", "decode", "open"):
             fig = last_json(log)
         elif name == "torchrun_nccl":
             fig = train_figures(out / "work" / "ddp")

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration  # a long integration test: `make test-all`
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STEPS = ["cuda_tests", "data", "pretrain_bf16", "torchrun_nccl", "fsdp", "decode"]
+STEPS = ["cuda_tests", "data", "pretrain_bf16", "torchrun_nccl", "fsdp", "decode", "open"]
 
 
 def run(*args, cwd=None, **env_extra) -> subprocess.CompletedProcess:
@@ -50,6 +50,7 @@ def test_dry_run_lists_commands(tmp_path):
     assert "--fsdp" in steps["fsdp"]["command"]
     assert "bench_pretrain.py" in steps["pretrain_bf16"]["command"] and "--dtype bf16" in steps["pretrain_bf16"]["command"]
     assert "bench_decode.py" in steps["decode"]["command"]
+    assert "bench_open.py" in steps["open"]["command"] and "--device cuda" in steps["open"]["command"]
 
 
 def test_out_env_is_the_default_folder(tmp_path):
