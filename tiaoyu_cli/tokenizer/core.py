@@ -106,7 +106,18 @@ def str_items(texts: Sequence[str], what: str) -> list[str]:
     return texts
 
 
-class Tokenizer:
+class TokenizerBase:
+    """What every back-end of the tokenizer interface shares (core.Tokenizer, hf.HFTokenizer, spfolder)."""
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(path={str(self.path)!r}, vocab_size={self.vocab_size}, "
+                f"fingerprint={self.fingerprint!r})")
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+class Tokenizer(TokenizerBase):
     """A loaded tokenizer. Build it with `Tokenizer.load(folder)` or `train_tokenizer(...)`."""
 
     pad_id = 0
@@ -180,12 +191,6 @@ class Tokenizer:
 
     def __setstate__(self, state):
         self.__init__(state["model_proto"], state["config"], state["path"])
-
-    def __repr__(self) -> str:
-        return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size}, fingerprint={self.fingerprint!r})"
-
-    def __len__(self) -> int:
-        return self.vocab_size
 
     @property
     def model_proto(self) -> bytes:

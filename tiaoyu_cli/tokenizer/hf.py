@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.io import read_json
-from tiaoyu_cli.tokenizer.core import str_items
+from tiaoyu_cli.tokenizer.core import TokenizerBase, str_items
 from tiaoyu_cli.tokenizer.template import IM_END, IM_START, TOOL_TOKENS, check_messages
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -88,7 +88,7 @@ def clean_up_spaces(text: str) -> str:
     return text
 
 
-class HFTokenizer:
+class HFTokenizer(TokenizerBase):
     """A tokenizer.json folder behind the `Tokenizer` interface (module docstring). `HFTokenizer.load(folder)`.
 
     `self.tk` is the encoder: a `tokenizers.Tokenizer` here; spfolder.py puts a SentencePiece model behind the same
@@ -196,12 +196,6 @@ class HFTokenizer:
 
     def __setstate__(self, state):
         self.__init__(state["files"], state["path"], state["generation"], state["model"])
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(path={str(self.path)!r}, vocab_size={self.vocab_size}, fingerprint={self.fingerprint!r})"
-
-    def __len__(self) -> int:
-        return self.vocab_size
 
     @property
     def model_max_length(self) -> int:
