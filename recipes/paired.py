@@ -61,7 +61,7 @@ def compare(args) -> dict:
     from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint
     from tiaoyu_cli.data.jsonl import read_jsonl
     from tiaoyu_cli.infer.tools import Toolbox
-    from tiaoyu_cli.train.answers import answer_accuracy, tool_answer_accuracy
+    from tiaoyu_cli.train.rl.answers import answer_accuracy, tool_answer_accuracy
 
     ckpts = [resolve_checkpoint(c) for c in (args.before, args.after)]  # both exist before the slow part
     toolbox = None if args.tools == "none" else Toolbox.from_names(args.tools)

@@ -158,7 +158,7 @@ def other_tokenizer_ckpt(ckpt: Path, dest: Path) -> Path:
 
 def tiny_train(out, steps, **kw):
     """The TrainConfig of the RL learning tests: constant lr 1e-4, batch 8, fp32 on the CPU, seed 0."""
-    from tiaoyu_cli.train.trainer import TrainConfig
+    from tiaoyu_cli.train.engine.trainer import TrainConfig
 
     base = dict(out=str(out), max_steps=steps, batch_size=8, lr=1e-4, warmup_steps=0, schedule="constant",
                 log_every=1, device="cpu", dtype="fp32", seed=0)

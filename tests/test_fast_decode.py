@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tiaoyu_cli.infer.generate import fused_weights, generate_detailed
+from tiaoyu_cli.infer.numpy_step import NumpyStep
 from tiaoyu_cli.infer.sampling import SamplingParams
 from tiaoyu_cli.model import Transformer
-from tiaoyu_cli.infer.numpy_step import NumpyStep
 from tiaoyu_cli.model.lora import LoraConfig, apply_lora
 
 from decode_models import V, small_model
@@ -97,7 +97,7 @@ def test_fused_weights_follow_a_real_optimizer_step():
     """torch's AdamW updates the weights without bumping their tensor versions (measured: _version stays 1),
     so the test above is not enough: the Trainer bumps `model.weights_version` after every optimizer step
     and the decode cache keys on it (an RL rollout after a step decodes the updated policy)."""
-    from tiaoyu_cli.train.optim import build_optimizer
+    from tiaoyu_cli.train.engine.optim import build_optimizer
 
     m = make()
     both(m)  # decode once: the fused copies exist

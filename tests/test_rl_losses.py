@@ -7,22 +7,9 @@ import math
 import pytest
 import torch
 
-from tiaoyu_cli.train.losses_rl import (
-    dpo_loss,
-    gae,
-    group_advantages,
-    grpo_loss,
-    kl_k1,
-    kl_k3,
-    masked_mean,
-    masked_whiten,
-    ppo_policy_loss,
-    ppo_rewards,
-    ppo_value_loss,
-    reward_pairwise_loss,
-    sequence_logps,
-    token_logps,
-)
+from tiaoyu_cli.train.losses.rl import (dpo_loss, gae, group_advantages, grpo_loss, kl_k1, kl_k3, masked_mean,
+                                        masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss,
+                                        reward_pairwise_loss, sequence_logps, token_logps)
 
 
 def t(*x):

@@ -337,7 +337,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_143(stage, files, tmp_pat
 
 
 def test_a_second_run_on_a_held_folder_is_refused_at_once(files, tmp_path, capsys):
-    from tiaoyu_cli.train.run import RunLock
+    from tiaoyu_cli.train.engine.run import RunLock
 
     out = tmp_path / "run"
     lock = RunLock(out)
@@ -361,7 +361,7 @@ def test_a_killed_holder_leaves_no_lock(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.stdout.readline().strip() == "held"
     from tiaoyu_cli.errors import TiaoyuError
-    from tiaoyu_cli.train.run import RunLock
+    from tiaoyu_cli.train.engine.run import RunLock
 
     with pytest.raises(TiaoyuError, match="in use"):
         RunLock(out).acquire()

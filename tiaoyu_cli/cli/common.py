@@ -20,7 +20,7 @@ import typer
 from typer.core import TyperGroup
 
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train.config import TrainConfig
+from tiaoyu_cli.train.engine.config import TrainConfig
 
 TRAIN_HELP = {
     "out": "output run folder (checkpoints step-N/, latest, metrics.jsonl)",

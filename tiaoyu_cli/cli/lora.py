@@ -23,8 +23,8 @@ from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.io import atomic_dir
 from tiaoyu_cli.model.lora import load_adapter, merge_lora, resolve_adapter_dir
-from tiaoyu_cli.train.config import TrainConfig
-from tiaoyu_cli.train.finetune import ChatOptions, run_chat
+from tiaoyu_cli.train.engine.config import TrainConfig
+from tiaoyu_cli.train.stages.finetune import ChatOptions, run_chat
 
 EXAMPLES = """
 Examples:

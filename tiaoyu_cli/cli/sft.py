@@ -12,8 +12,8 @@ import typer
 from tiaoyu_cli.cli.common import CHAT_HELP, config_options, train_options
 from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train.config import TrainConfig
-from tiaoyu_cli.train.finetune import ChatOptions, run_chat, run_classify
+from tiaoyu_cli.train.engine.config import TrainConfig
+from tiaoyu_cli.train.stages.finetune import ChatOptions, run_chat, run_classify
 
 EXAMPLES = """
 Examples:

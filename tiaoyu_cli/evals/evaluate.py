@@ -45,11 +45,11 @@ from tiaoyu_cli.data.shards import check_fingerprint, open_tokens
 from tiaoyu_cli.device import autocast, resolve_device, resolve_dtype
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.model.quant import quantize_model
-from tiaoyu_cli.model.transformer import cross_entropy
-from tiaoyu_cli.train.answers import answer_accuracy
-from tiaoyu_cli.train.classify import classify_texts
-from tiaoyu_cli.train.reward import evaluate_pairs
-from tiaoyu_cli.train.rl_common import load_reference
+from tiaoyu_cli.train.losses.lm import cross_entropy
+from tiaoyu_cli.train.objectives.classify import classify_texts
+from tiaoyu_cli.train.objectives.reward import evaluate_pairs
+from tiaoyu_cli.train.rl.answers import answer_accuracy
+from tiaoyu_cli.train.rl.models import load_reference
 
 KINDS = ("text", "chat", "reasoning", "verifiable", "preference", "classification")
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train.report_to import check_report_to
+from tiaoyu_cli.train.engine.report_to import check_report_to
 
 
 @dataclass

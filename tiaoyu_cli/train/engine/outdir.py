@@ -1,4 +1,4 @@
-"""The -o run folder: is there a run already, can we write there."""
+"""The -o run folder: is there a run already, can we write there; the final adapter at its top."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tiaoyu_cli import checkpoint as ckpt_io
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.io import atomic_write_bytes
+from tiaoyu_cli.model import lora as L
 
 
 def run_in_folder(out: Path) -> list[str]:
@@ -57,3 +59,14 @@ def check_writable(out: str | os.PathLike) -> None:
         probe.unlink()
     except OSError as e:
         raise TiaoyuError(f"-o {out}: cannot write there ({e.strerror or e})") from None
+
+
+def publish_final_adapter(run: Path, log=print) -> None:
+    """Copy the newest step's adapter files to the top of the run folder (atomically, file by file)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    src = L.resolve_adapter_dir(run / "latest") if (run / "latest").exists() else L.resolve_adapter_dir(run)
+    for name in (L.ADAPTER_WEIGHTS, L.BASE_INFO, L.ADAPTER_CONFIG):  # config last: it marks the folder as an adapter
+        if (src / name).exists():
+            atomic_write_bytes(run / name, (src / name).read_bytes())
+    log(f"adapter: {run}/{L.ADAPTER_WEIGHTS} + {L.ADAPTER_CONFIG} (PEFT layout)")

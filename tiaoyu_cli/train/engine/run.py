@@ -28,11 +28,11 @@ from torch import nn
 
 from tiaoyu_cli.device import resolve_device, resolve_dtype
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train import distributed as D
-from tiaoyu_cli.train.config import TrainConfig
-from tiaoyu_cli.train.outdir import check_output, check_writable
-from tiaoyu_cli.train.stage import BaseStage
-from tiaoyu_cli.train.trainer import Trainer, TrainingInterrupted, check_fsdp
+from tiaoyu_cli.train.engine import distributed as D
+from tiaoyu_cli.train.engine.config import TrainConfig
+from tiaoyu_cli.train.engine.outdir import check_output, check_writable
+from tiaoyu_cli.train.engine.stage import BaseStage
+from tiaoyu_cli.train.engine.trainer import Trainer, TrainingInterrupted, check_fsdp
 
 try:  # POSIX advisory locks; where missing (Windows) runs are simply not locked
     import fcntl

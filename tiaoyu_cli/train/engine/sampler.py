@@ -1,5 +1,6 @@
-"""The order in which a stage visits a finite dataset (chat rows, pairs, prompts): shuffled passes,
-resumable from two integers, sliced per process under DDP."""
+"""The order in which a stage visits its data: `EpochSampler` for a finite dataset (chat rows, pairs,
+prompts) — shuffled passes, resumable from two integers, sliced per process under DDP — and
+`WindowSampler` for a token stream (pretraining windows, SFT replay), resumable from its generator."""
 
 from __future__ import annotations
 
@@ -46,3 +47,24 @@ class EpochSampler:
 
     def load_state_dict(self, st: dict) -> None:
         self.epoch, self.pos, self._order = int(st.get("epoch", 0)), int(st.get("pos", 0)), None
+
+
+class WindowSampler:
+    """Draws global batches of windows [start, start+seq_len+1) from a token stream of length n."""
+
+    def __init__(self, n_tokens: int, seq_len: int, global_batch: int, mode: str, seed: int):
+        if n_tokens < seq_len + 2:
+            raise TiaoyuError(f"the token shards hold {n_tokens} tokens, fewer than one window of "
+                              f"--seq-len {seq_len} + 1; use a smaller --seq-len or more data")
+        self.n, self.seq_len, self.global_batch, self.mode = n_tokens, seq_len, global_batch, mode
+        self.gen = torch.Generator().manual_seed(seed)
+        self.cursor = 0  # windows drawn so far (sequential mode)
+
+    def next_starts(self) -> list[int]:
+        hi = self.n - self.seq_len - 1
+        if self.mode == "random":
+            return torch.randint(0, hi + 1, (self.global_batch,), generator=self.gen).tolist()
+        n_windows = max(1, hi // self.seq_len)
+        starts = [((self.cursor + i) % n_windows) * self.seq_len for i in range(self.global_batch)]
+        self.cursor += self.global_batch
+        return starts

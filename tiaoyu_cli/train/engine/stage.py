@@ -15,7 +15,7 @@ import torch.nn as nn
 from tiaoyu_cli import checkpoint as ckpt_io
 
 if TYPE_CHECKING:  # the loop that drives a stage (a type only: trainer.py imports this module)
-    from tiaoyu_cli.train.trainer import Trainer
+    from tiaoyu_cli.train.engine.trainer import Trainer
 
 
 @dataclass

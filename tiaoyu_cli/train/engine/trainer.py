@@ -44,16 +44,16 @@ from safetensors import SafetensorError
 from tiaoyu_cli import checkpoint as ckpt_io
 from tiaoyu_cli.device import autocast, busy_cpu_note, default_threads, resolve_device, resolve_dtype
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.model.config import ModelConfig
 from tiaoyu_cli.io import atomic_dir
-from tiaoyu_cli.train import distributed as D
-from tiaoyu_cli.train.config import TrainConfig  # noqa: F401  (re-exported: stages import it from here)
-from tiaoyu_cli.train.flops import flops_per_token, peak_flops
-from tiaoyu_cli.train.optim import build_optimizer, lr_at
-from tiaoyu_cli.train.outdir import check_output, check_writable
-from tiaoyu_cli.train.progress import Progress
-from tiaoyu_cli.train.report_to import Reporters, parse_report_to
-from tiaoyu_cli.train.stage import BaseStage
+from tiaoyu_cli.model.config import ModelConfig
+from tiaoyu_cli.train.engine import distributed as D
+from tiaoyu_cli.train.engine.config import TrainConfig  # noqa: F401  (re-exported: stages import it from here)
+from tiaoyu_cli.train.engine.flops import flops_per_token, peak_flops
+from tiaoyu_cli.train.engine.optim import build_optimizer, lr_at
+from tiaoyu_cli.train.engine.outdir import check_output, check_writable
+from tiaoyu_cli.train.engine.progress import Progress
+from tiaoyu_cli.train.engine.report_to import Reporters, parse_report_to
+from tiaoyu_cli.train.engine.stage import BaseStage
 
 
 class TrainingInterrupted(TiaoyuError):

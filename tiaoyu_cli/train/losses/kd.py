@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tiaoyu_cli.model.transformer import cross_entropy
+from tiaoyu_cli.train.losses.lm import cross_entropy
 
 DIVERGENCES = ("forward", "reverse", "jsd")
 

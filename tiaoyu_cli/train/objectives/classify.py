@@ -25,20 +25,15 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tiaoyu_cli.checkpoint import load_config, load_model_tensors, load_weights, resolve_checkpoint, weights_source
 from tiaoyu_cli.data.chat import collate_classification, encode_classification
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import Transformer
 from tiaoyu_cli.model.heads import last_token_scores
-from tiaoyu_cli.train.sampler import EpochSampler
-from tiaoyu_cli.train.stage import BaseStage, StepOutput
-
-
-def classification_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """L = −(1/B) Σ_b log softmax(scores_b)[labels_b]; scores [B, n_labels], labels [B] (fp32)."""
-    return F.cross_entropy(scores.float(), labels)
+from tiaoyu_cli.train.engine.sampler import EpochSampler
+from tiaoyu_cli.train.engine.stage import BaseStage, StepOutput
+from tiaoyu_cli.train.losses.classify import classification_loss
 
 
 def label_scores(model: nn.Module, input_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:

@@ -44,9 +44,9 @@ import torch.nn as nn
 from tiaoyu_cli.data.chat import collate
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.io import _umask
-from tiaoyu_cli.train.losses_kd import DIVERGENCES, distill_loss
-from tiaoyu_cli.train.sft import lm_forward
-from tiaoyu_cli.train.stage import BaseStage, StepOutput
+from tiaoyu_cli.train.engine.stage import BaseStage, StepOutput
+from tiaoyu_cli.train.losses.kd import DIVERGENCES, distill_loss
+from tiaoyu_cli.train.objectives.sft import lm_forward
 
 # ---- white box: the stage ---------------------------------------------------------------------------
 

@@ -35,18 +35,11 @@ import torch.nn as nn
 from tiaoyu_cli.data.preference import PromptExample, prompt_messages
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.infer.generate import open_think_ids
-from tiaoyu_cli.train.losses_rl import group_advantages, grpo_loss
-from tiaoyu_cli.train.rl_common import Rollout, load_policy, load_reference, load_rl_prompts, prompt_room, response_logps
-from tiaoyu_cli.train.rollout import (
-    RolloutConfig,
-    RolloutStage,
-    Scores,
-    ToolVerifiableReward,
-    VerifiableReward,
-    sequence_kl,
-)
-from tiaoyu_cli.train.run import Plan, run_stage
-from tiaoyu_cli.train.stage import StepOutput
+from tiaoyu_cli.train.engine.stage import StepOutput
+from tiaoyu_cli.train.losses.rl import group_advantages, grpo_loss
+from tiaoyu_cli.train.rl.layout import Rollout, response_logps
+from tiaoyu_cli.train.rl.rollout import (RolloutConfig, RolloutStage, Scores, ToolVerifiableReward, VerifiableReward,
+                                         sequence_kl)
 
 
 @dataclass
@@ -153,37 +146,3 @@ def schemas_in_prompts(examples: list, tok, schemas: list[dict], room: int) -> N
             raise TiaoyuError(f"line {ex.line}: field 'prompt': with the tools' schemas it is {len(ids)} tokens; "
                               f"at most {room} fit with --max-new-tokens")
         ex.prompt_ids = ids
-
-
-# ---- the run -------------------------------------------------------------------------------------------
-
-
-def prepare_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_frac: float = 0.05,
-                 skip_bad: bool = False, eval_before: bool = True, toolbox=None, max_tool_calls: int = 5,
-                 tool_call_penalty: float = 0.0) -> Plan:
-    """Load policy (and reference when β > 0), read the questions. With a `toolbox` (`--tools`) the rollouts
-    call tools (train/tool_rollout.py)."""
-    cfg.validate()
-    model, folder, tok = load_policy(start, "GRPO")
-    room = prompt_room(model.config.max_seq_len, cfg.max_new_tokens, len(open_think_ids(tok)) if cfg.open_think else 0)
-    hint = f" in the context of {model.config.max_seq_len} tokens with --max-new-tokens {cfg.max_new_tokens}"
-    prompts, held, skipped = load_rl_prompts(data, val, tok, room, need_answer=True, skip_bad=skip_bad,
-                                             context_hint=hint, val_frac=val_frac, seed=train.seed)
-    ref_model = load_reference(ref or folder, tok) if cfg.beta > 0 else None
-    line = (f"grpo: {len(prompts)} questions, {len(held)} held out"
-        + (f", {skipped} bad records skipped" if skipped else "")
-        + f"; {cfg.rollout_batch_size} prompts × {cfg.group_size} answers per rollout, β {cfg.beta}"
-        + (f", reference {ref or folder}" if ref_model is not None else ""))
-    tools = ToolUse(toolbox, max_tool_calls, tool_call_penalty, model.config.max_seq_len) if toolbox else None
-    stage = GRPOStage(prompts, held, cfg, batch_size=train.batch_size, tokenizer=tok, ref_model=ref_model,
-                      seed=train.seed, tools=tools)
-    return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held) and eval_before)
-
-
-def run_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_frac: float = 0.05,
-             skip_bad: bool = False, eval_before: bool = True, log=print, toolbox=None, max_tool_calls: int = 5,
-             tool_call_penalty: float = 0.0) -> dict:
-    """`tiaoyu rlhf grpo`: train; returns the final metrics plus `before`."""
-    return run_stage("grpo", train, lambda: prepare_grpo(start, data, train, cfg, val, ref, val_frac, skip_bad,
-                                                       eval_before, toolbox, max_tool_calls, tool_call_penalty),
-                     log=log)

@@ -29,20 +29,10 @@ import torch.nn as nn
 
 from tiaoyu_cli.data.preference import PromptExample
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train.losses_rl import gae, masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss
-from tiaoyu_cli.train.rl_common import (
-    Rollout,
-    RunningMeanStd,
-    load_policy,
-    load_reference,
-    load_reward_model,
-    load_rl_prompts,
-    prompt_room,
-    response_logps,
-)
-from tiaoyu_cli.train.rollout import ModelReward, RolloutConfig, RolloutStage, Scores, VerifiableReward, sequence_kl
-from tiaoyu_cli.train.run import Plan, run_stage
-from tiaoyu_cli.train.stage import StepOutput
+from tiaoyu_cli.train.engine.stage import StepOutput
+from tiaoyu_cli.train.losses.rl import gae, masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss
+from tiaoyu_cli.train.rl.layout import Rollout, response_logps
+from tiaoyu_cli.train.rl.rollout import RolloutConfig, RolloutStage, Scores, sequence_kl
 
 
 @dataclass
@@ -80,6 +70,44 @@ class ValueHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(hidden.float()).squeeze(-1)
+
+
+class RunningMeanStd:
+    """Mean and variance of a stream of numbers (parallel Welford / Chan et al.). Used to normalise
+    PPO rewards: r' = (r − mean) / (std + eps), statistics updated with every rollout batch."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten().cpu()
+        n = x.numel()
+        if n == 0:
+            return
+        b_mean = float(x.mean())
+        b_m2 = float(((x - b_mean) ** 2).sum())
+        tot = self.count + n
+        delta = b_mean - self.mean
+        self.mean += delta * n / tot
+        self.m2 += b_m2 + delta * delta * self.count * n / tot
+        self.count = tot
+
+    @property
+    def var(self) -> float:
+        return self.m2 / self.count if self.count else 1.0
+
+    @property
+    def std(self) -> float:
+        return self.var ** 0.5
+
+    def normalize(self, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        return (x - self.mean) / (self.std + eps)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.count, self.mean, self.m2 = int(st.get("count", 0)), float(st.get("mean", 0.0)), float(st.get("m2", 0.0))
 
 
 class PPOStage(RolloutStage):
@@ -146,46 +174,3 @@ class PPOStage(RolloutStage):
         super().load_state_dict(state)
         if "score_stats" in state:
             self.score_stats.load_state_dict(state["score_stats"])
-
-
-# ---- the run -------------------------------------------------------------------------------------------
-
-
-def prepare_ppo(start, data, train, cfg: PPOConfig, val=None, ref=None, val_frac: float = 0.05,
-                skip_bad: bool = False, eval_before: bool = True) -> Plan:
-    """Load policy, reference and reward (model or verifiable), read the prompts."""
-    cfg.validate()
-    if not cfg.reward:
-        raise TiaoyuError("--reward: give a reward model checkpoint (from `tiaoyu rlhf reward`) or 'verifiable'")
-    notes = []
-    model, folder, tok = load_policy(start, "PPO")
-    verifiable = cfg.reward == "verifiable"
-    if verifiable:
-        reward = VerifiableReward(tok, cfg.format_reward, cfg.think_format)
-    else:
-        rm, _ = load_reward_model(cfg.reward, tok)
-        if rm.config.max_seq_len < model.config.max_seq_len:
-            notes.append(f"note: the reward model reads at most {rm.config.max_seq_len} tokens")
-        reward = ModelReward(rm, batch_size=train.batch_size)
-    ctx = model.config.max_seq_len
-    if not verifiable:
-        ctx = min(ctx, rm.config.max_seq_len)
-    room = prompt_room(ctx, cfg.max_new_tokens, what="the context")
-    hint = f" in the context of {ctx} tokens with --max-new-tokens {cfg.max_new_tokens}"
-    prompts, held, skipped = load_rl_prompts(data, val, tok, room, need_answer=verifiable, skip_bad=skip_bad,
-                                             context_hint=hint, val_frac=val_frac, seed=train.seed)
-    ref_model = load_reference(ref or folder, tok)
-    line = (f"ppo: {len(prompts)} prompts, {len(held)} held out"
-        + (f", {skipped} bad records skipped" if skipped else "")
-        + f"; reward {'verifiable answers' if verifiable else cfg.reward}; {cfg.rollout_batch_size} prompts per rollout, "
-        f"{cfg.epochs} PPO epochs, kl_coef {cfg.kl_coef}")
-    stage = PPOStage(prompts, held, cfg, batch_size=train.batch_size, tokenizer=tok, reward=reward,
-                     ref_model=ref_model, dim=model.config.dim, seed=train.seed)
-    return Plan(model, stage, tok, parent=str(folder), lines=notes + [line], eval_before=bool(held) and eval_before)
-
-
-def run_ppo(start, data, train, cfg: PPOConfig, val=None, ref=None, val_frac: float = 0.05,
-            skip_bad: bool = False, eval_before: bool = True, log=print) -> dict:
-    """`tiaoyu rlhf ppo`: train; returns the final metrics plus `before`."""
-    return run_stage("ppo", train, lambda: prepare_ppo(start, data, train, cfg, val, ref, val_frac, skip_bad,
-                                                      eval_before), log=log)

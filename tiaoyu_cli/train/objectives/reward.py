@@ -16,7 +16,6 @@ reports pairwise accuracy — how often r(chosen) > r(rejected) — on held-out 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +23,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from tiaoyu_cli.checkpoint import (load_config, load_model_tensors, load_tokenizer, load_weights, resolve_checkpoint,
+from tiaoyu_cli.checkpoint import (load_config, load_model_tensors, load_weights, resolve_checkpoint,
                                   weights_source)
 from tiaoyu_cli.data.preference import (
     PairExample,
     collate_pairs,
     encode_response,
-    load_pairs,
     pad_right,
     prompt_messages,
     response_messages,
@@ -38,11 +36,9 @@ from tiaoyu_cli.data.preference import (
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.model import Transformer
 from tiaoyu_cli.model.heads import last_token_scores
-from tiaoyu_cli.train.losses_rl import reward_pairwise_loss
-from tiaoyu_cli.train.rl_common import split_holdout
-from tiaoyu_cli.train.run import Plan, run_stage
-from tiaoyu_cli.train.sampler import EpochSampler
-from tiaoyu_cli.train.stage import BaseStage, StepOutput
+from tiaoyu_cli.train.engine.stage import StepOutput
+from tiaoyu_cli.train.losses.rl import reward_pairwise_loss
+from tiaoyu_cli.train.rl.pairs import PairStage
 
 
 @dataclass
@@ -76,36 +72,6 @@ def pair_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
     r = last_token_scores(out.scores.float(), batch["attention_mask"])
     B = r.shape[0] // 2
     return r[:B], r[B:]
-
-
-class PairStage(BaseStage):
-    """What the stages on preference pairs (reward, dpo) share: shuffled passes over the training pairs
-    (the sampler is the whole data state of a checkpoint), held-out pairs, the config in trainer.json."""
-
-    def __init__(self, train: list[PairExample], val: list[PairExample], cfg, batch_size: int, seed: int = 0):
-        self.train, self.val, self.cfg = train, val, cfg
-        self.batch_size, self.seed = batch_size, seed
-        self.steps_per_epoch = max(1, len(train) // batch_size)
-
-    def setup(self, trainer) -> None:
-        super().setup(trainer)
-        self.device = trainer.device
-        self.sampler = EpochSampler(len(self.train), self.batch_size, self.seed, rank=trainer.dist.rank,
-                                    world=trainer.dist.world_size)
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        pairs = [self.train[i] for i in self.sampler.next_indices()]
-        return collate_pairs(pairs, device=self.device)
-
-    def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "sampler" in state:
-            self.sampler.load_state_dict(state["sampler"])
-
-    def info(self) -> dict:
-        return {**dataclasses.asdict(self.cfg), "train_pairs": len(self.train), "val_pairs": len(self.val)}
 
 
 class RewardStage(PairStage):
@@ -188,33 +154,3 @@ def score_records(model: nn.Module, tokenizer, records: list[tuple[int, dict]], 
             k, dst = where[i]
             out[k][dst] = round(float(v), 6)
     return out
-
-
-# ---- the run -------------------------------------------------------------------------------------------
-
-
-def prepare_reward(start, data, train, cfg: RewardConfig, val=None, skip_bad: bool = False) -> Plan:
-    """Build the reward model from `start` (its LM plus a one-output score head) and read the pairs."""
-    model, folder = reward_model_from(start)
-    tok = load_tokenizer(folder)
-    max_len = cfg.max_len or model.config.max_seq_len
-    if max_len > model.config.max_seq_len:
-        raise TiaoyuError(f"--max-len {max_len} exceeds the model's context of {model.config.max_seq_len}")
-    stats: dict = {}
-    pairs = load_pairs(data, tok, max_len, skip_bad, stats)
-    if val is not None:
-        held = load_pairs(val, tok, max_len, skip_bad)
-    else:
-        pairs, held = split_holdout(pairs, cfg.val_frac, train.seed)
-    line = (f"reward: {len(pairs)} training pairs, {len(held)} held out"
-            + (f", {stats['skipped']} bad records skipped" if stats.get("skipped") else "")
-            + f"; model {model.num_parameters() / 1e6:.2f}M parameters from {folder}")
-    stage = RewardStage(pairs, held, cfg, batch_size=train.batch_size, seed=train.seed)
-    return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held))
-
-
-def run_reward(start, data, train, cfg: RewardConfig, val=None, skip_bad: bool = False,
-               log=print) -> dict:
-    """`tiaoyu rlhf reward`: train, and return the final metrics plus `before` (the untrained head's)."""
-    return run_stage("reward", train, lambda: prepare_reward(start, data, train, cfg, val, skip_bad),
-                     log=log)

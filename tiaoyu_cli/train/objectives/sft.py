@@ -41,17 +41,18 @@ import torch.nn as nn
 from tiaoyu_cli.checkpoint import load_model_tensors, load_tensors, load_weights, write_model_folder
 from tiaoyu_cli.data.chat import ChatDataset, Example, PackedRow, collate, is_packed
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.infer.tools import Toolbox
 from tiaoyu_cli.model import adapters as A
 from tiaoyu_cli.model import lora as L
 from tiaoyu_cli.model.adapters import SoftPromptModel, strip_prefix
 from tiaoyu_cli.model.lora import load_lora_state_dict, lora_state_dict
-from tiaoyu_cli.model.transformer import ModelOutput, cross_entropy
-from tiaoyu_cli.infer.tools import Toolbox
-from tiaoyu_cli.train.answers import answer_accuracy, tool_answer_accuracy
-from tiaoyu_cli.train.distributed import unwrap
-from tiaoyu_cli.train.lm import WindowSampler
-from tiaoyu_cli.train.sampler import EpochSampler
-from tiaoyu_cli.train.stage import BaseStage, StepOutput
+from tiaoyu_cli.model.transformer import ModelOutput
+from tiaoyu_cli.train.engine.distributed import unwrap
+from tiaoyu_cli.train.engine.sampler import WindowSampler
+from tiaoyu_cli.train.engine.sampler import EpochSampler
+from tiaoyu_cli.train.engine.stage import BaseStage, StepOutput
+from tiaoyu_cli.train.losses.lm import cross_entropy
+from tiaoyu_cli.train.rl.answers import answer_accuracy, tool_answer_accuracy
 
 TRAIN_PARTS = ("full", "ffn", "attn", "head", "embeddings")
 METHODS = ("full", "prompt", "adapter", "lora")

@@ -29,12 +29,12 @@ import torch.nn as nn
 from tiaoyu_cli.data.preference import PromptExample
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.infer.generate import decode_response
-from tiaoyu_cli.train.answers import answer_accuracy, format_ok, is_correct
-from tiaoyu_cli.train.losses_rl import kl_k1, kl_k3, masked_mean
-from tiaoyu_cli.train.rl_common import Rollout, derive_seed, generate_rollout, response_logps, reward_model_scores
-from tiaoyu_cli.train.sampler import EpochSampler
-from tiaoyu_cli.train.stage import BaseStage
-from tiaoyu_cli.train.tool_rollout import generate_agentic_rollout, last_turn
+from tiaoyu_cli.train.engine.sampler import EpochSampler
+from tiaoyu_cli.train.engine.stage import BaseStage
+from tiaoyu_cli.train.losses.rl import kl_k1, kl_k3, masked_mean
+from tiaoyu_cli.train.rl.answers import answer_accuracy, format_ok, is_correct
+from tiaoyu_cli.train.rl.layout import Rollout, derive_seed, generate_rollout, response_logps, reward_model_scores
+from tiaoyu_cli.train.rl.tool_rollout import generate_agentic_rollout, last_turn
 
 # ---- rewards -------------------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import torch
 from tiaoyu_cli.infer.sampling import SamplingParams
 from tiaoyu_cli.infer.tool_loop import agentic_rollout
 from tiaoyu_cli.infer.tools import Toolbox
-from tiaoyu_cli.train.rl_common import Rollout, layout
+from tiaoyu_cli.train.rl.layout import Rollout, layout
 
 
 def generate_agentic_rollout(model, tokenizer, toolbox: Toolbox, prompts: list[list[int]], max_new_tokens: int,

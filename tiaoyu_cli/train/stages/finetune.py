@@ -9,7 +9,6 @@ The objectives live in train/sft.py (assistant-token cross-entropy) and train/cl
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,13 +17,14 @@ from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint
 from tiaoyu_cli.data.chat import ChatDataset, pack_examples, read_classification
 from tiaoyu_cli.data.shards import check_fingerprint, open_tokens
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.io import atomic_write_bytes
 from tiaoyu_cli.model import adapters as A
 from tiaoyu_cli.model import lora as L
-from tiaoyu_cli.train.classify import ClassifyConfig, ClassifyStage, build_classifier
-from tiaoyu_cli.train.config import TrainConfig
-from tiaoyu_cli.train.run import Plan, run_stage
-from tiaoyu_cli.train.sft import SFTConfig, SFTStage, count_parameters, describe_trainable, select_trainable
+from tiaoyu_cli.train.engine.config import TrainConfig
+from tiaoyu_cli.train.engine.outdir import publish_final_adapter
+from tiaoyu_cli.train.engine.run import Plan, run_stage
+from tiaoyu_cli.train.objectives.classify import ClassifyConfig, ClassifyStage, build_classifier
+from tiaoyu_cli.train.objectives.sft import (SFTConfig, SFTStage, count_parameters, describe_trainable,
+                                             select_trainable)
 
 _LORA = L.LoraConfig()
 
@@ -185,14 +185,3 @@ def prepare_classify(o: ChatOptions, train: TrainConfig) -> Plan:
 def run_classify(o: ChatOptions, train: TrainConfig, log=print) -> dict:
     """`tiaoyu sft --task classify`: a classification head on the base, cross-entropy over the labels."""
     return run_stage("classify", train, lambda: prepare_classify(o, train), default_epochs=1.0, log=log)
-
-
-def publish_final_adapter(run: Path, log=print) -> None:
-    """Copy the newest step's adapter files to the top of the run folder (atomically, file by file)."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    src = L.resolve_adapter_dir(run / "latest") if (run / "latest").exists() else L.resolve_adapter_dir(run)
-    for name in (L.ADAPTER_WEIGHTS, L.BASE_INFO, L.ADAPTER_CONFIG):  # config last: it marks the folder as an adapter
-        if (src / name).exists():
-            atomic_write_bytes(run / name, (src / name).read_bytes())
-    log(f"adapter: {run}/{L.ADAPTER_WEIGHTS} + {L.ADAPTER_CONFIG} (PEFT layout)")

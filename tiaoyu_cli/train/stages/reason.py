@@ -45,12 +45,13 @@ from tiaoyu_cli.data.jsonl import RecordCounts, load_records, read_jsonl
 from tiaoyu_cli.data.preference import PromptExample, encode_prompt
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.infer.generate import open_think_ids
-from tiaoyu_cli.train.answers import format_ok, is_correct, split_record
-from tiaoyu_cli.train.config import TrainConfig
-from tiaoyu_cli.train.grpo import GRPOConfig, GRPOStage, ToolUse
-from tiaoyu_cli.train.rl_common import load_policy, load_reference, prompt_room, split_holdout
-from tiaoyu_cli.train.run import Plan, run_stage
-from tiaoyu_cli.train.sft import SFTConfig, SFTStage
+from tiaoyu_cli.train.engine.config import TrainConfig
+from tiaoyu_cli.train.engine.run import Plan, run_stage
+from tiaoyu_cli.train.objectives.grpo import GRPOConfig, GRPOStage, ToolUse
+from tiaoyu_cli.train.objectives.sft import SFTConfig, SFTStage
+from tiaoyu_cli.train.rl.answers import format_ok, is_correct, split_record
+from tiaoyu_cli.train.rl.models import load_policy, load_reference
+from tiaoyu_cli.train.rl.prompts import prompt_room, split_holdout
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 

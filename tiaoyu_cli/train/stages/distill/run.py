@@ -30,13 +30,13 @@ from tiaoyu_cli.infer.session import ChatModel, GenerationOptions
 from tiaoyu_cli.model import Transformer, parse_overrides, preset
 from tiaoyu_cli.tokenizer import has_tokenizer, model_token_ids, open_tokenizer
 from tiaoyu_cli.tokenizer.core import check_same_tokenizer
-from tiaoyu_cli.train.config import TrainConfig
-from tiaoyu_cli.train.distill import DistillConfig, DistillStage
-from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage
-from tiaoyu_cli.train.run import Plan, run_stage
-from tiaoyu_cli.train.sft import SFTConfig, SFTStage
-from tiaoyu_cli.train.teacher_data import (EndpointTeacher, LocalTeacher, TeacherAnswerStats, collect_answers,
-                                           read_answers, read_prompts)
+from tiaoyu_cli.train.engine.config import TrainConfig
+from tiaoyu_cli.train.engine.run import Plan, run_stage
+from tiaoyu_cli.train.objectives.distill import DistillConfig, DistillStage
+from tiaoyu_cli.train.objectives.pretrain import PretrainConfig, PretrainStage
+from tiaoyu_cli.train.objectives.sft import SFTConfig, SFTStage
+from tiaoyu_cli.train.stages.distill.teacher_data import (EndpointTeacher, LocalTeacher, TeacherAnswerStats,
+                                                          collect_answers, read_answers, read_prompts)
 
 # ---- a whole run: what `tiaoyu distill` calls -------------------------------------------------------
 

@@ -34,7 +34,7 @@ from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.infer.endpoint import Endpoint, EndpointError, EndpointUnavailable, RetryCancelled, chat_concurrently
 from tiaoyu_cli.infer.session import ChatModel, GenerationOptions, answer_records, record_messages
 from tiaoyu_cli.io import fsync_dir, output_lock
-from tiaoyu_cli.train.trainer import TrainingInterrupted
+from tiaoyu_cli.train.engine.trainer import TrainingInterrupted
 
 META = "teacher"  # the record key that says which prompt an answer belongs to and how it was made
 SETTINGS = ("model", "max_new_tokens", "temperature")
