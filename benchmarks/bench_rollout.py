@@ -14,7 +14,7 @@ generates exactly prompts × new-tokens tokens. Rounds alternate; the best round
 (the machine is shared and noisy), and tokens per CPU-second are reported beside tokens/s.
 Prints one JSON line.
 
-`--tools N`: also agentic rollouts (train/tool_rollout.py) of the same batch and the same number of
+`--tools N`: also agentic rollouts (train/rl/tool_rollout.py) of the same batch and the same number of
 model-chosen tokens, split into N + 1 rounds: each of the first N rounds ends in a (forced)
 </tool_call>, the calculator runs, its tool turn is appended (masked), and generation resumes —
 every round re-prefills prompt + history. Reports tokens/s with tool calls against without.

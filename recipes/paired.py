@@ -3,8 +3,8 @@
     python recipes/paired.py BEFORE AFTER questions.jsonl -o AFTER_RUN/paired.json [--n 400]
 
 Both checkpoints answer every question greedily — through the tool loop with `--tools calculator`
-(`sft --eval-tools`'s scorer, `train.answers.tool_answer_accuracy`), or plainly with `--tools none`
-(`train.answers.answer_accuracy`, the text after </think> when there is one); since the questions are the same, the noise of the difference
+(`sft --eval-tools`'s scorer, `train.rl.answers.tool_answer_accuracy`), or plainly with `--tools none`
+(`train.rl.answers.answer_accuracy`, the text after </think> when there is one); since the questions are the same, the noise of the difference
 is that of the questions whose outcome changed (McNemar): with w = wrong → right and r = right → wrong
 out of n, diff = (w − r)/n and its SE = √(w + r − (w − r)²/n)/n — far tighter than two independent
 standard errors when most answers stay the same. Writes one JSON object (also printed).

@@ -65,7 +65,8 @@ def as_chat(rec: dict) -> dict:
 
 def _key(assets: Path) -> str:
     h = hashlib.sha256((assets.name + json.dumps(SFT_ARGS)).encode())
-    for sub in ("train/sft.py", "data/chat.py", "cli/sft.py", "train/trainer.py", "model/transformer.py"):
+    for sub in ("train/objectives/sft.py", "train/losses/lm.py", "data/chat.py", "cli/sft.py", "train/engine/trainer.py",
+                "model/transformer.py"):
         p = PKG / sub
         if p.exists():
             h.update(p.read_bytes())

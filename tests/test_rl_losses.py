@@ -1,4 +1,4 @@
-"""The RL / preference losses against numbers worked out by hand (tiaoyu_cli/train/losses_rl.py)."""
+"""The RL / preference losses against numbers worked out by hand (tiaoyu_cli/train/losses/rl.py)."""
 
 from __future__ import annotations
 

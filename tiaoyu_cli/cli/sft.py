@@ -1,6 +1,6 @@
 """`tiaoyu sft`: supervised fine-tuning on chat records (or classification with --task classify).
 
-This module only declares the options; the run is tiaoyu_cli.train.finetune (run_chat, run_classify).
+This module only declares the options; the run is tiaoyu_cli.train.stages.finetune (run_chat, run_classify).
 """
 
 from __future__ import annotations

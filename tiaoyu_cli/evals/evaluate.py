@@ -11,13 +11,14 @@ The kind of data is detected from the first record (DESIGN §1), or a folder of 
 |---|---|---|
 | text `{"text"}` or tokens/ | a language model | loss = mean −log p(token), perplexity = e^loss, bits per byte = Σ nats / ln 2 / UTF-8 bytes |
 | chat `{"messages"}` | a language model | answer accuracy on the last assistant turn; loss on assistant tokens |
-| verifiable `{"prompt","answer"}` | a language model | answer accuracy (greedy, `tiaoyu_cli.train.answers`) |
+| verifiable `{"prompt","answer"}` | a language model | answer accuracy (greedy, `tiaoyu_cli.train.rl.answers`) |
 | preference `{"prompt","chosen","rejected"}` | a reward model (score head, num_labels = 1) | pairwise accuracy = share of pairs with r(chosen) > r(rejected) (a tie counts half), mean margin |
 | preference + `ref=` | a DPO policy and its reference | implicit reward r = log π(y|x) − log π_ref(y|x); pairwise accuracy |
 | classification `{"text","label"}` | a classifier (score head, num_labels ≥ 2) | accuracy of the argmax label, and of always answering the majority label |
 
-Encoders and metrics are the stages' own (data/preference.py, train/reward.py, train/classify.py,
-train/answers.py), so `tiaoyu eval` reports the number the stage itself reports during training.
+Encoders and metrics are the stages' own (data/preference.py, train/objectives/reward.py,
+train/objectives/classify.py, train/rl/answers.py), so `tiaoyu eval` reports the number the stage
+itself reports during training.
 Data of a kind the checkpoint cannot judge (preference pairs on a plain language model, labels on
 a model without a classifier head) is a TiaoyuError, not a meaningless number.
 
@@ -315,7 +316,7 @@ def assistant_loss(model, records, tokenizer, path: Path, batch_size: int) -> di
 
 
 def answer_metrics(model, tokenizer, records, kind: str, path: Path, cfg: EvalConfig) -> dict[str, float]:
-    """Greedy answers scored by the shared checker (tiaoyu_cli.train.answers): the reference is a verifiable
+    """Greedy answers scored by the shared checker (tiaoyu_cli.train.rl.answers): the reference is a verifiable
     record's answer, or a chat record's last assistant message."""
 
     rep = answer_accuracy(model, tokenizer, [rec for _, rec in records], batch_size=cfg.batch_size,

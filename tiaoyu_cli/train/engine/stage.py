@@ -1,4 +1,4 @@
-"""What a stage gives the one loop (train/trainer.py): `next_batch`, `step` → `StepOutput`, `evaluate`, and the
+"""What a stage gives the one loop (engine/trainer.py): `next_batch`, `step` → `StepOutput`, `evaluate`, and the
 optional hooks `BaseStage` fills with defaults (setup, extra modules, state for exact resume, how the model
 is saved and loaded back). A new objective is a new Stage, never a new loop."""
 

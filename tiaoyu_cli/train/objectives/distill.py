@@ -9,7 +9,7 @@ Two ways (seed 000, 知识蒸馏):
 * **Black box** — the student sees only the teacher's *answers*. The teacher (a checkpoint, through
   the batched generation of `tiaoyu chat`, or an OpenAI-compatible endpoint) answers every prompt, the
   answers become chat records (kept in `--keep-teacher-data FILE`), and the student is fine-tuned on
-  them with the SFT stage. Black-box distillation *is* SFT on teacher-written data; train/teacher_data.py
+  them with the SFT stage. Black-box distillation *is* SFT on teacher-written data; stages/distill/teacher_data.py
   is the first half, the SFT stage the second.
 * **White box** — the student sees the teacher's *distribution over the next token* at every
   position. `DistillStage` runs the teacher (frozen, `torch.inference_mode`, bf16 autocast on CUDA)

@@ -72,7 +72,7 @@ class DPOStage(PairStage):
                  seed: int = 0, saver=None):
         """ref_model: the frozen reference; or ref_context: a context manager under which the policy
         itself computes the reference (LoRA adapters disabled). saver: how checkpoints are written (LoRA:
-        `rl_common.LoraCheckpoint`; default the full model)."""
+        `rl.lora.LoraCheckpoint`; default the full model)."""
         cfg.validate()
         if (ref_model is None) == (ref_context is None):
             raise TiaoyuError("DPO needs exactly one reference: a frozen model or the adapter-free policy")

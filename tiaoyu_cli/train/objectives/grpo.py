@@ -20,7 +20,7 @@ such groups is logged (`flat_groups`). `tiaoyu reason --rl` reuses `GRPOStage` w
 
 Reuse from Python:
 
-    from tiaoyu_cli.train.grpo import GRPOConfig, GRPOStage
+    from tiaoyu_cli.train.objectives.grpo import GRPOConfig, GRPOStage
     stage = GRPOStage(prompts, val_prompts, GRPOConfig(group_size=8, beta=0.04, think_format=True),
                       batch_size=16, tokenizer=tok, ref_model=ref)          # prompts: load_prompts(..., need_answer=True)
     Trainer(policy, stage, TrainConfig(...), tokenizer=tok).fit()

@@ -23,7 +23,7 @@ every micro-batch and trains on (1 − ρ)·L_sft + ρ·L_replay; evaluation rep
 pretraining val split (`base_val_loss`) so forgetting shows in the metrics, with or without replay.
 
 Evaluation (`evaluate`): `val_loss` (assistant tokens of --eval-data), `answer_acc` (greedy answers to
-its first --eval-samples questions, scored by `train/answers.py`), `base_val_loss`.
+its first --eval-samples questions, scored by `rl/answers.py`), `base_val_loss`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ An RL stage alternates two phases inside the one Trainer loop:
 
     collect   take the next prompts; sample answers with the batched KV-cache generator
               (infer/generate.py); score them (a reward model, or the exact final answer of
-              verifiable questions via train/answers.py); run the policy (and the frozen
+              verifiable questions via rl/answers.py); run the policy (and the frozen
               reference) once over prompt + answer for the log-probs the update compares with;
               the subclass turns all that into training targets (advantages, returns …)
     update    `epochs` shuffled passes over that buffer in micro-batches of --batch-size
@@ -51,7 +51,7 @@ class VerifiableReward:
 
         r = 1[final answer correct] + format_weight · 1[well formed]
 
-    The final answer is the text after </think> when there is one (train/answers.py);
+    The final answer is the text after </think> when there is one (rl/answers.py);
     `require_think` makes a missing reasoning block a format failure; `prefix_ids` are tokens the
     prompt already opened the response with (e.g. <think>), prepended before decoding."""
 
@@ -184,7 +184,7 @@ class RolloutStage(BaseStage):
     def __init__(self, prompts: list[PromptExample], val_prompts: list[PromptExample], cfg, batch_size: int,
                  reward, tokenizer, ref_model: nn.Module | None = None, seed: int = 0,
                  prompt_suffix_ids: list[int] | None = None, tools=None):
-        """tools: a `grpo.ToolUse` for agentic rollouts (train/tool_rollout.py), None for one-turn answers."""
+        """tools: a `ToolUse` (objectives/grpo.py) for agentic rollouts (rl/tool_rollout.py), None for one-turn answers."""
         self.prompts, self.val_prompts, self.cfg = prompts, val_prompts, cfg
         self.tools = tools
         self.batch_size, self.seed, self.reward, self.tok, self.ref_model = batch_size, seed, reward, tokenizer, ref_model
@@ -225,7 +225,7 @@ class RolloutStage(BaseStage):
     def sample(self, model: nn.Module, examples: list[PromptExample], seed: int, temperature: float | None = None) -> Rollout:
         c = self.cfg
         prompts = [ex.prompt_ids + self.prompt_suffix_ids for ex in examples for _ in range(self.samples_per_prompt)]
-        if self.tools is not None:  # agentic rollouts (train/tool_rollout.py)
+        if self.tools is not None:  # agentic rollouts (rl/tool_rollout.py)
             return generate_agentic_rollout(model, self.tok, self.tools.toolbox, prompts, c.max_new_tokens,
                                             c.temperature if temperature is None else temperature, c.top_k, c.top_p,
                                             seed, self.tools.max_tool_calls)

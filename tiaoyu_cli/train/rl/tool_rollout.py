@@ -8,12 +8,12 @@ pauses at </tool_call>, runs the call, appends the tool turn). The inserted toke
 sequence — the policy conditions on them — but their mask is 0, so they count in neither the policy
 loss nor the KL (every RL loss here is a `masked_mean` over `ro.mask`).
 
-`ToolVerifiableReward` (train/rollout.py) scores the final answer only: the text of the last assistant turn (a number
+`ToolVerifiableReward` (rl/rollout.py) scores the final answer only: the text of the last assistant turn (a number
 inside a tool result is not an answer), minus `call_penalty` for each call that came back as an
 error (malformed, too long or too deeply nested JSON, unknown tool, bad arguments, a tool that raised
 or ran past the toolbox's time limit, `--tool-timeout`).
 
-A GRPO stage built with `tools=ToolUse(toolbox, …)` (train/grpo.py) samples these rollouts.
+A GRPO stage built with `tools=ToolUse(toolbox, …)` (objectives/grpo.py) samples these rollouts.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The runs of `tiaoyu sft` (chat or --task classify) and `tiaoyu lora`: read the options, build the
-datasets and the model, say what trains, and hand it to the one run path (`train.run.run_stage`).
+datasets and the model, say what trains, and hand it to the one run path (`engine.run.run_stage`).
 
     tiaoyu sft ckpt/base chat.jsonl -o ckpt/sft --eval-data chat.val.jsonl --epochs 3
     tiaoyu lora ckpt/base chat.jsonl -o adapter/ --rank 8
 
-The objectives live in train/sft.py (assistant-token cross-entropy) and train/classify.py.
+The objectives live in objectives/sft.py (assistant-token cross-entropy) and objectives/classify.py.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ def prepare_grpo(start, data, train, cfg: GRPOConfig, val=None, ref=None, val_fr
                  skip_bad: bool = False, eval_before: bool = True, toolbox=None, max_tool_calls: int = 5,
                  tool_call_penalty: float = 0.0) -> Plan:
     """Load policy (and reference when β > 0), read the questions. With a `toolbox` (`--tools`) the rollouts
-    call tools (train/tool_rollout.py)."""
+    call tools (rl/tool_rollout.py)."""
     cfg.validate()
     model, folder, tok = load_policy(start, "GRPO")
     room = prompt_room(model.config.max_seq_len, cfg.max_new_tokens, len(open_think_ids(tok)) if cfg.open_think else 0)

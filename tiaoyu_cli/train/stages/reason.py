@@ -22,7 +22,7 @@ engine), the policy prompted in the think format. Reward of a sampled response:
 
     r = 1 · [final answer correct] + w_format · [format ok: <think>…</think> then a non-empty answer]
 
-(`train/answers.py`: the answer is the text after </think>; numbers compare as numbers).
+(`rl/answers.py`: the answer is the text after </think>; numbers compare as numbers).
 
 Trace checks (`load_traces`): the last assistant turn must carry reasoning — a "reasoning" field, or
 content with literal `<think>…</think>` markup (split into the two fields). A trace without reasoning,

@@ -5,7 +5,7 @@ or white box (DistillStage over chat records or token shards), through the one r
     tiaoyu distill --teacher ckpt/big --student ckpt/small prompts.jsonl -o ckpt/student --mode black
     tiaoyu distill --teacher http://localhost:8000/v1 --student ckpt/small prompts.jsonl -o ckpt/student --mode black
 
-A black-box teacher is a checkpoint or an OpenAI-compatible endpoint (train/teacher_data.py: both answer into
+A black-box teacher is a checkpoint or an OpenAI-compatible endpoint (teacher_data.py beside this module: both answer into
 the same answer file, and the SFT stage trains on it the same way).
 """
 
