@@ -27,7 +27,7 @@ def worker(preset: str, fsdp: bool, out: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from tiaoyu_cli.model import Transformer, preset as make_preset
-    from tiaoyu_cli.train import distributed as D
+    from tiaoyu_cli.train.engine import distributed as D
 
     dist.init_process_group("gloo")
     torch.manual_seed(0)

@@ -39,9 +39,10 @@ from tiaoyu_cli.data.synth import SynthConfig, write_corpus
 from tiaoyu_cli.model import Transformer, preset
 from tiaoyu_cli.tokenizer import train_tokenizer
 from tiaoyu_cli.tokenizer.encode import encode_corpus
-from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage, linear_cross_entropy
-from tiaoyu_cli.train.optim import build_optimizer
-from tiaoyu_cli.train.trainer import TrainConfig, Trainer
+from tiaoyu_cli.train.engine.optim import build_optimizer
+from tiaoyu_cli.train.engine.trainer import TrainConfig, Trainer
+from tiaoyu_cli.train.losses.lm import linear_cross_entropy
+from tiaoyu_cli.train.objectives.pretrain import PretrainConfig, PretrainStage
 
 WORDS = ["total", "count", "value", "item", "index", "result", "left", "right", "node", "size", "name",
          "key", "data", "step", "limit", "acc", "score", "width", "height", "buf", "row", "col"]

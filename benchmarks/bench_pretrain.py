@@ -34,9 +34,9 @@ import nanogpt_ref  # noqa: E402
 
 from tiaoyu_cli.data.shards import ShardWriter, TokenShards  # noqa: E402
 from tiaoyu_cli.model import Transformer, preset  # noqa: E402
-from tiaoyu_cli.train.flops import flops_per_token, peak_flops  # noqa: E402
-from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage  # noqa: E402
-from tiaoyu_cli.train.trainer import TrainConfig, Trainer  # noqa: E402
+from tiaoyu_cli.train.engine.flops import flops_per_token, peak_flops  # noqa: E402
+from tiaoyu_cli.train.engine.trainer import TrainConfig, Trainer  # noqa: E402
+from tiaoyu_cli.train.objectives.pretrain import PretrainConfig, PretrainStage  # noqa: E402
 
 CONFIGS = {  # name: (preset, seq_len, batch)
     "tiny": ("tiny", 256, 8),

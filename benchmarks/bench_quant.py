@@ -38,8 +38,8 @@ def build_base(root: Path, steps: int) -> Path:
     from tiaoyu_cli.model import Transformer, preset
     from tiaoyu_cli.tokenizer import train_tokenizer
     from tiaoyu_cli.tokenizer.encode import encode_corpus
-    from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage
-    from tiaoyu_cli.train.trainer import TrainConfig, Trainer
+    from tiaoyu_cli.train.objectives.pretrain import PretrainConfig, PretrainStage
+    from tiaoyu_cli.train.engine.trainer import TrainConfig, Trainer
 
     data = root / "synth"
     write_corpus(data, SynthConfig(seed=0, text_mb=1.5, records=200, val_records=100))
@@ -57,7 +57,7 @@ def build_base(root: Path, steps: int) -> Path:
 
 
 def val_loss(model, stream: torch.Tensor, seq_len: int) -> float:
-    from tiaoyu_cli.train.evaluate import text_metrics
+    from tiaoyu_cli.evals.evaluate import text_metrics
 
     with torch.inference_mode():
         return text_metrics(model, stream, 0, seq_len, 16)["loss"]
@@ -138,7 +138,7 @@ def main() -> None:
     from tiaoyu_cli.model import Transformer, preset
     from tiaoyu_cli.model.quant import fused_kernel_available, quantize_model, weight_bytes
     from tiaoyu_cli.checkpoint import load_model, load_tokenizer
-    from tiaoyu_cli.train.evaluate import _records, text_stream
+    from tiaoyu_cli.evals.evaluate import _records, text_stream
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_quant_"))
     ckpt = Path(args.ckpt) if args.ckpt else None

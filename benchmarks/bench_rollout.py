@@ -14,7 +14,7 @@ generates exactly prompts × new-tokens tokens. Rounds alternate; the best round
 (the machine is shared and noisy), and tokens per CPU-second are reported beside tokens/s.
 Prints one JSON line.
 
-`--tools N`: also agentic rollouts (train/tool_rollout.py) of the same batch and the same number of
+`--tools N`: also agentic rollouts (train/rl/tool_rollout.py) of the same batch and the same number of
 model-chosen tokens, split into N + 1 rounds: each of the first N rounds ends in a (forced)
 </tool_call>, the calculator runs, its tool turn is appended (masked), and generation resumes —
 every round re-prefills prompt + history. Reports tokens/s with tool calls against without.
@@ -54,7 +54,7 @@ def main() -> None:
     from tiaoyu_cli.infer.generate import generate_detailed
     from tiaoyu_cli.infer.sampling import SamplingParams
     from tiaoyu_cli.model import Transformer, preset
-    from tiaoyu_cli.train.rl_common import generate_rollout
+    from tiaoyu_cli.train.rl.layout import generate_rollout
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -170,7 +170,7 @@ def _agentic(args, model, prompts, tok):
     """A closure timing agentic rollouts with `args.tools` calls per prompt (see the module docstring)."""
     from tiaoyu_cli.infer.generate import GenerationResult, generate_detailed
     from tiaoyu_cli.infer.tools import Toolbox
-    from tiaoyu_cli.train.tool_rollout import generate_agentic_rollout
+    from tiaoyu_cli.train.rl.tool_rollout import generate_agentic_rollout
 
     per_round = args.new_tokens // (args.tools + 1)
     last = args.new_tokens - per_round * args.tools

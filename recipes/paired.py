@@ -3,8 +3,8 @@
     python recipes/paired.py BEFORE AFTER questions.jsonl -o AFTER_RUN/paired.json [--n 400]
 
 Both checkpoints answer every question greedily — through the tool loop with `--tools calculator`
-(`sft --eval-tools`'s scorer, `train.answers.tool_answer_accuracy`), or plainly with `--tools none`
-(`train.answers.answer_accuracy`, the text after </think> when there is one); since the questions are the same, the noise of the difference
+(`sft --eval-tools`'s scorer, `train.rl.answers.tool_answer_accuracy`), or plainly with `--tools none`
+(`train.rl.answers.answer_accuracy`, the text after </think> when there is one); since the questions are the same, the noise of the difference
 is that of the questions whose outcome changed (McNemar): with w = wrong → right and r = right → wrong
 out of n, diff = (w − r)/n and its SE = √(w + r − (w − r)²/n)/n — far tighter than two independent
 standard errors when most answers stay the same. Writes one JSON object (also printed).
@@ -61,7 +61,7 @@ def compare(args) -> dict:
     from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint
     from tiaoyu_cli.data.jsonl import read_jsonl
     from tiaoyu_cli.infer.tools import Toolbox
-    from tiaoyu_cli.train.answers import answer_accuracy, tool_answer_accuracy
+    from tiaoyu_cli.train.rl.answers import answer_accuracy, tool_answer_accuracy
 
     ckpts = [resolve_checkpoint(c) for c in (args.before, args.after)]  # both exist before the slow part
     toolbox = None if args.tools == "none" else Toolbox.from_names(args.tools)

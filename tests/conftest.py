@@ -42,8 +42,8 @@ def _source_key() -> str:
     import torch
 
     h = hashlib.sha256(f"{BASE_STEPS}-{BASE_BATCH}-{BASE_SEQ}-{VOCAB}-{torch.backends.cpu.get_cpu_capability()}".encode())
-    for sub in ("data/synth.py", "data/synth_world.py", "data/synth_docs.py", "tokenizer", "model", "train/lm.py", "train/trainer.py",
-                "data/shards.py"):
+    for sub in ("data/synth.py", "data/synth_world.py", "data/synth_docs.py", "tokenizer", "model", "train/engine",
+                "train/losses/lm.py", "train/objectives/pretrain.py", "data/shards.py"):
         p = PKG / sub
         files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
         for f in files:
@@ -61,8 +61,8 @@ def _build(root: Path) -> None:
     from tiaoyu_cli.model import Transformer, preset
     from tiaoyu_cli.tokenizer import train_tokenizer
     from tiaoyu_cli.tokenizer.encode import encode_corpus
-    from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage
-    from tiaoyu_cli.train.trainer import TrainConfig, Trainer
+    from tiaoyu_cli.train.objectives.pretrain import PretrainConfig, PretrainStage
+    from tiaoyu_cli.train.engine.trainer import TrainConfig, Trainer
 
     data = root / "synth"
     write_corpus(data, SynthConfig(seed=0, text_mb=1.5, records=2000, val_records=200))

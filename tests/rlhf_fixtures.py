@@ -65,7 +65,8 @@ def as_chat(rec: dict) -> dict:
 
 def _key(assets: Path) -> str:
     h = hashlib.sha256((assets.name + json.dumps(SFT_ARGS)).encode())
-    for sub in ("train/sft.py", "data/chat.py", "cli/sft.py", "train/trainer.py", "model/transformer.py"):
+    for sub in ("train/objectives/sft.py", "train/losses/lm.py", "data/chat.py", "cli/sft.py", "train/engine/trainer.py",
+                "model/transformer.py"):
         p = PKG / sub
         if p.exists():
             h.update(p.read_bytes())
@@ -158,7 +159,7 @@ def other_tokenizer_ckpt(ckpt: Path, dest: Path) -> Path:
 
 def tiny_train(out, steps, **kw):
     """The TrainConfig of the RL learning tests: constant lr 1e-4, batch 8, fp32 on the CPU, seed 0."""
-    from tiaoyu_cli.train.trainer import TrainConfig
+    from tiaoyu_cli.train.engine.trainer import TrainConfig
 
     base = dict(out=str(out), max_steps=steps, batch_size=8, lr=1e-4, warmup_steps=0, schedule="constant",
                 log_every=1, device="cpu", dtype="fp32", seed=0)

@@ -11,10 +11,10 @@ import os
 import pytest
 import torch
 
+from tiaoyu_cli.checkpoint import load_model, load_tokenizer, save_model_files
 from tiaoyu_cli.data.chat import collate_classification, encode_classification, read_classification
 from tiaoyu_cli.errors import DataError, TiaoyuError
-from tiaoyu_cli.checkpoint import load_model, load_tokenizer, save_model_files
-from tiaoyu_cli.train.classify import build_classifier, classify_texts, label_scores
+from tiaoyu_cli.train.objectives.classify import build_classifier, classify_texts, label_scores
 
 
 @pytest.mark.parametrize("rec,field,msg", [

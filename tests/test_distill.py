@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from serve_process import chat_questions
-from tiaoyu_cli.train.losses_kd import distill_loss, divergence, kd_loss, topk_kd_loss
+from tiaoyu_cli.train.losses.kd import distill_loss, divergence, kd_loss, topk_kd_loss
 
 # teacher p = softmax([0, 0]) = [1/2, 1/2]; student q = softmax([ln 3, 0]) = [3/4, 1/4]
 P = [0.5, 0.5]
@@ -149,8 +149,8 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from tiaoyu_cli.errors import TiaoyuError  # noqa: E402
-from tiaoyu_cli.train.distill_run import DistillOptions, run_distill  # noqa: E402
-from tiaoyu_cli.train.trainer import TrainConfig  # noqa: E402
+from tiaoyu_cli.train.engine.trainer import TrainConfig  # noqa: E402
+from tiaoyu_cli.train.stages.distill.run import DistillOptions, run_distill  # noqa: E402
 
 SMALL = ["dim=64", "n_layers=2", "n_heads=2", "n_kv_heads=1", "ffn_dim=192"]
 
@@ -265,7 +265,7 @@ def test_topk_cache_matches_full_teacher_and_is_reused(base_ckpt, synth_dir, tmp
     import torch
 
     from tiaoyu_cli.tokenizer import Tokenizer
-    from tiaoyu_cli.train.distill import TopKCache
+    from tiaoyu_cli.train.objectives.distill import TopKCache
 
     data = tmp_path / "chat.jsonl"
     data.write_text("".join((synth_dir / "chat.train.jsonl").read_text(encoding="utf-8").splitlines(True)[:12]),

@@ -22,9 +22,9 @@ import pytest
 from serve_process import chat_questions, serve_process
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.infer.endpoint import Endpoint, EndpointError, EndpointUnavailable
-from tiaoyu_cli.train.distill_run import DistillOptions, run_distill
-from tiaoyu_cli.train.teacher_data import AnswerFile
-from tiaoyu_cli.train.trainer import TrainConfig
+from tiaoyu_cli.train.engine.trainer import TrainConfig
+from tiaoyu_cli.train.stages.distill.run import DistillOptions, run_distill
+from tiaoyu_cli.train.stages.distill.teacher_data import AnswerFile
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["dim=64", "n_layers=2", "n_heads=2", "n_kv_heads=1", "ffn_dim=192"]

@@ -15,7 +15,8 @@ from rlhf_fixtures import (eval_lines, is_refusal, other_tokenizer_ckpt, quiet, 
                            train_lines, write_jsonl)
 from tiaoyu_cli.data.preference import collate_pairs, encode_pair
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train.dpo import DPOConfig, DPORunOptions, pair_logps, run_dpo
+from tiaoyu_cli.train.objectives.dpo import DPOConfig, pair_logps
+from tiaoyu_cli.train.stages.dpo import DPORunOptions, run_dpo
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def prefs(synth_dir, tmp_path_factory):
 
 def test_pair_logps_sum_the_response_tokens_and_ignore_padding(base_ckpt):
     from tiaoyu_cli.checkpoint import load_model, load_tokenizer
-    from tiaoyu_cli.train.losses_rl import token_logps
+    from tiaoyu_cli.train.losses.rl import token_logps
 
     model, _ = load_model(base_ckpt)
     model.eval()
@@ -108,7 +109,7 @@ def test_reference_with_another_tokenizer_is_refused(base_ckpt, prefs, tmp_path)
 def test_dpo_raises_held_out_preference_and_margin(assets, prefs, tmp_path_factory):
     from tiaoyu_cli.data.preference import load_pairs
     from tiaoyu_cli.checkpoint import load_model, load_tokenizer
-    from tiaoyu_cli.train.dpo import evaluate_dpo
+    from tiaoyu_cli.train.objectives.dpo import evaluate_dpo
 
     start = sft_start(assets, tmp_path_factory.mktemp("rlhf"))
     out = tmp_path_factory.mktemp("dpo") / "run"

@@ -73,7 +73,7 @@ def test_text_loss_matches_a_direct_forward_pass(base_ckpt, tmp_path, capsys):
 def test_windows_cover_every_token_once(base_ckpt, synth_dir):
     """Short windows (overlapping by one token) predict the same tokens as long ones; the pretrained base
     predicts its own held-out text far better than chance (ln 1024 ≈ 6.9 nats)."""
-    from tiaoyu_cli.train.evaluate import EvalConfig, evaluate
+    from tiaoyu_cli.evals.evaluate import EvalConfig, evaluate
 
     a = evaluate(base_ckpt, synth_dir / "text.val.jsonl", EvalConfig(limit=20, seq_len=32))
     b = evaluate(base_ckpt, synth_dir / "text.val.jsonl", EvalConfig(limit=20, seq_len=200))
@@ -83,7 +83,7 @@ def test_windows_cover_every_token_once(base_ckpt, synth_dir):
 
 
 def test_token_folder_uses_the_val_split(base_ckpt, tokens_dir):
-    from tiaoyu_cli.train.evaluate import EvalConfig, evaluate
+    from tiaoyu_cli.evals.evaluate import EvalConfig, evaluate
 
     res = evaluate(base_ckpt, tokens_dir, EvalConfig(limit=3000))
     assert res["kind"] == "tokens" and res["split"].endswith("val")
@@ -120,7 +120,7 @@ def test_reward_pairwise_accuracy_matches_direct_scores(heads, synth_dir, tmp_pa
 
 def test_dpo_implicit_reward_with_a_reference(base_ckpt, heads, synth_dir, tmp_path):
     """Policy = reference: every implicit reward is 0, so every pair is a tie (accuracy ½, margin 0)."""
-    from tiaoyu_cli.train.evaluate import EvalConfig, evaluate
+    from tiaoyu_cli.evals.evaluate import EvalConfig, evaluate
 
     recs = [orjson.loads(x) for x in (synth_dir / "preference.val.jsonl").read_bytes().splitlines()[:8]]
     data = write_jsonl(tmp_path / "p.jsonl", recs)
@@ -160,7 +160,7 @@ def test_answer_accuracy_counts_matching_answers(base_ckpt, synth_dir, tmp_path)
     give the (low) accuracy of a model that never saw a question."""
     from tiaoyu_cli.infer.generate import decode_response, generate
     from tiaoyu_cli.checkpoint import load_model, load_tokenizer
-    from tiaoyu_cli.train.evaluate import EvalConfig, evaluate
+    from tiaoyu_cli.evals.evaluate import EvalConfig, evaluate
 
     recs = [orjson.loads(x) for x in (synth_dir / "verifiable.val.jsonl").read_bytes().splitlines()[:8]]
     model, _ = load_model(base_ckpt)
@@ -176,7 +176,7 @@ def test_answer_accuracy_counts_matching_answers(base_ckpt, synth_dir, tmp_path)
 
 
 def test_chat_records_give_answer_loss_and_accuracy(base_ckpt, synth_dir, tmp_path):
-    from tiaoyu_cli.train.evaluate import EvalConfig, evaluate
+    from tiaoyu_cli.evals.evaluate import EvalConfig, evaluate
 
     recs = [orjson.loads(x) for x in (synth_dir / "chat.val.jsonl").read_bytes().splitlines()[:6]]
     res = evaluate(base_ckpt, write_jsonl(tmp_path / "c.jsonl", recs), EvalConfig(max_new_tokens=8))
@@ -249,7 +249,7 @@ def test_plot_overlays_runs(tmp_path, capsys):
 
 
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
-    from tiaoyu_cli.train.plots import plot_runs
+    from tiaoyu_cli.evals.plots import plot_runs
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(TiaoyuError, match=r"tiaoyu\[plot\]"):

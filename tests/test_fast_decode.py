@@ -98,7 +98,7 @@ def test_fused_weights_follow_a_real_optimizer_step():
     """torch's AdamW updates the weights without bumping their tensor versions (measured: _version stays 1),
     so the test above is not enough: the Trainer bumps `model.weights_version` after every optimizer step
     and the decode cache keys on it (an RL rollout after a step decodes the updated policy)."""
-    from tiaoyu_cli.train.optim import build_optimizer
+    from tiaoyu_cli.train.engine.optim import build_optimizer
 
     m = make()
     both(m)  # decode once: the fused copies exist

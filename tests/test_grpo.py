@@ -10,7 +10,8 @@ import torch
 
 from rlhf_fixtures import eval_lines, read_jsonl, sft_start, tiny_train, train_lines, write_jsonl
 from tiaoyu_cli.errors import DataError, TiaoyuError
-from tiaoyu_cli.train.grpo import GRPOConfig, GRPOStage, run_grpo
+from tiaoyu_cli.train.objectives.grpo import GRPOConfig, GRPOStage
+from tiaoyu_cli.train.stages.grpo import run_grpo
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,8 @@ def questions(synth_dir, tmp_path_factory):
 def test_rollouts_are_grouped_and_advantages_relative(base_ckpt, questions, tmp_path):
     from tiaoyu_cli.data.preference import load_prompts
     from tiaoyu_cli.checkpoint import load_model, load_tokenizer
-    from tiaoyu_cli.train.rollout import FunctionReward
-    from tiaoyu_cli.train.trainer import Trainer
+    from tiaoyu_cli.train.rl.rollout import FunctionReward
+    from tiaoyu_cli.train.engine.trainer import Trainer
 
     model, _ = load_model(base_ckpt)
     tok = load_tokenizer(base_ckpt)
@@ -41,7 +42,7 @@ def test_rollouts_are_grouped_and_advantages_relative(base_ckpt, questions, tmp_
     assert not torch.equal(groups[0, 0], groups[1, 0])
     assert torch.allclose(b["adv"].view(2, 4).sum(1), torch.zeros(2), atol=1e-4)  # relative to the group mean
     # old log-probs are the policy's own: the first update starts at ratio 1
-    from tiaoyu_cli.train.rl_common import Rollout, response_logps
+    from tiaoyu_cli.train.rl.layout import Rollout, response_logps
 
     with torch.no_grad():
         lp = response_logps(model.eval(), Rollout(b["ids"], b["attention_mask"], b["mask"], P, [], []))

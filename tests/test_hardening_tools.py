@@ -319,7 +319,7 @@ def test_other_json_readers_turn_deep_nesting_into_errors(tmp_path):
     from tiaoyu_cli.cli.common import load_config_file
     from tiaoyu_cli.errors import TiaoyuError
     from tiaoyu_cli.io import read_json
-    from tiaoyu_cli.train.plots import read_metrics
+    from tiaoyu_cli.evals.plots import read_metrics
 
     deep = "[" * 100_000 + "]" * 100_000
     (tmp_path / "c.json").write_text(deep)

@@ -1,5 +1,8 @@
 """The layers only look down (DESIGN §5): every import of every module, function-local ones included,
-goes to its own layer or one below; no CLI module imports another (shared options live in cli/common.py)."""
+goes to its own layer or one below; no CLI module imports another (shared options live in cli/common.py).
+Inside train/ the sub-packages are layers too — engine < losses < rl < objectives < stages — no stage
+module imports another stage's, and no objective imports another objective (one exception, named in
+OBJECTIVE_IMPORTS)."""
 
 from __future__ import annotations
 
@@ -8,11 +11,20 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "tiaoyu_cli"
 
-# io/errors → data, tokenizer, model → checkpoint, device → infer → train → evals, export, serve → cli
+# io/errors → data, tokenizer, model → checkpoint, device → infer → train → evals, export, serve → cli;
+# inside train: engine → losses → rl → objectives → stages (train/__init__.py draws them)
 LAYER = {"errors": 0, "io": 0, "console": 0, "data.jsonl": 0,
          "tokenizer": 1, "model": 1, "data": 1,
          "checkpoint": 2, "device": 2,
-         "infer": 3, "train": 4, "evals": 5, "export": 5, "serve": 5, "cli": 6, "__main__": 7}
+         "infer": 3,
+         "train": 4, "train.engine": 4.0, "train.losses": 4.1, "train.rl": 4.2, "train.objectives": 4.3,
+         "train.stages": 4.4,
+         "evals": 5, "export": 5, "serve": 5, "cli": 6, "__main__": 7}
+TRAIN_PACKAGES = {"engine", "losses", "rl", "objectives", "stages"}
+# objective → objectives it may import, and why (a helper that cannot live lower without losing its meaning)
+OBJECTIVE_IMPORTS = {
+    "distill": {"sft": "lm_forward: white-box distillation runs chat batches through SFT's forward pass"},
+}
 
 
 def layer_of(module: str) -> tuple[str, int]:
@@ -25,20 +37,27 @@ def layer_of(module: str) -> tuple[str, int]:
     return "", 0  # tiaoyu_cli itself
 
 
+def is_module(name: str) -> bool:
+    rel = Path(*name.split(".")[1:])
+    return (PKG / rel).with_suffix(".py").is_file() or (PKG / rel / "__init__.py").is_file()
+
+
 def imports(path: Path):
+    """(line, [modules]) for every tiaoyu_cli import; `from package import module` names the module."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tiaoyu_cli":
-            if node.module == "tiaoyu_cli":
-                yield node.lineno, [f"tiaoyu_cli.{a.name}" for a in node.names]
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            if node.module == "tiaoyu_cli" or all(is_module(s) for s in subs):
+                yield node.lineno, subs
             else:
                 yield node.lineno, [node.module]
         elif isinstance(node, ast.Import):
             yield node.lineno, [a.name for a in node.names if a.name.split(".")[0] == "tiaoyu_cli"]
 
 
-def module_name(path: Path) -> str:
-    rel = path.relative_to(PKG.parent).with_suffix("")
+def module_name(path: Path, pkg: Path = PKG) -> str:
+    rel = path.relative_to(pkg.parent).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
@@ -66,13 +85,70 @@ def test_every_import_looks_down():
     assert violations() == []
 
 
+def unit_of(module: str, package: str) -> str | None:
+    """'reason' for tiaoyu_cli.train.stages.reason (and 'distill' for tiaoyu_cli.train.stages.distill.run)."""
+    prefix = f"tiaoyu_cli.train.{package}."
+    return module[len(prefix):].split(".")[0] if module.startswith(prefix) else None
+
+
+def cross_imports(package: str, allowed: dict[str, dict[str, str]] | None = None, pkg: Path = PKG) -> list[str]:
+    """Imports from one unit of train/<package> (a module, or a folder of modules) into another."""
+    bad = []
+    for f in sorted((pkg / "train" / package).rglob("*.py")):
+        me = module_name(f, pkg)
+        mine = unit_of(me, package)
+        for line, targets in imports(f):
+            for t in targets:
+                theirs = unit_of(t, package)
+                if mine and theirs and theirs != mine and theirs not in (allowed or {}).get(mine, {}):
+                    bad.append(f"{f.relative_to(pkg.parent)}:{line}: {me} imports {t}")
+    return bad
+
+
+def test_no_stage_imports_another_stage():
+    assert cross_imports("stages") == []
+
+
+def test_the_check_sees_a_stage_importing_another(tmp_path):
+    stages = tmp_path / "tiaoyu_cli" / "train" / "stages"
+    (stages / "distill").mkdir(parents=True)
+    (stages / "dpo.py").write_text("def f():\n    from tiaoyu_cli.train.stages.reward import prepare_reward\n")
+    (stages / "reward.py").write_text("from tiaoyu_cli.train.objectives.reward import RewardStage\n")
+    (stages / "distill" / "run.py").write_text("from tiaoyu_cli.train.stages.distill.teacher_data import read_answers\n")
+    assert cross_imports("stages", pkg=tmp_path / "tiaoyu_cli") == [
+        "tiaoyu_cli/train/stages/dpo.py:2: tiaoyu_cli.train.stages.dpo imports tiaoyu_cli.train.stages.reward"]
+
+
+def test_no_objective_imports_another_but_the_named_exceptions():
+    assert cross_imports("objectives", OBJECTIVE_IMPORTS) == []
+    for mine, theirs in OBJECTIVE_IMPORTS.items():  # an exception that is no longer used goes from the list
+        for t in theirs:
+            src = (PKG / "train" / "objectives" / f"{mine}.py").read_text(encoding="utf-8")
+            assert f"tiaoyu_cli.train.objectives.{t} import" in src, (mine, t)
+
+
+def test_train_is_its_five_packages():
+    """Every training module sits in a layer of train/ (nothing loose beside them)."""
+    loose = [p.name for p in (PKG / "train").iterdir() if p.suffix == ".py" and p.name != "__init__.py"]
+    folders = {p.name for p in (PKG / "train").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert loose == [] and folders == TRAIN_PACKAGES
+    assert all(f"train.{name}" in LAYER for name in TRAIN_PACKAGES)
+
+
 def test_the_check_sees_an_upward_import(tmp_path):
     # the checker itself can fail: a model module importing train, a CLI module importing another
-    assert layer_of("tiaoyu_cli.model.lora")[1] < layer_of("tiaoyu_cli.train.run")[1]
+    assert layer_of("tiaoyu_cli.model.lora")[1] < layer_of("tiaoyu_cli.train.engine.run")[1]
     assert layer_of("tiaoyu_cli.data.jsonl")[1] < layer_of("tiaoyu_cli.tokenizer.train")[1]
+    order = ["engine.run", "losses.rl", "rl.layout", "objectives.sft", "stages.reason"]
+    layers = [layer_of(f"tiaoyu_cli.train.{m}")[1] for m in order]
+    assert layers == sorted(layers) and len(set(layers)) == len(order)
+    assert layer_of("tiaoyu_cli.train.stages.reason")[1] < layer_of("tiaoyu_cli.evals.evaluate")[1]
     f = tmp_path / "m.py"
-    f.write_text("def f():\n    from tiaoyu_cli.train.run import run_stage\n")
-    assert list(imports(f)) == [(2, ["tiaoyu_cli.train.run"])]
+    f.write_text("def f():\n    from tiaoyu_cli.train.engine.run import run_stage\n"
+                 "from tiaoyu_cli.train.stages import reason as R\n")
+    assert sorted(imports(f)) == [(2, ["tiaoyu_cli.train.engine.run"]), (3, ["tiaoyu_cli.train.stages.reason"])]
+    assert unit_of("tiaoyu_cli.train.stages.distill.run", "stages") == "distill"
+    assert unit_of("tiaoyu_cli.train.objectives.sft", "stages") is None
 
 
 def test_no_module_over_600_lines():

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiaoyu_cli.checkpoint import load_model, load_tokenizer, save_model_files
 from tiaoyu_cli.data.chat import ChatDataset, pack_examples
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import ModelConfig, Transformer
 from tiaoyu_cli.model import lora as L
-from tiaoyu_cli.checkpoint import load_model, load_tokenizer, save_model_files
-from tiaoyu_cli.train.sft import SFTConfig, SFTStage, count_parameters
-from tiaoyu_cli.train.trainer import TrainConfig, Trainer
+from tiaoyu_cli.train.engine.trainer import TrainConfig, Trainer
+from tiaoyu_cli.train.objectives.sft import SFTConfig, SFTStage, count_parameters
 
 
 CFG = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64)
@@ -265,8 +265,8 @@ def test_lora_reaches_most_of_full_sft_gain(tmp_path, base_ckpt, synth_dir):
     import torch.nn.functional as F
 
     from tiaoyu_cli.data.chat import collate
-    from tiaoyu_cli.train.answers import answer_accuracy
-    from tiaoyu_cli.train.sft import lm_forward, select_trainable
+    from tiaoyu_cli.train.rl.answers import answer_accuracy
+    from tiaoyu_cli.train.objectives.sft import lm_forward, select_trainable
 
     tok = load_tokenizer(base_ckpt)
     ds = ChatDataset(synth_dir / "chat.train.jsonl", tok, 128)

@@ -12,9 +12,9 @@ from pattern_shards import V, pattern_shards, small_model
 from tiaoyu_cli.data.shards import TokenShards
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import Transformer, preset
-from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage
-from tiaoyu_cli.train.optim import MuonAdamW, build_optimizer
-from tiaoyu_cli.train.trainer import TrainConfig, Trainer
+from tiaoyu_cli.train.engine.optim import MuonAdamW, build_optimizer
+from tiaoyu_cli.train.engine.trainer import TrainConfig, Trainer
+from tiaoyu_cli.train.objectives.pretrain import PretrainConfig, PretrainStage
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,8 @@ def learned_text(tok, traces) -> str:
 @pytest.mark.parametrize("kind", ["qwen2", "llama3"])
 def test_think_tokens_or_text_tags(kind, tmp_path):
     from tiaoyu_cli.infer.generate import decode_response, open_think_ids
-    from tiaoyu_cli.train.answers import format_ok, is_correct
-    from tiaoyu_cli.train.reason import reasoning_for_template
+    from tiaoyu_cli.train.rl.answers import format_ok, is_correct
+    from tiaoyu_cli.train.stages.reason import reasoning_for_template
 
     tok = load_tokenizer(make_folder(kind, tmp_path / kind))
     traces, as_text = reasoning_for_template(TRACES, tok)
@@ -59,7 +59,7 @@ def test_think_tokens_or_text_tags(kind, tmp_path):
 
 def test_a_template_that_drops_reasoning_everywhere_is_an_error(tmp_path):
     from tiaoyu_cli.errors import TiaoyuError
-    from tiaoyu_cli.train.reason import reasoning_for_template
+    from tiaoyu_cli.train.stages.reason import reasoning_for_template
 
     folder = make_folder("llama3", tmp_path / "l")
     cfg = json.loads((folder / "tokenizer_config.json").read_text())

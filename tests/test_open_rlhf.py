@@ -14,7 +14,7 @@ import torch
 from rlhf_fixtures import read_jsonl, run_cli, write_jsonl
 from test_open_chat import hf_generate, make_folder, set_stops
 from tiaoyu_cli.checkpoint import load_model, load_tokenizer
-from tiaoyu_cli.train.answers import normalize
+from tiaoyu_cli.train.rl.answers import normalize
 
 transformers = pytest.importorskip("transformers")
 

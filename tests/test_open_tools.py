@@ -124,7 +124,7 @@ def test_tool_prompt_and_turn_layout_equal_apply_chat_template(folder, tok):
     # the second round was prompted with exactly that sequence
     assert gen.calls[1][0] == hf_ids(folder, conv, schemas)
     # the reward reads the last assistant turn
-    from tiaoyu_cli.train.tool_rollout import last_turn
+    from tiaoyu_cli.train.rl.tool_rollout import last_turn
 
     assert last_turn(tok, response) == answer_ids
 
@@ -202,7 +202,7 @@ def test_grpo_prompts_carry_the_schemas_and_rollouts_call_tools(folder, tok, tmp
     puts them (as the model's makers trained it), and the run trains and writes the family back."""
     from rlhf_fixtures import read_jsonl, run_cli, write_jsonl
     from tiaoyu_cli.data.preference import PromptExample, encode_prompt
-    from tiaoyu_cli.train.grpo import schemas_in_prompts
+    from tiaoyu_cli.train.objectives.grpo import schemas_in_prompts
 
     schemas = Toolbox.from_names(["calculator"]).schemas()
     ex = PromptExample(encode_prompt(tok, USER), "19", {"prompt": USER, "answer": "19"}, 3)

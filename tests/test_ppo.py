@@ -11,7 +11,8 @@ import torch
 from rlhf_fixtures import (eval_lines, other_tokenizer_ckpt, quiet, read_jsonl, sft_start, tiny_train, train_lines,
                            write_jsonl)
 from tiaoyu_cli.errors import DataError, TiaoyuError
-from tiaoyu_cli.train.ppo import PPOConfig, run_ppo
+from tiaoyu_cli.train.objectives.ppo import PPOConfig
+from tiaoyu_cli.train.stages.ppo import run_ppo
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_ppo_verifiable_raises_reward_and_accuracy(assets, questions, tmp_path_f
 def test_ppo_with_a_reward_model_uses_its_scores(base_ckpt, tmp_path):
     """--reward RM: the rollout reward is the reward model's score of prompt + sampled answer."""
     from tiaoyu_cli.checkpoint import load_tokenizer, save_model_files
-    from tiaoyu_cli.train.reward import reward_model_from
+    from tiaoyu_cli.train.objectives.reward import reward_model_from
 
     torch.manual_seed(0)
     rm, _ = reward_model_from(base_ckpt)

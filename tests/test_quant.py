@@ -43,7 +43,7 @@ def test_both_matmul_paths_match_the_dequantized_weight():
 def test_quantized_model_keeps_its_quality(base_ckpt, synth_dir):
     from tiaoyu_cli.infer.generate import generate
     from tiaoyu_cli.checkpoint import load_model, load_tokenizer
-    from tiaoyu_cli.train.evaluate import EvalConfig, _records, evaluate, text_stream, text_metrics
+    from tiaoyu_cli.evals.evaluate import EvalConfig, _records, evaluate, text_stream, text_metrics
 
     model, _ = load_model(base_ckpt)
     model.eval()

@@ -17,10 +17,10 @@ import torch
 
 from tiaoyu_cli.checkpoint import load_model
 from tiaoyu_cli.data.chat import ChatDataset
-from tiaoyu_cli.train.answers import answer_accuracy
-from tiaoyu_cli.train.evaluate import assistant_loss
-from tiaoyu_cli.train.sft import SFTConfig, SFTStage
-from tiaoyu_cli.train.trainer import TrainConfig, Trainer
+from tiaoyu_cli.evals.evaluate import assistant_loss
+from tiaoyu_cli.train.engine.trainer import TrainConfig, Trainer
+from tiaoyu_cli.train.objectives.sft import SFTConfig, SFTStage
+from tiaoyu_cli.train.rl.answers import answer_accuracy
 
 BUDGET = 300  # optimizer steps, batch 16, lr 3e-3 (cosine, 20 warmup)
 # Measured at BUDGET (seed 0, fixture base): answer loss 1.050 with the passage, 1.185 without (ratio

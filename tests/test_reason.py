@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tiaoyu_cli.errors import DataError, TiaoyuError
-from tiaoyu_cli.train.reason import TraceStats, load_questions, load_traces, normalize_trace, split_think
+from tiaoyu_cli.train.stages.reason import TraceStats, load_questions, load_traces, normalize_trace, split_think
 
 
 def _write(path: Path, records) -> Path:
@@ -128,7 +128,7 @@ def test_load_questions(tmp_path):
 
 # ---- runs on the tiny base ------------------------------------------------------------------------------
 
-from tiaoyu_cli.train.trainer import TrainConfig  # noqa: E402
+from tiaoyu_cli.train.engine.trainer import TrainConfig  # noqa: E402
 
 
 def _train(out, **kw) -> TrainConfig:
@@ -149,7 +149,7 @@ def test_think_sft_trains_on_reasoning_tokens(base_ckpt, synth_dir, tmp_path):
     from tiaoyu_cli.data.chat import ChatDataset
     from tiaoyu_cli.tokenizer import Tokenizer
     from tiaoyu_cli.checkpoint import load_trainer_info
-    from tiaoyu_cli.train.reason import ReasonOptions, run_think_sft
+    from tiaoyu_cli.train.stages.reason import ReasonOptions, run_think_sft
 
     tok = Tokenizer.load(base_ckpt)
     traces, _ = load_traces(synth_dir / "reasoning.train.jsonl")
@@ -169,7 +169,7 @@ def test_think_sft_trains_on_reasoning_tokens(base_ckpt, synth_dir, tmp_path):
 
 def test_reason_rl_runs_grpo_with_think_format(base_ckpt, synth_dir, tmp_path):
     from tiaoyu_cli.checkpoint import load_trainer_info
-    from tiaoyu_cli.train.reason import ReasonRLOptions, reason_grpo_config, run_reason_rl
+    from tiaoyu_cli.train.stages.reason import ReasonRLOptions, reason_grpo_config, run_reason_rl
 
     qs = _head(synth_dir / "verifiable.train.jsonl", tmp_path / "q.jsonl", 8)
     val = _head(synth_dir / "reasoning.val.jsonl", tmp_path / "val.jsonl", 4)  # chat records serve as questions too
@@ -215,9 +215,9 @@ def test_synth_reasoning_tools_records_are_traces(synth_dir):
 def test_reason_rl_with_tools_rolls_out_calls(base_ckpt, synth_dir, tmp_path):
     """reason --rl --tools: agentic rollouts (the tool turns masked) with the think-format reward."""
     from tiaoyu_cli.infer.tools import Toolbox
-    from tiaoyu_cli.train.grpo import ToolUse
-    from tiaoyu_cli.train.reason import ReasonRLOptions, prepare_reason_rl, reason_grpo_config, run_reason_rl
-    from tiaoyu_cli.train.rollout import ToolVerifiableReward
+    from tiaoyu_cli.train.objectives.grpo import ToolUse
+    from tiaoyu_cli.train.stages.reason import ReasonRLOptions, prepare_reason_rl, reason_grpo_config, run_reason_rl
+    from tiaoyu_cli.train.rl.rollout import ToolVerifiableReward
 
     qs = _head(synth_dir / "reasoning-tools.train.jsonl", tmp_path / "q.jsonl", 8)
     val = _head(synth_dir / "reasoning-tools.val.jsonl", tmp_path / "val.jsonl", 4)
@@ -236,8 +236,8 @@ def test_think_tool_reward_reads_the_first_turns_reasoning_and_the_last_turns_an
     from tiaoyu_cli.data.preference import PromptExample
     from tiaoyu_cli.infer.tool_loop import tool_turn_ids
     from tiaoyu_cli.tokenizer import Tokenizer
-    from tiaoyu_cli.train.rl_common import layout
-    from tiaoyu_cli.train.rollout import ToolVerifiableReward
+    from tiaoyu_cli.train.rl.layout import layout
+    from tiaoyu_cli.train.rl.rollout import ToolVerifiableReward
 
     tok = Tokenizer.load(base_ckpt)
     call = [tok.tool_call_id] + tok.encode('{"name": "calculator", "arguments": {"expression": "2+3"}}') + [

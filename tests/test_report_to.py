@@ -18,8 +18,8 @@ import torch
 from tiaoyu_cli import checkpoint as ckpt_io
 from tiaoyu_cli.cli.main import main
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train.config import TrainConfig
-from tiaoyu_cli.train.report_to import parse_report_to
+from tiaoyu_cli.train.engine.config import TrainConfig
+from tiaoyu_cli.train.engine.report_to import parse_report_to
 
 TINY = ["--preset", "tiny", "--model", "dim=64", "--model", "n_layers=2", "--model", "ffn_dim=128",
         "--seq-len", "64", "--batch-size", "4", "--warmup-steps", "1", "--eval-batches", "2", "--log-every", "1",

@@ -17,7 +17,7 @@ from tiaoyu_cli.data.preference import (collate_pairs, encode_pair, encode_respo
                                         prompt_messages, response_messages)
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.model.heads import last_token_scores
-from tiaoyu_cli.train.rl_common import load_reward_model
+from tiaoyu_cli.train.rl.models import load_reward_model
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_last_token_scores_left_and_right_padding():
 
 
 def test_pair_rewards_do_not_depend_on_padding(tok, base_ckpt):
-    from tiaoyu_cli.train.reward import pair_rewards, reward_model_from
+    from tiaoyu_cli.train.objectives.reward import pair_rewards, reward_model_from
 
     torch.manual_seed(0)
     model, _ = reward_model_from(base_ckpt)
@@ -121,7 +121,7 @@ def test_pair_rewards_do_not_depend_on_padding(tok, base_ckpt):
 
 def test_reward_model_from_adds_a_zero_head_and_keeps_the_backbone(base_ckpt):
     from tiaoyu_cli.checkpoint import load_model
-    from tiaoyu_cli.train.reward import reward_model_from
+    from tiaoyu_cli.train.objectives.reward import reward_model_from
 
     rm, _ = reward_model_from(base_ckpt)
     base, _ = load_model(base_ckpt)

@@ -1,4 +1,4 @@
-"""The RL / preference losses against numbers worked out by hand (tiaoyu_cli/train/losses_rl.py)."""
+"""The RL / preference losses against numbers worked out by hand (tiaoyu_cli/train/losses/rl.py)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,9 @@ import math
 import pytest
 import torch
 
-from tiaoyu_cli.train.losses_rl import (
-    dpo_loss,
-    gae,
-    group_advantages,
-    grpo_loss,
-    kl_k1,
-    kl_k3,
-    masked_mean,
-    masked_whiten,
-    ppo_policy_loss,
-    ppo_rewards,
-    ppo_value_loss,
-    reward_pairwise_loss,
-    sequence_logps,
-    token_logps,
-)
+from tiaoyu_cli.train.losses.rl import (dpo_loss, gae, group_advantages, grpo_loss, kl_k1, kl_k3, masked_mean,
+                                        masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss,
+                                        reward_pairwise_loss, sequence_logps, token_logps)
 
 
 def t(*x):

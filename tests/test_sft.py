@@ -13,11 +13,10 @@ import torch
 from tiaoyu_cli.data.chat import ChatDataset, Example, collate, encode_example, pack_examples, shifted_labels
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.model import ModelConfig, Transformer
-from tiaoyu_cli.train import answers as A
-from tiaoyu_cli.train.sft import (SFTConfig, SFTStage, count_parameters, lm_forward,
-                                  select_trainable)
-from tiaoyu_cli.model.transformer import cross_entropy as sft_loss
-from tiaoyu_cli.train.trainer import TrainConfig, Trainer
+from tiaoyu_cli.train.engine.trainer import TrainConfig, Trainer
+from tiaoyu_cli.train.losses.lm import cross_entropy as sft_loss
+from tiaoyu_cli.train.objectives.sft import SFTConfig, SFTStage, count_parameters, lm_forward, select_trainable
+from tiaoyu_cli.train.rl import answers as A
 
 
 @pytest.fixture(scope="module")
@@ -412,7 +411,7 @@ def test_resume_is_exact_with_packing_and_replay(tmp_path, tok, tokens_dir):
 
 def test_losses_by_hand():
     """sft_loss: mean −log p(target) over positions with a label; classification_loss: mean over rows."""
-    from tiaoyu_cli.train.classify import classification_loss
+    from tiaoyu_cli.train.losses.classify import classification_loss
 
     logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]]])
     labels = torch.tensor([[0, 2, -100]])

@@ -9,7 +9,7 @@
   good checkpoint stays, and --resume continues once the disk has room again;
 * SIGTERM mid-run leaves a loadable checkpoint and exits 143.
 
-Every stage runs through the one run path (train/run.py), so these hold for every command alike.
+Every stage runs through the one run path (train/engine/run.py), so these hold for every command alike.
 
 The stages start from a small checkpoint kept in the repository (tests/fixtures/golden_start; pretrain from
 its seeded initialisation), not from the shared test base: a model trained here for hundreds of steps comes
@@ -337,7 +337,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_143(stage, files, tmp_pat
 
 
 def test_a_second_run_on_a_held_folder_is_refused_at_once(files, tmp_path, capsys):
-    from tiaoyu_cli.train.run import RunLock
+    from tiaoyu_cli.train.engine.run import RunLock
 
     out = tmp_path / "run"
     lock = RunLock(out)
@@ -355,13 +355,13 @@ def test_a_second_run_on_a_held_folder_is_refused_at_once(files, tmp_path, capsy
 
 def test_a_killed_holder_leaves_no_lock(tmp_path):
     out = tmp_path / "run"
-    code = ("import sys, time; from pathlib import Path; from tiaoyu_cli.train.run import RunLock; "
+    code = ("import sys, time; from pathlib import Path; from tiaoyu_cli.train.engine.run import RunLock; "
             "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.stdout.readline().strip() == "held"
     from tiaoyu_cli.errors import TiaoyuError
-    from tiaoyu_cli.train.run import RunLock
+    from tiaoyu_cli.train.engine.run import RunLock
 
     with pytest.raises(TiaoyuError, match="in use"):
         RunLock(out).acquire()

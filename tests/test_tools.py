@@ -471,8 +471,8 @@ def test_agentic_grpo_rollout_layout_and_reward(tok):
     from tiaoyu_cli.data.preference import PromptExample
     from tiaoyu_cli.infer.generate import GenerationResult
     from tiaoyu_cli.infer.tools import Toolbox
-    from tiaoyu_cli.train.rollout import ToolVerifiableReward
-    from tiaoyu_cli.train.tool_rollout import generate_agentic_rollout
+    from tiaoyu_cli.train.rl.rollout import ToolVerifiableReward
+    from tiaoyu_cli.train.rl.tool_rollout import generate_agentic_rollout
 
     good = [tok.tool_call_id] + tok.encode('\n{"name": "calculator", "arguments": {"expression": "2+3"}}\n') + [
         tok.end_tool_call_id]
@@ -533,7 +533,7 @@ def test_tool_answer_accuracy_asks_the_question_and_scores_the_final_answer(tok,
     from tiaoyu_cli.infer.generate import DecodedResponse
     from tiaoyu_cli.infer.tool_loop import ToolAnswer, ToolRunner
     from tiaoyu_cli.infer.tools import ToolCall, Toolbox
-    from tiaoyu_cli.train.answers import split_record, tool_answer_accuracy
+    from tiaoyu_cli.train.rl.answers import split_record, tool_answer_accuracy
 
     recs = tool_records(0, 2, ("en",), "val", word_frac=0.0, digits=(3,))
     msgs, gold = split_record(recs[0])

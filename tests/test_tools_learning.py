@@ -36,8 +36,8 @@ def test_tool_sft_learns_the_call_protocol(tmp_path, base_ckpt):
     from tiaoyu_cli.infer.sampling import SamplingParams
     from tiaoyu_cli.infer.tool_loop import ToolRunner
     from tiaoyu_cli.infer.tools import Toolbox
-    from tiaoyu_cli.train.sft import SFTConfig, SFTStage
-    from tiaoyu_cli.train.trainer import TrainConfig, Trainer
+    from tiaoyu_cli.train.objectives.sft import SFTConfig, SFTStage
+    from tiaoyu_cli.train.engine.trainer import TrainConfig, Trainer
 
     tok = load_tokenizer(base_ckpt)
     rows = pack_examples(ChatDataset(tool_records(0, 2000, ("en", "zh"), "train", word_frac=0.1), tok, 256).examples, 256)

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from pattern_shards import V, pattern_shards, small_model
+from tiaoyu_cli import checkpoint as ckpt_io
 from tiaoyu_cli.data.shards import TokenShards
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import Transformer, preset
-from tiaoyu_cli import checkpoint as ckpt_io
-from tiaoyu_cli.model.transformer import cross_entropy as lm_loss
-from tiaoyu_cli.train.lm import PretrainConfig, PretrainStage
-from tiaoyu_cli.train.optim import build_optimizer, lr_at
-from tiaoyu_cli.train.stage import StepOutput
-from tiaoyu_cli.train.trainer import TrainConfig, Trainer
+from tiaoyu_cli.train.engine.optim import build_optimizer, lr_at
+from tiaoyu_cli.train.engine.stage import StepOutput
+from tiaoyu_cli.train.engine.trainer import TrainConfig, Trainer
+from tiaoyu_cli.train.losses.lm import cross_entropy as lm_loss
+from tiaoyu_cli.train.objectives.pretrain import PretrainConfig, PretrainStage
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,7 @@ def test_lm_loss_is_mean_cross_entropy():
 def test_linear_cross_entropy_equals_head_then_cross_entropy(chunk):
     """The fused head + loss gives the value and the gradients of F.linear → lm_loss (fp32), also
     with ignored targets, several chunks and a scaled upstream gradient."""
-    from tiaoyu_cli.train.lm import linear_cross_entropy
+    from tiaoyu_cli.train.losses.lm import linear_cross_entropy
 
     torch.manual_seed(0)
     h = torch.randn(2, 7, 16, requires_grad=True)
@@ -263,7 +263,7 @@ def test_linear_cross_entropy_equals_head_then_cross_entropy(chunk):
 
 
 def test_linear_cross_entropy_under_bf16_autocast_is_close():
-    from tiaoyu_cli.train.lm import linear_cross_entropy
+    from tiaoyu_cli.train.losses.lm import linear_cross_entropy
 
     torch.manual_seed(0)
     h = torch.randn(64, 32, requires_grad=True)

@@ -221,7 +221,7 @@ def classify_cli(ckpt: Path, text: Optional[str], device: str, batch_size: int, 
     from tiaoyu_cli.data.jsonl import dumps
     from tiaoyu_cli.infer.session import read_prompt_records
     from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint
-    from tiaoyu_cli.train.classify import classify_texts
+    from tiaoyu_cli.train.objectives.classify import classify_texts
     from tiaoyu_cli.device import resolve_device
     from tiaoyu_cli.errors import DataError
 

@@ -20,7 +20,7 @@ import typer
 from typer.core import TyperGroup
 
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train.config import TrainConfig
+from tiaoyu_cli.train.engine.config import TrainConfig
 
 TRAIN_HELP = {
     "out": "output run folder (checkpoints step-N/, latest, metrics.jsonl)",
@@ -62,7 +62,7 @@ _LAUNCH = {"nproc", "nnodes", "node_rank", "master_addr", "master_port", "fsdp"}
 
 _PANEL = "Training loop"
 
-# the options of chat fine-tuning (sft, lora: train.finetune.ChatOptions)
+# the options of chat fine-tuning (sft, lora: train.stages.finetune.ChatOptions)
 CHAT_HELP = {
     "eval_data": "held-out records: val loss + answer accuracy by generation",
     "eval_samples": "questions of --eval-data answered at each evaluation (0 = none)",

@@ -10,8 +10,8 @@ import typer
 from tiaoyu_cli.cli.common import train_options
 from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train.config import TrainConfig
-from tiaoyu_cli.train.distill_run import DistillOptions, run_distill
+from tiaoyu_cli.train.engine.config import TrainConfig
+from tiaoyu_cli.train.stages.distill.run import DistillOptions, run_distill
 
 EXAMPLES = """
 Examples:

@@ -57,7 +57,7 @@ def run_cmd(
     from rich.table import Table
 
     from tiaoyu_cli.console import console
-    from tiaoyu_cli.train.evaluate import EvalConfig, evaluate, iter_metric_rows
+    from tiaoyu_cli.evals.evaluate import EvalConfig, evaluate, iter_metric_rows
 
     cfg = EvalConfig(batch_size=batch_size, seq_len=seq_len, limit=limit, max_new_tokens=max_new_tokens,
                      device=device, dtype=dtype, quantize=quantize)
@@ -95,7 +95,7 @@ def plot_cmd(
     """Plot loss, val loss, learning rate and tokens/s of one or more runs (needs matplotlib: pip install 'tiaoyu\\[plot]')."""
     from tiaoyu_cli.console import console
     from tiaoyu_cli.errors import TiaoyuError
-    from tiaoyu_cli.train.plots import plot_runs
+    from tiaoyu_cli.evals.plots import plot_runs
 
     keys = tuple(k.strip() for k in metrics.split(",") if k.strip())
     if not keys:

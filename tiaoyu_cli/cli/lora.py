@@ -3,7 +3,7 @@
     tiaoyu lora BASE DATA -o adapter/ [--rank 8 --alpha 16 --targets q,k,v,o,gate,up,down]   (= `lora train`)
     tiaoyu lora merge BASE ADAPTER -o ckpt/merged
 
-The training run is `tiaoyu sft --method lora` (train/finetune.py `run_chat`) except for what it saves:
+The training run is `tiaoyu sft --method lora` (train/stages/finetune.py `run_chat`) except for what it saves:
 each step folder holds only the adapter (adapter_model.safetensors, adapter_config.json,
 tiaoyu_base.json) plus the tokenizer, trainer.json and train_state; the final adapter is also copied
 to the top of -o, so `peft.PeftModel.from_pretrained(model, "adapter/")` and
@@ -23,8 +23,8 @@ from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.io import atomic_dir
 from tiaoyu_cli.model.lora import load_adapter, merge_lora, resolve_adapter_dir
-from tiaoyu_cli.train.config import TrainConfig
-from tiaoyu_cli.train.finetune import ChatOptions, run_chat
+from tiaoyu_cli.train.engine.config import TrainConfig
+from tiaoyu_cli.train.stages.finetune import ChatOptions, run_chat
 
 EXAMPLES = """
 Examples:

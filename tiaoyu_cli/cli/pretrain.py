@@ -8,12 +8,12 @@ from typing import List, Optional
 import typer
 
 from tiaoyu_cli.cli.common import train_options
-from tiaoyu_cli.model.config import parse_overrides
 from tiaoyu_cli.console import say
 from tiaoyu_cli.device import pin_threads
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train.config import TrainConfig
-from tiaoyu_cli.train.lm import PretrainRun, run_pretrain
+from tiaoyu_cli.model.config import parse_overrides
+from tiaoyu_cli.train.engine.config import TrainConfig
+from tiaoyu_cli.train.stages.pretrain import PretrainRun, run_pretrain
 
 EXAMPLES = """
 Examples:

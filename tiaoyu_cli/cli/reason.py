@@ -11,9 +11,9 @@ import typer
 from tiaoyu_cli.cli.common import ToolOptions, config_options, train_options
 from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train import reason as R
-from tiaoyu_cli.train.config import TrainConfig
-from tiaoyu_cli.train.grpo import ToolUse
+from tiaoyu_cli.train.engine.config import TrainConfig
+from tiaoyu_cli.train.objectives.grpo import ToolUse
+from tiaoyu_cli.train.stages import reason as R
 
 RL_TOOL_HELP = {f.name: "--rl: " + f.metadata["help"] for f in dataclasses.fields(ToolOptions)}
 

@@ -14,12 +14,16 @@ from tiaoyu_cli.data.jsonl import iter_jsonl, write_jsonl
 from tiaoyu_cli.device import autocast, resolve_device, resolve_dtype
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model.lora import LoraConfig
-from tiaoyu_cli.train.config import TrainConfig
-from tiaoyu_cli.train.dpo import DPOConfig, DPORunOptions, run_dpo
-from tiaoyu_cli.train.grpo import GRPOConfig, run_grpo
-from tiaoyu_cli.train.ppo import PPOConfig, run_ppo
-from tiaoyu_cli.train.reward import RewardConfig, run_reward, score_records
-from tiaoyu_cli.train.rl_common import load_reward_model
+from tiaoyu_cli.train.engine.config import TrainConfig
+from tiaoyu_cli.train.objectives.dpo import DPOConfig
+from tiaoyu_cli.train.objectives.grpo import GRPOConfig
+from tiaoyu_cli.train.objectives.ppo import PPOConfig
+from tiaoyu_cli.train.objectives.reward import RewardConfig, score_records
+from tiaoyu_cli.train.rl.models import load_reward_model
+from tiaoyu_cli.train.stages.dpo import DPORunOptions, run_dpo
+from tiaoyu_cli.train.stages.grpo import run_grpo
+from tiaoyu_cli.train.stages.ppo import run_ppo
+from tiaoyu_cli.train.stages.reward import run_reward
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """`tiaoyu sft`: supervised fine-tuning on chat records (or classification with --task classify).
 
-This module only declares the options; the run is tiaoyu_cli.train.finetune (run_chat, run_classify).
+This module only declares the options; the run is tiaoyu_cli.train.stages.finetune (run_chat, run_classify).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import typer
 from tiaoyu_cli.cli.common import CHAT_HELP, config_options, train_options
 from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.train.config import TrainConfig
-from tiaoyu_cli.train.finetune import ChatOptions, run_chat, run_classify
+from tiaoyu_cli.train.engine.config import TrainConfig
+from tiaoyu_cli.train.stages.finetune import ChatOptions, run_chat, run_classify
 
 EXAMPLES = """
 Examples:

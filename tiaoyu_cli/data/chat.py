@@ -22,7 +22,7 @@ Too long: a record with more than `max_len` tokens is cut to its first `max_len`
 Packing (`pack_examples`) puts several short records into one row of at most `max_len` tokens so a
 batch holds less padding. Each token keeps its record's identity (`seq_ids`) and its position
 *inside its record* (`position_ids`, restarting at 0), and the forward pass that reads them
-(`tiaoyu_cli.train.sft.lm_forward`) lets a token attend only to earlier tokens of its own record
+(`tiaoyu_cli.train.objectives.sft.lm_forward`) lets a token attend only to earlier tokens of its own record
 (a block-diagonal causal mask). A packed row therefore computes exactly what the records compute
 one by one — no attention leaks from one record into the next — and the loss mask is unchanged:
 the last token of each record predicts nothing (label -100), never the first token of the next.

@@ -39,8 +39,8 @@ from pathlib import Path
 
 from tiaoyu_cli.checkpoint import STEP_RE, load_trainer_info, read_json
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.evals.plots import read_metrics
 from tiaoyu_cli.io import atomic_files
-from tiaoyu_cli.train.plots import read_metrics
 
 SKIP_KEYS = {"step", "eval", "lr", "grad_norm", "tokens", "tokens_per_s", "time_s", "epoch"}
 

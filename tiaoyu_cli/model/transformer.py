@@ -370,11 +370,3 @@ class Transformer(nn.Module):
         m = causal[None] & key_mask[:, None, :]  # [B, T, S]
         m = m | (k_pos == q_pos)[None]
         return m[:, None]
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                  reduction: str = "mean") -> torch.Tensor:
-    """The language-model loss of every stage: L = −(1/N) Σ_t log softmax(logits_t)[y_t] over the N positions
-    whose target y_t ≠ ignore_index, in fp32 (reduction="sum": the sum instead of the mean)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index,
-                           reduction=reduction)
