@@ -16,7 +16,7 @@ from rlhf_fixtures import (eval_lines, is_refusal, other_tokenizer_ckpt, quiet, 
 from tiaoyu_cli.data.preference import collate_pairs, encode_pair
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.objectives.dpo import DPOConfig, pair_logps
-from tiaoyu_cli.train.stages.dpo import DPORunOptions, run_dpo
+from tiaoyu_cli.train.stages import dpo
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,8 @@ def test_precomputed_reference_changes_nothing(base_ckpt, prefs, tmp_path):
     runs = {}
     for mode in ("yes", "no"):
         out = tmp_path / mode
-        run_dpo(DPORunOptions(start=str(base_ckpt), data=str(prefs["train64"]), val=str(prefs["val"])),
-                tiny_train(out, 3), DPOConfig(beta=0.1, precompute_ref=mode), log=quiet)
+        dpo.run(dpo.Config(start=base_ckpt, data=prefs["train64"], val=prefs["val"],
+                           dpo=DPOConfig(beta=0.1, precompute_ref=mode)), tiny_train(out, 3), log=quiet)
         runs[mode] = train_lines(out)
     # metrics.jsonl rounds to 6 decimals and the two paths batch the reference differently (float sums in
     # another order), so equal runs may differ by a unit in the last logged digit; a wrong or misaligned
@@ -69,9 +69,9 @@ def test_lora_dpo_reference_is_the_adapter_free_policy(base_ckpt, prefs, tmp_pat
     from tiaoyu_cli.checkpoint import load_model, load_tensors
 
     out = tmp_path / "lora"
-    opts = DPORunOptions(start=str(base_ckpt), data=str(prefs["train64"]), val=str(prefs["val"]), method="lora",
-                         lora={"rank": 4, "alpha": 8, "targets": "q,v"})
-    res = run_dpo(opts, tiny_train(out, 4, lr=5e-3), DPOConfig(beta=0.5, precompute_ref="no"), log=quiet)
+    cfg = dpo.Config(start=base_ckpt, data=prefs["train64"], val=prefs["val"], method="lora", rank=4, alpha=8,
+                     lora_dropout=0.0, targets="q,v", dpo=DPOConfig(beta=0.5, precompute_ref="no"))
+    res = dpo.run(cfg, tiny_train(out, 4, lr=5e-3), log=quiet)
     lines = train_lines(out)
     assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # B = 0: the policy is its reference
     assert res["val_reward_margin"] > 0
@@ -99,8 +99,7 @@ def test_cli_lora_dpo_publishes_the_adapter(base_ckpt, prefs, tmp_path):
 def test_reference_with_another_tokenizer_is_refused(base_ckpt, prefs, tmp_path):
     other = other_tokenizer_ckpt(base_ckpt, tmp_path / "other")
     with pytest.raises(TiaoyuError, match="another tokenizer"):
-        run_dpo(DPORunOptions(start=str(base_ckpt), data=str(prefs["train64"]), ref=str(other)),
-                tiny_train(tmp_path / "x", 1), DPOConfig(), log=quiet)
+        dpo.run(dpo.Config(start=base_ckpt, data=prefs["train64"], ref=other), tiny_train(tmp_path / "x", 1), log=quiet)
     with pytest.raises(TiaoyuError, match="--beta"):
         DPOConfig(beta=0).validate()
 
@@ -114,8 +113,8 @@ def test_dpo_raises_held_out_preference_and_margin(assets, prefs, tmp_path_facto
     start = sft_start(assets, tmp_path_factory.mktemp("rlhf"))
     out = tmp_path_factory.mktemp("dpo") / "run"
     cfg = DPOConfig(beta=0.1)
-    res = run_dpo(DPORunOptions(start=str(start), data=str(prefs["train"]), val=str(prefs["val"])),
-                  tiny_train(out, 60, batch_size=16, lr=2e-4, log_every=20), cfg, log=quiet)
+    res = dpo.run(dpo.Config(start=start, data=prefs["train"], val=prefs["val"], dpo=cfg),
+                  tiny_train(out, 60, batch_size=16, lr=2e-4, log_every=20), log=quiet)
     before, after = res["before"], eval_lines(out)[-1]
     # the implicit reward β(log π − log ref) ranks held-out chosen above rejected (the start ties: 0.5, margin 0)
     assert before["val_reward_accuracy"] == 0.5 and before["val_reward_margin"] == 0

@@ -11,7 +11,7 @@ import torch
 from rlhf_fixtures import eval_lines, read_jsonl, sft_start, tiny_train, train_lines, write_jsonl
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.train.objectives.grpo import GRPOConfig, GRPOStage
-from tiaoyu_cli.train.stages.grpo import run_grpo
+from tiaoyu_cli.train.stages import grpo
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +59,12 @@ def test_bad_options_and_records(base_ckpt, questions, tmp_path):
         GRPOStage([], [], GRPOConfig(beta=0.1), batch_size=8, tokenizer=None, ref_model=None)
     no_answer = write_jsonl(tmp_path / "na.jsonl", [{"prompt": "What is 3 + 4?"}])
     with pytest.raises(DataError, match=r"na.jsonl:1.*answer"):
-        run_grpo(base_ckpt, no_answer, tiny_train(tmp_path / "a", 1), GRPOConfig(beta=0.0), log=lambda m: None)
+        grpo.run(grpo.Config(start=base_ckpt, data=no_answer, grpo=GRPOConfig(beta=0.0)), tiny_train(tmp_path / "a", 1), log=lambda m: None)
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "3 plus 4 " * 200, "answer": "7"}])
     with pytest.raises(DataError, match=r"long.jsonl:1.*prompt is \d+ tokens; at most \d+ fit in the context"):
-        run_grpo(base_ckpt, long, tiny_train(tmp_path / "b", 1), GRPOConfig(beta=0.0), log=lambda m: None)
+        grpo.run(grpo.Config(start=base_ckpt, data=long, grpo=GRPOConfig(beta=0.0)), tiny_train(tmp_path / "b", 1), log=lambda m: None)
     with pytest.raises(TiaoyuError, match="does not split into micro-batches"):
-        run_grpo(base_ckpt, questions["q8"], tiny_train(tmp_path / "c", 1, batch_size=5),
-                 GRPOConfig(beta=0.0, group_size=4, rollout_batch_size=2), log=lambda m: None)
+        grpo.run(grpo.Config(start=base_ckpt, data=questions["q8"], grpo=GRPOConfig(beta=0.0, group_size=4, rollout_batch_size=2)), tiny_train(tmp_path / "c", 1, batch_size=5), log=lambda m: None)
 
 
 def test_resume_is_exact(base_ckpt, questions, tmp_path):
@@ -73,12 +72,9 @@ def test_resume_is_exact(base_ckpt, questions, tmp_path):
     cfg = dict(group_size=4, rollout_batch_size=4, beta=0.04, max_new_tokens=6, eval_size=0)
     val = questions["q8"]
     quiet = lambda m: None  # noqa: E731
-    run_grpo(base_ckpt, questions["q16"], tiny_train(tmp_path / "straight", 5), GRPOConfig(**cfg), val=val,
-             eval_before=False, log=quiet)
-    run_grpo(base_ckpt, questions["q16"], tiny_train(tmp_path / "split", 3), GRPOConfig(**cfg), val=val,
-             eval_before=False, log=quiet)
-    run_grpo(base_ckpt, questions["q16"], tiny_train(tmp_path / "split", 5, resume=True), GRPOConfig(**cfg), val=val,
-             eval_before=False, log=quiet)
+    grpo.run(grpo.Config(start=base_ckpt, data=questions["q16"], grpo=GRPOConfig(**cfg), val=val, eval_before=False), tiny_train(tmp_path / "straight", 5), log=quiet)
+    grpo.run(grpo.Config(start=base_ckpt, data=questions["q16"], grpo=GRPOConfig(**cfg), val=val, eval_before=False), tiny_train(tmp_path / "split", 3), log=quiet)
+    grpo.run(grpo.Config(start=base_ckpt, data=questions["q16"], grpo=GRPOConfig(**cfg), val=val, eval_before=False), tiny_train(tmp_path / "split", 5, resume=True), log=quiet)
     a = {r["step"]: r["loss"] for r in train_lines(tmp_path / "straight")}
     b = {r["step"]: r["loss"] for r in train_lines(tmp_path / "split")}
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
@@ -98,7 +94,7 @@ def test_grpo_raises_reward_and_accuracy(assets, questions, tmp_path_factory):
     q = questions["q16"]
     cfg = GRPOConfig(group_size=8, rollout_batch_size=8, beta=0.04, max_new_tokens=6, eval_size=0, eval_samples=4)
     train = tiny_train(out, 30, batch_size=16, grad_accum=4, lr=2e-4, log_every=10)
-    res = run_grpo(start, q, train, cfg, val=q, log=lambda m: None)  # evaluated on its own questions
+    res = grpo.run(grpo.Config(start=start, data=q, grpo=cfg, val=q), train, log=lambda m: None)  # evaluated on its own questions
     before, after = res["before"], eval_lines(out)[-1]
     assert after["val_reward"] >= before["val_reward"] + 0.08, (before, after)  # mean reward of sampled answers
     assert after["val_accuracy"] >= before["val_accuracy"] + 0.1, (before, after)  # greedy answers

@@ -149,7 +149,7 @@ def test_think_sft_trains_on_reasoning_tokens(base_ckpt, synth_dir, tmp_path):
     from tiaoyu_cli.data.chat import ChatDataset
     from tiaoyu_cli.tokenizer import Tokenizer
     from tiaoyu_cli.checkpoint import load_trainer_info
-    from tiaoyu_cli.train.stages.reason import ReasonOptions, run_think_sft
+    from tiaoyu_cli.train.stages import reason
 
     tok = Tokenizer.load(base_ckpt)
     traces, _ = load_traces(synth_dir / "reasoning.train.jsonl")
@@ -160,8 +160,8 @@ def test_think_sft_trains_on_reasoning_tokens(base_ckpt, synth_dir, tmp_path):
 
     data = _head(synth_dir / "reasoning.train.jsonl", tmp_path / "traces.jsonl", 16)
     val = _head(synth_dir / "verifiable.val.jsonl", tmp_path / "val.jsonl", 4)
-    o = ReasonOptions(ckpt=base_ckpt, data=data, eval_data=val, eval_samples=4, eval_max_new_tokens=8)
-    res = run_think_sft(o, _train(tmp_path / "r"), log=lambda m: None)
+    o = reason.Config(ckpt=base_ckpt, data=data, eval_data=val, eval_samples=4, eval_max_new_tokens=8)
+    res = reason.run(o, _train(tmp_path / "r"), log=lambda m: None)
     assert res["step"] == 2 and {"answer_acc", "format_rate"} <= set(res) and {"answer_acc", "format_rate"} <= set(res["before"])
     info = load_trainer_info(tmp_path / "r")
     assert info["stage"] == "reason" and info["stage_config"]["step"] == "think-sft"
@@ -169,14 +169,14 @@ def test_think_sft_trains_on_reasoning_tokens(base_ckpt, synth_dir, tmp_path):
 
 def test_reason_rl_runs_grpo_with_think_format(base_ckpt, synth_dir, tmp_path):
     from tiaoyu_cli.checkpoint import load_trainer_info
-    from tiaoyu_cli.train.stages.reason import ReasonRLOptions, reason_grpo_config, run_reason_rl
+    from tiaoyu_cli.train.stages import reason
 
     qs = _head(synth_dir / "verifiable.train.jsonl", tmp_path / "q.jsonl", 8)
     val = _head(synth_dir / "reasoning.val.jsonl", tmp_path / "val.jsonl", 4)  # chat records serve as questions too
-    o = ReasonRLOptions(ckpt=base_ckpt, data=qs, eval_data=val,
-                        grpo=reason_grpo_config(eval_size=4, group_size=2, rollout_batch_size=2, max_new_tokens=8,
-                                                beta=0.04, format_reward=0.2))
-    res = run_reason_rl(o, _train(tmp_path / "rl", batch_size=4), log=lambda m: None)
+    o = reason.Config(ckpt=base_ckpt, data=qs, eval_data=val, rl=True, eval_samples=4,
+                      grpo=reason.reason_grpo_config(group_size=2, rollout_batch_size=2, max_new_tokens=8, beta=0.04,
+                                                     format_reward=0.2))
+    res = reason.run(o, _train(tmp_path / "rl", batch_size=4), log=lambda m: None)
     assert res["step"] == 2 and "val_accuracy" in res and "val_format_rate" in res
     info = load_trainer_info(tmp_path / "rl")
     assert info["stage"] == "reason-rl"
@@ -214,21 +214,21 @@ def test_synth_reasoning_tools_records_are_traces(synth_dir):
 
 def test_reason_rl_with_tools_rolls_out_calls(base_ckpt, synth_dir, tmp_path):
     """reason --rl --tools: agentic rollouts (the tool turns masked) with the think-format reward."""
-    from tiaoyu_cli.infer.tools import Toolbox
-    from tiaoyu_cli.train.objectives.grpo import ToolUse
-    from tiaoyu_cli.train.stages.reason import ReasonRLOptions, prepare_reason_rl, reason_grpo_config, run_reason_rl
+    from tiaoyu_cli.infer.tools import ToolOptions
+    from tiaoyu_cli.train.stages import reason
     from tiaoyu_cli.train.rl.rollout import ToolVerifiableReward
 
     qs = _head(synth_dir / "reasoning-tools.train.jsonl", tmp_path / "q.jsonl", 8)
     val = _head(synth_dir / "reasoning-tools.val.jsonl", tmp_path / "val.jsonl", 4)
-    o = ReasonRLOptions(ckpt=base_ckpt, data=qs, eval_data=val,
-                        grpo=reason_grpo_config(eval_size=4, group_size=2, rollout_batch_size=2, max_new_tokens=8,
-                                                beta=0.04, format_reward=0.2),
-                        tools=ToolUse(Toolbox.from_names("calculator"), max_tool_calls=2))
-    plan = prepare_reason_rl(o, _train(tmp_path / "p", batch_size=4))
-    assert plan.stage.tools.toolbox is o.tools.toolbox and isinstance(plan.stage.reward, ToolVerifiableReward)
+    o = reason.Config(ckpt=base_ckpt, data=qs, eval_data=val, rl=True, eval_samples=4,
+                      grpo=reason.reason_grpo_config(group_size=2, rollout_batch_size=2, max_new_tokens=8, beta=0.04,
+                                                     format_reward=0.2),
+                      tool=ToolOptions(tools="calculator", max_tool_calls=2))
+    plan = reason.prepare_reason_rl(o, _train(tmp_path / "p", batch_size=4))
+    assert "calculator" in plan.stage.tools.toolbox.tools and plan.stage.tools.max_tool_calls == 2
+    assert isinstance(plan.stage.reward, ToolVerifiableReward)
     assert plan.stage.reward.require_think and "tools calculator" in plan.lines[0]
-    res = run_reason_rl(o, _train(tmp_path / "rl", batch_size=4), log=lambda m: None)
+    res = reason.run(o, _train(tmp_path / "rl", batch_size=4), log=lambda m: None)
     assert res["step"] == 2 and "val_accuracy" in res and "val_format_rate" in res
 
 

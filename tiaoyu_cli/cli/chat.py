@@ -14,8 +14,9 @@ from typing import Optional
 
 import typer
 
-from tiaoyu_cli.cli.common import ToolOptions, config_options
+from tiaoyu_cli.cli.common import config_options
 from tiaoyu_cli.errors import TiaoyuError
+from tiaoyu_cli.infer.tools import ToolOptions
 
 EXAMPLES = """
 Examples:

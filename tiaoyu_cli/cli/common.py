@@ -62,33 +62,27 @@ _LAUNCH = {"nproc", "nnodes", "node_rank", "master_addr", "master_port", "fsdp"}
 
 _PANEL = "Training loop"
 
-# the options of chat fine-tuning (sft, lora: train.stages.finetune.ChatOptions)
+# the objective's config of chat fine-tuning (sft, lora: train.stages.finetune.Config.sft, objectives/sft.py)
 CHAT_HELP = {
-    "eval_data": "held-out records: val loss + answer accuracy by generation",
     "eval_samples": "questions of --eval-data answered at each evaluation (0 = none)",
     "eval_max_new_tokens": "most tokens per generated eval answer",
     "eval_tools": "tools the eval answers may call, e.g. calculator (answer accuracy with tools)",
     "tool_schemas": "render the tools' schemas in tool prompts (eval answers; recorded for chat and serve). "
                     "Default: as the training records do (the bundled tool data leaves them out)",
-    "eval_before": "evaluate the starting model too",
     "max_len": "most tokens per record (0 = the model's max_seq_len)",
     "overflow": "longer records: truncate | skip",
     "pack": "pack several records per row (no attention across records)",
-    "skip_bad": "skip (and count) invalid records instead of stopping",
-    "train_parts": "which weights learn: full | ffn | attn | head | embeddings, comma-separated (default: full; "
-                   "with another --method: none)",
     "method": "full | lora | adapter | prompt",
     "virtual_tokens": "--method prompt: soft-prompt length",
     "adapter_dim": "--method adapter: bottleneck width",
-    "rank": "--method lora: rank r of the low-rank pair B·A",
-    "alpha": "--method lora: scale α (update = α/r · B·A)",
+    "lora_rank": "--method lora: rank r of the low-rank pair B·A",
+    "lora_alpha": "--method lora: scale α (update = α/r · B·A)",
     "lora_dropout": "--method lora: dropout on the LoRA input",
-    "targets": "--method lora: layers to adapt, q,k,v,o,gate,up,down (MoE: w1/w3/w2)",
-    "replay": "pretraining token folder to mix in against forgetting",
+    "lora_targets": "--method lora: layers to adapt, q,k,v,o,gate,up,down (MoE: w1/w3/w2)",
     "replay_ratio": "share of the loss from replayed pretraining windows",
-    "pretrain_val": "token folder whose val split measures forgetting (base_val_loss; default: --replay's)",
 }
-
+CHAT_RENAME = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_targets": "targets", "train_parts": "train"}
+CHAT_SKIP = ("sft.train", "replay_seq_len", "eval_batch_size", "base_val_windows", "adapter_only")
 
 
 def _flag(name: str) -> str:
@@ -133,7 +127,7 @@ def train_options(**defaults: Any) -> Callable:
                 train_vals[fld.name] = val
             stage_file = file_cfg.get("stage_config") or {}  # a trainer.json given as --config
             for name in list(kwargs):  # stage options from the file where not given as flags
-                key = name.split("__", 1)[-1]
+                key = name.rsplit("__", 1)[-1]  # a nested field's own name
                 src = stage_file if key in stage_file and name.startswith("cfg__") else file_cfg
                 if key in src and _is_default(ctx, name):
                     kwargs[name] = src[key]
@@ -184,45 +178,110 @@ def load_config_file(path: Path | None) -> dict[str, Any]:
 
 def config_options(cls: type, help: dict[str, str] | None = None, rename: dict[str, str] | None = None,
                    panel: str | None = None, skip: tuple[str, ...] = (), required: tuple[str, ...] = (),
-                   args: tuple[str, ...] = (), name: str = "cfg") -> Callable:
-    """Decorate a typer command `f(..., cfg: cls)`: one `--flag` per field of the dataclass, its default and
-    type taken from the dataclass (one default per option), its help from `help` or else the field's
-    `metadata["help"]`, and the command gets the built object as `cfg=` (or `name=`: a command may take
-    several, e.g. its stage's config and the tool options). `rename` maps a field to another flag name (e.g.
-    GRPO's epochs → --grpo-epochs, as --epochs is the loop's budget); `skip` leaves fields at their default;
-    `required` fields have none; `args` are the command's own positional arguments that fill fields of the
-    same name."""
-    rename, help = rename or {}, help or {}
-    hints = typing.get_type_hints(cls)
+                   args: tuple[str, ...] = (), name: str = "cfg", panels: dict[str, str] | None = None) -> Callable:
+    """Decorate a typer command `f(..., cfg: cls)`: the command's arguments and flags are generated from the
+    dataclass, and the command gets the built object as `cfg=` (or `name=`: a command may take several).
+
+    Each field is one `--flag`, its default and type taken from the dataclass (one default per option), its help
+    from `help` or else the field's `metadata["help"]`. A field whose type is itself a dataclass (a stage's
+    objective config, its tool options) contributes one flag per field of its own, with the defaults of the
+    outer field's default object, and `panels` may give those flags their own help panel. `args` are fields
+    taken as the command's positional arguments, in that order. The keys of `help`, `rename` (another flag
+    name, e.g. GRPO's epochs → --grpo-epochs, as --epochs is the loop's budget), `skip` (left at the default)
+    and `required` (no default) are field names, or dotted paths (`grpo.eval_samples`) where a name repeats."""
+    rename, help, panels = rename or {}, help or {}, panels or {}
+    leaves = list(_leaves(cls, None, (), skip, args))
+    flags: dict[str, tuple[str, ...]] = {}
+    for path, *_ in leaves:
+        flag = _flag(_pick(rename, path, path[-1]))
+        if flag in flags:
+            raise TypeError(f"{cls.__name__}: {'.'.join(path)} and {'.'.join(flags[flag])} would both be {flag}")
+        flags[flag] = path
 
     def deco(f: Callable) -> Callable:
         sig = inspect.signature(f)
         own = [p for p in sig.parameters.values() if p.name != name]
-        extra = []
-        fields = [fld for fld in dataclasses.fields(cls) if fld.name not in skip and fld.name not in args]
-        for fld in fields:
-            flag = _flag(rename.get(fld.name, fld.name))
-            default = ... if fld.name in required else fld.default
-            decls = [flag]
-            if hints[fld.name] in (bool, typing.Optional[bool]):
-                decls = [f"{flag}/--no-{flag[2:]}"]
-            text = help.get(fld.name, fld.metadata.get("help", ""))
-            opt = typer.Option(default, *decls, help=text, rich_help_panel=panel, show_default=True)
-            extra.append(inspect.Parameter(f"{name}__{fld.name}", inspect.Parameter.KEYWORD_ONLY, default=opt,
-                                           annotation=hints[fld.name]))
-        keyword = [p for p in own if p.kind == inspect.Parameter.KEYWORD_ONLY]
+        hints = typing.get_type_hints(cls)
         positional = [p for p in own if p.kind != inspect.Parameter.KEYWORD_ONLY]
+        for a in args:
+            fld = next(fld for fld in dataclasses.fields(cls) if fld.name == a)
+            default = _field_default(fld)
+            arg = typer.Argument(default, help=_pick(help, (a,), fld.metadata.get("help", "")))
+            positional.append(inspect.Parameter(a, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=arg,
+                                                annotation=hints[a]))
+        extra = []
+        for path, fld, hint, default in leaves:
+            flag = _flag(_pick(rename, path, path[-1]))
+            if _pick({k: True for k in required}, path, False):
+                default = ...
+            negatable = hint in (bool, typing.Optional[bool]) and fld.metadata.get("negatable", True)
+            decls = [f"{flag}/--no-{flag[2:]}"] if negatable else [flag]
+            text = _pick(help, path, fld.metadata.get("help", ""))
+            where = panels.get(path[0], panel) if len(path) > 1 else panel
+            opt = typer.Option(default, *decls, help=text, rich_help_panel=where, show_default=True)
+            extra.append(inspect.Parameter(_param(name, path), inspect.Parameter.KEYWORD_ONLY, default=opt,
+                                           annotation=hint))
+        keyword = [p for p in own if p.kind == inspect.Parameter.KEYWORD_ONLY]
 
         @functools.wraps(f)
         def wrapper(**kwargs: Any) -> Any:
-            vals = {fld.name: kwargs.pop(f"{name}__{fld.name}") for fld in fields}
-            vals.update({a: kwargs[a] for a in args})
-            return f(**{name: cls(**vals)}, **kwargs)
+            vals = {path: kwargs.pop(_param(name, path)) for path, *_ in leaves}
+            vals.update({(a,): kwargs.pop(a) for a in args})
+            return f(**{name: _build(cls, None, (), vals)}, **kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=positional + extra + keyword)
         return wrapper
 
     return deco
+
+
+def _param(name: str, path: tuple[str, ...]) -> str:
+    return "__".join((name, *path))
+
+
+def _pick(table: dict, path: tuple[str, ...], default: Any) -> Any:
+    """table's entry for the dotted path, else for the field name, else default."""
+    dotted = ".".join(path)
+    return table[dotted] if dotted in table else table.get(path[-1], default)
+
+
+def _field_default(fld: dataclasses.Field) -> Any:
+    if fld.default is not dataclasses.MISSING:
+        return fld.default
+    if fld.default_factory is not dataclasses.MISSING:
+        return fld.default_factory()
+    return ...
+
+
+def _leaves(cls: type, base: Any, prefix: tuple[str, ...], skip: tuple[str, ...], args: tuple[str, ...]):
+    """(path, field, type, default) of every flag of `cls`; a dataclass-typed field gives its own fields, their
+    defaults read from `base` (the outer field's default object)."""
+    hints = typing.get_type_hints(cls)
+    wanted = {k: True for k in skip}
+    for fld in dataclasses.fields(cls):
+        path = (*prefix, fld.name)
+        if _pick(wanted, path, False) or (not prefix and fld.name in args):
+            continue
+        default = getattr(base, fld.name) if base is not None else _field_default(fld)
+        if dataclasses.is_dataclass(hints[fld.name]):
+            yield from _leaves(hints[fld.name], default, path, skip, args)
+        else:
+            yield path, fld, hints[fld.name], default
+
+
+def _build(cls: type, base: Any, prefix: tuple[str, ...], vals: dict[tuple[str, ...], Any]) -> Any:
+    """cls (or a copy of `base`) with the values given for its paths; a nested config starts from its field's
+    default object, so the fields it has no flag for keep that object's values."""
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for fld in dataclasses.fields(cls):
+        path = (*prefix, fld.name)
+        if path in vals:
+            kw[fld.name] = vals[path]
+        elif dataclasses.is_dataclass(hints[fld.name]) and any(p[:len(path)] == path for p in vals):
+            inner = getattr(base, fld.name) if base is not None else _field_default(fld)
+            kw[fld.name] = _build(hints[fld.name], inner, path, vals)
+    return dataclasses.replace(base, **kw) if base is not None else cls(**kw)
 
 
 class DefaultCommandGroup(TyperGroup):
@@ -248,32 +307,3 @@ def sub_app(name: str, help: str, default: str | None = None, **kw: Any) -> type
     if default is not None:
         kw["cls"] = defaulting_to(default)
     return typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False, rich_markup_mode="rich", **kw)
-
-
-_TRUST = ("Loading it runs its top-level code, and its functions run in this process with arguments the model "
-          "chooses (under --tool-timeout): use only a file you trust")
-
-
-@dataclasses.dataclass
-class ToolOptions:
-    """The tool flags of every command whose model may call tools (chat, rlhf grpo, reason --rl)."""
-
-    tools: typing.Optional[str] = dataclasses.field(default=None, metadata={
-        "help": "tools the model may call, comma-separated (`tiaoyu tools` lists them), e.g. calculator"})
-    tools_module: typing.Optional[Path] = dataclasses.field(default=None, metadata={
-        "help": "a Python file whose typed, documented functions are tools. " + _TRUST})
-    max_tool_calls: int = dataclasses.field(default=5, metadata={"help": "most tool calls per answer"})
-    tool_timeout: float = dataclasses.field(default=10.0, metadata={
-        "help": "seconds each tool call may run; past that the model reads an error"})
-    tool_call_penalty: float = dataclasses.field(default=0.0, metadata={
-        "help": "RL: reward minus this per call that came back as an error"})
-
-    @property
-    def wanted(self) -> bool:
-        return bool(self.tools or self.tools_module)
-
-    def toolbox(self):
-        """The Toolbox these flags name, or None when they name no tool."""
-        from tiaoyu_cli.infer.tools import Toolbox
-
-        return Toolbox.from_names(self.tools, self.tools_module, timeout=self.tool_timeout) if self.wanted else None

@@ -3,7 +3,7 @@
     tiaoyu lora BASE DATA -o adapter/ [--rank 8 --alpha 16 --targets q,k,v,o,gate,up,down]   (= `lora train`)
     tiaoyu lora merge BASE ADAPTER -o ckpt/merged
 
-The training run is `tiaoyu sft --method lora` (train/stages/finetune.py `run_chat`) except for what it saves:
+The training run is `tiaoyu sft --method lora` (train/stages/finetune.py `run`, adapter_only) except for what it saves:
 each step folder holds only the adapter (adapter_model.safetensors, adapter_config.json,
 tiaoyu_base.json) plus the tokenizer, trainer.json and train_state; the final adapter is also copied
 to the top of -o, so `peft.PeftModel.from_pretrained(model, "adapter/")` and
@@ -12,19 +12,20 @@ to the top of -o, so `peft.PeftModel.from_pretrained(model, "adapter/")` and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import typer
 
 from tiaoyu_cli.checkpoint import load_model, load_tokenizer, resolve_checkpoint, save_model_files
-from tiaoyu_cli.cli.common import CHAT_HELP, config_options, sub_app, train_options
+from tiaoyu_cli.cli.common import CHAT_HELP, CHAT_RENAME, CHAT_SKIP, config_options, sub_app, train_options
 from tiaoyu_cli.console import say
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.io import atomic_dir
 from tiaoyu_cli.model.lora import load_adapter, merge_lora, resolve_adapter_dir
 from tiaoyu_cli.train.engine.config import TrainConfig
-from tiaoyu_cli.train.stages.finetune import ChatOptions, run_chat
+from tiaoyu_cli.train.stages import finetune
 
 EXAMPLES = """
 Examples:
@@ -39,6 +40,12 @@ Examples:
 """
 
 
+LORA_HELP = {
+    "base": "base checkpoint (run folder or step folder); stays frozen",
+    "data": "chat records JSONL ({\"messages\": […]})",
+    **{k: CHAT_HELP[k].removeprefix("--method lora: ") for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")},
+}
+
 lora_app = sub_app("lora", "LoRA: train an adapter on chat records (`tiaoyu lora BASE DATA -o adapter/`, same as "
                            "`lora train`), or fold one into a checkpoint (`tiaoyu lora merge BASE ADAPTER -o OUT`).",
                    default="train", epilog=EXAMPLES)
@@ -50,20 +57,11 @@ def register(app: typer.Typer) -> None:
 
 @lora_app.command("train", epilog=EXAMPLES, help="Train a LoRA adapter on chat records (the default subcommand).")
 @train_options(out="adapter", lr=2e-3, batch_size=16, warmup_steps=20, weight_decay=0.0, log_every=10)
-@config_options(ChatOptions, {**CHAT_HELP, **{k: v.removeprefix("--method lora: ") for k, v in CHAT_HELP.items()
-                                              if k in ("rank", "alpha", "lora_dropout", "targets")}},
-                args=("base", "data"), skip=("train_parts", "method", "virtual_tokens", "adapter_dim"))
-def train_cmd(
-    base: Path = typer.Argument(..., help="base checkpoint (run folder or step folder); stays frozen"),
-    data: Path = typer.Argument(..., help="chat records JSONL ({\"messages\": […]})"),
-    *,
-    cfg: ChatOptions,
-    train: TrainConfig,
-) -> None:
-    if cfg.eval_samples < 0 or cfg.max_len < 0:
-        raise TiaoyuError("--eval-samples and --max-len must not be negative")
-    cfg.method = "lora"
-    run_chat(cfg, train, stage_name="lora", save_as="adapter", log=say)
+@config_options(finetune.Config, {**CHAT_HELP, **LORA_HELP}, rename=CHAT_RENAME, args=("base", "data"),
+                skip=(*CHAT_SKIP, "task", "train_parts", "method", "virtual_tokens", "adapter_dim"))
+def train_cmd(*, cfg: finetune.Config, train: TrainConfig) -> None:
+    cfg = dataclasses.replace(cfg, adapter_only=True, sft=dataclasses.replace(cfg.sft, method="lora"))
+    finetune.run(cfg, train, log=say)
 
 
 MERGE_EXAMPLES = """

@@ -2,43 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from tiaoyu_cli.cli.common import ToolOptions, config_options, train_options
+from tiaoyu_cli.cli.common import config_options, train_options
 from tiaoyu_cli.console import say
 from tiaoyu_cli.data.jsonl import iter_jsonl, write_jsonl
 from tiaoyu_cli.device import autocast, resolve_device, resolve_dtype
 from tiaoyu_cli.errors import TiaoyuError
-from tiaoyu_cli.model.lora import LoraConfig
 from tiaoyu_cli.train.engine.config import TrainConfig
-from tiaoyu_cli.train.objectives.dpo import DPOConfig
-from tiaoyu_cli.train.objectives.grpo import GRPOConfig
-from tiaoyu_cli.train.objectives.ppo import PPOConfig
-from tiaoyu_cli.train.objectives.reward import RewardConfig, score_records
+from tiaoyu_cli.train.objectives.reward import score_records
 from tiaoyu_cli.train.rl.models import load_reward_model
-from tiaoyu_cli.train.stages.dpo import DPORunOptions, run_dpo
-from tiaoyu_cli.train.stages.grpo import run_grpo
-from tiaoyu_cli.train.stages.ppo import run_ppo
-from tiaoyu_cli.train.stages.reward import run_reward
+from tiaoyu_cli.train.stages import dpo, grpo, ppo, reward
 
-
-@dataclasses.dataclass
-class RLInputs:
-    """The inputs PPO and GRPO share besides the start checkpoint and the prompts."""
-
-    ref: Optional[Path] = dataclasses.field(default=None, metadata={
-        "help": "reference checkpoint for the KL term (default: the start)"})
-    val: Optional[Path] = dataclasses.field(default=None, metadata={
-        "help": "held-out prompts (default: hold out --val-frac of data)"})
-    val_frac: float = dataclasses.field(default=0.05, metadata={
-        "help": "share of the prompts held out when --val is not given"})
-    eval_before: bool = dataclasses.field(default=True, metadata={"help": "evaluate the starting model too"})
-    skip_bad: bool = dataclasses.field(default=False, metadata={
-        "help": "skip (and count) bad records instead of stopping"})
 
 EXAMPLES = """
 Examples:
@@ -58,7 +36,6 @@ Examples:
   tiaoyu rlhf grpo ckpt/sft questions.jsonl -o ckpt/grpo --group-size 8 --beta 0.04 --max-steps 100
 """
 
-_LORA = LoraConfig()
 _RL_PANEL = "Rollouts"
 _ROLLOUT_HELP = {
     "rollout_batch_size": "prompts per rollout", "gen_batch_size": "prompts generated together (0 = a whole "
@@ -99,17 +76,9 @@ rlhf_app = typer.Typer(help="Preference alignment and RL: reward model, DPO, PPO
                   help="Train a reward model (the checkpoint + a one-output score head) on preference pairs with "
                        "the pairwise loss −log σ(r_chosen − r_rejected − margin).")
 @train_options(out="ckpt/rm", lr=1e-4, batch_size=16, warmup_steps=10, eval_every=0, save_every=0, log_every=10)
-@config_options(RewardConfig, PAIR_HELP)
-def reward_cmd(
-    start: Path = typer.Argument(..., help="checkpoint to start from (usually the SFT model)"),
-    data: Path = typer.Argument(..., help="preference JSONL: {prompt, chosen, rejected}"),
-    val: Optional[Path] = typer.Option(None, help="held-out preference JSONL (default: hold out --val-frac of data)"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
-    *,
-    cfg: RewardConfig,
-    train: TrainConfig,
-) -> None:
-    run_reward(start, data, train, cfg, val=val, skip_bad=skip_bad, log=say)
+@config_options(reward.Config, PAIR_HELP, args=("start", "data"))
+def reward_cmd(*, cfg: reward.Config, train: TrainConfig) -> None:
+    reward.run(cfg, train, log=say)
 
 
 @rlhf_app.command("score", epilog=EXAMPLES,
@@ -142,27 +111,9 @@ def score_cmd(
                   help="Direct Preference Optimisation against a frozen reference: "
                        "−log σ(β[(log π_c − log ref_c) − (log π_r − log ref_r)]).")
 @train_options(out="ckpt/dpo", lr=5e-5, batch_size=16, warmup_steps=10, eval_every=0, save_every=0, log_every=10)
-@config_options(DPOConfig, PAIR_HELP, skip=("eval_batch_size",))
-def dpo_cmd(
-    start: Path = typer.Argument(..., help="policy checkpoint to start from (usually the SFT model)"),
-    data: Path = typer.Argument(..., help="preference JSONL: {prompt, chosen, rejected}"),
-    ref: Optional[Path] = typer.Option(None, help="reference checkpoint (default: the start checkpoint)"),
-    val: Optional[Path] = typer.Option(None, help="held-out preference JSONL (default: hold out --val-frac of data)"),
-    method: str = typer.Option("full", help="full (all weights) | lora (adapters; the reference is the same "
-                                            "model with adapters off)"),
-    rank: int = typer.Option(_LORA.rank, help="--method lora: rank r"),
-    alpha: float = typer.Option(_LORA.alpha, help="--method lora: scale α (update = α/r · B·A)"),
-    lora_dropout: float = typer.Option(_LORA.dropout, help="--method lora: dropout on the LoRA input"),
-    targets: str = typer.Option(",".join(_LORA.targets), help="--method lora: layers to adapt"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of stopping"),
-    *,
-    cfg: DPOConfig,
-    train: TrainConfig,
-) -> None:
-    lora = {"rank": rank, "alpha": alpha, "dropout": lora_dropout, "targets": targets}
-    opts = DPORunOptions(start=str(start), data=str(data), val=str(val) if val else None,
-                         ref=str(ref) if ref else None, method=method, lora=lora, skip_bad=skip_bad)
-    run_dpo(opts, train, cfg, log=say)
+@config_options(dpo.Config, PAIR_HELP, skip=("eval_batch_size",), args=("start", "data"))
+def dpo_cmd(*, cfg: dpo.Config, train: TrainConfig) -> None:
+    dpo.run(cfg, train, log=say)
 
 
 @rlhf_app.command("ppo", epilog=EXAMPLES,
@@ -170,19 +121,10 @@ def dpo_cmd(
                        "to the reference, value head + GAE, clipped policy and value losses, several epochs per rollout.")
 @train_options(out="ckpt/ppo", lr=1e-5, batch_size=8, warmup_steps=0, eval_every=0, save_every=0, log_every=5,
                schedule="constant", grad_clip=1.0)
-@config_options(PPOConfig, PPO_HELP, rename={"epochs": "ppo_epochs"}, panel=_RL_PANEL, skip=("whiten_advantages",),
-                required=("reward",))
-@config_options(RLInputs, name="inputs")
-def ppo_cmd(
-    start: Path = typer.Argument(..., help="policy checkpoint to start from (usually the SFT model)"),
-    data: Path = typer.Argument(..., help="prompts JSONL: {prompt} (with --reward verifiable: {prompt, answer})"),
-    *,
-    cfg: PPOConfig,
-    inputs: RLInputs,
-    train: TrainConfig,
-) -> None:
-    run_ppo(start, data, train, cfg, val=inputs.val, ref=inputs.ref, val_frac=inputs.val_frac,
-            skip_bad=inputs.skip_bad, eval_before=inputs.eval_before, log=say)
+@config_options(ppo.Config, PPO_HELP, rename={"epochs": "ppo_epochs"}, panels={"ppo": _RL_PANEL},
+                skip=("whiten_advantages",), required=("reward",), args=("start", "data"))
+def ppo_cmd(*, cfg: ppo.Config, train: TrainConfig) -> None:
+    ppo.run(cfg, train, log=say)
 
 
 @rlhf_app.command("grpo", epilog=EXAMPLES,
@@ -190,21 +132,10 @@ def ppo_cmd(
                        "ratio, optional k3 KL to the reference; no value model.")
 @train_options(out="ckpt/grpo", lr=1e-5, batch_size=16, warmup_steps=0, eval_every=0, save_every=0, log_every=5,
                schedule="constant", grad_clip=1.0)
-@config_options(GRPOConfig, GRPO_HELP, rename={"epochs": "grpo_epochs"}, panel=_RL_PANEL)
-@config_options(RLInputs, name="inputs")
-@config_options(ToolOptions, name="tool", panel="Tools (agentic rollouts)")
-def grpo_cmd(
-    start: Path = typer.Argument(..., help="policy checkpoint to start from (usually the SFT model)"),
-    data: Path = typer.Argument(..., help="verifiable questions JSONL: {prompt, answer}"),
-    *,
-    cfg: GRPOConfig,
-    inputs: RLInputs,
-    tool: ToolOptions,
-    train: TrainConfig,
-) -> None:
-    run_grpo(start, data, train, cfg, val=inputs.val, ref=inputs.ref, val_frac=inputs.val_frac,
-             skip_bad=inputs.skip_bad, eval_before=inputs.eval_before, log=say, toolbox=tool.toolbox(), max_tool_calls=tool.max_tool_calls,
-             tool_call_penalty=tool.tool_call_penalty)
+@config_options(grpo.Config, GRPO_HELP, rename={"epochs": "grpo_epochs"}, args=("start", "data"),
+                panels={"grpo": _RL_PANEL, "tool": "Tools (agentic rollouts)"})
+def grpo_cmd(*, cfg: grpo.Config, train: TrainConfig) -> None:
+    grpo.run(cfg, train, log=say)
 
 
 def register(app: typer.Typer) -> None:

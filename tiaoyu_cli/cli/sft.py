@@ -1,19 +1,16 @@
 """`tiaoyu sft`: supervised fine-tuning on chat records (or classification with --task classify).
 
-This module only declares the options; the run is tiaoyu_cli.train.stages.finetune (run_chat, run_classify).
+The options are tiaoyu_cli.train.stages.finetune.Config, and the run its `run`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
-from tiaoyu_cli.cli.common import CHAT_HELP, config_options, train_options
+from tiaoyu_cli.cli.common import CHAT_HELP, CHAT_RENAME, CHAT_SKIP, config_options, train_options
 from tiaoyu_cli.console import say
-from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.train.engine.config import TrainConfig
-from tiaoyu_cli.train.stages.finetune import ChatOptions, run_chat, run_classify
+from tiaoyu_cli.train.stages import finetune
 
 EXAMPLES = """
 Examples:
@@ -40,22 +37,6 @@ def register(app: typer.Typer) -> None:
     @app.command("sft", epilog=EXAMPLES,
                  help="Supervised fine-tuning on chat records (loss on assistant tokens), or --task classify.")
     @train_options(out="ckpt/sft", lr=5e-4, batch_size=16, warmup_steps=20, weight_decay=0.0, log_every=10)
-    @config_options(ChatOptions, CHAT_HELP, rename={"train_parts": "train"}, args=("base", "data"))
-    def sft(
-        base: Path = typer.Argument(..., help="checkpoint to fine-tune (run folder or step folder)"),
-        data: Path = typer.Argument(..., help="chat records JSONL ({\"messages\": […]}); {\"text\",\"label\"} with --task classify"),
-        task: str = typer.Option("chat", help="chat | classify"),
-        *,
-        cfg: ChatOptions,
-        train: TrainConfig,
-    ) -> None:
-        if task not in ("chat", "classify"):
-            raise TiaoyuError(f"--task {task!r}: choose chat or classify")
-        if cfg.eval_samples < 0 or cfg.max_len < 0:
-            raise TiaoyuError("--eval-samples and --max-len must not be negative")
-        if task == "classify":
-            if cfg.method != "full":
-                raise TiaoyuError(f"--task classify trains with --method full (and --train PARTS), not --method {cfg.method}")
-            run_classify(cfg, train, log=say)
-            return
-        run_chat(cfg, train, stage_name="sft", save_as="merged" if cfg.method == "lora" else "full", log=say)
+    @config_options(finetune.Config, CHAT_HELP, rename=CHAT_RENAME, skip=CHAT_SKIP, args=("base", "data"))
+    def sft(*, cfg: finetune.Config, train: TrainConfig) -> None:
+        finetune.run(cfg, train, log=say)

@@ -40,9 +40,9 @@ import threading
 import types
 import typing
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.infer.calculator import calculator
@@ -406,3 +406,30 @@ def parse_call(text: str) -> tuple[str, dict]:
 def _guess_name(text: str) -> str:
     m = re.search(r'"name"\s*:\s*"([^"]{1,64})"', text)
     return m.group(1) if m else ""
+
+
+_TRUST = ("Loading it runs its top-level code, and its functions run in this process with arguments the model "
+          "chooses (under --tool-timeout): use only a file you trust")
+
+
+@dataclass
+class ToolOptions:
+    """The tool flags of every command whose model may call tools (chat, rlhf grpo, reason --rl)."""
+
+    tools: Optional[str] = field(default=None, metadata={
+        "help": "tools the model may call, comma-separated (`tiaoyu tools` lists them), e.g. calculator"})
+    tools_module: Optional[Path] = field(default=None, metadata={
+        "help": "a Python file whose typed, documented functions are tools. " + _TRUST})
+    max_tool_calls: int = field(default=5, metadata={"help": "most tool calls per answer"})
+    tool_timeout: float = field(default=10.0, metadata={
+        "help": "seconds each tool call may run; past that the model reads an error"})
+    tool_call_penalty: float = field(default=0.0, metadata={
+        "help": "RL: reward minus this per call that came back as an error"})
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.tools or self.tools_module)
+
+    def toolbox(self):
+        """The Toolbox these flags name, or None when they name no tool."""
+        return Toolbox.from_names(self.tools, self.tools_module, timeout=self.tool_timeout) if self.wanted else None

@@ -4,12 +4,39 @@ shuffled passes (the sampler is the whole data state of a checkpoint) and keeps 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 import torch
 
-from tiaoyu_cli.data.preference import PairExample, collate_pairs
+from tiaoyu_cli.data.preference import PairExample, collate_pairs, load_pairs
 from tiaoyu_cli.train.engine.sampler import EpochSampler
 from tiaoyu_cli.train.engine.stage import BaseStage
+from tiaoyu_cli.train.rl.prompts import split_holdout
+
+
+@dataclass(kw_only=True)
+class PairInputs:
+    """The inputs the stages on preference pairs share besides the start checkpoint: the base of their stage
+    configs (stages/reward.py, stages/dpo.py)."""
+
+    data: Path = field(metadata={"help": "preference JSONL: {prompt, chosen, rejected}"})
+    val: Optional[Path] = field(default=None, metadata={
+        "help": "held-out preference JSONL (default: hold out --val-frac of data)"})
+    skip_bad: bool = field(default=False, metadata={"negatable": False, "help": "skip (and count) bad records instead of stopping"})
+
+
+def load_pair_split(inputs: PairInputs, tok, max_len: int, val_frac: float, seed: int) -> tuple[list, list, int]:
+    """(training pairs, held-out pairs, bad records skipped): all of --val when given, else a fixed random
+    `val_frac` of the data (split_holdout)."""
+    stats: dict = {}
+    pairs = load_pairs(inputs.data, tok, max_len, inputs.skip_bad, stats)
+    if inputs.val is not None:
+        held = load_pairs(inputs.val, tok, max_len, inputs.skip_bad)
+    else:
+        pairs, held = split_holdout(pairs, val_frac, seed)
+    return pairs, held, stats.get("skipped", 0)
 
 
 class PairStage(BaseStage):

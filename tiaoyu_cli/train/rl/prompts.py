@@ -3,10 +3,28 @@ may take, a fixed random held-out share, and reading prompt files with both."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
 import torch
 
 from tiaoyu_cli.data.preference import load_prompts
 from tiaoyu_cli.errors import TiaoyuError
+
+
+@dataclass
+class RLInputs:
+    """The inputs PPO and GRPO share besides the start checkpoint and the prompts: the base of their stage
+    configs (stages/ppo.py, stages/grpo.py)."""
+
+    ref: Optional[Path] = field(default=None, metadata={
+        "help": "reference checkpoint for the KL term (default: the start)"})
+    val: Optional[Path] = field(default=None, metadata={
+        "help": "held-out prompts (default: hold out --val-frac of data)"})
+    val_frac: float = field(default=0.05, metadata={"help": "share of the prompts held out when --val is not given"})
+    eval_before: bool = field(default=True, metadata={"help": "evaluate the starting model too"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip (and count) bad records instead of stopping"})
 
 
 def prompt_room(context: int, max_new_tokens: int, prefix: int = 0, what: str = "the model's context") -> int:

@@ -9,7 +9,9 @@ The objectives live in objectives/sft.py (assistant-token cross-entropy) and obj
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -26,36 +28,30 @@ from tiaoyu_cli.train.objectives.classify import ClassifyConfig, ClassifyStage, 
 from tiaoyu_cli.train.objectives.sft import (SFTConfig, SFTStage, count_parameters, describe_trainable,
                                              select_trainable)
 
-_LORA = L.LoraConfig()
+@dataclass(kw_only=True)
+class Config:
+    """Everything `tiaoyu sft` (chat or --task classify) and `tiaoyu lora` take besides the loop's TrainConfig:
+    the inputs, and the objective's config `sft` (--task classify reads only its max_len). Its default
+    replay_ratio is 0.1, the share used once --replay names pretraining tokens (without --replay it is 0)."""
 
-
-@dataclass
-class ChatOptions:
-    """Options of a chat fine-tuning run (sft or lora) besides the loop's TrainConfig."""
-
-    base: Path
-    data: Path
-    eval_data: Optional[Path] = None
-    eval_samples: int = 200
-    eval_max_new_tokens: int = 32
-    eval_tools: str = ""
-    tool_schemas: Optional[bool] = None
-    eval_before: bool = True
-    max_len: int = 0
-    overflow: str = "truncate"
-    pack: bool = False
-    skip_bad: bool = False
-    train_parts: Optional[str] = None
-    method: str = "full"
-    virtual_tokens: int = 20
-    adapter_dim: int = 16
-    rank: int = _LORA.rank
-    alpha: float = _LORA.alpha
-    lora_dropout: float = _LORA.dropout
-    targets: str = ",".join(_LORA.targets)
-    replay: Optional[Path] = None
-    replay_ratio: float = 0.1
-    pretrain_val: Optional[Path] = None
+    base: Path = field(metadata={"help": "checkpoint to fine-tune (run folder or step folder)"})
+    data: Path = field(metadata={
+        "help": "chat records JSONL ({\"messages\": […]}); {\"text\",\"label\"} with --task classify"})
+    task: str = field(default="chat", metadata={"help": "chat | classify"})
+    eval_data: Optional[Path] = field(default=None, metadata={
+        "help": "held-out records: val loss + answer accuracy by generation"})
+    eval_before: bool = field(default=True, metadata={"help": "evaluate the starting model too"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip (and count) invalid records instead of stopping"})
+    train_parts: Optional[str] = field(default=None, metadata={
+        "help": "which weights learn: full | ffn | attn | head | embeddings, comma-separated (default: full; with "
+                "another --method: none)"})
+    replay: Optional[Path] = field(default=None, metadata={
+        "help": "pretraining token folder to mix in against forgetting"})
+    pretrain_val: Optional[Path] = field(default=None, metadata={
+        "help": "token folder whose val split measures forgetting (base_val_loss; default: --replay's)"})
+    adapter_only: bool = field(default=False, metadata={
+        "help": "save only the LoRA adapter at each checkpoint, not the merged model (`tiaoyu lora`)"})
+    sft: SFTConfig = field(default_factory=partial(SFTConfig, replay_ratio=0.1))
 
 
 def shards_for(path: Path, tok, what: str):
@@ -68,16 +64,13 @@ def shards_for(path: Path, tok, what: str):
     return train_sh, val_sh
 
 
-def prepare_chat(o: ChatOptions, train: TrainConfig, stage_name: str, save_as: str) -> Plan:
-    cfg = SFTConfig(max_len=o.max_len, overflow=o.overflow, pack=o.pack, train=o.train_parts or "full",
-                    method=o.method, virtual_tokens=o.virtual_tokens, adapter_dim=o.adapter_dim, lora_rank=o.rank,
-                    lora_alpha=o.alpha, lora_dropout=o.lora_dropout, lora_targets=o.targets,
-                    replay_ratio=o.replay_ratio if o.replay else 0.0, eval_samples=o.eval_samples,
-                    eval_max_new_tokens=o.eval_max_new_tokens, eval_tools=o.eval_tools)
+def prepare_chat(o: Config, train: TrainConfig, stage_name: str, save_as: str) -> Plan:
+    s = o.sft
+    cfg = dataclasses.replace(s, train=o.train_parts or "full", replay_ratio=s.replay_ratio if o.replay else 0.0)
     cfg.validate()
     lora_cfg = None
-    if o.method == "lora":
-        lora_cfg = L.LoraConfig(rank=o.rank, alpha=o.alpha, dropout=o.lora_dropout, targets=L.parse_targets(o.targets))
+    if s.method == "lora":
+        lora_cfg = L.LoraConfig(rank=s.lora_rank, alpha=s.lora_alpha, dropout=s.lora_dropout, targets=L.parse_targets(s.lora_targets))
         lora_cfg.validate()
     base_dir = resolve_checkpoint(o.base)
     tok = load_tokenizer(base_dir)
@@ -88,17 +81,17 @@ def prepare_chat(o: ChatOptions, train: TrainConfig, stage_name: str, save_as: s
                           f"language-model checkpoint")
     if tok.vocab_size > mcfg.vocab_size:
         raise TiaoyuError(f"{base_dir}: tokenizer has {tok.vocab_size} tokens, the model only {mcfg.vocab_size}")
-    max_len = o.max_len or mcfg.max_seq_len
+    max_len = s.max_len or mcfg.max_seq_len
     if max_len > mcfg.max_seq_len:
         raise TiaoyuError(f"--max-len {max_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
     cfg.max_len = max_len
 
-    data = ChatDataset(o.data, tok, max_len, overflow=o.overflow, skip_bad=o.skip_bad)
-    cfg.tool_schemas = o.tool_schemas if o.tool_schemas is not None else data.tool_schemas()
-    rows = pack_examples(data.examples, max_len, seed=train.seed) if o.pack else data.examples
+    data = ChatDataset(o.data, tok, max_len, overflow=s.overflow, skip_bad=o.skip_bad)
+    cfg.tool_schemas = s.tool_schemas if s.tool_schemas is not None else data.tool_schemas()
+    rows = pack_examples(data.examples, max_len, seed=train.seed) if s.pack else data.examples
     eval_ds, eval_records = None, []
     if o.eval_data is not None:
-        eval_ds = ChatDataset(o.eval_data, tok, max_len, overflow=o.overflow, skip_bad=o.skip_bad)
+        eval_ds = ChatDataset(o.eval_data, tok, max_len, overflow=s.overflow, skip_bad=o.skip_bad)
         eval_records = [{"messages": m, **({"answer": a} if a is not None else {})}
                         for m, a in zip(eval_ds.messages, eval_ds.answers) if m[-1]["role"] == "assistant"]
     replay = base_val = None
@@ -111,17 +104,17 @@ def prepare_chat(o: ChatOptions, train: TrainConfig, stage_name: str, save_as: s
 
     # what trains
     prompt = None
-    if o.method == "full":
+    if s.method == "full":
         select_trainable(model, o.train_parts or "full")
     else:
         for p in model.parameters():
             p.requires_grad_(False)
-        if o.method == "lora":
+        if s.method == "lora":
             L.apply_lora(model, lora_cfg)
-        elif o.method == "adapter":
-            A.apply_bottleneck(model, o.adapter_dim)
+        elif s.method == "adapter":
+            A.apply_bottleneck(model, s.adapter_dim)
         else:
-            prompt = A.SoftPrompt(o.virtual_tokens, mcfg.dim, init_from=model.model.embed_tokens.weight, seed=train.seed)
+            prompt = A.SoftPrompt(s.virtual_tokens, mcfg.dim, init_from=model.model.embed_tokens.weight, seed=train.seed)
         if o.train_parts:  # extra base parts to train alongside the added weights
             keep = {n for n, p in model.named_parameters() if p.requires_grad}
             select_trainable(model, o.train_parts)
@@ -137,30 +130,21 @@ def prepare_chat(o: ChatOptions, train: TrainConfig, stage_name: str, save_as: s
                            "trainable_share": trainable / max(1, total), "data": str(o.data),
                            "eval_data": str(o.eval_data) if o.eval_data else None,
                            "replay": str(o.replay) if o.replay else None, "data_stats": vars(data.stats)})
-    what = {"full": f"--train {o.train_parts or 'full'}", "lora": f"LoRA r={o.rank} α={o.alpha} on {o.targets}",
-            "adapter": f"bottleneck adapters (width {o.adapter_dim})",
-            "prompt": f"soft prompt of {o.virtual_tokens} vectors"}[o.method]
+    what = {"full": f"--train {o.train_parts or 'full'}", "lora": f"LoRA r={s.lora_rank} α={s.lora_alpha} on {s.lora_targets}",
+            "adapter": f"bottleneck adapters (width {s.adapter_dim})",
+            "prompt": f"soft prompt of {s.virtual_tokens} vectors"}[s.method]
     lines = [f"{stage_name}: {base_dir} → {train.out}; {what}; {describe_trainable(trainable, total)}",
-             f"data: {data.stats.summary()}" + (f"; packed into {len(rows):,} rows of ≤ {max_len} tokens" if o.pack else "")]
+             f"data: {data.stats.summary()}" + (f"; packed into {len(rows):,} rows of ≤ {max_len} tokens" if s.pack else "")]
     if eval_ds is not None:
-        lines.append(f"eval: {eval_ds.stats.summary()}; answer accuracy on {min(len(eval_records), o.eval_samples)} questions")
+        lines.append(f"eval: {eval_ds.stats.summary()}; answer accuracy on {min(len(eval_records), s.eval_samples)} questions")
     if replay is not None:
         lines.append(f"replay: {replay.num_tokens:,} pretraining tokens, ratio {cfg.replay_ratio}")
     return Plan(model, stage, tok, parent=str(base_dir), lines=lines,
                 eval_before=o.eval_before and (eval_ds is not None or base_val is not None))
 
 
-def run_chat(o: ChatOptions, train: TrainConfig, stage_name: str = "sft", save_as: str = "full", log=print) -> dict:
-    """Chat fine-tuning (sft, or lora with save_as="adapter"). Returns the final eval (with "before")."""
-    res = run_stage(stage_name, train, lambda: prepare_chat(o, train, stage_name, save_as),
-                    default_epochs=1.0, log=log)
-    if save_as == "adapter":
-        publish_final_adapter(Path(train.out), log)
-    return res
-
-
-def prepare_classify(o: ChatOptions, train: TrainConfig) -> Plan:
-    """--task classify reads base, data, eval_data, max_len, skip_bad, train_parts and eval_before of the options."""
+def prepare_classify(o: Config, train: TrainConfig) -> Plan:
+    """--task classify reads base, data, eval_data, skip_bad, train_parts, eval_before and sft.max_len."""
     pairs, st = read_classification(o.data, skip_bad=o.skip_bad)
     labels = sorted(st.counts)
     if len(labels) < 2:
@@ -171,7 +155,7 @@ def prepare_classify(o: ChatOptions, train: TrainConfig) -> Plan:
     model, base_dir = build_classifier(base_dir, labels)
     select_trainable(model, o.train_parts or "full")
     trainable, total = count_parameters(model)
-    cfg = ClassifyConfig(max_len=o.max_len or model.config.max_seq_len)
+    cfg = ClassifyConfig(max_len=o.sft.max_len or model.config.max_seq_len)
     if cfg.max_len > model.config.max_seq_len:
         raise TiaoyuError(f"--max-len {cfg.max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     stage = ClassifyStage(pairs, labels, tok, cfg, train.batch_size, seed=train.seed, eval_data=eval_pairs)
@@ -182,6 +166,21 @@ def prepare_classify(o: ChatOptions, train: TrainConfig) -> Plan:
     return Plan(model, stage, tok, parent=str(base_dir), lines=[line], eval_before=bool(eval_pairs) and o.eval_before)
 
 
-def run_classify(o: ChatOptions, train: TrainConfig, log=print) -> dict:
-    """`tiaoyu sft --task classify`: a classification head on the base, cross-entropy over the labels."""
-    return run_stage("classify", train, lambda: prepare_classify(o, train), default_epochs=1.0, log=log)
+def run(cfg: Config, train: TrainConfig, log=print) -> dict:
+    """`tiaoyu sft` (chat, or --task classify: a classification head on the base, cross-entropy over the labels)
+    and `tiaoyu lora` (adapter_only). Returns the final eval (with "before")."""
+    if cfg.task not in ("chat", "classify"):
+        raise TiaoyuError(f"--task {cfg.task!r}: choose chat or classify")
+    if cfg.sft.eval_samples < 0 or cfg.sft.max_len < 0:
+        raise TiaoyuError("--eval-samples and --max-len must not be negative")
+    if cfg.task == "classify":
+        if cfg.sft.method != "full":
+            raise TiaoyuError(f"--task classify trains with --method full (and --train PARTS), not --method {cfg.sft.method}")
+        return run_stage("classify", train, lambda: prepare_classify(cfg, train), default_epochs=1.0, log=log)
+    if cfg.adapter_only and cfg.sft.method != "lora":
+        raise TiaoyuError(f"only a LoRA run saves an adapter alone (--method lora, not {cfg.sft.method})")
+    name, save_as = ("lora", "adapter") if cfg.adapter_only else ("sft", "merged" if cfg.sft.method == "lora" else "full")
+    res = run_stage(name, train, lambda: prepare_chat(cfg, train, name, save_as), default_epochs=1.0, log=log)
+    if save_as == "adapter":
+        publish_final_adapter(Path(train.out), log)
+    return res

@@ -9,34 +9,45 @@ or resume the run's own model), check that they fit together, and hand a `Pretra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import List, Optional
 
 from tiaoyu_cli.checkpoint import load_config, load_model, load_tokenizer, load_trainer_info, resolve_checkpoint
 from tiaoyu_cli.data.shards import check_fingerprint, open_tokens
+from tiaoyu_cli.device import pin_threads
 from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.model import Transformer
 from tiaoyu_cli.model import preset as make_preset
+from tiaoyu_cli.model.config import parse_overrides
 from tiaoyu_cli.tokenizer import model_token_ids, open_tokenizer
 from tiaoyu_cli.train.engine.config import TrainConfig
 from tiaoyu_cli.train.engine.run import Plan, run_stage
 from tiaoyu_cli.train.objectives.pretrain import PretrainConfig, PretrainStage
 
 
-@dataclass
-class PretrainRun:
-    """What `tiaoyu pretrain` trains on and from (the loop's options are the TrainConfig)."""
+@dataclass(kw_only=True)
+class Config:
+    """Everything `tiaoyu pretrain` takes besides the loop's TrainConfig: what it trains on and from, and the
+    objective's own config (its seq_len 0 here: the model's max_seq_len, at most 2048 for an open model)."""
 
-    tokens: str
-    preset: str = "tiny"
-    model: dict | None = None  # model config overrides (--model KEY=VALUE)
-    init: str | None = None  # continue from this checkpoint (ours, or a Hugging Face model folder)
-    tokenizer: str | None = None  # default: the one recorded with the shards (ours, or an open model's folder)
-    seq_len: int = 0  # 0 = the model's max_seq_len
-    sampling: str = "random"
-    eval_batches: int = 16
+    tokens: Path = field(metadata={"help": "token folder from `tiaoyu tokenize encode` (train/ and val/ inside)"})
+    preset: str = field(default="tiny", metadata={"help": "model preset: tiny | small | base | moe-small | moe-tiny"})
+    model: Optional[List[str]] = field(default=None, metadata={
+        "help": "override a model field, KEY=VALUE (repeatable), e.g. dim=256, n_layers=6, position=learned, "
+                "tie_embeddings=false"})
+    init: Optional[Path] = field(default=None, metadata={
+        "help": "start from this checkpoint or Hugging Face model folder (continued pretraining)"})
+    tokenizer: Optional[Path] = field(default=None, metadata={
+        "help": "tokenizer folder, or an open model's folder, for a new model (default: the one recorded with the "
+                "shards)"})
+    threads: int = field(default=0, metadata={
+        "help": "CPU threads per process for torch (0 = chosen for the model size and the machine's load)"})
+    pretrain: PretrainConfig = field(default_factory=partial(PretrainConfig, seq_len=0))
 
 
 # an open model's context (32k, 128k tokens) is far more than a window of continued pretraining needs by default
@@ -63,14 +74,15 @@ def find_tokenizer(tokens: Path, given: str | None):
     raise TiaoyuError(f"cannot tell which tokenizer made {tokens}: pass --tokenizer tok/")
 
 
-def prepare_pretrain(o: PretrainRun, train: TrainConfig) -> Plan:
+def prepare(o: Config, train: TrainConfig) -> Plan:
     """Open the shards, build (or load) the model and tokenizer, check that they fit together."""
     tokens = Path(o.tokens)
     train_sh, val_sh = open_tokens(tokens)
     for shards in (train_sh, val_sh):  # map every shard now: a truncated file fails here, not mid-run
         if shards is not None:
             shards.arrays()
-    sl = o.seq_len
+    sl = o.pretrain.seq_len
+    overrides = parse_overrides(o.model)
     if train.resume:  # the run's own architecture and tokenizer, whatever --preset says
         ckpt = resolve_checkpoint(train.out)
         net = Transformer(load_config(ckpt))
@@ -78,14 +90,14 @@ def prepare_pretrain(o: PretrainRun, train: TrainConfig) -> Plan:
         if not sl:
             sl = int((load_trainer_info(ckpt).get("stage_config") or {}).get("seq_len") or 0)
     elif o.init is not None:
-        net, init_dir = load_model(o.init, config_overrides=o.model or None)
+        net, init_dir = load_model(o.init, config_overrides=overrides or None)
         tok = load_tokenizer(init_dir)
         if o.tokenizer is not None and open_tokenizer(o.tokenizer).fingerprint != tok.fingerprint:
             raise TiaoyuError(f"--tokenizer {o.tokenizer} is not the tokenizer of --init {init_dir}: continued "
                               "pretraining keeps the model's own tokenizer (leave --tokenizer out)")
     else:  # a new model of a preset size on the tokenizer's vocabulary (tiaoyu's own or an open model's)
         tok = find_tokenizer(tokens, o.tokenizer)
-        cfg = make_preset(o.preset, **{"vocab_size": tok.vocab_size, **model_token_ids(tok), **(o.model or {})})
+        cfg = make_preset(o.preset, **{"vocab_size": tok.vocab_size, **model_token_ids(tok), **overrides})
         net = Transformer(cfg)
     check_fingerprint(train_sh, tok)
     if not sl and net.config.family:
@@ -100,7 +112,7 @@ def prepare_pretrain(o: PretrainRun, train: TrainConfig) -> Plan:
     if train_sh.num_tokens < sl + 2:
         raise TiaoyuError(f"{tokens} holds {train_sh.num_tokens} training tokens, fewer than one window of "
                           f"--seq-len {sl} + 1; use a smaller --seq-len or more data")
-    stage = PretrainStage(train_sh, val_sh, PretrainConfig(seq_len=sl, sampling=o.sampling, eval_batches=o.eval_batches),
+    stage = PretrainStage(train_sh, val_sh, dataclasses.replace(o.pretrain, seq_len=sl),
                           batch_size=train.batch_size, seed=train.seed)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     line = (f"pretrain: {net.num_parameters() / 1e6:.2f}M parameters, {train_sh.num_tokens:,} training tokens, "
@@ -108,6 +120,10 @@ def prepare_pretrain(o: PretrainRun, train: TrainConfig) -> Plan:
     return Plan(net, stage, tok, parent=str(o.init) if o.init else None, lines=[line], eval_before=False)
 
 
-def run_pretrain(o: PretrainRun, train: TrainConfig, log=print) -> dict:
+def run(cfg: Config, train: TrainConfig, log=print) -> dict:
     """`tiaoyu pretrain`: next-token prediction on token shards, through the one run path."""
-    return run_stage("pretrain", train, lambda: prepare_pretrain(o, train), log=log)
+    if cfg.pretrain.seq_len < 0 or cfg.threads < 0 or cfg.pretrain.eval_batches <= 0:
+        raise TiaoyuError("--seq-len and --threads must not be negative, --eval-batches must be positive")
+    if cfg.threads:
+        pin_threads(cfg.threads)
+    return run_stage("pretrain", train, lambda: prepare(cfg, train), log=log)

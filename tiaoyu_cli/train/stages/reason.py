@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -45,6 +46,7 @@ from tiaoyu_cli.data.jsonl import RecordCounts, load_records, read_jsonl
 from tiaoyu_cli.data.preference import PromptExample, encode_prompt
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.infer.generate import open_think_ids
+from tiaoyu_cli.infer.tools import ToolOptions
 from tiaoyu_cli.train.engine.config import TrainConfig
 from tiaoyu_cli.train.engine.run import Plan, run_stage
 from tiaoyu_cli.train.objectives.grpo import GRPOConfig, GRPOStage, ToolUse
@@ -330,21 +332,7 @@ def make_reason_sft_stage(rows, cfg, batch_size: int, seed: int, eval_data, eval
                           name="reason", info=info)
 
 
-@dataclass
-class ReasonOptions:
-    ckpt: Path
-    data: Path
-    eval_data: Path | None = None
-    eval_samples: int = 200
-    eval_max_new_tokens: int = 96
-    max_len: int = 0
-    skip_bad: bool = False
-    direct: bool = False
-    only_correct: bool = False
-    eval_tools: str = ""  # tools the eval answers may call (think, call, answer): answer_acc with the tools
-
-
-def prepare_think_sft(o: ReasonOptions, train: TrainConfig) -> Plan:
+def prepare_think_sft(o: Config, train: TrainConfig) -> Plan:
     """Validate the traces and build the SFT stage on them (loss on reasoning + answer)."""
     if o.eval_samples < 0 or o.max_len < 0 or o.eval_max_new_tokens < 1:
         raise TiaoyuError("--eval-samples and --max-len must not be negative, --eval-max-new-tokens positive")
@@ -373,11 +361,6 @@ def prepare_think_sft(o: ReasonOptions, train: TrainConfig) -> Plan:
     return Plan(model, stage, tok, parent=str(base), lines=[line], eval_before=bool(eval_records or eval_ds))
 
 
-def run_think_sft(o: ReasonOptions, train: TrainConfig, log=print) -> dict:
-    """Stage 1: think-format SFT, through the one run path."""
-    return run_stage("reason", train, lambda: prepare_think_sft(o, train), default_epochs=1.0, log=log)
-
-
 # ---- stage 2: GRPO with verifiable rewards ----------------------------------------------------------
 
 def reason_grpo_config(**kw) -> GRPOConfig:
@@ -385,17 +368,35 @@ def reason_grpo_config(**kw) -> GRPOConfig:
     return GRPOConfig(**{"format_reward": 0.2, **kw, "think_format": True})
 
 
-@dataclass
-class ReasonRLOptions:
-    """Inputs of `reason --rl`; the GRPO options are GRPO's own config (`reason_grpo_config`) and the tools
-    GRPO's `ToolUse` (its `context` is filled from the model)."""
+@dataclass(kw_only=True)
+class Config:
+    """Everything `tiaoyu reason` (stage 1, or stage 2 with `rl`) takes besides the loop's TrainConfig. Stage 2's
+    GRPO options are GRPO's own config (`reason_grpo_config`: think format on, format weight 0.2; its eval_size
+    is `eval_samples`) and its tools the tool options."""
 
-    ckpt: Path
-    data: Path
-    eval_data: Path | None = None
-    skip_bad: bool = False
+    ckpt: Path = field(metadata={"help": "checkpoint to start from (sft for stage 1, the stage-1 result for --rl)"})
+    data: Path = field(metadata={"help": "traces JSONL (chat records with \"reasoning\"), or with --rl questions "
+                                         "JSONL ({\"prompt\", \"answer\"})"})
+    rl: bool = field(default=False, metadata={"negatable": False, "help": "stage 2: GRPO with verifiable rewards instead of SFT"})
+    eval_data: Optional[Path] = field(default=None, metadata={
+        "help": "held-out traces or {prompt, answer} records: answer accuracy and think-format rate (and val loss "
+                "for traces)"})
+    eval_samples: int = field(default=200, metadata={
+        "help": "held-out questions answered at each evaluation (0 = none)"})
+    eval_max_new_tokens: int = field(default=96, metadata={"help": "most tokens per generated eval answer"})
+    max_len: int = field(default=0, metadata={
+        "help": "stage 1: most tokens per trace (0 = the model's max_seq_len)"})
+    direct: bool = field(default=False, metadata={"negatable": False,
+        "help": "stage 1 baseline: drop the reasoning, learn answers only"})
+    only_correct: bool = field(default=False, metadata={"negatable": False,
+        "help": "stage 1, traces from `tiaoyu chat`: keep a teacher's trace only if its answer matches the reference "
+                "(input_answer)"})
+    skip_bad: bool = field(default=False, metadata={"negatable": False, "help": "skip (and count) bad records instead of stopping"})
+    eval_tools: str = field(default="", metadata={
+        "help": "stage 1: the held-out answers may call these tools (e.g. calculator), for traces that think and "
+                "then call"})
     grpo: GRPOConfig = field(default_factory=reason_grpo_config)
-    tools: ToolUse | None = None
+    tool: ToolOptions = field(default_factory=ToolOptions)
 
 
 def question_examples(records: list[dict], tok, room: int, name: str, skip_bad: bool) -> tuple[list, int]:
@@ -415,9 +416,10 @@ def question_examples(records: list[dict], tok, room: int, name: str, skip_bad: 
     return out, skipped
 
 
-def prepare_reason_rl(o: ReasonRLOptions, train: TrainConfig) -> Plan:
+def prepare_reason_rl(o: Config, train: TrainConfig) -> Plan:
     """Load the policy (and reference when β > 0) and the questions; GRPO stage with the think-format reward."""
-    cfg = o.grpo
+    cfg = dataclasses.replace(o.grpo, eval_size=o.eval_samples)
+    toolbox = o.tool.toolbox()  # first: a misspelt tool is named before any data is read
     if not cfg.think_format:
         raise TiaoyuError("reason --rl trains the think format: its GRPO config needs think_format=True")
     if cfg.format_reward < 0:
@@ -439,7 +441,8 @@ def prepare_reason_rl(o: ReasonRLOptions, train: TrainConfig) -> Plan:
             + (f", {too_long} too long skipped" if too_long else "") + f"; {len(held)} held out; "
             f"{cfg.rollout_batch_size} questions × {cfg.group_size} answers per rollout; reward = correct + "
             f"{cfg.format_reward} × format; β {cfg.beta}")
-    tools = dataclasses.replace(o.tools, context=model.config.max_seq_len) if o.tools is not None else None
+    tools = (ToolUse(toolbox, o.tool.max_tool_calls, o.tool.tool_call_penalty, model.config.max_seq_len)
+             if toolbox is not None else None)
     stage = GRPOStage(train_ex, held, cfg, batch_size=train.batch_size, tokenizer=tok, ref_model=ref, seed=train.seed,
                       tools=tools, name="reason-rl")
     if tools is not None:
@@ -447,9 +450,20 @@ def prepare_reason_rl(o: ReasonRLOptions, train: TrainConfig) -> Plan:
     return Plan(model, stage, tok, parent=str(folder), lines=[line], eval_before=bool(held))
 
 
-def run_reason_rl(o: ReasonRLOptions, train: TrainConfig, log=print) -> dict:
-    """Stage 2: GRPO (the rlhf engine's `GRPOStage`) on verifiable questions, rewarding a correct final
-    answer (1) and the think format (`format_weight`: <think>…</think> first, then a non-empty answer)."""
+def run(cfg: Config, train: TrainConfig, log=print) -> dict:
+    """Stage 1: think-format SFT; stage 2 (`rl`): GRPO (the rlhf engine's `GRPOStage`) on verifiable questions,
+    rewarding a correct final answer (1) and the think format (`format_reward`: <think>…</think> first, then a
+    non-empty answer). Both through the one run path."""
+    if cfg.eval_tools and cfg.rl:
+        raise TiaoyuError("--eval-tools is for stage 1; with --rl, --tools makes the rollouts and the "
+                          "held-out evaluation call tools")
+    if cfg.tool.wanted and not cfg.rl:
+        raise TiaoyuError("--tools is for --rl (agentic rollouts); stage 1 learns tool calls from the traces "
+                          "themselves (chat records with tool_calls)")
+    if not cfg.rl:
+        return run_stage("reason", train, lambda: prepare_think_sft(cfg, train), default_epochs=1.0, log=log)
+    if cfg.direct:
+        raise TiaoyuError("--direct is a stage-1 (SFT) baseline; it does not combine with --rl")
     if not (train.max_steps or train.max_tokens or train.max_time or train.epochs):
         raise TiaoyuError("no training budget: give --max-steps (GRPO steps) or --max-time")
-    return run_stage("reason-rl", train, lambda: prepare_reason_rl(o, train), log=log)
+    return run_stage("reason-rl", train, lambda: prepare_reason_rl(cfg, train), log=log)
