@@ -150,7 +150,8 @@ from pathlib import Path  # noqa: E402
 
 from tiaoyu_cli.errors import TiaoyuError  # noqa: E402
 from tiaoyu_cli.train.engine.trainer import TrainConfig  # noqa: E402
-from tiaoyu_cli.train.stages.distill.run import DistillOptions, run_distill  # noqa: E402
+from tiaoyu_cli.train.objectives.distill import DistillConfig
+from tiaoyu_cli.train.stages.distill.run import Config as DistillRun, run as run_distill  # noqa: E402
 
 SMALL = ["dim=64", "n_layers=2", "n_heads=2", "n_kv_heads=1", "ffn_dim=192"]
 
@@ -195,7 +196,7 @@ def other_student(tmp_path_factory, synth_dir):
 
 
 def test_white_box_refuses_different_tokenizers(base_ckpt, synth_dir, other_student, tmp_path):
-    opts = DistillOptions(teacher=base_ckpt, student=other_student, data=synth_dir / "chat.train.jsonl", mode="white")
+    opts = DistillRun(teacher=base_ckpt, student=other_student, data=synth_dir / "chat.train.jsonl", mode="white")
     with pytest.raises(TiaoyuError, match="another tokenizer.*--mode black"):
         run_distill(opts, _train(tmp_path / "o"), log=_quiet)
     assert not (tmp_path / "o" / "latest").exists()
@@ -236,7 +237,7 @@ def test_black_box_end_to_end(base_ckpt, synth_dir, other_student, tmp_path):
 
     prompts = _prompts(synth_dir, tmp_path, 6)
     keep = tmp_path / "teacher.jsonl"
-    opts = DistillOptions(teacher=base_ckpt, student=other_student, data=prompts, mode="black", keep_teacher_data=keep,
+    opts = DistillRun(teacher=base_ckpt, student=other_student, data=prompts, mode="black", keep_teacher_data=keep,
                           max_new_tokens=12, gen_batch_size=4)
     res = run_distill(opts, _train(tmp_path / "student", max_steps=2, batch_size=2), log=_quiet)
     assert res["step"] == 2
@@ -273,8 +274,8 @@ def test_topk_cache_matches_full_teacher_and_is_reused(base_ckpt, synth_dir, tmp
     V = Tokenizer.load(base_ckpt).vocab_size
     losses = {}
     for k in (0, V):
-        opts = DistillOptions(teacher=base_ckpt, student_preset="tiny", model_overrides=SMALL, data=data,
-                              mode="white", alpha=0.3, temperature=2.0, cache_topk=k)
+        opts = DistillRun(teacher=base_ckpt, student_preset="tiny", model=SMALL, data=data,
+                              mode="white", distill=DistillConfig(alpha=0.3, temperature=2.0, cache_topk=k))
         run_distill(opts, _train(tmp_path / f"k{k}", max_steps=3), log=_quiet)
         hist = [json.loads(x) for x in (tmp_path / f"k{k}" / "metrics.jsonl").read_text().splitlines()]
         losses[k] = [h["loss"] for h in hist if "loss" in h]
@@ -284,8 +285,8 @@ def test_topk_cache_matches_full_teacher_and_is_reused(base_ckpt, synth_dir, tmp
     # reused on --resume: the file is not rewritten, and the run continues
     mtime = cache.stat().st_mtime_ns
     logs = []
-    opts = DistillOptions(teacher=base_ckpt, student_preset="tiny", model_overrides=SMALL, data=data, mode="white",
-                          alpha=0.3, temperature=2.0, cache_topk=V)
+    opts = DistillRun(teacher=base_ckpt, student_preset="tiny", model=SMALL, data=data, mode="white",
+                          distill=DistillConfig(alpha=0.3, temperature=2.0, cache_topk=V))
     run_distill(opts, _train(tmp_path / f"k{V}", max_steps=4, resume=True), log=logs.append)
     assert cache.stat().st_mtime_ns == mtime and any("reusing the top-" in m for m in logs)
     # a small k keeps only the k best logits per response token
@@ -318,8 +319,8 @@ def test_topk_cache_matches_full_teacher_and_is_reused(base_ckpt, synth_dir, tmp
 def test_white_box_student_closes_half_the_gap(base_ckpt, tokens_dir, tmp_path):
     """Distillation during pretraining: a 0.16M student from the 0.9M base closes ≥ half of the held-out
     loss gap between its untrained self and the teacher (measured: 67% at this budget)."""
-    opts = DistillOptions(teacher=base_ckpt, student_preset="tiny", model_overrides=SMALL, data=tokens_dir,
-                          mode="white", alpha=0.5, temperature=1.0, seq_len=64)
+    opts = DistillRun(teacher=base_ckpt, student_preset="tiny", model=SMALL, data=tokens_dir,
+                          mode="white", distill=DistillConfig(alpha=0.5, temperature=1.0), seq_len=64)
     res = run_distill(opts, _train(tmp_path / "s", max_steps=200, batch_size=8, lr=3e-3, warmup_steps=10,
                                    log_every=100), log=_quiet)
     before, after, teacher = res["before"]["val_loss"], res["val_loss"], res["teacher_val_loss"]
@@ -334,8 +335,8 @@ def test_resume_continues_exactly(base_ckpt, tokens_dir, tmp_path):
                 if "loss" in json.loads(x)]
 
     def opts():
-        return DistillOptions(teacher=base_ckpt, student_preset="tiny", model_overrides=SMALL, data=tokens_dir,
-                              mode="white", alpha=0.5, seq_len=32)
+        return DistillRun(teacher=base_ckpt, student_preset="tiny", model=SMALL, data=tokens_dir,
+                              mode="white", distill=DistillConfig(alpha=0.5), seq_len=32)
 
     # (a constant LR: a shorter first budget would otherwise change the cosine schedule itself)
     run_distill(opts(), _train(tmp_path / "full", max_steps=4, schedule="constant"), log=_quiet)

@@ -23,7 +23,8 @@ from serve_process import chat_questions, serve_process
 from tiaoyu_cli.errors import DataError, TiaoyuError
 from tiaoyu_cli.infer.endpoint import Endpoint, EndpointError, EndpointUnavailable
 from tiaoyu_cli.train.engine.trainer import TrainConfig
-from tiaoyu_cli.train.stages.distill.run import DistillOptions, run_distill
+from tiaoyu_cli.train.objectives.distill import DistillConfig
+from tiaoyu_cli.train.stages.distill.run import Config as DistillRun, run as run_distill
 from tiaoyu_cli.train.stages.distill.teacher_data import AnswerFile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,10 +141,10 @@ def fake():
 
 
 def _opts(url, prompts, tok_dir, keep, **kw):
-    base = dict(teacher=url, data=prompts, student_preset="tiny", model_overrides=SMALL, tokenizer=tok_dir,
+    base = dict(teacher=url, data=prompts, student_preset="tiny", model=SMALL, tokenizer=tok_dir,
                 mode="black", keep_teacher_data=keep, max_new_tokens=16, teacher_concurrency=3)
     base.update(kw)
-    return DistillOptions(**base)
+    return DistillRun(**base)
 
 
 # ---- a real `tiaoyu serve` as the teacher -------------------------------------------------------------
@@ -355,7 +356,7 @@ def test_endpoint_teacher_option_errors(tok_dir, synth_dir, tmp_path):
             run_distill(_opts(url, prompts, tok_dir, tmp_path / "k.jsonl", teacher_model="m", **kw),
                         _train(tmp_path / "s"), log=lambda m: None)
     with pytest.raises(TiaoyuError, match="--teacher-model names the model of an HTTP teacher"):
-        run_distill(DistillOptions(teacher=tmp_path, data=prompts, student_preset="tiny", mode="black",
+        run_distill(DistillRun(teacher=tmp_path, data=prompts, student_preset="tiny", mode="black",
                                    teacher_model="m"), _train(tmp_path / "s"), log=lambda m: None)
     assert not (tmp_path / "s").exists()
 

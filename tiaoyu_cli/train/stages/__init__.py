@@ -7,6 +7,6 @@ nested as one field, e.g. `grpo.Config.grpo: GRPOConfig`, the tool options where
 `run(cfg, train, log=print) -> dict`. A caller names the stage by its module (`grpo.Config`, `grpo.run`):
 the same names in every module let one table drive every stage, and the stage's `Config` cannot be mistaken
 for the objective's `GRPOConfig` (the hyper-parameters recorded in trainer.json). The command's flags are
-generated from `Config` (cli/common.py `config_options`), so they are declared once. (distill/run.py still
-takes `DistillOptions` through `run_distill`, its flags declared in cli/distill.py.)
+generated from `Config` (cli/common.py `config_options`), so they are declared once. (distill is a package —
+its run and the teacher's answer file — whose `run.py` holds its `Config` and `run`.)
 """

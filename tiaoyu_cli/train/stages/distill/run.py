@@ -11,9 +11,11 @@ the same answer file, and the SFT stage trains on it the same way).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -40,39 +42,59 @@ from tiaoyu_cli.train.stages.distill.teacher_data import (EndpointTeacher, Local
 
 # ---- a whole run: what `tiaoyu distill` calls -------------------------------------------------------
 
-@dataclass
-class DistillOptions:
-    teacher: Path | str  # a checkpoint, or an OpenAI-compatible endpoint's URL (black box only)
-    data: Path  # chat/prompt JSONL, or a token folder (white box during pretraining)
-    student: Path | None = None
-    student_preset: str | None = None
-    model_overrides: list[str] = field(default_factory=list)
-    mode: str = "white"  # white | black
-    alpha: float = 0.5
-    temperature: float = 1.0
-    divergence: str = "forward"
-    cache_topk: int = 0
-    keep_teacher_data: Path | None = None
-    val: Path | None = None
-    eval_samples: int = 200
-    seq_len: int = 0
-    max_new_tokens: int = 256
-    gen_batch_size: int = 32
-    gen_temperature: float = 0.0
-    skip_bad: bool = False
-    tokenizer: Path | None = None  # the tokenizer of a --student-preset student (default: the teacher's)
-    teacher_model: str | None = None  # endpoint teacher: the model name (default: the server's only model)
-    teacher_concurrency: int = 8
-    teacher_retries: int = 5
-    teacher_timeout: float = 300.0
+@dataclass(kw_only=True)
+class Config:
+    """Everything `tiaoyu distill` takes besides the loop's TrainConfig; the white box's hyper-parameters are the
+    objective's own `DistillConfig`."""
+
+    data: Path | None = field(default=None, metadata={"help": "chat/prompt JSONL (or a token folder, same as --data)"})
+    teacher: str = field(metadata={"help": "teacher checkpoint, or an OpenAI-compatible endpoint http(s)://HOST:PORT/v1 "
+                                           "(black box; API key from OPENAI_API_KEY)"})
+    teacher_model: str | None = field(default=None, metadata={
+        "help": "endpoint teacher: the model to ask (default: the one model the server lists)"})
+    teacher_concurrency: int = field(default=8, metadata={"help": "endpoint teacher: requests in flight at once"})
+    teacher_retries: int = field(default=5, metadata={
+        "help": "endpoint teacher: retries of a request after a connection error, 429 or 5xx (exponential back-off "
+                "with jitter)"})
+    teacher_timeout: float = field(default=300.0, metadata={"help": "endpoint teacher: seconds one request may take"})
+    student: Path | None = field(default=None, metadata={"help": "student checkpoint to start from"})
+    student_preset: str | None = field(default=None, metadata={
+        "help": "build a fresh student from a preset (tiny | small | …); it takes the teacher's tokenizer, or "
+                "--tokenizer's"})
+    tokenizer: Path | None = field(default=None, metadata={
+        "help": "tokenizer (or checkpoint) folder of a --student-preset student; needed behind an endpoint teacher"})
+    model: Optional[List[str]] = field(default=None, metadata={
+        "help": "override a field of the preset student, KEY=VALUE (repeatable), e.g. dim=64, n_layers=2"})
+    tokens: Path | None = field(default=None, metadata={
+        "help": "token folder from `tiaoyu tokenize encode`: white-box distillation during pretraining"})
+    mode: str = field(default="white", metadata={"help": "white (teacher logits) | black (teacher answers, then SFT)"})
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    keep_teacher_data: Path | None = field(default=None, metadata={
+        "help": "black: the teacher's answers, appended to this JSONL as they come (chat records; default: inside "
+                "-o); a rerun asks only for prompts without an answer"})
+    val: Path | None = field(default=None, metadata={
+        "help": "held-out chat JSONL: loss on its answers and answer accuracy"})
+    eval_samples: int = field(default=200, metadata={
+        "help": "questions of --val answered by generation at each evaluation"})
+    seq_len: int = field(default=0, metadata={"help": "tokens per sequence (0 = the student's max_seq_len)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "black: most tokens per teacher answer"})
+    gen_batch_size: int = field(default=32, metadata={"help": "black, checkpoint teacher: prompts it answers together"})
+    gen_temperature: float = field(default=0.0, metadata={"help": "black: teacher sampling temperature (0 = greedy)"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip (and count) bad records instead of stopping",
+                                                    "negatable": False})
 
     @property
     def remote(self) -> bool:
         return is_endpoint(self.teacher)
 
-    def kd_config(self) -> DistillConfig:
-        return DistillConfig(alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
-                             cache_topk=self.cache_topk)
+# the white box's options as `tiaoyu distill` shows them
+DISTILL_HELP = {
+    "alpha": "white: weight of the CE on the data; 1 − α on the teacher term",
+    "temperature": "white: softening temperature T (the teacher term is × T²); T = 1 measured best here",
+    "divergence": "white: forward KL(teacher‖student) | reverse | jsd",
+    "cache_topk": "white, chat data: run the teacher once and keep its top-k logits (safetensors in -o) for every "
+                  "epoch; 0 = run it every step",
+}
 
 
 def is_token_folder(path: Path) -> bool:
@@ -80,7 +102,7 @@ def is_token_folder(path: Path) -> bool:
     return p.is_dir() and ((p / "train").is_dir() or (p / "meta.json").exists())
 
 
-def build_student(opts: DistillOptions, teacher_tok, teacher_cfg, train: TrainConfig):
+def build_student(opts: Config, teacher_tok, teacher_cfg, train: TrainConfig):
     """(student model, its tokenizer, parent path or None). A preset student takes the teacher's tokenizer
     (or --tokenizer's) and context length (the preset's behind an endpoint); `--resume` rebuilds the
     architecture the run started with."""
@@ -88,7 +110,7 @@ def build_student(opts: DistillOptions, teacher_tok, teacher_cfg, train: TrainCo
     if (opts.student is None) == (opts.student_preset is None):
         raise TiaoyuError("give the student once: --student CKPT (an existing model) or --student-preset NAME "
                           "(a fresh one with the teacher's tokenizer, or --tokenizer's)")
-    overrides = parse_overrides(opts.model_overrides)
+    overrides = parse_overrides(opts.model or [])
     if opts.student is not None and (overrides or opts.tokenizer is not None):
         raise TiaoyuError("--model and --tokenizer shape a --student-preset student; an existing --student keeps "
                           "its architecture and tokenizer")
@@ -123,7 +145,7 @@ def teacher_identity(folder: Path) -> str:
     return f"{w.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def check_options(opts: DistillOptions) -> tuple[Path, bool]:
+def check_options(opts: Config) -> tuple[Path, bool]:
     """Option and data-path checks that need no model. Returns (data path, is it a token folder)."""
     if opts.mode not in ("white", "black"):
         raise TiaoyuError(f"--mode {opts.mode!r}: choose white or black")
@@ -139,8 +161,8 @@ def check_options(opts: DistillOptions) -> tuple[Path, bool]:
         raise TiaoyuError("--teacher-model names the model of an HTTP teacher (--teacher http://HOST:PORT/v1); "
                           "a checkpoint teacher is its folder")
     if opts.mode == "white":
-        opts.kd_config().validate()
-    elif opts.cache_topk:
+        opts.distill.validate()
+    elif opts.distill.cache_topk:
         raise TiaoyuError("--cache-topk caches teacher logits: it belongs to --mode white")
     if opts.max_new_tokens < 1 or opts.gen_batch_size < 1 or opts.seq_len < 0 or opts.eval_samples < 0:
         raise TiaoyuError("--max-new-tokens and --gen-batch-size must be positive, --seq-len and --eval-samples "
@@ -154,13 +176,13 @@ def check_options(opts: DistillOptions) -> tuple[Path, bool]:
     if tokens and opts.mode == "black":
         raise TiaoyuError(f"{data} is a token folder: black-box distillation needs prompts for the teacher to "
                           f"answer (a chat or prompt JSONL); token shards work with --mode white")
-    if tokens and opts.cache_topk:
+    if tokens and opts.distill.cache_topk:
         raise TiaoyuError("--cache-topk needs a finite chat dataset; with token shards every step draws new "
                           "windows, so the teacher runs every step")
     return data, tokens
 
 
-def prepare_distill(opts: DistillOptions, train: TrainConfig, log) -> Plan:
+def prepare_distill(opts: Config, train: TrainConfig, log) -> Plan:
     """Load teacher and student, check that they fit together, and build the stage."""
     data, tokens = check_options(opts)
     teacher, tdir, ttok = None, None, None
@@ -190,7 +212,7 @@ def prepare_distill(opts: DistillOptions, train: TrainConfig, log) -> Plan:
         stage = token_stage(data, teacher, stok, opts, train, seq_len)
     elif opts.mode == "white":
         stage = chat_stage(data, stok, opts, train, seq_len, lines.append, name="distill-inner")
-        stage = DistillStage(stage, teacher, opts.kd_config(), vocab_size=stok.vocab_size,
+        stage = DistillStage(stage, teacher, opts.distill, vocab_size=stok.vocab_size,
                              cache_path=Path(train.out) / "teacher-topk.safetensors", teacher_id=teacher_identity(tdir))
     else:
         if opts.remote:
@@ -206,15 +228,21 @@ def prepare_distill(opts: DistillOptions, train: TrainConfig, log) -> Plan:
                 eval_before=opts.val is not None or tokens, before_drop_prefix="teacher_")
 
 
-def run_distill(opts: DistillOptions, train: TrainConfig, log=print) -> dict:
+def run(opts: Config, train: TrainConfig, log=print) -> dict:
     """`tiaoyu distill`: white box (DistillStage over chat records or token shards) or black box (the
     teacher answers, then the SFT stage trains the student on the answers)."""
+    if opts.data is not None and opts.tokens is not None:
+        raise TiaoyuError("give the data once: a JSONL file as the argument, or a token folder with --data")
+    if opts.tokens is not None:
+        opts = dataclasses.replace(opts, data=opts.tokens, tokens=None)
+    if opts.data is None:
+        raise TiaoyuError("no data: give a chat/prompt JSONL file, or --data tokens/ for token shards")
     check_options(opts)
     return run_stage("distill", train, lambda: prepare_distill(opts, train, log), default_epochs=1.0,
                      log=log)
 
 
-def token_stage(data: Path, teacher: nn.Module, tok, opts: DistillOptions, train: TrainConfig, seq_len: int):
+def token_stage(data: Path, teacher: nn.Module, tok, opts: Config, train: TrainConfig, seq_len: int):
     """White box during pretraining: PretrainStage windows, every token a distillation target."""
 
     train_sh, val_sh = open_tokens(data)
@@ -224,10 +252,10 @@ def token_stage(data: Path, teacher: nn.Module, tok, opts: DistillOptions, train
                           f"--seq-len {seq_len} + 1")
     inner = PretrainStage(train_sh, val_sh, PretrainConfig(seq_len=seq_len), batch_size=train.batch_size,
                           seed=train.seed)
-    return DistillStage(inner, teacher, opts.kd_config(), vocab_size=tok.vocab_size)
+    return DistillStage(inner, teacher, opts.distill, vocab_size=tok.vocab_size)
 
 
-def chat_stage(source, tok, opts: DistillOptions, train: TrainConfig, seq_len: int, log, name: str):
+def chat_stage(source, tok, opts: Config, train: TrainConfig, seq_len: int, log, name: str):
     """The SFT stage over chat records (a JSONL path or a list of records), with --val for evaluation."""
 
     ds = ChatDataset(source, tok, seq_len, skip_bad=opts.skip_bad,
@@ -243,7 +271,7 @@ def chat_stage(source, tok, opts: DistillOptions, train: TrainConfig, seq_len: i
                                      "data_stats": vars(ds.stats)})
 
 
-def open_endpoint(opts: DistillOptions, train: TrainConfig, log) -> Endpoint:
+def open_endpoint(opts: Config, train: TrainConfig, log) -> Endpoint:
     """The endpoint teacher, its model named (--teacher-model, else the one model the server lists)."""
     ep = Endpoint(str(opts.teacher), opts.teacher_model, timeout=opts.teacher_timeout, retries=opts.teacher_retries,
                   seed=train.seed)
@@ -262,12 +290,12 @@ def open_endpoint(opts: DistillOptions, train: TrainConfig, log) -> Endpoint:
     return ep
 
 
-def endpoint_teacher(endpoint: Endpoint, opts: DistillOptions, train: TrainConfig) -> EndpointTeacher:
+def endpoint_teacher(endpoint: Endpoint, opts: Config, train: TrainConfig) -> EndpointTeacher:
     return EndpointTeacher(endpoint, opts.max_new_tokens, opts.gen_temperature, opts.teacher_concurrency,
                            seed=train.seed, name=str(opts.data), skip_bad=opts.skip_bad)
 
 
-def local_teacher(teacher: nn.Module, ttok, tdir: Path, opts: DistillOptions, train: TrainConfig,
+def local_teacher(teacher: nn.Module, ttok, tdir: Path, opts: Config, train: TrainConfig,
                   log) -> LocalTeacher:
     stage = load_trainer_info(tdir).get("stage")
     if stage == "pretrain":
@@ -280,7 +308,7 @@ def local_teacher(teacher: nn.Module, ttok, tdir: Path, opts: DistillOptions, tr
     return LocalTeacher(cm, teacher_identity(tdir), options, opts.gen_batch_size, name=str(opts.data))
 
 
-def black_box_data(make_teacher, prompt_tok, data: Path, opts: DistillOptions, train: TrainConfig,
+def black_box_data(make_teacher, prompt_tok, data: Path, opts: Config, train: TrainConfig,
                    log) -> list[dict]:
     """The teacher's answers as chat records, in --keep-teacher-data (default -o/teacher.jsonl). Prompts already
     answered there are not asked again; a resumed run, and the processes of a --nproc run (their launcher asked
