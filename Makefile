@@ -42,14 +42,15 @@ test-goldens-caps: venv
 # within noise either way); `demo-full` runs the recipe as README's table was measured.
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 DEMO_TOOLS_GRPO_STEPS ?= 12
+SEED ?= 0
 demo: venv
 	$(MAKE) -j $(JOBS) -f recipes/tiny-cpu/Makefile all TIAOYU=$(abspath $(TIAOYU)) PYTHON=$(abspath $(BIN)/python) \
-	  OUT=runs/demo TOOLS_GRPO_STEPS=$(DEMO_TOOLS_GRPO_STEPS)
+	  OUT=runs/demo SEED=$(SEED) TOOLS_GRPO_STEPS=$(DEMO_TOOLS_GRPO_STEPS) TOOLS_GRPO_EVAL_EVERY=0
 	@echo "outputs in runs/demo; next: $(TIAOYU) chat runs/demo/sft · $(TIAOYU) serve runs/demo/sft · open runs/demo/report/report.html"
 
 demo-full: venv
 	$(MAKE) -j $(JOBS) -f recipes/tiny-cpu/Makefile all TIAOYU=$(abspath $(TIAOYU)) PYTHON=$(abspath $(BIN)/python) \
-	  OUT=runs/demo-full
+	  OUT=runs/demo-full SEED=$(SEED)
 	@echo "outputs in runs/demo-full; next: $(TIAOYU) chat runs/demo-full/sft · $(TIAOYU) serve runs/demo-full/sft · open runs/demo-full/report/report.html"
 
 bench: venv

@@ -33,13 +33,20 @@ TOOLS_MORE_STEPS ?= 300
 TOOLS_DIRECT_STEPS ?= 600
 TOOLS_GRPO_STEPS ?= 40
 TOOLS_GRPO_PROMPTS ?= 32
+# evaluate the agentic GRPO run every this many steps (besides its start and end; 0: only those two)
+TOOLS_GRPO_EVAL_EVERY ?= $(call steps,$(TOOLS_GRPO_STEPS)/2)
 STUDENT  ?= --student-preset tiny --model dim=64 --model n_layers=2 --model n_heads=2 --model n_kv_heads=1 --model ffn_dim=192
 RECIPE   ?= $(dir $(firstword $(MAKEFILE_LIST)))
 RECIPES  := $(dir $(lastword $(MAKEFILE_LIST)))
 D        := $(OUT)/data
 steps     = $(shell $(PYTHON) -c "print(max(2, int($(1) * $(SCALE))))")
 EVALN     = $(shell $(PYTHON) -c "print(max(8, int(400 * min(1.0, $(SCALE) * 4))))")
-COMMON   := --device $(DEVICE) --dtype $(DTYPE) --seed 0 --keep 1
+# the training seed of every stage (the synthetic data keeps seed 0): `SEED=1` is another draw of the same recipe
+SEED     ?= 0
+COMMON   := --device $(DEVICE) --dtype $(DTYPE) --seed $(SEED) --keep 1
+# environment of the pretraining command alone (the tiny-cpu recipe gives it every core: nothing else can run
+# beside it, and the losses are the same at any thread count)
+PRETRAIN_ENV ?=
 
 .PHONY: all data prep tokenizer tokens pretrain sft lora reward dpo grpo distill reason reason-rl tools tools-direct tools-grpo chat summary bench report clean
 
@@ -67,7 +74,7 @@ $(OUT)/tokens/meta.json: $(OUT)/tok/tokenizer.model
 # 5. pretrain the tiny model (~1.5M parameters)
 pretrain: $(OUT)/base/latest/model.safetensors
 $(OUT)/base/latest/model.safetensors: $(OUT)/tokens/meta.json
-	$(TRAIN) pretrain $(OUT)/tokens -o $(OUT)/base --config $(RECIPE)pretrain.json $(COMMON) \
+	$(PRETRAIN_ENV) $(TRAIN) pretrain $(OUT)/tokens -o $(OUT)/base --config $(RECIPE)pretrain.json $(COMMON) \
 	  --preset $(PRESET) --seq-len $(SEQ) --batch-size $(BATCH) --lr $(PRETRAIN_LR) \
 	  --max-steps $(call steps,$(PRETRAIN_STEPS)) --eval-every $(call steps,$(PRETRAIN_STEPS)/4)
 
@@ -161,7 +168,7 @@ $(OUT)/tools-grpo/latest/model.safetensors: $(OUT)/tools-1/latest/model.safetens
 	$(TRAIN) rlhf grpo $(OUT)/tools-1 $(D)/tools.train.jsonl --val $(D)/tools.val.jsonl -o $(OUT)/tools-grpo $(COMMON) \
 	  --tools calculator --max-tool-calls 3 --max-new-tokens 64 --eval-size $(EVALN) --lr 0.0001 \
 	  --rollout-batch-size $(TOOLS_GRPO_PROMPTS) --group-size 8 --batch-size 16 --grad-accum $(shell echo $$(( $(TOOLS_GRPO_PROMPTS) / 2 ))) \
-	  --max-steps $(call steps,$(TOOLS_GRPO_STEPS)) --eval-every $(call steps,$(TOOLS_GRPO_STEPS)/2)
+	  --max-steps $(call steps,$(TOOLS_GRPO_STEPS)) --eval-every $(TOOLS_GRPO_EVAL_EVERY)
 $(OUT)/tools-grpo/paired.json: $(OUT)/tools-grpo/latest/model.safetensors
 	$(PYTHON) $(RECIPES)paired.py $(OUT)/tools-1 $(OUT)/tools-grpo $(D)/tools.val.jsonl --n $(EVALN) -o $@.tmp && mv $@.tmp $@
 
@@ -172,7 +179,8 @@ $(OUT)/chat.jsonl: $(OUT)/sft/latest/model.safetensors $(OUT)/reason-rl/latest/m
 	head -n 5 $(D)/verifiable.val.jsonl | $(TIAOYU) chat $(OUT)/reason-rl --temperature 0 > $@.tmp && mv $@.tmp $@
 
 # 15. one table: stage, metric, before → after ± standard error (also runs/demo/summary.json), and the loss curves
-summary: chat pretrain sft lora reward dpo grpo distill reason reason-rl tools tools-direct tools-grpo
+# the longest chain first (pretrain → tool SFT → agentic GRPO), so `make -j` starts it before the rest
+summary: tools-grpo tools chat pretrain sft lora reward dpo grpo distill reason reason-rl tools-direct
 	$(PYTHON) $(RECIPES)summary.py $(OUT)
 	-$(TIAOYU) eval plot $(OUT)/base $(OUT)/sft $(OUT)/lora $(OUT)/student $(OUT)/reason -o $(OUT)/curves.png
 
