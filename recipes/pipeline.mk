@@ -50,7 +50,7 @@ PRETRAIN_ENV ?=
 
 .PHONY: all data prep tokenizer tokens pretrain sft lora reward dpo grpo distill reason reason-rl tools tools-direct tools-grpo chat summary bench report clean
 
-all: report
+all: summary report
 
 # 1. synthetic corpus: text, chat, preference, verifiable, reasoning, classification (+ val splits)
 data: $(D)/manifest.json
@@ -178,10 +178,17 @@ $(OUT)/chat.jsonl: $(OUT)/sft/latest/model.safetensors $(OUT)/reason-rl/latest/m
 	$(TIAOYU) chat $(OUT)/sft --prompt "What is 3 + 4?" --temperature 0
 	head -n 5 $(D)/verifiable.val.jsonl | $(TIAOYU) chat $(OUT)/reason-rl --temperature 0 > $@.tmp && mv $@.tmp $@
 
+# what a run's figures depend on (OUT/settings.json); SPREAD: those figures measured over seeds and CPU
+# capabilities at the same settings (recipes/spread.py), shown beside this run's when the settings match
+SETTINGS = SEED SCALE DEVICE DTYPE PRESET TEXT_MB VOCAB SEQ BATCH PRETRAIN_STEPS PRETRAIN_LR SFT_STEPS LORA_STEPS RM_STEPS \
+	DPO_STEPS GRPO_STEPS DISTILL_STEPS REASON_STEPS REASON_RL_STEPS TOOLS_STEPS TOOLS_MORE_STEPS TOOLS_DIRECT_STEPS \
+	TOOLS_GRPO_STEPS TOOLS_GRPO_PROMPTS TOOLS_GRPO_EVAL_EVERY
+SPREAD  ?= $(RECIPE)spread.json
+
 # 15. one table: stage, metric, before → after ± standard error (also runs/demo/summary.json), and the loss curves
 # the longest chain first (pretrain → tool SFT → agentic GRPO), so `make -j` starts it before the rest
-summary: tools-grpo tools chat pretrain sft lora reward dpo grpo distill reason reason-rl tools-direct
-	$(PYTHON) $(RECIPES)summary.py $(OUT)
+summary: tools-grpo tools reason-rl chat pretrain sft lora reward dpo grpo distill reason reason-rl tools-direct
+	$(PYTHON) $(RECIPES)summary.py $(OUT) --spread $(SPREAD) --settings $(foreach v,$(SETTINGS),$(v)=$($(v)))
 	-$(TIAOYU) eval plot $(OUT)/base $(OUT)/sft $(OUT)/lora $(OUT)/student $(OUT)/reason -o $(OUT)/curves.png
 
 # 16. the benchmark of held-out facts (data/bench/, written by `tiaoyu synth`) on each language-model
@@ -189,11 +196,13 @@ summary: tools-grpo tools chat pretrain sft lora reward dpo grpo distill reason 
 BENCH_RUNS ?= base sft lora-merged dpo grpo student reason reason-rl
 REPORT_RUNS ?= base sft lora rm dpo grpo student reason reason-rl
 bench: $(foreach r,$(BENCH_RUNS),$(OUT)/bench/$(r).json)
-$(OUT)/bench/%.json: | summary
+# each benchmark as soon as its checkpoint is written (side by side with the training still running)
+$(foreach r,$(BENCH_RUNS),$(eval $(OUT)/bench/$(r).json: $(if $(filter lora-merged,$(r)),$(OUT)/lora-merged/model.safetensors,$(OUT)/$(r)/latest/model.safetensors)))
+$(OUT)/bench/%.json:
 	$(TIAOYU) eval bench $(OUT)/$* $(D)/bench --task ceval --style cloze --device $(DEVICE) -o $@
 
 report: $(OUT)/report/report.html
-$(OUT)/report/report.html: bench
+$(OUT)/report/report.html: bench | summary
 	$(TIAOYU) report $(foreach r,$(REPORT_RUNS),$(OUT)/$(r)) $(foreach r,$(BENCH_RUNS),--bench $(OUT)/bench/$(r).json) -o $(OUT)/report
 
 clean:

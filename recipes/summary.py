@@ -1,6 +1,10 @@
 """Print the demo's result table — stage, metric, before → after — and write OUT/summary.json.
 
-    python recipes/summary.py runs/demo
+    python recipes/summary.py runs/demo [--settings SEED=0 SCALE=1 …] [--spread recipes/tiny-cpu/spread.json]
+
+`--settings` (the recipe passes its budgets and seed) are written to OUT/settings.json with torch's CPU
+capability and version; with `--spread`, a file of the same settings measured over several seeds and CPU
+capabilities (recipes/spread.py), each row also shows the measured spread and whether this run is inside it.
 
 "Before" is the first evaluation a run logged (stages evaluate their starting model at step 0),
 "after" the last; for pretraining, "before" is the loss at step 1 (≈ ln(vocab) for a fresh model).
@@ -79,6 +83,7 @@ def row(stage: str, run: str, key: str, what: str, before: dict | None, after: d
         nk = count_key(key)
         r["se_before"] = standard_error(b, (before or {}).get(nk))
         r["se_after"] = standard_error(a, after.get(nk))
+        r["n_after"] = after.get(nk)
         if b is not None and r["se_before"] is not None and r["se_after"] is not None:
             se = math.hypot(r["se_before"], r["se_after"])
             r["gain_over_se"] = (a - b) / se if se > 0 else (0.0 if a == b else math.copysign(math.inf, a - b))
@@ -134,8 +139,53 @@ def fmt(v: float | None, key: str) -> str:
     return f"{v:.3f}"
 
 
-def main(out: str) -> int:
-    root = Path(out)
+def write_settings(root: Path, pairs: list[str]) -> dict:
+    """OUT/settings.json: the recipe's settings (K=V, numbers parsed), torch's CPU capability and version."""
+    settings: dict = {}
+    for kv in pairs:
+        k, _, v = kv.partition("=")
+        try:
+            settings[k] = json.loads(v)
+        except json.JSONDecodeError:
+            settings[k] = v
+    try:
+        import torch
+
+        settings["capability"] = torch.backends.cpu.get_cpu_capability()
+        settings["torch"] = torch.__version__
+    except ImportError:
+        pass
+    (root / "settings.json").write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+    return settings
+
+
+def spread_column(root: Path, spread_file: Path | None) -> dict[str, str]:
+    """row key → "mean (min–max)" and a flag when this run is outside the band, where the spread's settings match."""
+    if spread_file is None or not spread_file.is_file():
+        return {}
+    sys.path.insert(0, str(Path(__file__).parent))
+    import spread
+
+    ref = json.loads(spread_file.read_text(encoding="utf-8"))
+    try:
+        checked = spread.check(root, ref)
+    except SystemExit as e:  # other budgets than the spread was measured at: no column
+        print(f"(no spread column: {str(e).removeprefix('error: ')})")
+        return {}
+    n = len(ref["runs"])
+    return {c["key"]: f"{spread.fmt_spread(ref['rows'][c['key']], 'after')}{'' if c['ok'] else ' OUTSIDE'} [{n}]"
+            for c in checked}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", default="runs/demo")
+    ap.add_argument("--settings", nargs="*", default=[], metavar="K=V")
+    ap.add_argument("--spread", type=Path)
+    args = ap.parse_args(argv)
+    root = Path(args.out)
     rows = []
     for stage, run, key, what in ROWS:
         lines = read_metrics(root / run)
@@ -150,24 +200,35 @@ def main(out: str) -> int:
             r["paired"] = json.loads(paired.read_text(encoding="utf-8"))
         rows.append(r)
     (root / "summary.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    write_settings(root, args.settings)
+    spreads = spread_column(root, args.spread)
+    cols = ("stage", "metric", "before", "after", "gain / SE") + (("measured spread [runs]",) if spreads else ())
     try:
         from rich.console import Console
         from rich.table import Table
 
         t = Table(title=f"tiaoyu demo — {root}")
-        for col in ("stage", "metric", "before", "after", "gain / SE"):
+        for col in cols:
             t.add_column(col, justify="left" if col in ("stage", "metric") else "right")
         for r in rows:
             t.add_row(r["stage"], r["metric"], fmt_rate(r["before"], r["se_before"], r["key"]),
-                      fmt_rate(r["after"], r["se_after"], r["key"]), fmt_gain(r))
+                      fmt_rate(r["after"], r["se_after"], r["key"]), fmt_gain(r),
+                      *([spreads.get(key_of(r), "")] if spreads else []))
         Console(width=max(Console().width, 110)).print(t)
     except ImportError:
         for r in rows:
             print(f"{r['stage']:<12} {r['metric']:<34} {fmt_rate(r['before'], r['se_before'], r['key']):>14} → "
-                  f"{fmt_rate(r['after'], r['se_after'], r['key'])}  {fmt_gain(r)}")
+                  f"{fmt_rate(r['after'], r['se_after'], r['key'])}  {fmt_gain(r)}  {spreads.get(key_of(r), '')}")
+    outside = [k for k, v in spreads.items() if "OUTSIDE" in v]
+    if outside:
+        print(f"outside the measured spread: {', '.join(outside)} (a figure that moved: see docs/demo.md)")
     print(f"written {root / 'summary.json'}")
     return 0 if rows else 1
 
 
+def key_of(r: dict) -> str:
+    return f"{Path(r['run']).name}/{r['key']}"
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "runs/demo"))
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""recipes/spread.py and recipes/summary.py's spread column, on run folders written here by hand: the band
+is [min, max] widened by 2 sd of the runs (for a rate by at least two binomial SEs of one run), a run
+outside it is flagged, and runs of other budgets are refused rather than compared."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+import spread  # noqa: E402
+import summary  # noqa: E402
+
+sys.path.pop(0)
+
+
+def fake_run(root: Path, seed: int, acc: float, loss: float, steps: int = 400) -> Path:
+    """A run folder as the recipe leaves it: sft's metrics (answer accuracy on 400 items, val loss)."""
+    (root / "sft").mkdir(parents=True)
+    lines = [{"step": 0, "eval": True, "answer_acc": 0.0, "answer_n": 400, "val_loss": 14.0},
+             {"step": 10, "loss": 3.0},
+             {"step": steps, "eval": True, "answer_acc": acc, "answer_n": 400, "val_loss": loss}]
+    (root / "sft" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    assert summary.main([str(root), "--settings", f"SEED={seed}", f"SFT_STEPS={steps}", "DTYPE=fp32"]) == 0
+    return root
+
+
+def test_collect_band_and_check(tmp_path, capsys):
+    runs = [fake_run(tmp_path / f"s{i}", i, acc, loss) for i, (acc, loss) in
+            enumerate([(0.10, 1.30), (0.14, 1.25), (0.12, 1.20)])]
+    settings = json.loads((runs[0] / "settings.json").read_text())
+    assert settings["SEED"] == 0 and settings["SFT_STEPS"] == 400 and settings["DTYPE"] == "fp32"
+    assert "capability" in settings and "torch" in settings
+    res = spread.collect(runs)
+    assert [r["SEED"] for r in res["runs"]] == [0, 1, 2]
+    acc, loss = res["rows"]["sft/answer_acc"], res["rows"]["sft/val_loss"]
+    assert acc["after"] == [0.10, 0.14, 0.12] and acc["n"] == 400 and acc["rate"] and not loss["rate"]
+    # the loss: the runs' range widened by two sample standard deviations (sd of 1.30, 1.25, 1.20 = 0.05)
+    lo, hi = spread.band(loss)
+    assert lo == pytest.approx(1.20 - 0.10) and hi == pytest.approx(1.30 + 0.10)
+    # the rate: 2 sd of the runs (0.04) is more than two binomial SEs at 12 % of 400 (0.0325): sd wins
+    lo, hi = spread.band(acc)
+    assert lo == pytest.approx(0.10 - 0.04) and hi == pytest.approx(0.14 + 0.04)
+    # identical runs still leave a rate two binomial standard errors either side
+    same = {"after": [0.5, 0.5], "rate": True, "n": 400}
+    assert spread.band(same) == pytest.approx((0.5 - 2 * math.sqrt(0.25 / 400), 0.5 + 2 * math.sqrt(0.25 / 400)))
+    assert "12.0 % (10.0–14.0)" in spread.table(res) and "1.250 (1.200–1.300)" in spread.table(res)
+
+    ok = fake_run(tmp_path / "new", 7, 0.16, 1.28)
+    assert all(c["ok"] for c in spread.check(ok, res))
+    far = fake_run(tmp_path / "far", 8, 0.30, 1.27)
+    flags = {c["key"]: c["ok"] for c in spread.check(far, res)}
+    assert flags == {"sft/answer_acc": False, "sft/val_loss": True}
+
+    # summary's column: the spread beside the run, the run outside it named
+    f = tmp_path / "spread.json"
+    f.write_text(json.dumps(res))
+    capsys.readouterr()
+    assert summary.main([str(far), "--settings", "SEED=8", "SFT_STEPS=400", "DTYPE=fp32", "--spread", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "12.0 % (10.0–14.0) OUTSIDE [3]" in out and "outside the measured spread: sft/answer_acc" in out
+    assert spread.main(["check", str(far), "--spread", str(f)]) == 1
+    assert spread.main(["check", str(ok), "--spread", str(f)]) == 0
+
+
+def test_other_settings_are_refused(tmp_path, capsys):
+    a = fake_run(tmp_path / "a", 0, 0.1, 1.3)
+    b = fake_run(tmp_path / "b", 1, 0.1, 1.3, steps=200)
+    with pytest.raises(SystemExit, match="settings differ .* in SFT_STEPS"):
+        spread.collect([a, b])
+    res = spread.collect([a])
+    with pytest.raises(SystemExit, match="SFT_STEPS"):
+        spread.check(b, res)
+    f = tmp_path / "spread.json"
+    f.write_text(json.dumps(res))
+    capsys.readouterr()
+    assert summary.main([str(b), "--settings", "SEED=1", "SFT_STEPS=200", "DTYPE=fp32", "--spread", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "no spread column" in out and "OUTSIDE" not in out
+    with pytest.raises(SystemExit, match="settings.json: missing"):
+        spread.collect([tmp_path / "nothing"])
