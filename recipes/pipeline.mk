@@ -180,7 +180,7 @@ $(OUT)/chat.jsonl: $(OUT)/sft/latest/model.safetensors $(OUT)/reason-rl/latest/m
 
 # what a run's figures depend on (OUT/settings.json); SPREAD: those figures measured over seeds and CPU
 # capabilities at the same settings (recipes/spread.py), shown beside this run's when the settings match
-SETTINGS = SEED SCALE DEVICE DTYPE PRESET TEXT_MB VOCAB SEQ BATCH PRETRAIN_STEPS PRETRAIN_LR SFT_STEPS LORA_STEPS RM_STEPS \
+SETTINGS = SEED SCALE EVALN DEVICE DTYPE PRESET TEXT_MB VOCAB SEQ BATCH PRETRAIN_STEPS PRETRAIN_LR SFT_STEPS LORA_STEPS RM_STEPS \
 	DPO_STEPS GRPO_STEPS DISTILL_STEPS REASON_STEPS REASON_RL_STEPS TOOLS_STEPS TOOLS_MORE_STEPS TOOLS_DIRECT_STEPS \
 	TOOLS_GRPO_STEPS TOOLS_GRPO_PROMPTS TOOLS_GRPO_EVAL_EVERY
 SPREAD  ?= $(RECIPE)spread.json
