@@ -57,9 +57,11 @@ def collect(folders: list[Path]) -> dict:
         runs.append({"folder": str(f), **{k: settings.get(k) for k in VARYING}})
         for r in rows:
             v = values.setdefault(row_key(r), {"stage": r["stage"], "metric": r["metric"], "rate": is_rate(r["key"]),
-                                               "n": None, "before": [], "after": [], "paired_z": []})
+                                               "n": None, "before": [], "after": [], "gain_over_se": [],
+                                               "paired_z": []})
             v["before"].append(r["before"])
             v["after"].append(r["after"])
+            v["gain_over_se"].append(r.get("gain_over_se"))
             v["paired_z"].append((r.get("paired") or {}).get("paired_z"))
             if r.get("n_after"):
                 v["n"] = r["n_after"]
@@ -123,14 +125,24 @@ def fmt_spread(row: dict, which: str) -> str:
     return f"{fmt(s['mean'], row['rate'])}{unit} ({fmt(s['min'], row['rate'])}–{fmt(s['max'], row['rate'])})"
 
 
+def beyond_noise(row: dict) -> str:
+    """In how many runs the gain was beyond noise (gain / SE ≥ 2, or the paired z ≥ 2 where there is one)."""
+    zs = [p if p is not None else g for g, p in zip(row.get("gain_over_se") or [], row.get("paired_z") or [])]
+    zs = [z for z in zs if z is not None]
+    return f"{sum(1 for z in zs if z >= 2)} of {len(zs)}" if zs else ""
+
+
 def table(spread: dict) -> str:
-    """Markdown: stage, metric, before, after (mean (min–max) over the runs), paired z (mean, range)."""
+    """Markdown: stage, metric, before and after as mean (min–max) over the runs, the paired z where the
+    stage has one, and in how many runs the gain was beyond noise."""
     n = len(spread["runs"])
-    lines = [f"| stage | metric | before | after (mean (min–max) of {n} runs) | paired z |", "|---|---|---|---|---|"]
+    lines = [f"| stage | metric | before | after: mean (min–max) of {n} runs | paired z | beyond noise |",
+             "|---|---|---|---|---|---|"]
     for row in spread["rows"].values():
         z = stats(row["paired_z"])
-        zs = "" if z is None else f"{z['mean']:+.1f} ({z['min']:+.1f}…{z['max']:+.1f})"
-        lines.append(f"| {row['stage']} | {row['metric']} | {fmt_spread(row, 'before')} | {fmt_spread(row, 'after')} | {zs} |")
+        zs = "" if z is None else f"{z['mean']:+.1f} ({z['min']:+.1f} … {z['max']:+.1f})"
+        lines.append(f"| {row['stage']} | {row['metric']} | {fmt_spread(row, 'before')} | {fmt_spread(row, 'after')} "
+                     f"| {zs} | {beyond_noise(row)} |")
     return "\n".join(lines)
 
 

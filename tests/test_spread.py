@@ -50,6 +50,7 @@ def test_collect_band_and_check(tmp_path, capsys):
     same = {"after": [0.5, 0.5], "rate": True, "n": 400}
     assert spread.band(same) == pytest.approx((0.5 - 2 * math.sqrt(0.25 / 400), 0.5 + 2 * math.sqrt(0.25 / 400)))
     assert "12.0 % (10.0–14.0)" in spread.table(res) and "1.250 (1.200–1.300)" in spread.table(res)
+    assert "| 3 of 3 |" in spread.table(res)  # 0 % → 10 % of 400 is beyond noise in every run
 
     ok = fake_run(tmp_path / "new", 7, 0.16, 1.28)
     assert all(c["ok"] for c in spread.check(ok, res))
