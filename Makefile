@@ -38,12 +38,14 @@ test-goldens-caps: venv
 	done
 
 # independent stages side by side, one process per core (each runs one torch thread). `demo` is the recipe with
-# smaller budgets for the rows that are within noise or a baseline either way (agentic GRPO: 12 steps of
+# smaller budgets for the rows that are within noise or a baseline either way (agentic GRPO: 8 steps of
 # 16 × 8 answers instead of 40 of 32 × 8, evaluated at its start and end only; reason --rl: 20 steps
-# instead of 40; the direct-answer baseline: 300 steps instead of 600); `demo-full` runs the recipe's own
+# instead of 40; the direct-answer baseline: 200 steps instead of 600) and no mid-run evaluation of the
+# first tool-SFT run (the longest chain: pretrain → tool SFT → agentic GRPO); `demo-full` runs the recipe's own
 # budgets. docs/demo.md has both tables and their spreads over seeds.
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-DEMO_BUDGETS ?= TOOLS_GRPO_STEPS=12 TOOLS_GRPO_PROMPTS=16 TOOLS_GRPO_EVAL_EVERY=0 REASON_RL_STEPS=20 TOOLS_DIRECT_STEPS=300
+DEMO_BUDGETS ?= TOOLS_GRPO_STEPS=8 TOOLS_GRPO_PROMPTS=16 TOOLS_GRPO_EVAL_EVERY=0 TOOLS_EVAL_EVERY=0 REASON_RL_STEPS=20 \
+  TOOLS_DIRECT_STEPS=200
 SEED ?= 0
 demo: venv
 	$(MAKE) -j $(JOBS) -f recipes/tiny-cpu/Makefile all TIAOYU=$(abspath $(TIAOYU)) PYTHON=$(abspath $(BIN)/python) \

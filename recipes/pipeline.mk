@@ -33,6 +33,8 @@ TOOLS_MORE_STEPS ?= 300
 TOOLS_DIRECT_STEPS ?= 600
 TOOLS_GRPO_STEPS ?= 40
 TOOLS_GRPO_PROMPTS ?= 32
+# evaluate the first tool-SFT run every this many steps (besides its start and end; 0: only those two)
+TOOLS_EVAL_EVERY ?= $(call steps,$(TOOLS_STEPS)/2)
 # evaluate the agentic GRPO run every this many steps (besides its start and end; 0: only those two)
 TOOLS_GRPO_EVAL_EVERY ?= $(call steps,$(TOOLS_GRPO_STEPS)/2)
 STUDENT  ?= --student-preset tiny --model dim=64 --model n_layers=2 --model n_heads=2 --model n_kv_heads=1 --model ffn_dim=192
@@ -149,7 +151,7 @@ TOOLS_SFT = --pack --max-len 256 --eval-data $(D)/tools.val.jsonl --eval-tools c
 tools: $(OUT)/tools/latest/model.safetensors
 $(OUT)/tools-1/latest/model.safetensors: $(OUT)/base/latest/model.safetensors
 	$(TRAIN) sft $(OUT)/base $(D)/tools.train.jsonl -o $(OUT)/tools-1 $(COMMON) $(TOOLS_SFT) \
-	  --lr 0.003 --max-steps $(call steps,$(TOOLS_STEPS)) --eval-every $(call steps,$(TOOLS_STEPS)/2)
+	  --lr 0.003 --max-steps $(call steps,$(TOOLS_STEPS)) --eval-every $(TOOLS_EVAL_EVERY)
 $(OUT)/tools/latest/model.safetensors: $(OUT)/tools-1/latest/model.safetensors
 	$(TRAIN) sft $(OUT)/tools-1 $(D)/tools.train.jsonl -o $(OUT)/tools $(COMMON) $(TOOLS_SFT) \
 	  --lr 0.001 --max-steps $(call steps,$(TOOLS_MORE_STEPS)) --eval-every $(call steps,$(TOOLS_MORE_STEPS))
@@ -182,7 +184,7 @@ $(OUT)/chat.jsonl: $(OUT)/sft/latest/model.safetensors $(OUT)/reason-rl/latest/m
 # capabilities at the same settings (recipes/spread.py), shown beside this run's when the settings match
 SETTINGS = SEED SCALE EVALN DEVICE DTYPE PRESET TEXT_MB VOCAB SEQ BATCH PRETRAIN_STEPS PRETRAIN_LR SFT_STEPS LORA_STEPS RM_STEPS \
 	DPO_STEPS GRPO_STEPS DISTILL_STEPS REASON_STEPS REASON_RL_STEPS TOOLS_STEPS TOOLS_MORE_STEPS TOOLS_DIRECT_STEPS \
-	TOOLS_GRPO_STEPS TOOLS_GRPO_PROMPTS TOOLS_GRPO_EVAL_EVERY
+	TOOLS_GRPO_STEPS TOOLS_GRPO_PROMPTS TOOLS_GRPO_EVAL_EVERY TOOLS_EVAL_EVERY
 SPREAD  ?= $(RECIPE)spread.json
 
 # 15. one table: stage, metric, before → after ± standard error (also runs/demo/summary.json), and the loss curves

@@ -145,3 +145,23 @@ def test_paired_comparison_by_hand(tmp_path, capsys):
     assert r["paired_z"] == pytest.approx(0.2 / ((3 - 1 / 5) ** 0.5 / 5))
     assert r["before"] == pytest.approx(0.6) and r["after"] == pytest.approx(0.8)
     assert paired([True, False], [True, False])["paired_z"] is None  # nothing changed: no z
+
+
+SPREAD = ROOT / "recipes" / "tiny-cpu" / "spread-test.json"
+
+
+@pytest.mark.slow
+def test_rows_within_the_measured_spread(demo):
+    """Every row of this reduced run falls in the band measured over seeds and CPU capabilities at the same
+    settings (recipes/tiny-cpu/spread-test.json, made by recipes/spread.py collect from runs of this test's
+    make command with SEED=0,1,2, native and ATEN_CPU_CAPABILITY=avx2). A row outside it is a figure that moved."""
+    out, _ = demo
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        import spread
+    finally:
+        sys.path.pop(0)
+    ref = json.loads(SPREAD.read_text(encoding="utf-8"))
+    checked = spread.check(out, ref)  # other settings than the spread's: SystemExit, the test fails
+    assert len(checked) >= 15, checked  # every row of the table has a band
+    assert [c for c in checked if not c["ok"]] == [], checked
