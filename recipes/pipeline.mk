@@ -153,7 +153,7 @@ $(OUT)/tools-1/latest/model.safetensors: $(OUT)/base/latest/model.safetensors
 	$(TRAIN) sft $(OUT)/base $(D)/tools.train.jsonl -o $(OUT)/tools-1 $(COMMON) $(TOOLS_SFT) \
 	  --lr 0.003 --max-steps $(call steps,$(TOOLS_STEPS)) --eval-every $(TOOLS_EVAL_EVERY)
 $(OUT)/tools/latest/model.safetensors: $(OUT)/tools-1/latest/model.safetensors
-	$(TRAIN) sft $(OUT)/tools-1 $(D)/tools.train.jsonl -o $(OUT)/tools $(COMMON) $(TOOLS_SFT) \
+	$(TRAIN) sft $(OUT)/tools-1 $(D)/tools.train.jsonl -o $(OUT)/tools $(COMMON) $(TOOLS_SFT) --no-eval-before \
 	  --lr 0.001 --max-steps $(call steps,$(TOOLS_MORE_STEPS)) --eval-every $(call steps,$(TOOLS_MORE_STEPS))
 
 tools-direct: $(OUT)/tools-direct/latest/model.safetensors
@@ -164,11 +164,12 @@ $(OUT)/tools-direct/latest/model.safetensors: $(OUT)/base/latest/model.safetenso
 
 # agentic GRPO from the weaker tool-SFT start (tools-1): 32 questions × 8 answers per step (measured: 8 × 8
 # left the accuracy within noise at any rate tried; a larger rate only hurt), then the same held-out
-# questions answered greedily before and after, compared pair by pair (recipes/paired.py)
+# questions answered greedily before and after, compared pair by pair (recipes/paired.py). Both runs that
+# continue tools-1 skip their step-0 evaluation: it would repeat tools-1's last one (summary.py's BEFORE_FROM)
 tools-grpo: $(OUT)/tools-grpo/paired.json
 $(OUT)/tools-grpo/latest/model.safetensors: $(OUT)/tools-1/latest/model.safetensors
 	$(TRAIN) rlhf grpo $(OUT)/tools-1 $(D)/tools.train.jsonl --val $(D)/tools.val.jsonl -o $(OUT)/tools-grpo $(COMMON) \
-	  --tools calculator --max-tool-calls 3 --max-new-tokens 64 --eval-size $(EVALN) --lr 0.0001 \
+	  --tools calculator --max-tool-calls 3 --max-new-tokens 64 --eval-size $(EVALN) --lr 0.0001 --no-eval-before \
 	  --rollout-batch-size $(TOOLS_GRPO_PROMPTS) --group-size 8 --batch-size 16 --grad-accum $(shell echo $$(( $(TOOLS_GRPO_PROMPTS) / 2 ))) \
 	  --max-steps $(call steps,$(TOOLS_GRPO_STEPS)) --eval-every $(TOOLS_GRPO_EVAL_EVERY)
 $(OUT)/tools-grpo/paired.json: $(OUT)/tools-grpo/latest/model.safetensors

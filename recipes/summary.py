@@ -7,7 +7,8 @@ capability and version; with `--spread`, a file of the same settings measured ov
 capabilities (recipes/spread.py), each row also shows the measured spread and whether this run is inside it.
 
 "Before" is the first evaluation a run logged (stages evaluate their starting model at step 0),
-"after" the last; for pretraining, "before" is the loss at step 1 (≈ ln(vocab) for a fresh model).
+"after" the last; for pretraining, "before" is the loss at step 1 (≈ ln(vocab) for a fresh model); for
+a run that continues another and skips its own step-0 evaluation, that run's last one (BEFORE_FROM).
 Reads only metrics.jsonl files, so it works on any run folder a recipe produced.
 
 Noise. A rate (accuracy, format compliance) measured on n held-out items has the standard error
@@ -48,6 +49,10 @@ ROWS = [
     ("tools direct", "tools-direct", "answer_acc", "the same questions answered directly"),
     ("tools grpo", "tools-grpo", "val_accuracy", "held-out arithmetic, with the calculator"),
 ]
+# runs that start where another ended and skip their own step-0 evaluation (--no-eval-before): their
+# "before" is that run's last evaluation — the same model, the same held-out questions, the same scorer
+BEFORE_FROM = {("tools", "answer_acc"): ("tools-1", "answer_acc"),
+               ("tools-grpo", "val_accuracy"): ("tools-1", "answer_acc")}
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -73,6 +78,14 @@ def before_after(lines: list[dict], key: str, stage: str) -> tuple[dict | None, 
         train = [m for m in lines if not m.get("eval") and "loss" in m]
         before = {key: train[0]["loss"]} if train else None
     return before, after
+
+
+def last_eval_as(lines: list[dict], key: str, as_key: str) -> dict | None:
+    """The last evaluation of `key` in another run, under this row's key (and its item count's key)."""
+    _, last = before_after(lines, key, "")
+    if last is None:
+        return None
+    return {as_key: last[key], count_key(as_key): last.get(count_key(key))}
 
 
 def row(stage: str, run: str, key: str, what: str, before: dict | None, after: dict) -> dict:
@@ -194,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         b, a = before_after(lines, key, stage)
         if a is None:
             continue
+        if b is None and (run, key) in BEFORE_FROM:
+            b = last_eval_as(read_metrics(root / BEFORE_FROM[run, key][0]), BEFORE_FROM[run, key][1], key)
         r = row(stage, str(root / run), key, what, b, a)
         paired = root / run / "paired.json"  # recipes/paired.py: the same questions before and after, pair by pair
         if paired.is_file() and "acc" in key:  # it compares answers: only the accuracy row

@@ -85,3 +85,23 @@ def test_other_settings_are_refused(tmp_path, capsys):
     assert "no spread column" in out and "OUTSIDE" not in out
     with pytest.raises(SystemExit, match="settings.json: missing"):
         spread.collect([tmp_path / "nothing"])
+
+
+def test_before_from_the_run_it_continues(tmp_path):
+    """A run that continues another without its own step-0 evaluation (agentic GRPO from tools-1) takes its
+    "before" from that run's last evaluation, item count included; with its own step-0 line it keeps that."""
+    def write(run: str, lines: list[dict]) -> None:
+        (tmp_path / run).mkdir(parents=True, exist_ok=True)
+        (tmp_path / run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+
+    write("tools-1", [{"step": 0, "eval": True, "answer_acc": 0.0, "answer_n": 400},
+                      {"step": 1200, "eval": True, "answer_acc": 0.25, "answer_n": 400}])
+    write("tools-grpo", [{"step": 1, "loss": 0.0}, {"step": 8, "eval": True, "val_accuracy": 0.30, "val_n": 400}])
+    write("tools", [{"step": 0, "eval": True, "answer_acc": 0.2, "answer_n": 400},
+                    {"step": 300, "eval": True, "answer_acc": 0.35, "answer_n": 400}])
+    assert summary.main([str(tmp_path)]) == 0
+    rows = {r["run"].rsplit("/", 1)[-1] + "/" + r["key"]: r for r in json.loads((tmp_path / "summary.json").read_text())}
+    g = rows["tools-grpo/val_accuracy"]
+    assert (g["before"], g["after"]) == (0.25, 0.30) and g["gain_over_se"] == pytest.approx(
+        0.05 / math.hypot(summary.standard_error(0.25, 400), summary.standard_error(0.30, 400)))
+    assert rows["tools/answer_acc"]["before"] == 0.2  # its own step-0 evaluation wins
