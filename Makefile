@@ -13,16 +13,18 @@ TEST_WORKERS ?= auto
 venv: $(VENV)/.installed
 
 # what the demo needs (the package, the CPU build of PyTorch, matplotlib for its curves); `venv` adds the test
-# and interop extras (transformers, peft, lm-eval, …) on top, so `make demo` does not wait for them
+# and interop extras (transformers, peft, lm-eval, …) on top, so `make demo` does not wait for them.
+# --no-compile: Python writes the bytecode of what it imports when it first imports it; compiling every
+# file of torch at install time took ~25 s of a 2-core machine
 $(VENV)/.core: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[plot]'
+	$(BIN)/pip install -q --no-compile torch==2.13.0
+	$(BIN)/pip install -q --no-compile -e '.[plot]'
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.core
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-compile -e '.[dev]'
 	touch $@
 
 test: venv
