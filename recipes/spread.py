@@ -90,6 +90,7 @@ def band(row: dict, which: str = "after") -> tuple[float, float] | None:
     if row.get("rate") and row.get("n"):
         p = min(max(s["mean"], 1 / row["n"]), 1 - 1 / row["n"])
         width = max(width, 2 * math.sqrt(p * (1 - p) / row["n"]))
+        return max(0.0, s["min"] - width), min(1.0, s["max"] + width)  # a rate stays a rate
     return s["min"] - width, s["max"] + width
 
 

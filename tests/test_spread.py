@@ -49,6 +49,7 @@ def test_collect_band_and_check(tmp_path, capsys):
     # identical runs still leave a rate two binomial standard errors either side
     same = {"after": [0.5, 0.5], "rate": True, "n": 400}
     assert spread.band(same) == pytest.approx((0.5 - 2 * math.sqrt(0.25 / 400), 0.5 + 2 * math.sqrt(0.25 / 400)))
+    assert spread.band({"after": [0.0, 0.9], "rate": True, "n": 400}) == (0.0, 1.0)  # clipped to [0, 1]
     assert "12.0 % (10.0–14.0)" in spread.table(res) and "1.250 (1.200–1.300)" in spread.table(res)
     assert "| 3 of 3 |" in spread.table(res)  # 0 % → 10 % of 400 is beyond noise in every run
 
