@@ -10,9 +10,9 @@ setting but the seed and the CPU capability: those two are what the spread is ov
 another initialisation and another order of batches; another capability — ATEN_CPU_CAPABILITY=avx2 on an
 AVX-512 CPU — another rounding of the same sums, which over thousands of steps moves a run as far).
 
-The band a new run of the same settings should fall in, per row: the runs' [min, max] widened by two
-standard deviations of the runs, and for a rate by at least two binomial standard errors of one run
-(400 held-out items answer differently by that much on their own). Printed as `mean (min–max)`.
+The band a new run of the same settings should fall in, per row: the runs' [min, max] widened by three
+standard deviations of the runs, for a rate by at least three binomial standard errors of one run (400
+held-out items answer differently by that much on their own), for a loss by at least 2 % of its mean. Printed as `mean (min–max)`.
 """
 
 from __future__ import annotations
@@ -81,16 +81,18 @@ def stats(xs: list) -> dict | None:
 
 
 def band(row: dict, which: str = "after") -> tuple[float, float] | None:
-    """Where a new run's value should fall: [min, max] widened by 2 sd of the runs, for a rate by at least
-    two binomial standard errors of one run."""
+    """Where a new run's value should fall: [min, max] widened by 3 sd of the runs — for a rate by at least
+    three binomial standard errors of one run, for anything else by at least 2 % of its mean. Three, not
+    two: a table of ~20 rows checked at two would flag one row of a sound run in about every third run."""
     s = stats(row[which])
     if s is None:
         return None
-    width = 2 * s["sd"]
+    width = 3 * s["sd"]
     if row.get("rate") and row.get("n"):
         p = min(max(s["mean"], 1 / row["n"]), 1 - 1 / row["n"])
-        width = max(width, 2 * math.sqrt(p * (1 - p) / row["n"]))
+        width = max(width, 3 * math.sqrt(p * (1 - p) / row["n"]))
         return max(0.0, s["min"] - width), min(1.0, s["max"] + width)  # a rate stays a rate
+    width = max(width, 0.02 * abs(s["mean"]))
     return s["min"] - width, s["max"] + width
 
 

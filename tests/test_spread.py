@@ -1,5 +1,5 @@
 """recipes/spread.py and recipes/summary.py's spread column, on run folders written here by hand: the band
-is [min, max] widened by 2 sd of the runs (for a rate by at least two binomial SEs of one run), a run
+is [min, max] widened by 3 sd of the runs (a rate by at least three binomial SEs of one run), a run
 outside it is flagged, and runs of other budgets are refused rather than compared."""
 
 from __future__ import annotations
@@ -40,15 +40,16 @@ def test_collect_band_and_check(tmp_path, capsys):
     assert [r["SEED"] for r in res["runs"]] == [0, 1, 2]
     acc, loss = res["rows"]["sft/answer_acc"], res["rows"]["sft/val_loss"]
     assert acc["after"] == [0.10, 0.14, 0.12] and acc["n"] == 400 and acc["rate"] and not loss["rate"]
-    # the loss: the runs' range widened by two sample standard deviations (sd of 1.30, 1.25, 1.20 = 0.05)
+    # the loss: the runs' range widened by three sample standard deviations (sd of 1.30, 1.25, 1.20 = 0.05)
     lo, hi = spread.band(loss)
-    assert lo == pytest.approx(1.20 - 0.10) and hi == pytest.approx(1.30 + 0.10)
-    # the rate: 2 sd of the runs (0.04) is more than two binomial SEs at 12 % of 400 (0.0325): sd wins
+    assert lo == pytest.approx(1.20 - 0.15) and hi == pytest.approx(1.30 + 0.15)
+    # the rate: 3 sd of the runs (0.06) is more than three binomial SEs at 12 % of 400 (0.0487): sd wins
     lo, hi = spread.band(acc)
-    assert lo == pytest.approx(0.10 - 0.04) and hi == pytest.approx(0.14 + 0.04)
-    # identical runs still leave a rate two binomial standard errors either side
+    assert lo == pytest.approx(0.10 - 0.06) and hi == pytest.approx(0.14 + 0.06)
+    # identical runs still leave a rate three binomial standard errors either side, a loss 2 % of its mean
     same = {"after": [0.5, 0.5], "rate": True, "n": 400}
-    assert spread.band(same) == pytest.approx((0.5 - 2 * math.sqrt(0.25 / 400), 0.5 + 2 * math.sqrt(0.25 / 400)))
+    assert spread.band(same) == pytest.approx((0.5 - 3 * math.sqrt(0.25 / 400), 0.5 + 3 * math.sqrt(0.25 / 400)))
+    assert spread.band({"after": [2.0, 2.0], "rate": False}) == pytest.approx((1.96, 2.04))
     assert spread.band({"after": [0.0, 0.9], "rate": True, "n": 400}) == (0.0, 1.0)  # clipped to [0, 1]
     assert "12.0 % (10.0–14.0)" in spread.table(res) and "1.250 (1.200–1.300)" in spread.table(res)
     assert "| 3 of 3 |" in spread.table(res)  # 0 % → 10 % of 400 is beyond noise in every run
