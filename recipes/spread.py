@@ -24,12 +24,10 @@ import statistics
 import sys
 from pathlib import Path
 
+from summary import is_rate, key_of as row_key  # the summary's own row key and rate test (recipes/ is on sys.path)
+
 # settings that may differ between the runs of one spread (what it measures the spread over)
 VARYING = ("SEED", "capability", "torch")
-
-
-def row_key(r: dict) -> str:
-    return f"{r['run'].rstrip('/').rsplit('/', 1)[-1]}/{r['key']}"
 
 
 def load_run(folder: Path) -> tuple[dict, list[dict]]:
@@ -66,10 +64,6 @@ def collect(folders: list[Path]) -> dict:
             if r.get("n_after"):
                 v["n"] = r["n_after"]
     return {"settings": base, "runs": runs, "rows": values}
-
-
-def is_rate(key: str) -> bool:
-    return any(s in key for s in ("acc", "rate"))
 
 
 def stats(xs: list) -> dict | None:
@@ -163,9 +157,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "collect":
         res = collect(args.runs)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(args.out)
+        from tiaoyu_cli.io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(res, indent=1) + "\n")
         print(table(res))
         return 0
     if args.cmd == "table":
