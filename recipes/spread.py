@@ -35,7 +35,14 @@ def load_run(folder: Path) -> tuple[dict, list[dict]]:
     for p in (s, rows):
         if not p.is_file():
             raise SystemExit(f"error: {p}: missing (run `make demo` or recipes/summary.py on the run first)")
-    return json.loads(s.read_text(encoding="utf-8")), json.loads(rows.read_text(encoding="utf-8"))
+    return read_json(s), read_json(rows)
+
+
+def read_json(p: Path):
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {p}: not valid JSON ({e})") from None
 
 
 def fixed(settings: dict) -> dict:
@@ -163,9 +170,9 @@ def main(argv=None) -> int:
         print(table(res))
         return 0
     if args.cmd == "table":
-        print(table(json.loads(args.spread.read_text(encoding="utf-8"))))
+        print(table(read_json(args.spread)))
         return 0
-    res = check(args.run, json.loads(args.spread.read_text(encoding="utf-8")))
+    res = check(args.run, read_json(args.spread))
     for r in res:
         print(f"{'ok ' if r['ok'] else 'OUT'} {r['key']:<34} {r['value']:.4f}  band [{r['lo']:.4f}, {r['hi']:.4f}]")
     bad = [r for r in res if not r["ok"]]

@@ -107,3 +107,13 @@ def test_before_from_the_run_it_continues(tmp_path):
     assert (g["before"], g["after"]) == (0.25, 0.30) and g["gain_over_se"] == pytest.approx(
         0.05 / math.hypot(summary.standard_error(0.25, 400), summary.standard_error(0.30, 400)))
     assert rows["tools/answer_acc"]["before"] == 0.2  # its own step-0 evaluation wins
+
+
+def test_a_malformed_run_file_is_one_error(tmp_path):
+    (tmp_path / "settings.json").write_text('{"SEED": 0')
+    (tmp_path / "summary.json").write_text("[]")
+    with pytest.raises(SystemExit, match=r"settings.json: not valid JSON"):
+        spread.collect([tmp_path])
+    with pytest.raises(SystemExit):
+        spread.main(["collect", str(tmp_path), "-o", str(tmp_path / "out.json")])
+    assert not (tmp_path / "out.json").exists()  # nothing half-written
