@@ -15,7 +15,7 @@ venv: $(VENV)/.installed
 # what the demo needs (the package, the CPU build of PyTorch, matplotlib for its curves); `venv` adds the test
 # and interop extras (transformers, peft, lm-eval, …) on top, so `make demo` does not wait for them.
 # --no-compile: Python writes the bytecode of what it imports when it first imports it; compiling every
-# file of torch at install time took ~25 s of a 2-core machine
+# file of torch at install time is most of the venv's time (docs/demo.md)
 $(VENV)/.core: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

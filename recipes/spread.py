@@ -84,7 +84,7 @@ def stats(xs: list) -> dict | None:
 def band(row: dict, which: str = "after") -> tuple[float, float] | None:
     """Where a new run's value should fall: [min, max] widened by 3 sd of the runs — for a rate by at least
     three binomial standard errors of one run, for anything else by at least 2 % of its mean. Three, not
-    two: a table of ~20 rows checked at two would flag one row of a sound run in about every third run."""
+    two: at two each row of a sound run falls outside now and then, and a table of ~20 rows often has one."""
     s = stats(row[which])
     if s is None:
         return None
