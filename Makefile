@@ -49,11 +49,11 @@ test-goldens-caps: venv
 # smaller budgets where the row stays beyond noise (lora 300 steps, reason 200, distill 200) or is within
 # noise or a baseline either way (agentic GRPO: 8 steps of 16 × 8 answers instead of 40 of 32 × 8,
 # evaluated at its start and end only; reason --rl: 20 steps instead of 40; the direct-answer baseline:
-# 200 steps instead of 600), and no mid-run evaluation of the first tool-SFT run (the longest chain is
-# pretrain → tool SFT → agentic GRPO). `demo-full` runs the recipe's own budgets. docs/demo.md has the
-# demo's figures over seeds and CPU kernels.
+# 200 steps instead of 600), and the first tool-SFT run 800 steps instead of 1,200, evaluated at its start
+# and end only (the longest chain is pretrain → tool SFT → agentic GRPO). `demo-full` runs the recipe's own
+# budgets. docs/demo.md has the demo's figures over seeds and CPU kernels.
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-DEMO_BUDGETS ?= TOOLS_GRPO_STEPS=8 TOOLS_GRPO_PROMPTS=16 TOOLS_GRPO_EVAL_EVERY=0 TOOLS_EVAL_EVERY=0 REASON_RL_STEPS=20 \
+DEMO_BUDGETS ?= TOOLS_STEPS=800 TOOLS_GRPO_STEPS=8 TOOLS_GRPO_PROMPTS=16 TOOLS_GRPO_EVAL_EVERY=0 TOOLS_EVAL_EVERY=0 REASON_RL_STEPS=20 \
   TOOLS_DIRECT_STEPS=200 LORA_STEPS=300 REASON_STEPS=200 DISTILL_STEPS=200
 SEED ?= 0
 demo: $(VENV)/.core
