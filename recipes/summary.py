@@ -25,6 +25,8 @@ import math
 import sys
 from pathlib import Path
 
+from tiaoyu_cli.io import atomic_write_text  # write, fsync, rename: a killed run leaves the old file or the new one
+
 # stage, run folder (under OUT), metric key, what it means
 ROWS = [
     ("pretrain", "base", "val_loss", "val loss (nats/token)"),
@@ -168,7 +170,7 @@ def write_settings(root: Path, pairs: list[str]) -> dict:
         settings["torch"] = torch.__version__
     except ImportError:
         pass
-    (root / "settings.json").write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(root / "settings.json", json.dumps(settings, indent=1) + "\n")
     return settings
 
 
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         if paired.is_file() and "acc" in key:  # it compares answers: only the accuracy row
             r["paired"] = json.loads(paired.read_text(encoding="utf-8"))
         rows.append(r)
-    (root / "summary.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(root / "summary.json", json.dumps(rows, indent=2) + "\n")
     write_settings(root, args.settings)
     spreads = spread_column(root, args.spread)
     cols = ("stage", "metric", "before", "after", "gain / SE") + (("measured spread [runs]",) if spreads else ())
