@@ -164,8 +164,9 @@ $(OUT)/tools-direct/latest/model.safetensors: $(OUT)/base/latest/model.safetenso
 
 # agentic GRPO from the weaker tool-SFT start (tools-1): 32 questions × 8 answers per step (measured: 8 × 8
 # left the accuracy within noise at any rate tried; a larger rate only hurt), then the same held-out
-# questions answered greedily before and after, compared pair by pair (recipes/paired.py). Both runs that
-# continue tools-1 skip their step-0 evaluation: it would repeat tools-1's last one (summary.py's BEFORE_FROM)
+# questions answered greedily before and after, compared pair by pair (recipes/paired.py: the summary's row
+# takes before and after from it). Both runs that continue tools-1 skip their step-0 evaluation: tool SFT +300
+# takes tools-1's last one as its before (summary.py's BEFORE_FROM), agentic GRPO the paired comparison's
 tools-grpo: $(OUT)/tools-grpo/paired.json
 $(OUT)/tools-grpo/latest/model.safetensors: $(OUT)/tools-1/latest/model.safetensors
 	$(TRAIN) rlhf grpo $(OUT)/tools-1 $(D)/tools.train.jsonl --val $(D)/tools.val.jsonl -o $(OUT)/tools-grpo $(COMMON) \

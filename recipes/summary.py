@@ -52,9 +52,10 @@ ROWS = [
     ("tools grpo", "tools-grpo", "val_accuracy", "held-out arithmetic, with the calculator"),
 ]
 # runs that start where another ended and skip their own step-0 evaluation (--no-eval-before): their
-# "before" is that run's last evaluation — the same model, the same held-out questions, the same scorer
-BEFORE_FROM = {("tools", "answer_acc"): ("tools-1", "answer_acc"),
-               ("tools-grpo", "val_accuracy"): ("tools-1", "answer_acc")}
+# "before" is that run's last evaluation — the same model, the same held-out questions, the same scorer.
+# (Agentic GRPO skips its step 0 too, but its own greedy evaluation is not SFT's: a row with a paired.json
+# takes before and after from it, both checkpoints scored by recipes/paired.py.)
+BEFORE_FROM = {("tools", "answer_acc"): ("tools-1", "answer_acc")}
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -211,10 +212,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if b is None and (run, key) in BEFORE_FROM:
             b = last_eval_as(read_metrics(root / BEFORE_FROM[run, key][0]), BEFORE_FROM[run, key][1], key)
-        r = row(stage, str(root / run), key, what, b, a)
         paired = root / run / "paired.json"  # recipes/paired.py: the same questions before and after, pair by pair
-        if paired.is_file() and "acc" in key:  # it compares answers: only the accuracy row
-            r["paired"] = json.loads(paired.read_text(encoding="utf-8"))
+        p = json.loads(paired.read_text(encoding="utf-8")) if paired.is_file() and "acc" in key else None
+        if p is not None:  # both checkpoints scored by one evaluator: the row's before and after are its
+            n = {count_key(key): p["n"]}
+            b, a = {key: p["before"], **n}, {**a, key: p["after"], **n}
+        r = row(stage, str(root / run), key, what, b, a)
+        if p is not None:  # it compares answers: only the accuracy row
+            r["paired"] = p
         rows.append(r)
     atomic_write_text(root / "summary.json", json.dumps(rows, indent=2) + "\n")
     write_settings(root, args.settings)

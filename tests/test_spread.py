@@ -90,8 +90,10 @@ def test_other_settings_are_refused(tmp_path, capsys):
 
 
 def test_before_from_the_run_it_continues(tmp_path):
-    """A run that continues another without its own step-0 evaluation (agentic GRPO from tools-1) takes its
-    "before" from that run's last evaluation, item count included; with its own step-0 line it keeps that."""
+    """A run that continues another without its own step-0 evaluation (tool SFT +300 from tools-1) takes its
+    "before" from that run's last evaluation, item count included; with its own step-0 line it keeps that. A
+    row with a paired.json (agentic GRPO) takes before and after from it: both checkpoints scored by one
+    evaluator, not the SFT evaluation's before beside GRPO's own after."""
     def write(run: str, lines: list[dict]) -> None:
         (tmp_path / run).mkdir(parents=True, exist_ok=True)
         (tmp_path / run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
@@ -99,14 +101,24 @@ def test_before_from_the_run_it_continues(tmp_path):
     write("tools-1", [{"step": 0, "eval": True, "answer_acc": 0.0, "answer_n": 400},
                       {"step": 1200, "eval": True, "answer_acc": 0.25, "answer_n": 400}])
     write("tools-grpo", [{"step": 1, "loss": 0.0}, {"step": 8, "eval": True, "val_accuracy": 0.30, "val_n": 400}])
+    write("tools", [{"step": 300, "eval": True, "answer_acc": 0.35, "answer_n": 400}])
+    assert summary.main([str(tmp_path)]) == 0
+
+    def rows() -> dict:
+        return {r["run"].rsplit("/", 1)[-1] + "/" + r["key"]: r for r in json.loads((tmp_path / "summary.json").read_text())}
+    t = rows()["tools/answer_acc"]
+    assert (t["before"], t["after"]) == (0.25, 0.35) and t["gain_over_se"] == pytest.approx(
+        0.10 / math.hypot(summary.standard_error(0.25, 400), summary.standard_error(0.35, 400)))
+    assert rows()["tools-grpo/val_accuracy"]["before"] is None  # GRPO's own scorer is not SFT's: no before
+    (tmp_path / "tools-grpo" / "paired.json").write_text(json.dumps(
+        {"n": 400, "before": 0.26, "after": 0.28, "wrong_to_right": 10, "right_to_wrong": 2, "paired_z": 2.31}))
     write("tools", [{"step": 0, "eval": True, "answer_acc": 0.2, "answer_n": 400},
                     {"step": 300, "eval": True, "answer_acc": 0.35, "answer_n": 400}])
     assert summary.main([str(tmp_path)]) == 0
-    rows = {r["run"].rsplit("/", 1)[-1] + "/" + r["key"]: r for r in json.loads((tmp_path / "summary.json").read_text())}
-    g = rows["tools-grpo/val_accuracy"]
-    assert (g["before"], g["after"]) == (0.25, 0.30) and g["gain_over_se"] == pytest.approx(
-        0.05 / math.hypot(summary.standard_error(0.25, 400), summary.standard_error(0.30, 400)))
-    assert rows["tools/answer_acc"]["before"] == 0.2  # its own step-0 evaluation wins
+    g = rows()["tools-grpo/val_accuracy"]
+    assert (g["before"], g["after"], g["paired"]["paired_z"]) == (0.26, 0.28, 2.31) and g["gain_over_se"] == pytest.approx(
+        0.02 / math.hypot(summary.standard_error(0.26, 400), summary.standard_error(0.28, 400)))
+    assert rows()["tools/answer_acc"]["before"] == 0.2  # its own step-0 evaluation wins
 
 
 def test_a_malformed_run_file_is_one_error(tmp_path):
