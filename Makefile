@@ -47,8 +47,8 @@ test-goldens-caps: venv
 
 # independent stages side by side, one process per core (each runs one torch thread). `demo` is the recipe with
 # smaller budgets where the row stays beyond noise (lora 300 steps, reason 200, distill 200), is a baseline
-# either way, or shows the stage running rather than a gain at either budget (agentic GRPO: 8 steps of 16 × 8 answers instead of 40 of 32 × 8,
-# evaluated at its start and end only; reason --rl: 20 steps instead of 40; the direct-answer baseline:
+# either way, or shows the stage running rather than a gain at either budget (agentic GRPO: 8 steps of
+# 16 × 8 answers instead of 40 of 32 × 8, evaluated at its start and end only; reason --rl: 20 steps instead of 40; the direct-answer baseline:
 # 200 steps instead of 600), and the first tool-SFT run 800 steps instead of 1,200, evaluated at its start
 # and end only (the longest chain is pretrain → tool SFT → agentic GRPO). `demo-full` runs the recipe's own
 # budgets. docs/demo.md has the demo's figures over seeds and CPU kernels.

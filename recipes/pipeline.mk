@@ -162,7 +162,7 @@ $(OUT)/tools-direct/latest/model.safetensors: $(OUT)/base/latest/model.safetenso
 	  --eval-data $(D)/tools.val.jsonl --eval-samples $(EVALN) --eval-max-new-tokens 64 \
 	  --lr 0.003 --batch-size 8 --max-steps $(call steps,$(TOOLS_DIRECT_STEPS)) --eval-every $(call steps,$(TOOLS_DIRECT_STEPS)/2)
 
-# agentic GRPO from the weaker tool-SFT start (tools-1): 32 questions × 8 answers per step (measured: 8 × 8
+# agentic GRPO from the first tool-SFT run (tools-1, before its +300 steps): 32 questions × 8 answers per step (measured: 8 × 8
 # left the accuracy within noise at any rate tried; a larger rate only hurt), then the same held-out
 # questions answered greedily before and after, compared pair by pair (recipes/paired.py: the summary's row
 # takes before and after from it). Both runs that continue tools-1 skip their step-0 evaluation: tool SFT +300
