@@ -24,7 +24,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from summary import is_rate, key_of as row_key  # the summary's own row key and rate test (recipes/ is on sys.path)
+from summary import is_rate, read_json, key_of as row_key  # the summary's own (recipes/ is on sys.path)
 
 # settings that may differ between the runs of one spread (what it measures the spread over)
 VARYING = ("SEED", "capability", "torch")
@@ -36,13 +36,6 @@ def load_run(folder: Path) -> tuple[dict, list[dict]]:
         if not p.is_file():
             raise SystemExit(f"error: {p}: missing (run `make demo` or recipes/summary.py on the run first)")
     return read_json(s), read_json(rows)
-
-
-def read_json(p: Path):
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: {p}: not valid JSON ({e})") from None
 
 
 def fixed(settings: dict) -> dict:

@@ -58,6 +58,14 @@ ROWS = [
 BEFORE_FROM = {("tools", "answer_acc"): ("tools-1", "answer_acc")}
 
 
+def read_json(p: Path):
+    """A JSON file the recipe wrote; a malformed one is one error line naming it."""
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {p}: not valid JSON ({e})") from None
+
+
 def read_metrics(run: Path) -> list[dict]:
     p = run / "metrics.jsonl"
     if not p.exists():
@@ -182,7 +190,7 @@ def spread_column(root: Path, spread_file: Path | None) -> dict[str, str]:
     sys.path.insert(0, str(Path(__file__).parent))
     import spread
 
-    ref = json.loads(spread_file.read_text(encoding="utf-8"))
+    ref = read_json(spread_file)
     try:
         checked = spread.check(root, ref)
     except SystemExit as e:  # other budgets than the spread was measured at: no column
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if b is None and (run, key) in BEFORE_FROM:
             b = last_eval_as(read_metrics(root / BEFORE_FROM[run, key][0]), BEFORE_FROM[run, key][1], key)
         paired = root / run / "paired.json"  # recipes/paired.py: the same questions before and after, pair by pair
-        p = json.loads(paired.read_text(encoding="utf-8")) if paired.is_file() and "acc" in key else None
+        p = read_json(paired) if paired.is_file() and "acc" in key else None
         if p is not None:  # both checkpoints scored by one evaluator: the row's before and after are its
             n = {count_key(key): p["n"]}
             b, a = {key: p["before"], **n}, {**a, key: p["after"], **n}
