@@ -50,6 +50,60 @@ def test_rollouts_are_grouped_and_advantages_relative(base_ckpt, questions, tmp_
     assert torch.allclose(lp[m], b["old_logp"][m], atol=1e-5)
 
 
+def test_dynamic_sampling_keeps_informative_groups(base_ckpt, questions, tmp_path):
+    """--dynamic-sampling: groups that all scored the same are replaced by informative groups of new questions;
+    the merged rollout's rows keep their log-probs exactly (their prompts re-padded to the longest)."""
+    from tiaoyu_cli.checkpoint import load_model, load_tokenizer
+    from tiaoyu_cli.data.preference import load_prompts
+    from tiaoyu_cli.train.engine.trainer import Trainer
+    from tiaoyu_cli.train.rl.layout import Rollout, response_logps
+    from tiaoyu_cli.train.rl.rollout import FunctionReward
+
+    model, _ = load_model(base_ckpt)
+    tok = load_tokenizer(base_ckpt)
+    prompts = load_prompts(questions["q16"], tok, 200, need_answer=True)
+    informative = {p.line for p in prompts if p.line % 2}  # odd lines: a reward that varies; even lines: flat
+    reward = FunctionReward(lambda ex, text: float(len(text) % 3) if ex.line in informative else 1.0, tok)
+    cfg = GRPOConfig(group_size=4, rollout_batch_size=4, beta=0.0, max_new_tokens=8, dynamic_sampling=3)
+    stage = GRPOStage(prompts, [], cfg, batch_size=8, tokenizer=tok, reward=reward)
+    Trainer(model, stage, tiny_train(tmp_path / "r", 1), tokenizer=tok, log=lambda m: None)
+    stage.collect()
+    b, P, st = stage.buffer, stage.prompt_len, stage.rollout_stats
+    assert b["ids"].shape[0] == 16 and st["rounds"] >= 2 and st["sampled_flat"] >= 0.5
+    assert st["flat_groups"] < st["sampled_flat"]  # the kept groups are (mostly) the informative ones
+    by_ids = {tuple(p.prompt_ids): p.line for p in prompts}
+    lines = []
+    for g in range(4):
+        row = b["ids"][g * 4][:P][b["attention_mask"][g * 4][:P].bool()].tolist()
+        lines.append(by_ids[tuple(row)])
+    assert sum(line in informative for line in lines) >= 3 and len(set(lines)) == 4
+    with torch.no_grad():
+        lp = response_logps(model.eval(), Rollout(b["ids"], b["attention_mask"], b["mask"], P, [], []))
+    m = b["mask"].bool()
+    assert torch.allclose(lp[m], b["old_logp"][m], atol=1e-5)
+    with pytest.raises(TiaoyuError, match="dynamic-sampling"):
+        GRPOConfig(dynamic_sampling=-1).validate()
+
+
+def test_concat_rollouts_keeps_every_row(base_ckpt):
+    from tiaoyu_cli.checkpoint import load_model
+    from tiaoyu_cli.train.rl.layout import concat_rollouts, layout, response_logps
+
+    model, _ = load_model(base_ckpt)
+    model.eval()
+    a = layout([[5, 6, 7], [8]], [[9, 10], [11, 12, 13, 14]])
+    b = layout([[5, 6, 7, 8, 9, 10]], [[3]])
+    b.mask[0, 0] = 1
+    c = concat_rollouts([a, b])
+    assert c.prompt_len == 6 and c.resp_len == 4 and c.ids.shape == (3, 10)
+    with torch.no_grad():
+        want = [response_logps(model, r)[r.mask.bool()] for r in (a, b)]
+        got = response_logps(model, c)
+    assert torch.allclose(got[:2][c.mask[:2].bool()], want[0], atol=1e-5)
+    assert torch.allclose(got[2:][c.mask[2:].bool()], want[1], atol=1e-5)
+    assert c.responses == a.responses + b.responses and c.finished == a.finished + b.finished
+
+
 def test_bad_options_and_records(base_ckpt, questions, tmp_path):
     with pytest.raises(TiaoyuError, match="group-size"):
         GRPOConfig(group_size=1).validate()

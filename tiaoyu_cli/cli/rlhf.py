@@ -59,7 +59,9 @@ GRPO_HELP = {**_ROLLOUT_HELP,
              "group_size": "G: answers sampled per question", "rollout_batch_size": "questions per rollout (× G sequences)",
              "epochs": "passes over each rollout (μ)", "beta": "weight of the k3 KL to the reference (0 = no reference "
              "model)", "clip": "ε: clip range of the ratio", "scale_rewards": "divide advantages by the group's std "
-             "(off: Dr. GRPO)", "open_think": "start every answer with <think>"}
+             "(off: Dr. GRPO)", "open_think": "start every answer with <think>",
+             "dynamic_sampling": "DAPO: up to this many more rounds of questions per rollout to replace groups whose "
+             "answers all scored the same (0 = off)"}
 PPO_HELP = {**_ROLLOUT_HELP,
             "reward": "reward model checkpoint (from `tiaoyu rlhf reward`), or 'verifiable' to score the exact final answer",
             "epochs": "passes over each rollout", "kl_coef": "β of the per-token KL penalty to the reference",

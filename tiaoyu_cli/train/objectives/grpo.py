@@ -15,7 +15,8 @@ frozen reference (the start checkpoint):
     J = mean_i (1/|o_i|) Σ_t [ min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε) A_i) − β k3_t ],   ρ_t = π/π_old
 
 A group whose answers all score the same has advantage 0 and teaches nothing; the share of
-such groups is logged (`flat_groups`). `tiaoyu reason --rl` reuses `GRPOStage` with
+such groups is logged (`flat_groups`); `--dynamic-sampling N` (DAPO) replaces them with informative groups
+of new questions, up to N more rounds per rollout (`gather`). `tiaoyu reason --rl` reuses `GRPOStage` with
 `think_format=True` (reasoning in <think>…</think> before the answer).
 
 Reuse from Python:
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from tiaoyu_cli.data.preference import PromptExample, prompt_messages
@@ -37,7 +39,7 @@ from tiaoyu_cli.errors import TiaoyuError
 from tiaoyu_cli.infer.generate import open_think_ids
 from tiaoyu_cli.train.engine.stage import StepOutput
 from tiaoyu_cli.train.losses.rl import group_advantages, grpo_loss
-from tiaoyu_cli.train.rl.layout import Rollout, response_logps
+from tiaoyu_cli.train.rl.layout import Rollout, concat_rollouts, derive_seed, response_logps
 from tiaoyu_cli.train.rl.rollout import (RolloutConfig, RolloutStage, Scores, ToolVerifiableReward, VerifiableReward,
                                          sequence_kl)
 
@@ -51,6 +53,7 @@ class GRPOConfig(RolloutConfig):
     scale_rewards: bool = True  # divide by the group's std (False: Dr. GRPO)
     open_think: bool = False  # start every answer with <think> (the prompt ends with it)
     max_new_tokens: int = 64
+    dynamic_sampling: int = 0  # DAPO: up to this many more rounds of questions to replace groups that all scored the same
 
     def validate(self) -> None:
         super().validate()
@@ -58,6 +61,8 @@ class GRPOConfig(RolloutConfig):
             raise TiaoyuError("--group-size must be at least 2 (advantages compare answers within a group)")
         if self.beta < 0 or not 0 < self.clip < 1:
             raise TiaoyuError("--beta must be ≥ 0 and --clip in (0, 1)")
+        if self.dynamic_sampling < 0:
+            raise TiaoyuError(f"--dynamic-sampling must be ≥ 0 (rounds of extra questions), got {self.dynamic_sampling}")
 
 
 class GRPOStage(RolloutStage):
@@ -91,6 +96,51 @@ class GRPOStage(RolloutStage):
         super().__init__(prompts, val_prompts, cfg, batch_size, reward, tokenizer, ref_model, seed, suffix,
                          tools=tools)
 
+    def gather(self, model: nn.Module):
+        """With `dynamic_sampling` (DAPO, Yu et al. 2025): groups whose answers all scored the same give no
+        gradient, yet AdamW takes a full-size step on whatever the other groups say — a step from a few
+        informative groups is mostly noise. So while fewer than `rollout_batch_size` groups are informative,
+        sample up to `dynamic_sampling` more rounds of new questions and keep their informative groups; the
+        rollout is the first `rollout_batch_size` informative groups (then flat ones of the first round, if the
+        rounds ran out). Logged: `accuracy`/`reward` over everything sampled, `sampled_flat` and `rounds`."""
+        examples, ro, scores, st = super().gather(model)
+        if self.cfg.dynamic_sampling <= 0:
+            return examples, ro, scores, st
+        G, n = self.cfg.group_size, len(examples)
+        parts = [(examples, ro, scores)]
+        informative = [_informative(scores.reward, G)]
+        while sum(int(i.sum()) for i in informative) < n and len(parts) <= self.cfg.dynamic_sampling:
+            ex = [self.prompts[i] for i in self.sampler.next_indices()]
+            r = self.sample(model, ex, derive_seed(self.seed, "rollout", self.rollouts, "more", len(parts),
+                                                   *self._rank_part()))
+            sc = self.reward(self.expand(ex), r)
+            parts.append((ex, r, sc))
+            informative.append(_informative(sc.reward, G))
+        chosen = [(k, g) for k, inf in enumerate(informative) for g in range(len(inf)) if inf[g]][:n]
+        chosen += [(0, g) for g in range(n) if not informative[0][g]][:n - len(chosen)]
+        chosen.sort()
+        pieces, kept_ex, kept_sc = [], [], []
+        for k, (ex, r, sc) in enumerate(parts):
+            groups = [g for kk, g in chosen if kk == k]
+            if groups:
+                idx = [g * G + j for g in groups for j in range(G)]
+                pieces.append(r.rows(idx))
+                kept_ex += [ex[g] for g in groups]
+                kept_sc.append((sc, torch.tensor(idx)))
+        pad = getattr(getattr(model, "config", None), "pad_token_id", 0) or 0
+
+        def cat(name):
+            return None if getattr(scores, name) is None else torch.cat([getattr(sc, name)[i] for sc, i in kept_sc])
+
+        kept = Scores(cat("reward"), cat("correct"), cat("format_ok"))
+        every = [sc for _, _, sc in parts]
+        reward = torch.cat([sc.reward for sc in every])
+        st = {"reward": float(reward.mean()), "rounds": float(len(parts)),
+              "sampled_flat": 1.0 - sum(int(i.sum()) for i in informative) / (n * len(parts))}
+        if every[0].correct is not None:
+            st["accuracy"] = float(torch.cat([sc.correct for sc in every]).mean())
+        return kept_ex, concat_rollouts(pieces, pad), kept, st
+
     def make_targets(self, ro: Rollout, scores: Scores, examples):
         G = self.cfg.group_size
         adv = group_advantages(scores.reward, G, scale=self.cfg.scale_rewards)
@@ -111,6 +161,12 @@ class GRPOStage(RolloutStage):
         loss, st = grpo_loss(logp, t["old_logp"], t["adv"], ro.mask, self.cfg.clip, self.cfg.beta, t.get("ref_logp"))
         metrics = {"clipfrac": st["clipfrac"], **self.rollout_metrics()}
         return StepOutput(loss, metrics, tokens=int(ro.attention_mask.sum()))
+
+
+def _informative(reward, G: int):
+    """[groups] True where a group's answers did not all score the same."""
+    r = reward.view(-1, G)
+    return r.max(1).values != r.min(1).values
 
 
 @dataclass

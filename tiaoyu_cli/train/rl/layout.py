@@ -47,6 +47,28 @@ class Rollout:
                        [self.responses[i] for i in idx], [self.finished[i] for i in idx])
 
 
+def concat_rollouts(parts: list[Rollout], pad_id: int = 0) -> Rollout:
+    """Rows of several rollouts in one: prompts re-aligned to the longest (left padding), responses to the
+    longest (right padding); every row keeps its tokens, mask and attention exactly."""
+    P = max(r.prompt_len for r in parts)
+    R = max(r.resp_len for r in parts)
+    B = sum(r.ids.shape[0] for r in parts)
+    dev = parts[0].ids.device
+    ids = torch.full((B, P + R), pad_id, dtype=torch.long, device=dev)
+    att = torch.zeros((B, P + R), dtype=parts[0].attention_mask.dtype, device=dev)
+    mask = torch.zeros((B, R), dtype=parts[0].mask.dtype, device=dev)
+    row, responses, finished = 0, [], []
+    for r in parts:
+        b, p, n = r.ids.shape[0], r.prompt_len, r.resp_len
+        ids[row:row + b, P - p:P + n] = r.ids
+        att[row:row + b, P - p:P + n] = r.attention_mask
+        mask[row:row + b, :n] = r.mask
+        responses += r.responses
+        finished += r.finished
+        row += b
+    return Rollout(ids, att, mask, P, responses, finished)
+
+
 def layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int = 0, device=None,
            finished: list[bool] | None = None) -> Rollout:
     """Prompts left-padded to P, responses right-padded to R (at least 1 column)."""

@@ -256,11 +256,16 @@ class RolloutStage(BaseStage):
     def expand(self, examples: list[PromptExample]) -> list[PromptExample]:
         return [ex for ex in examples for _ in range(self.samples_per_prompt)]
 
-    def collect(self) -> None:
-        model = self.trainer.raw_model
+    def gather(self, model: nn.Module) -> tuple[list[PromptExample], Rollout, Scores, dict[str, float]]:
+        """The prompts of the next rollout, their sampled answers and the answers' scores (+ statistics to log,
+        which win over those `collect` computes from the rollout). GRPO's dynamic sampling overrides it."""
         examples = [self.prompts[i] for i in self.sampler.next_indices()]
         ro = self.sample(model, examples, derive_seed(self.seed, "rollout", self.rollouts, *self._rank_part()))
-        scores = self.reward(self.expand(examples), ro)
+        return examples, ro, self.reward(self.expand(examples), ro), {}
+
+    def collect(self) -> None:
+        model = self.trainer.raw_model
+        examples, ro, scores, gathered = self.gather(model)
         targets, extra = self.make_targets(ro, scores, examples)
         n = ro.ids.shape[0]
         self.buffer = {"ids": ro.ids, "attention_mask": ro.attention_mask, "mask": ro.mask,
@@ -276,6 +281,7 @@ class RolloutStage(BaseStage):
               "stop_rate": sum(ro.finished) / len(ro.finished)}
         if scores.correct is not None:
             st["accuracy"] = float(scores.correct.mean())
+        st.update(gathered)
         st.update(extra)
         self.rollout_stats = st
 
