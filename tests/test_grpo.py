@@ -121,9 +121,11 @@ def test_bad_options_and_records(base_ckpt, questions, tmp_path):
         grpo.run(grpo.Config(start=base_ckpt, data=questions["q8"], grpo=GRPOConfig(beta=0.0, group_size=4, rollout_batch_size=2)), tiny_train(tmp_path / "c", 1, batch_size=5), log=lambda m: None)
 
 
-def test_resume_is_exact(base_ckpt, questions, tmp_path):
-    """5 steps straight == 3 steps, stop, --resume to 5 (the stop falls inside a rollout's buffer)."""
-    cfg = dict(group_size=4, rollout_batch_size=4, beta=0.04, max_new_tokens=6, eval_size=0)
+@pytest.mark.parametrize("dynamic", [0, 2])
+def test_resume_is_exact(base_ckpt, questions, tmp_path, dynamic):
+    """5 steps straight == 3 steps, stop, --resume to 5 (the stop falls inside a rollout's buffer); also with
+    --dynamic-sampling (its extra rounds draw from the same question order and seeds)."""
+    cfg = dict(group_size=4, rollout_batch_size=4, beta=0.04, max_new_tokens=6, eval_size=0, dynamic_sampling=dynamic)
     val = questions["q8"]
     quiet = lambda m: None  # noqa: E731
     grpo.run(grpo.Config(start=base_ckpt, data=questions["q16"], grpo=GRPOConfig(**cfg), val=val, eval_before=False), tiny_train(tmp_path / "straight", 5), log=quiet)
