@@ -163,14 +163,15 @@ $(OUT)/tools-direct/latest/model.safetensors: $(OUT)/base/latest/model.safetenso
 	  --lr 0.003 --batch-size 8 --max-steps $(call steps,$(TOOLS_DIRECT_STEPS)) --eval-every $(call steps,$(TOOLS_DIRECT_STEPS)/2)
 
 # agentic GRPO from the first tool-SFT run (tools-1, before its +300 steps): 32 questions × 8 answers per step (measured: 8 × 8
-# left the accuracy within noise at any rate tried; a larger rate only hurt), then the same held-out
+# left the accuracy within noise at any rate tried; a larger rate only hurt) at lr 2e-5 (from the Muon start 1e-4
+# drifted: the same updates with random rewards cost 28 points; docs/demo.md has the figures), then the same held-out
 # questions answered greedily before and after, compared pair by pair (recipes/paired.py: the summary's row
 # takes before and after from it). Both runs that continue tools-1 skip their step-0 evaluation: tool SFT +300
 # takes tools-1's last one as its before (summary.py's BEFORE_FROM), agentic GRPO the paired comparison's
 tools-grpo: $(OUT)/tools-grpo/paired.json
 $(OUT)/tools-grpo/latest/model.safetensors: $(OUT)/tools-1/latest/model.safetensors
 	$(TRAIN) rlhf grpo $(OUT)/tools-1 $(D)/tools.train.jsonl --val $(D)/tools.val.jsonl -o $(OUT)/tools-grpo $(COMMON) \
-	  --tools calculator --max-tool-calls 3 --max-new-tokens 64 --eval-size $(EVALN) --lr 0.0001 --no-eval-before \
+	  --tools calculator --max-tool-calls 3 --max-new-tokens 64 --eval-size $(EVALN) --lr 0.00002 --no-eval-before \
 	  --rollout-batch-size $(TOOLS_GRPO_PROMPTS) --group-size 8 --batch-size 16 --grad-accum $(shell echo $$(( $(TOOLS_GRPO_PROMPTS) / 2 ))) \
 	  --max-steps $(call steps,$(TOOLS_GRPO_STEPS)) --eval-every $(TOOLS_GRPO_EVAL_EVERY)
 $(OUT)/tools-grpo/paired.json: $(OUT)/tools-grpo/latest/model.safetensors
@@ -183,8 +184,14 @@ $(OUT)/chat.jsonl: $(OUT)/sft/latest/model.safetensors $(OUT)/reason-rl/latest/m
 	head -n 5 $(D)/verifiable.val.jsonl | $(TIAOYU) chat $(OUT)/reason-rl --temperature 0 > $@.tmp && mv $@.tmp $@
 
 # what a run's figures depend on (OUT/settings.json); SPREAD: those figures measured over seeds and CPU
-# capabilities at the same settings (recipes/spread.py), shown beside this run's when the settings match
-SETTINGS = SEED SCALE EVALN DEVICE DTYPE PRESET TEXT_MB VOCAB SEQ BATCH PRETRAIN_STEPS PRETRAIN_LR SFT_STEPS LORA_STEPS RM_STEPS \
+# capabilities at the same settings (recipes/spread.py), shown beside this run's when the settings match.
+# COMMANDS fingerprints the recipe's commands (this file, the recipe's Makefile and its JSON configs, comments
+# and blank lines left out): a spread measured with other commands is refused, not compared
+RECIPE_FILES = $(RECIPES)pipeline.mk $(firstword $(MAKEFILE_LIST)) $(filter-out $(RECIPE)spread%,$(wildcard $(RECIPE)*.json))
+COMMANDS := sha-$(shell $(PYTHON) -c "import hashlib, sys; h = hashlib.sha256(); [h.update(l.strip().encode() + b'\n') \
+	for f in sys.argv[1:] for l in open(f, encoding='utf-8') if l.strip() and not l.strip().startswith('#')]; print(h.hexdigest()[:12])" \
+	$(RECIPE_FILES))
+SETTINGS = COMMANDS SEED SCALE EVALN DEVICE DTYPE PRESET TEXT_MB VOCAB SEQ BATCH PRETRAIN_STEPS PRETRAIN_LR SFT_STEPS LORA_STEPS RM_STEPS \
 	DPO_STEPS GRPO_STEPS DISTILL_STEPS REASON_STEPS REASON_RL_STEPS TOOLS_STEPS TOOLS_MORE_STEPS TOOLS_DIRECT_STEPS \
 	TOOLS_GRPO_STEPS TOOLS_GRPO_PROMPTS TOOLS_GRPO_EVAL_EVERY TOOLS_EVAL_EVERY
 SPREAD  ?= $(RECIPE)spread.json

@@ -126,7 +126,7 @@ class GRPOStage(RolloutStage):
                 idx = [g * G + j for g in groups for j in range(G)]
                 pieces.append(r.rows(idx))
                 kept_ex += [ex[g] for g in groups]
-                kept_sc.append((sc, torch.tensor(idx)))
+                kept_sc.append((sc, torch.tensor(idx, device=sc.reward.device)))
         pad = getattr(getattr(model, "config", None), "pad_token_id", 0) or 0
 
         def cat(name):
