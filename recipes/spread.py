@@ -5,7 +5,7 @@
     python recipes/spread.py table recipes/tiny-cpu/spread.json          # the Markdown table docs quote
 
 A run folder is what `make demo` leaves: `summary.json` (recipes/summary.py's rows) and `settings.json`
-(the recipe's budgets, its SEED, torch's CPU capability). Runs collected together must share every
+(the recipe's budgets, its SEED, a fingerprint of its commands, torch's CPU capability). Runs collected together must share every
 setting but the seed and the CPU capability: those two are what the spread is over (another seed draws
 another initialisation and another order of batches; another capability — ATEN_CPU_CAPABILITY=avx2 on an
 AVX-512 CPU — another rounding of the same sums, which over thousands of steps moves a run as far).

@@ -110,7 +110,8 @@ def test_every_metric_moves_the_right_way(demo):
     b, a = ba("tools (sft)", "tool_call_rate")
     assert b == 0 and a >= 0.9, (b, a)
     assert rows[("tools direct", "answer_acc")]["after"] <= 0.10
-    assert last_eval("tools-grpo")["val_kl"] > 1e-3  # agentic GRPO moved the policy
+    # agentic GRPO moved the policy (KL exactly 0 when unchanged; measured 0.0027, 0.075 and 0.12 at lr 2e-5)
+    assert last_eval("tools-grpo")["val_kl"] > 1e-3
     for run, stage, key in (("tools-grpo", "tools grpo", "val_accuracy"), ("grpo", "rlhf grpo", "val_accuracy"),
                             ("reason-rl", "reason --rl", "val_accuracy")):
         paired = json.loads((out / run / "paired.json").read_text())
