@@ -164,7 +164,7 @@ $(OUT)/tools-direct/latest/model.safetensors: $(OUT)/base/latest/model.safetenso
 
 # agentic GRPO from the first tool-SFT run (tools-1, before its +300 steps): 32 questions × 8 answers per step (measured: 8 × 8
 # left the accuracy within noise at any rate tried; a larger rate only hurt) at lr 2e-5 (from the Muon start 1e-4
-# drifted: the same updates with random rewards cost 28 points; docs/tools.md has the figures), then the same held-out
+# drifted: AdamW's noise outweighed the reward's signal; docs/tools.md has the figures), then the same held-out
 # questions answered greedily before and after, compared pair by pair (recipes/paired.py: the summary's row
 # takes before and after from it). Both runs that continue tools-1 skip their step-0 evaluation: tool SFT +300
 # takes tools-1's last one as its before (summary.py's BEFORE_FROM), agentic GRPO the paired comparison's
