@@ -35,6 +35,8 @@ TOOLS_GRPO_STEPS ?= 40
 TOOLS_GRPO_PROMPTS ?= 32
 # evaluate the first tool-SFT run every this many steps (besides its start and end; 0: only those two)
 TOOLS_EVAL_EVERY ?= $(call steps,$(TOOLS_STEPS)/2)
+# evaluate the direct-answer baseline every this many steps (besides its start and end; 0: only those two)
+TOOLS_DIRECT_EVAL_EVERY ?= $(call steps,$(TOOLS_DIRECT_STEPS)/2)
 # evaluate the agentic GRPO run every this many steps (besides its start and end; 0: only those two)
 TOOLS_GRPO_EVAL_EVERY ?= $(call steps,$(TOOLS_GRPO_STEPS)/2)
 STUDENT  ?= --student-preset tiny --model dim=64 --model n_layers=2 --model n_heads=2 --model n_kv_heads=1 --model ffn_dim=192
@@ -160,7 +162,7 @@ tools-direct: $(OUT)/tools-direct/latest/model.safetensors
 $(OUT)/tools-direct/latest/model.safetensors: $(OUT)/base/latest/model.safetensors
 	$(TRAIN) sft $(OUT)/base $(D)/tools-direct.train.jsonl -o $(OUT)/tools-direct $(COMMON) --optim muon --pack --max-len 256 \
 	  --eval-data $(D)/tools.val.jsonl --eval-samples $(EVALN) --eval-max-new-tokens 64 \
-	  --lr 0.003 --batch-size 8 --max-steps $(call steps,$(TOOLS_DIRECT_STEPS)) --eval-every $(call steps,$(TOOLS_DIRECT_STEPS)/2)
+	  --lr 0.003 --batch-size 8 --max-steps $(call steps,$(TOOLS_DIRECT_STEPS)) --eval-every $(TOOLS_DIRECT_EVAL_EVERY)
 
 # agentic GRPO from the first tool-SFT run (tools-1, before its +300 steps): 32 questions × 8 answers per step (measured: 8 × 8
 # left the accuracy within noise at any rate tried; a larger rate only hurt) at lr 2e-5 (from the Muon start 1e-4
@@ -193,12 +195,16 @@ COMMANDS := sha-$(shell $(PYTHON) -c "import hashlib, sys; h = hashlib.sha256();
 	$(RECIPE_FILES))
 SETTINGS = COMMANDS SEED SCALE EVALN DEVICE DTYPE PRESET TEXT_MB VOCAB SEQ BATCH PRETRAIN_STEPS PRETRAIN_LR SFT_STEPS LORA_STEPS RM_STEPS \
 	DPO_STEPS GRPO_STEPS DISTILL_STEPS REASON_STEPS REASON_RL_STEPS TOOLS_STEPS TOOLS_MORE_STEPS TOOLS_DIRECT_STEPS \
-	TOOLS_GRPO_STEPS TOOLS_GRPO_PROMPTS TOOLS_GRPO_EVAL_EVERY TOOLS_EVAL_EVERY
+	TOOLS_GRPO_STEPS TOOLS_GRPO_PROMPTS TOOLS_GRPO_EVAL_EVERY TOOLS_EVAL_EVERY TOOLS_DIRECT_EVAL_EVERY
 SPREAD  ?= $(RECIPE)spread.json
 
-# 15. one table: stage, metric, before → after ± standard error (also runs/demo/summary.json), and the loss curves
-# the longest chain first (pretrain → tool SFT → agentic GRPO), so `make -j` starts it before the rest
-summary: tools-grpo tools reason-rl chat pretrain sft lora reward dpo grpo distill reason reason-rl tools-direct
+# 15. one table: stage, metric, before → after ± standard error (also runs/demo/summary.json), and the loss curves.
+# The order of its prerequisites is the order `make -j` starts the stages in: make walks this list and gives a
+# free process slot to the next stage whose inputs are done, coming back to a stage skipped (inputs still
+# training) only after it has walked the whole list once. This order keeps both of the demo's two cores busy to
+# the end: GRPO and reasoning start as soon as chat SFT is done, the slow tool stages as soon as tool SFT is,
+# the short stages fill the gaps (docs/demo.md has the timings)
+summary: grpo reason tools-grpo tools sft reward reason-rl chat pretrain dpo distill lora tools-direct
 	$(PYTHON) $(RECIPES)summary.py $(OUT) --spread $(SPREAD) --settings $(foreach v,$(SETTINGS),$(v)=$($(v)))
 	-$(TIAOYU) eval plot $(OUT)/base $(OUT)/sft $(OUT)/lora $(OUT)/student $(OUT)/reason -o $(OUT)/curves.png
 
