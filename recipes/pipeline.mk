@@ -39,6 +39,9 @@ TOOLS_EVAL_EVERY ?= $(call steps,$(TOOLS_STEPS)/2)
 TOOLS_DIRECT_EVAL_EVERY ?= $(call steps,$(TOOLS_DIRECT_STEPS)/2)
 # evaluate the agentic GRPO run every this many steps (besides its start and end; 0: only those two)
 TOOLS_GRPO_EVAL_EVERY ?= $(call steps,$(TOOLS_GRPO_STEPS)/2)
+# held-out problems in the agentic GRPO run's own evaluations (its row comes from the paired comparison on EVALN
+# problems, so the figures do not depend on it)
+TOOLS_GRPO_EVAL_SIZE ?= $(EVALN)
 STUDENT  ?= --student-preset tiny --model dim=64 --model n_layers=2 --model n_heads=2 --model n_kv_heads=1 --model ffn_dim=192
 RECIPE   ?= $(dir $(firstword $(MAKEFILE_LIST)))
 RECIPES  := $(dir $(lastword $(MAKEFILE_LIST)))
@@ -173,7 +176,7 @@ $(OUT)/tools-direct/latest/model.safetensors: $(OUT)/base/latest/model.safetenso
 tools-grpo: $(OUT)/tools-grpo/paired.json
 $(OUT)/tools-grpo/latest/model.safetensors: $(OUT)/tools-1/latest/model.safetensors
 	$(TRAIN) rlhf grpo $(OUT)/tools-1 $(D)/tools.train.jsonl --val $(D)/tools.val.jsonl -o $(OUT)/tools-grpo $(COMMON) \
-	  --tools calculator --max-tool-calls 3 --max-new-tokens 64 --eval-size $(EVALN) --lr 0.00002 --no-eval-before \
+	  --tools calculator --max-tool-calls 3 --max-new-tokens 64 --eval-size $(TOOLS_GRPO_EVAL_SIZE) --lr 0.00002 --no-eval-before \
 	  --rollout-batch-size $(TOOLS_GRPO_PROMPTS) --group-size 8 --batch-size 16 --grad-accum $(shell echo $$(( $(TOOLS_GRPO_PROMPTS) / 2 ))) \
 	  --max-steps $(call steps,$(TOOLS_GRPO_STEPS)) --eval-every $(TOOLS_GRPO_EVAL_EVERY)
 $(OUT)/tools-grpo/paired.json: $(OUT)/tools-grpo/latest/model.safetensors
