@@ -48,10 +48,9 @@ test-goldens-caps: venv
 # either way (the direct-answer baseline: 100 steps instead of 600, evaluated at its start and end only), or
 # shows the stage running rather than a gain at either budget (agentic GRPO: 4 steps of 16 × 8 answers instead
 # of 40 of 32 × 8, its own evaluation at its end only and on 16 problems — its row is the paired comparison's
-# on 400; reason --rl: 20 steps instead of 40), and the first
-# tool-SFT run 800 steps instead of 1,200, evaluated at its start and end only (the longest chain is pretrain →
-# tool SFT → agentic GRPO). `demo-full` runs the recipe's own budgets. docs/demo.md has the demo's figures over
-# seeds and CPU kernels, and its time.
+# on 400; reason --rl: 20 steps instead of 40), and the first tool-SFT run 800 steps instead of 1,200,
+# evaluated at its start and end only (the longest chain is pretrain → tool SFT → agentic GRPO). `demo-full`
+# runs the recipe's own budgets. docs/demo.md has the demo's figures over seeds and CPU kernels, and its time.
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 DEMO_BUDGETS ?= TOOLS_STEPS=800 TOOLS_GRPO_STEPS=4 TOOLS_GRPO_PROMPTS=16 TOOLS_GRPO_EVAL_EVERY=0 TOOLS_GRPO_EVAL_SIZE=16 TOOLS_EVAL_EVERY=0 REASON_RL_STEPS=20 \
   TOOLS_DIRECT_STEPS=100 TOOLS_DIRECT_EVAL_EVERY=0 LORA_STEPS=300 REASON_STEPS=200 DISTILL_STEPS=200

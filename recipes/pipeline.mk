@@ -204,9 +204,9 @@ SPREAD  ?= $(RECIPE)spread.json
 # 15. one table: stage, metric, before → after ± standard error (also runs/demo/summary.json), and the loss curves.
 # The order of its prerequisites is the order `make -j` starts the stages in: make walks this list and gives a
 # free process slot to the next stage whose inputs are done, coming back to a stage skipped (inputs still
-# training) only after it has walked the whole list once. This order keeps both of the demo's two cores busy to
-# the end: GRPO and reasoning start as soon as chat SFT is done, the slow tool stages as soon as tool SFT is,
-# the short stages fill the gaps (docs/demo.md has the timings)
+# training) only after it has walked the whole list once. With this order the demo's two cores stay busy to
+# its last half-minute: beside tool SFT run chat SFT, lora, the direct baseline and then rlhf grpo; as tool SFT
+# ends, reasoning, agentic GRPO and tool SFT +300 start, and the short stages fill the gaps (docs/demo.md)
 summary: grpo reason tools-grpo tools sft reward reason-rl chat pretrain dpo distill lora tools-direct
 	$(PYTHON) $(RECIPES)summary.py $(OUT) --spread $(SPREAD) --settings $(foreach v,$(SETTINGS),$(v)=$($(v)))
 	-$(TIAOYU) eval plot $(OUT)/base $(OUT)/sft $(OUT)/lora $(OUT)/student $(OUT)/reason -o $(OUT)/curves.png
